@@ -1,0 +1,345 @@
+//! The `callbox` command line: the daemon (`run`) and the technician commands.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::config::{self, ConfigSource};
+use crate::control::client::{self, ClientError};
+use crate::control::protocol::{ReloadReport, Request, Response, StatusReport};
+use crate::doctor::{self, Verdict};
+use crate::exit;
+use crate::paths::{PathEnv, DEFAULT_CONFIG_PATH};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "callbox",
+    version,
+    about = "Call-analysis appliance daemon and its technician CLI",
+    long_about = "callbox runs beside the PBX: it takes call audio in, transcribes and \
+                  classifies it, and raises real-time events. `callbox run` is the daemon \
+                  (started by systemd); the other commands talk to it through its local \
+                  control socket or check the installation.",
+    after_help = "Exit codes: 0 ok, 1 a check failed, 64 usage, 69 daemon not reachable, \
+                  70 a component failed, 71 OS resource unavailable, 75 shutdown deadline \
+                  passed, 76 protocol error, 77 permission denied, 78 invalid config, \
+                  130 forced exit on a second signal."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', global = true, env = "CALLBOX_CONFIG", default_value = DEFAULT_CONFIG_PATH, value_name = "PATH")]
+    pub config: PathBuf,
+    /// Control socket of the daemon to talk to (default: from the config, else the system daemon's).
+    #[arg(long, global = true, env = "CALLBOX_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (systemd: Type=notify).
+    Run,
+    /// Show version, uptime, configuration and component health of the running daemon.
+    Status {
+        /// Print the daemon's report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running daemon re-read its configuration (admins only).
+    Reload {
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Check the installation on site: config, data directory, clock, daemon.
+    Doctor {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write man pages for callbox and each subcommand into a directory.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Report every problem in the configuration file at once (exit 78 if invalid).
+    Check {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration (file merged over defaults) as TOML.
+    Show,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => exit::OK,
+                _ => exit::USAGE,
+            };
+        }
+    };
+    match cli.command {
+        Command::Run => crate::daemon::run(&cli.config),
+        Command::Status { json } => status(&socket_for(&cli), json),
+        Command::Reload { json } => reload(&socket_for(&cli), json),
+        Command::Config(ConfigCommand::Check { json }) => config_check(&cli.config, json),
+        Command::Config(ConfigCommand::Show) => config_show(&cli.config),
+        Command::Doctor { json } => doctor(&cli, json),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let out = &mut std::io::stdout();
+            match shell {
+                Shell::Bash => clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "callbox", out),
+                Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "callbox", out),
+                Shell::Fish => clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, "callbox", out),
+            }
+            exit::OK
+        }
+        Command::Manpages { out_dir } => {
+            match std::fs::create_dir_all(&out_dir).and_then(|()| clap_mangen::generate_to(Cli::command(), &out_dir)) {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("callbox: cannot write man pages to {}: {e}", out_dir.display());
+                    exit::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// The socket to reach: `--socket`, else the config's, else the first that exists
+/// of the system daemon's and the caller's own.
+fn socket_for(cli: &Cli) -> PathBuf {
+    if let Some(socket) = &cli.socket {
+        return socket.clone();
+    }
+    if let Some(socket) = config::load_lenient(&cli.config).control.socket {
+        return socket;
+    }
+    let candidates = PathEnv::from_process().client_socket_candidates();
+    candidates.iter().find(|p| p.exists()).unwrap_or(&candidates[0]).clone()
+}
+
+fn fail(e: &ClientError) -> u8 {
+    eprintln!("callbox: {e}");
+    e.exit_code()
+}
+
+fn refused(code: crate::control::protocol::ErrorCode, message: &str) -> u8 {
+    use crate::control::protocol::ErrorCode::*;
+    eprintln!("callbox: the daemon refused: {message}");
+    match code {
+        Forbidden => exit::NO_PERMISSION,
+        UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
+        ShuttingDown => exit::UNAVAILABLE,
+        Timeout | Internal => exit::FAILURE,
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
+    }
+}
+
+fn status(socket: &Path, json: bool) -> u8 {
+    match client::request(socket, Request::Status {}) {
+        Ok(Response::Status(report)) => {
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", render_status(&report));
+            }
+            exit::OK
+        }
+        Ok(Response::Error(e)) => refused(e.code, &e.message),
+        Ok(other) => unexpected(&other),
+        Err(e) => fail(&e),
+    }
+}
+
+fn unexpected(response: &Response) -> u8 {
+    eprintln!("callbox: unexpected response from the daemon: {response:?}");
+    exit::PROTOCOL
+}
+
+fn render_status(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let uptime = r.uptime_secs;
+    let state = match r.state {
+        crate::control::protocol::DaemonState::Running => "running",
+        crate::control::protocol::DaemonState::Stopping => "stopping",
+    };
+    out += &format!(
+        "callbox {} {state} (pid {}), up {}h {:02}m {:02}s since {}\n",
+        r.version,
+        r.pid,
+        uptime / 3600,
+        (uptime % 3600) / 60,
+        uptime % 60,
+        r.started_at
+    );
+    out += &format!("config:     {} (generation {})\n", r.config, r.config_generation);
+    if let Some(reload) = &r.last_reload {
+        out += &format!(
+            "last reload: {} {}\n",
+            reload.at,
+            if reload.ok { "ok" } else { "FAILED, previous configuration kept" }
+        );
+        for p in &reload.problems {
+            out += &format!("  {p}\n");
+        }
+    }
+    out += &format!("socket:     {}\n", r.control_socket);
+    out += &format!("data dir:   {}\n", r.data_dir);
+    out += &format!("log level:  {} ({})\n", r.log_level, if r.log_to_journal { "journal" } else { "stderr" });
+    let watchdog = r.watchdog_interval_ms.map(|ms| format!("ping every {ms} ms")).unwrap_or_else(|| "off".into());
+    out += &format!("systemd:    notify {}, watchdog {watchdog}\n", if r.systemd_notify { "on" } else { "off" });
+    out += "components:\n";
+    for c in &r.components {
+        out += &format!("  {:<10} {:<9} {} (since {})\n", c.name, c.state.as_str(), c.detail, c.since);
+    }
+    out += &format!("you:        uid {}, {:?}\n", r.caller.uid, r.caller.role).to_lowercase();
+    out
+}
+
+fn reload(socket: &Path, json: bool) -> u8 {
+    match client::request(socket, Request::Reload {}) {
+        Ok(Response::Reload(report)) => {
+            if json {
+                print_json(&report);
+            } else {
+                print!("{}", render_reload(&report));
+            }
+            if report.ok {
+                exit::OK
+            } else {
+                exit::CONFIG
+            }
+        }
+        Ok(Response::Error(e)) => refused(e.code, &e.message),
+        Ok(other) => unexpected(&other),
+        Err(e) => fail(&e),
+    }
+}
+
+fn render_reload(r: &ReloadReport) -> String {
+    let mut out = if r.ok {
+        format!("reloaded: configuration generation {}\n", r.generation)
+    } else {
+        format!("reload refused; still running generation {}:\n", r.generation)
+    };
+    for p in &r.problems {
+        out += &format!("  {p}\n");
+    }
+    if !r.restart_required.is_empty() {
+        out += &format!("restart needed for: {}\n", r.restart_required.join(", "));
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct CheckOutcome {
+    valid: bool,
+    source: Option<ConfigSource>,
+    problems: Vec<String>,
+}
+
+fn config_check(path: &Path, json: bool) -> u8 {
+    let outcome = match config::load(path) {
+        Ok(loaded) => CheckOutcome { valid: true, source: Some(loaded.source), problems: vec![] },
+        Err(e) => CheckOutcome { valid: false, source: None, problems: e.problem_lines() },
+    };
+    if json {
+        print_json(&outcome);
+    } else if let Some(source) = &outcome.source {
+        println!("{source}: ok");
+    } else {
+        eprintln!("{} problem(s) in {}:", outcome.problems.len(), path.display());
+        for p in &outcome.problems {
+            eprintln!("  {p}");
+        }
+    }
+    if outcome.valid {
+        exit::OK
+    } else {
+        exit::CONFIG
+    }
+}
+
+fn config_show(path: &Path) -> u8 {
+    match config::load(path) {
+        Ok(loaded) => match toml::to_string(&loaded.config) {
+            Ok(text) => {
+                println!("# effective configuration: {}\n{text}", loaded.source);
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("callbox: cannot render the configuration: {e}");
+                exit::FAILURE
+            }
+        },
+        Err(e) => {
+            for line in e.problem_lines() {
+                eprintln!("{line}");
+            }
+            exit::CONFIG
+        }
+    }
+}
+
+fn doctor(cli: &Cli, json: bool) -> u8 {
+    let env = PathEnv::from_process();
+    let socket = socket_for(cli);
+    let checks = doctor::run(&cli.config, |c| c.daemon.data_dir.clone().unwrap_or_else(|| env.data_dir()), &socket);
+    if json {
+        print_json(&checks);
+    } else {
+        let mut out = std::io::stdout().lock();
+        for c in &checks {
+            let verdict = match c.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Warn => "WARN",
+                Verdict::Fail => "FAIL",
+            };
+            let _ = writeln!(out, "{verdict}  {:<18} {}", c.name, c.detail);
+        }
+    }
+    if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        exit::FAILURE
+    } else {
+        exit::OK
+    }
+}

@@ -1,0 +1,633 @@
+//! The configuration: one TOML file, every key optional, unknown keys refused.
+//!
+//! `load` never stops at the first problem: syntax errors are collected by the
+//! recovering parser; type and unknown-key errors by deserializing again after
+//! pruning each offending key; range and consistency errors by `validate`.
+//! Each problem carries its dotted key path and, where the file has it, a line.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// A config file larger than this is refused before parsing (it is hand-written TOML).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Upper bound on deserialize-prune rounds; each round removes one key, so a file
+/// with more distinct problems than this reports the first ones only.
+const MAX_PRUNE_ROUNDS: usize = 64;
+/// Longest socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub log: LogConfig,
+    pub control: ControlConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Where calls and state are kept. Unset: systemd's StateDirectory, else
+    /// /var/lib/callbox as root, else a per-user directory.
+    pub data_dir: Option<PathBuf>,
+    /// Graceful shutdown deadline: inputs stop, work drains, then the rest is abandoned.
+    pub shutdown_timeout_secs: u64,
+    /// Async worker threads. Unset: one per CPU core.
+    pub worker_threads: Option<usize>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self { data_dir: None, shutdown_timeout_secs: 10, worker_threads: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Minimum level logged. `RUST_LOG`, when set, overrides it (with per-module filters).
+    pub level: LogLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn to_filter(self) -> log::LevelFilter {
+        match self {
+            Self::Error => log::LevelFilter::Error,
+            Self::Warn => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+            Self::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Unix socket for the CLI. Unset: systemd's RuntimeDirectory/control.sock,
+    /// else /run/callbox/control.sock as root, else a per-user path.
+    pub socket: Option<PathBuf>,
+    /// Members may read status and run diagnostics.
+    pub technician_group: String,
+    /// Members (and root) may also change the daemon's state (reload, later: call control).
+    pub admin_group: String,
+    /// A request line longer than this is refused and its connection closed.
+    pub max_request_bytes: usize,
+    /// Concurrent CLI connections; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A connection that has not sent a complete request by then is closed.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            technician_group: "callbox".into(),
+            admin_group: "callbox-admin".into(),
+            max_request_bytes: 64 * 1024,
+            max_connections: 16,
+            request_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Below this much free space in the data directory the storage component is degraded.
+    pub min_free_mb: u64,
+    /// How often the data directory is checked (writable, free space).
+    pub check_interval_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { min_free_mb: 1024, check_interval_secs: 30 }
+    }
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Dotted key path, e.g. `control.max_request_bytes`; empty for the document itself.
+    pub key: String,
+    /// 1-based line in the file, where known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("config file {path} is invalid ({} problem{}):\n{}", problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        problems.iter().map(|p| format!("  {}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+        /// The file's valid keys over the defaults: lets the CLI still find the
+        /// daemon's socket and data directory in a file with an unrelated mistake.
+        best_effort: Box<Config>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem, one per line, each prefixed with the file: for logs and the CLI.
+    pub fn problem_lines(&self) -> Vec<String> {
+        match self {
+            Self::Invalid { path, problems, .. } => {
+                problems.iter().map(|p| format!("{}: {p}", path.display())).collect()
+            }
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Where the running configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ConfigSource {
+    File {
+        path: PathBuf,
+    },
+    /// Built-in defaults, because the named file does not exist or is empty.
+    Defaults {
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl ConfigSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::File { path } | Self::Defaults { path, .. } => path,
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File { path } => write!(f, "{}", path.display()),
+            Self::Defaults { path, reason } => {
+                write!(f, "built-in defaults ({} {reason})", path.display())
+            }
+        }
+    }
+}
+
+/// A validated configuration and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub source: ConfigSource,
+}
+
+/// Reads and validates a config file. A missing or empty file yields the built-in defaults.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LoadedConfig {
+                config: Config::default(),
+                source: ConfigSource::Defaults { path: path.to_owned(), reason: "does not exist".into() },
+            });
+        }
+        Err(e) => return Err(read_err(e)),
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.to_owned(), size: meta.len() });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    if text.trim().is_empty() {
+        return Ok(LoadedConfig {
+            config: Config::default(),
+            source: ConfigSource::Defaults { path: path.to_owned(), reason: "is empty".into() },
+        });
+    }
+    let (config, problems) = parse_best_effort(&text);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid { path: path.to_owned(), problems, best_effort: Box::new(config) });
+    }
+    Ok(LoadedConfig { config, source: ConfigSource::File { path: path.to_owned() } })
+}
+
+/// The configuration a CLI should act on: the valid file, or its valid keys if it
+/// has problems, or the defaults if it cannot be read.
+pub fn load_lenient(path: &Path) -> Config {
+    match load(path) {
+        Ok(loaded) => loaded.config,
+        Err(ConfigError::Invalid { best_effort, .. }) => *best_effort,
+        Err(_) => Config::default(),
+    }
+}
+
+/// Parses and validates TOML text, reporting every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let (config, problems) = parse_best_effort(text);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Every problem in the text, and the configuration its valid keys make.
+fn parse_best_effort(text: &str) -> (Config, Vec<Problem>) {
+    let (mut table, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        // Past a syntax error the recovered table is a guess; typed errors on it would mislead.
+        let problems = syntax_errors
+            .iter()
+            .map(|e| Problem {
+                key: String::new(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().trim().to_owned(),
+            })
+            .collect();
+        return (Config::default(), problems);
+    }
+    table.get_mut().make_owned();
+
+    let mut problems = Vec::new();
+    let mut config = Config::default();
+    for _ in 0..MAX_PRUNE_ROUNDS {
+        match Config::deserialize(toml::de::Deserializer::from(table.clone())) {
+            Ok(parsed) => {
+                config = parsed;
+                break;
+            }
+            Err(e) => {
+                let located = e.span().and_then(|span| locate(table.get_ref(), &span, &[]));
+                let message = e.message().trim().to_owned();
+                match located {
+                    Some((keys, line_at)) => {
+                        problems.push(Problem { key: keys.join("."), line: Some(line_of(text, line_at)), message });
+                        if !remove_path(table.get_mut(), &keys) {
+                            break;
+                        }
+                    }
+                    None => {
+                        let line = e.span().map(|s| line_of(text, s.start));
+                        problems.push(Problem { key: String::new(), line, message });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    for (key, message) in config.validate() {
+        let line = span_of_path(table.get_ref(), &key).map(|at| line_of(text, at));
+        problems.push(Problem { key, line, message });
+    }
+    (config, problems)
+}
+
+impl Config {
+    /// Range and consistency checks that types alone cannot express.
+    /// Returns (dotted key, message) pairs.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut check = |ok: bool, key: &str, message: String| {
+            if !ok {
+                out.push((key.to_owned(), message));
+            }
+        };
+        let d = &self.daemon;
+        if let Some(dir) = &d.data_dir {
+            check(dir.is_absolute(), "daemon.data_dir", format!("must be an absolute path, got {:?}", dir));
+        }
+        check(
+            (1..=600).contains(&d.shutdown_timeout_secs),
+            "daemon.shutdown_timeout_secs",
+            format!("must be between 1 and 600, got {}", d.shutdown_timeout_secs),
+        );
+        if let Some(n) = d.worker_threads {
+            check((1..=256).contains(&n), "daemon.worker_threads", format!("must be between 1 and 256, got {n}"));
+        }
+        let c = &self.control;
+        if let Some(socket) = &c.socket {
+            check(socket.is_absolute(), "control.socket", format!("must be an absolute path, got {:?}", socket));
+            let len = socket.as_os_str().len();
+            check(
+                len <= MAX_SOCKET_PATH_BYTES,
+                "control.socket",
+                format!("is {len} bytes; a Unix socket path may have at most {MAX_SOCKET_PATH_BYTES}"),
+            );
+        }
+        for (key, name) in [("control.technician_group", &c.technician_group), ("control.admin_group", &c.admin_group)]
+        {
+            check(is_valid_group_name(name), key, format!("{name:?} is not a valid group name"));
+        }
+        check(
+            (256..=1024 * 1024).contains(&c.max_request_bytes),
+            "control.max_request_bytes",
+            format!("must be between 256 and 1048576, got {}", c.max_request_bytes),
+        );
+        check(
+            (1..=1024).contains(&c.max_connections),
+            "control.max_connections",
+            format!("must be between 1 and 1024, got {}", c.max_connections),
+        );
+        check(
+            (1..=300).contains(&c.request_timeout_secs),
+            "control.request_timeout_secs",
+            format!("must be between 1 and 300, got {}", c.request_timeout_secs),
+        );
+        let s = &self.storage;
+        check(
+            (1..=3600).contains(&s.check_interval_secs),
+            "storage.check_interval_secs",
+            format!("must be between 1 and 3600, got {}", s.check_interval_secs),
+        );
+        check(
+            s.min_free_mb <= 16 * 1024 * 1024,
+            "storage.min_free_mb",
+            format!("must be at most 16777216 (16 TiB), got {}", s.min_free_mb),
+        );
+        out
+    }
+
+    /// Keys whose new value only takes effect after a restart, for reload warnings.
+    pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.daemon.data_dir != new.daemon.data_dir {
+            keys.push("daemon.data_dir");
+        }
+        if self.daemon.worker_threads != new.daemon.worker_threads {
+            keys.push("daemon.worker_threads");
+        }
+        if self.control.socket != new.control.socket {
+            keys.push("control.socket");
+        }
+        if self.control.max_connections != new.control.max_connections {
+            keys.push("control.max_connections");
+        }
+        keys
+    }
+}
+
+/// POSIX portable user/group name rules as Debian's adduser enforces them by default.
+fn is_valid_group_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn line_of(text: &str, byte_offset: usize) -> usize {
+    let end = byte_offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Finds the deepest key whose key or value span holds `span.start`; returns the key
+/// path and the offset to report (the key's own position reads best in messages).
+fn locate(table: &DeTable<'_>, span: &Range<usize>, prefix: &[String]) -> Option<(Vec<String>, usize)> {
+    let hit = |r: &Range<usize>| r.start <= span.start && span.start < r.end.max(r.start + 1);
+    for (key, value) in table.iter() {
+        let mut path = prefix.to_vec();
+        path.push(key.get_ref().to_string());
+        // A `[section]` table's own span covers only its header, so look inside
+        // every table whatever its span says.
+        if let DeValue::Table(inner) = value.get_ref() {
+            if let Some(deeper) = locate(inner, span, &path) {
+                return Some(deeper);
+            }
+        }
+        if hit(&key.span()) || hit(&value.span()) {
+            return Some((path, key.span().start));
+        }
+    }
+    None
+}
+
+fn remove_path(table: &mut DeTable<'_>, keys: &[String]) -> bool {
+    match keys {
+        [] => false,
+        [last] => table.remove(last.as_str()).is_some(),
+        [first, rest @ ..] => match table.get_mut(first.as_str()).map(Spanned::get_mut) {
+            Some(DeValue::Table(inner)) => remove_path(inner, rest),
+            _ => false,
+        },
+    }
+}
+
+fn span_of_path(table: &DeTable<'_>, dotted: &str) -> Option<usize> {
+    let mut current = table;
+    let mut parts = dotted.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (key, value) = current.iter().find(|(k, _)| k.get_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(key.span().start);
+        }
+        match value.get_ref() {
+            DeValue::Table(inner) => current = inner,
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn empty_and_comment_only_text_gives_defaults() {
+        assert_eq!(parse("# nothing here\n").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn invalid_file_still_yields_its_valid_keys_for_the_cli() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[control]\nsocket = \"/run/x.sock\"\nmax_connections = 0\n").unwrap();
+        assert!(matches!(load(&path), Err(ConfigError::Invalid { .. })));
+        assert_eq!(load_lenient(&path).control.socket, Some(PathBuf::from("/run/x.sock")));
+    }
+
+    #[test]
+    fn valid_file_is_read() {
+        let cfg = parse("[daemon]\nshutdown_timeout_secs = 3\n[log]\nlevel = \"debug\"\n").unwrap();
+        assert_eq!(cfg.daemon.shutdown_timeout_secs, 3);
+        assert_eq!(cfg.log.level, LogLevel::Debug);
+        assert_eq!(cfg.control, ControlConfig::default());
+    }
+
+    #[test]
+    fn every_kind_of_problem_is_reported_at_once_with_key_and_line() {
+        let text = "\
+[daemon]
+shutdown_timeout_secs = 0
+colour = \"blue\"
+
+[control]
+max_request_bytes = \"big\"
+admin_group = \"Root Users\"
+
+[log]
+level = \"loud\"
+
+[audio]
+device = \"hw:0\"
+";
+        let problems = parse(text).unwrap_err();
+        let mut found = keys(&problems);
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                "audio",
+                "control.admin_group",
+                "control.max_request_bytes",
+                "daemon.colour",
+                "daemon.shutdown_timeout_secs",
+                "log.level"
+            ],
+            "{problems:#?}"
+        );
+        let line_of_key = |k: &str| problems.iter().find(|p| p.key == k).and_then(|p| p.line);
+        assert_eq!(line_of_key("daemon.shutdown_timeout_secs"), Some(2));
+        assert_eq!(line_of_key("daemon.colour"), Some(3));
+        assert_eq!(line_of_key("control.max_request_bytes"), Some(6));
+        assert_eq!(line_of_key("control.admin_group"), Some(7));
+        assert_eq!(line_of_key("log.level"), Some(10));
+        assert_eq!(line_of_key("audio"), Some(12));
+        let colour = problems.iter().find(|p| p.key == "daemon.colour").unwrap();
+        assert!(colour.message.contains("unknown field"), "{colour:?}");
+    }
+
+    #[test]
+    fn syntax_errors_are_all_reported_with_lines() {
+        let problems = parse("[daemon\nshutdown_timeout_secs = = 3\n").unwrap_err();
+        assert!(!problems.is_empty());
+        assert!(problems.iter().all(|p| p.line.is_some()), "{problems:#?}");
+        assert_eq!(problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn socket_path_longer_than_sun_path_is_refused() {
+        let long = format!("/run/{}/control.sock", "x".repeat(120));
+        let problems = parse(&format!("[control]\nsocket = {long:?}\n")).unwrap_err();
+        assert_eq!(keys(&problems), vec!["control.socket"]);
+        assert!(problems[0].message.contains("at most 107"));
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        let problems = parse("[daemon]\ndata_dir = \"var/lib\"\n[control]\nsocket = \"x.sock\"\n").unwrap_err();
+        assert_eq!(keys(&problems), vec!["daemon.data_dir", "control.socket"]);
+    }
+
+    #[test]
+    fn missing_and_empty_files_give_defaults_with_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        let loaded = load(&missing).unwrap();
+        assert_eq!(loaded.config, Config::default());
+        assert!(matches!(loaded.source, ConfigSource::Defaults { ref reason, .. } if reason == "does not exist"));
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "\n\n").unwrap();
+        assert!(
+            matches!(load(&empty).unwrap().source, ConfigSource::Defaults { ref reason, .. } if reason == "is empty")
+        );
+    }
+
+    #[test]
+    fn oversized_file_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        assert!(matches!(load(&big), Err(ConfigError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn restart_required_changes_are_named() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.control.socket = Some("/run/other.sock".into());
+        new.log.level = LogLevel::Debug;
+        assert_eq!(old.restart_required_changes(&new), vec!["control.socket"]);
+    }
+
+    /// Collects dotted paths of every leaf key in a TOML table.
+    fn leaf_paths(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(t) => leaf_paths(t, &path, out),
+                _ => out.push(path),
+            }
+        }
+    }
+
+    #[test]
+    fn installed_default_file_is_valid_and_documents_every_key() {
+        let installed = include_str!("../../packaging/callbox.toml");
+        let parsed = parse(installed).expect("packaging/callbox.toml must be valid");
+        // Defaults in the installed file match the built-in ones except for the
+        // explicit system paths the file spells out.
+        assert_eq!(parsed.log, LogConfig::default());
+        assert_eq!(parsed.storage, StorageConfig::default());
+        assert_eq!(parsed.daemon.shutdown_timeout_secs, DaemonConfig::default().shutdown_timeout_secs);
+
+        let mut every = Config::default();
+        every.daemon.data_dir = Some("/x".into());
+        every.daemon.worker_threads = Some(1);
+        every.control.socket = Some("/x".into());
+        let every: toml::Table = toml::from_str(&toml::to_string(&every).unwrap()).unwrap();
+        let mut wanted = Vec::new();
+        leaf_paths(&every, "", &mut wanted);
+
+        // Commented-out keys count as documented: strip one leading "# " per line.
+        let uncommented: String = installed
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|rest| rest.contains(" = ")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let documented: toml::Table = toml::from_str(&uncommented).expect("uncommented file parses");
+        let mut have = Vec::new();
+        leaf_paths(&documented, "", &mut have);
+        let missing: Vec<_> = wanted.iter().filter(|k| !have.contains(k)).collect();
+        assert!(missing.is_empty(), "keys not documented in packaging/callbox.toml: {missing:?}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The local control channel: a Unix socket speaking one JSON object per line.
+//!
+//! `protocol` is the closed message set and the bounded framer (no IO);
+//! `auth` maps a peer's credentials to a role; `server` is the daemon side,
+//! `client` the CLI side.
+
+pub mod auth;
+pub mod client;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,305 @@
+//! Wire format of the control socket, version 1.
+//!
+//! Request:  `{"v":1,"request":{"op":"status"}}` + `\n`
+//! Response: `{"v":1,"response":{"kind":"status",...}}` + `\n`
+//!
+//! The set of requests and responses is closed (unknown ops and fields are
+//! refused). A new field or op that old peers cannot ignore bumps `v`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigSource;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The CLI refuses responses longer than this (status reports are a few KiB).
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFrame {
+    pub v: u32,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    // Empty struct variants, not unit ones: serde lets an internally tagged
+    // unit variant ignore extra fields, which would make the set less closed.
+    /// Liveness check; any permitted caller.
+    Ping {},
+    /// Version, uptime, configuration and component health.
+    Status {},
+    /// Re-read and validate the config file; keep the old one if invalid. Admins only.
+    Reload {},
+}
+
+/// Who may do what. Ordered: an admin may do everything a technician may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Technician,
+    Admin,
+}
+
+impl Request {
+    pub fn required_role(self) -> Role {
+        match self {
+            Self::Ping {} | Self::Status {} => Role::Technician,
+            Self::Reload {} => Role::Admin,
+        }
+    }
+
+    pub fn frame(self) -> RequestFrame {
+        RequestFrame { v: PROTOCOL_VERSION, request: self }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFrame {
+    pub v: u32,
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    Pong,
+    Status(Box<StatusReport>),
+    Reload(ReloadReport),
+    Error(ErrorReply),
+}
+
+impl Response {
+    pub fn frame(self) -> ResponseFrame {
+        ResponseFrame { v: PROTOCOL_VERSION, response: self }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error(ErrorReply { code, message: message.into() })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    RequestTooLarge,
+    UnsupportedVersion,
+    Forbidden,
+    Timeout,
+    ShuttingDown,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub pid: u32,
+    pub state: DaemonState,
+    pub started_at: String,
+    pub uptime_secs: u64,
+    pub config: ConfigSource,
+    /// Starts at 1; each successful reload adds one.
+    pub config_generation: u64,
+    pub last_reload: Option<ReloadReport>,
+    pub log_level: String,
+    pub log_to_journal: bool,
+    pub systemd_notify: bool,
+    pub watchdog_interval_ms: Option<u64>,
+    pub control_socket: String,
+    pub data_dir: String,
+    pub components: Vec<ComponentHealth>,
+    pub caller: CallerInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonState {
+    Running,
+    Stopping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    pub name: String,
+    pub state: HealthState,
+    pub detail: String,
+    pub since: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Starting,
+    Ok,
+    Degraded,
+    Failed,
+    Stopped,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ok => "ok",
+            Self::Degraded => "degraded",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerInfo {
+    pub uid: u32,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub at: String,
+    pub ok: bool,
+    /// The generation running after this reload attempt.
+    pub generation: u64,
+    pub problems: Vec<String>,
+    /// Keys that changed but take effect only after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// What a request line turned into.
+pub fn decode_request(line: &[u8]) -> Result<Request, ErrorReply> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    match serde_json::from_slice::<RequestFrame>(line) {
+        Ok(frame) if frame.v == PROTOCOL_VERSION => Ok(frame.request),
+        Ok(frame) => Err(unsupported(frame.v)),
+        Err(e) => match serde_json::from_slice::<VersionOnly>(line) {
+            Ok(VersionOnly { v }) if v != PROTOCOL_VERSION => Err(unsupported(v)),
+            _ => Err(ErrorReply { code: ErrorCode::BadRequest, message: format!("malformed request: {e}") }),
+        },
+    }
+}
+
+fn unsupported(v: u32) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::UnsupportedVersion,
+        message: format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
+    }
+}
+
+/// One JSON line, newline-terminated.
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain data types cannot fail (no maps with non-string keys).
+    let mut out = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// Assembles newline-terminated lines from arbitrary chunks, refusing any line
+/// longer than `max` bytes before buffering more than that. No IO: the async
+/// server and the blocking CLI both feed it.
+#[derive(Debug)]
+pub struct LineFramer {
+    max: usize,
+    partial: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed {
+    /// Need more input; the whole chunk was consumed.
+    NeedMore,
+    /// A complete line (without the newline); `consumed` bytes of the chunk were used.
+    Line { line: Vec<u8>, consumed: usize },
+    /// The line being assembled exceeds the bound.
+    TooLong,
+}
+
+impl LineFramer {
+    pub fn new(max: usize) -> Self {
+        Self { max, partial: Vec::new() }
+    }
+
+    /// Whether part of a line has been received.
+    pub fn has_partial(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Framed {
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                if self.partial.len() + i > self.max {
+                    return Framed::TooLong;
+                }
+                self.partial.extend_from_slice(&chunk[..i]);
+                Framed::Line { line: std::mem::take(&mut self.partial), consumed: i + 1 }
+            }
+            None => {
+                if self.partial.len() + chunk.len() > self.max {
+                    return Framed::TooLong;
+                }
+                self.partial.extend_from_slice(chunk);
+                Framed::NeedMore
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_stable() {
+        assert_eq!(encode_line(&Request::Status {}.frame()), b"{\"v\":1,\"request\":{\"op\":\"status\"}}\n");
+        assert_eq!(decode_request(br#"{"v":1,"request":{"op":"reload"}}"#), Ok(Request::Reload {}));
+    }
+
+    #[test]
+    fn unknown_ops_fields_and_versions_are_refused() {
+        let code = |line: &[u8]| decode_request(line).unwrap_err().code;
+        assert_eq!(code(br#"{"v":1,"request":{"op":"format_disk"}}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"v":1,"request":{"op":"status"},"x":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"v":1,"request":{"op":"status","x":1}}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"v":2,"request":{"op":"status"}}"#), ErrorCode::UnsupportedVersion);
+        assert_eq!(code(br#"{"v":9,"request":{"op":"new_thing","arg":3}}"#), ErrorCode::UnsupportedVersion);
+        assert_eq!(code(b"not json"), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn roles_are_ordered_and_reload_needs_admin() {
+        assert!(Role::Admin > Role::Technician);
+        assert_eq!(Request::Status {}.required_role(), Role::Technician);
+        assert_eq!(Request::Reload {}.required_role(), Role::Admin);
+    }
+
+    #[test]
+    fn framer_splits_lines_across_chunks() {
+        let mut f = LineFramer::new(16);
+        assert_eq!(f.push(b"abc"), Framed::NeedMore);
+        assert!(f.has_partial());
+        assert_eq!(f.push(b"de\nxy"), Framed::Line { line: b"abcde".to_vec(), consumed: 3 });
+        assert!(!f.has_partial());
+        assert_eq!(f.push(b"xy\n"), Framed::Line { line: b"xy".to_vec(), consumed: 3 });
+    }
+
+    #[test]
+    fn framer_refuses_lines_over_the_bound_without_buffering_them() {
+        let mut f = LineFramer::new(4);
+        assert_eq!(f.push(b"abcd"), Framed::NeedMore);
+        assert_eq!(f.push(b"e"), Framed::TooLong);
+        let mut f = LineFramer::new(4);
+        assert_eq!(f.push(b"abcde\n"), Framed::TooLong);
+        let mut f = LineFramer::new(4);
+        assert_eq!(f.push(b"abcd\n"), Framed::Line { line: b"abcd".to_vec(), consumed: 5 });
+    }
+}

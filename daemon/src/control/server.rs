@@ -1,0 +1,359 @@
+//! The daemon's end of the control socket.
+//!
+//! Bounded everywhere: at most `max_connections` served at once (the rest wait
+//! in the kernel's backlog), each request line at most `max_request_bytes`, each
+//! request due within `request_timeout_secs`. Authorization happens here, per
+//! request, from the kernel-reported peer identity.
+//!
+//! The socket file is watched: if it is removed or replaced (someone cleaned
+//! /run, a second instance took the path) the CLI can no longer reach this
+//! daemon, so the component fails and the supervisor restarts the daemon
+//! through systemd rather than running on unreachable.
+
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::auth::{self, AccessPolicy};
+use super::protocol::{
+    decode_request, encode_line, CallerInfo, DaemonState, ErrorCode, Framed, HealthState, LineFramer, ReloadReport,
+    Request, Response, Role, StatusReport,
+};
+use crate::config::{Config, ConfigSource};
+use crate::health::{HealthBoard, ShutdownSignal};
+use crate::logging::{self, utc_timestamp};
+
+const COMPONENT: &str = "control";
+/// How often the socket file is checked for removal or replacement.
+const SOCKET_GUARD_INTERVAL: Duration = Duration::from_millis(500);
+/// A client that does not read its response within this is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reload reads one small file; anything slower means the supervisor is stuck.
+const RELOAD_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("another callbox daemon is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot create socket directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot bind control socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set permissions on control socket {path}: {source}")]
+    Permissions { path: PathBuf, source: io::Error },
+    #[error("control socket {0} was removed or replaced by another file; the CLI can no longer reach this daemon")]
+    SocketLost(PathBuf),
+}
+
+/// The running configuration as components see it.
+#[derive(Debug, Clone)]
+pub struct RunningConfig {
+    pub config: Config,
+    pub source: ConfigSource,
+    pub generation: u64,
+    pub last_reload: Option<ReloadReport>,
+}
+
+/// A reload request from a client, answered by the supervisor.
+pub type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
+
+/// What the server needs from the rest of the daemon.
+#[derive(Clone)]
+pub struct ControlContext {
+    pub config: watch::Receiver<Arc<RunningConfig>>,
+    pub health: HealthBoard,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    pub data_dir: PathBuf,
+    /// The socket path actually bound (the config may leave it to the defaults).
+    pub socket_path: PathBuf,
+    pub watchdog_interval: Option<Duration>,
+    pub systemd_notify: bool,
+    /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
+    pub reload_tx: mpsc::Sender<ReloadReply>,
+}
+
+/// A bound control socket and the identity of its file.
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Binds the control socket: creates its directory, replaces a stale socket,
+/// refuses to steal a live one, sets mode 0660 and the technician group.
+pub fn bind(path: &Path, technician_group: &str) -> Result<BoundSocket, ControlError> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|source| ControlError::CreateDir { path: dir.to_owned(), source })?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(ControlError::NotASocket(path.to_owned()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::AlreadyRunning(path.to_owned()));
+            }
+            // Left by a daemon that died without cleaning up.
+            let _ = std::fs::remove_file(path);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ControlError::Bind { path: path.to_owned(), source }),
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
+    let perm_err = |source| ControlError::Permissions { path: path.to_owned(), source };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(technician_group) {
+        if let Err(e) = nix::unistd::chown(path, None, Some(group.gid)) {
+            log::warn!(component = COMPONENT;
+                "cannot give control socket {} to group {technician_group}: {e}; technicians may be unable to connect",
+                path.display());
+        }
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(perm_err)?;
+    Ok(BoundSocket { listener, path: path.to_owned(), identity: (meta.dev(), meta.ino()) })
+}
+
+fn socket_still_ours(bound: &BoundSocket) -> bool {
+    std::fs::symlink_metadata(&bound.path).is_ok_and(|m| (m.dev(), m.ino()) == bound.identity)
+}
+
+/// Serves the control socket until shutdown; then stops accepting, removes the
+/// socket file and lets in-flight requests finish.
+pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: ShutdownSignal) -> Result<(), ControlError> {
+    let max_connections = ctx.config.borrow().config.control.max_connections;
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut connections = JoinSet::new();
+    let mut guard = tokio::time::interval(SOCKET_GUARD_INTERVAL);
+    guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ctx.health.set(COMPONENT, HealthState::Ok, format!("listening on {}", bound.path.display()));
+    log::info!(component = COMPONENT; "listening on {} (max {max_connections} connections)", bound.path.display());
+
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.wait() => break Ok(()),
+            _ = guard.tick() => {
+                if !socket_still_ours(&bound) {
+                    break Err(ControlError::SocketLost(bound.path.clone()));
+                }
+            }
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = async {
+                let permit = permits.clone().acquire_owned().await;
+                (permit, bound.listener.accept().await)
+            } => {
+                match accepted {
+                    (Ok(permit), Ok((stream, _))) => {
+                        let ctx = ctx.clone();
+                        let shutdown = shutdown.clone();
+                        connections.spawn(async move {
+                            handle_connection(stream, ctx, shutdown).await;
+                            drop(permit);
+                        });
+                    }
+                    (_, Err(e)) => {
+                        // EMFILE and friends pass; do not spin on them.
+                        log::warn!(component = COMPONENT; "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    (Err(_), _) => unreachable_semaphore_closed(),
+                }
+            }
+        }
+    };
+
+    let state = if result.is_ok() { HealthState::Stopped } else { HealthState::Failed };
+    ctx.health.set(COMPONENT, state, "not accepting connections");
+    // Stop inputs: no new connections, and the path no longer leads here.
+    let identity_ok = socket_still_ours(&bound);
+    drop(bound.listener);
+    if identity_ok {
+        let _ = std::fs::remove_file(&bound.path);
+    }
+    // Drain: idle connections close at once, requests in progress finish.
+    while connections.join_next().await.is_some() {}
+    result
+}
+
+/// The semaphore is never closed; kept as a function so the select arm stays total.
+fn unreachable_semaphore_closed() {
+    log::error!(component = COMPONENT; "connection semaphore closed unexpectedly");
+}
+
+enum Next {
+    Line(Vec<u8>),
+    TooLong,
+    Closed,
+    TimedOut,
+}
+
+async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown: ShutdownSignal) {
+    let peer = match auth::peer_of(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            log::warn!(component = COMPONENT; "cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let lookup_peer = peer.clone();
+    let groups = tokio::task::spawn_blocking(move || auth::groups_of(&lookup_peer)).await.unwrap_or_default();
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::new(read_half);
+
+    loop {
+        let running = ctx.config.borrow().clone();
+        let control = &running.config.control;
+        let mut framer = LineFramer::new(control.max_request_bytes);
+        let deadline = Instant::now() + Duration::from_secs(control.request_timeout_secs);
+        let next = loop {
+            tokio::select! {
+                // An idle connection is not work in progress: close it on shutdown.
+                _ = shutdown.wait(), if !framer.has_partial() => break Next::Closed,
+                _ = tokio::time::sleep_until(deadline) => break Next::TimedOut,
+                filled = reader.fill_buf() => {
+                    let chunk = match filled {
+                        Ok([]) | Err(_) => break Next::Closed,
+                        Ok(chunk) => chunk,
+                    };
+                    let len = chunk.len();
+                    match framer.push(chunk) {
+                        Framed::NeedMore => reader.consume(len),
+                        Framed::Line { line, consumed } => {
+                            reader.consume(consumed);
+                            break Next::Line(line);
+                        }
+                        Framed::TooLong => break Next::TooLong,
+                    }
+                }
+            }
+        };
+        let (response, keep_open) = match next {
+            Next::Closed => return,
+            Next::TimedOut => {
+                let limit = control.request_timeout_secs;
+                (Response::error(ErrorCode::Timeout, format!("no complete request within {limit}s")), false)
+            }
+            Next::TooLong => {
+                log::warn!(component = COMPONENT; "refused request over {} bytes from {}", control.max_request_bytes, auth::describe_uid(peer.uid));
+                let message = format!("request exceeds {} bytes", control.max_request_bytes);
+                (Response::error(ErrorCode::RequestTooLarge, message), false)
+            }
+            Next::Line(line) => {
+                let policy = AccessPolicy::from_config(control);
+                respond(&line, policy.role_of(peer.uid, &groups), peer.uid, &running, &ctx, &shutdown).await
+            }
+        };
+        let bytes = encode_line(&response.frame());
+        let written = tokio::time::timeout(WRITE_TIMEOUT, write_half.write_all(&bytes)).await;
+        if !matches!(written, Ok(Ok(()))) || !keep_open {
+            return;
+        }
+    }
+}
+
+/// Decides the response to one request line; the bool says whether to keep the connection.
+async fn respond(
+    line: &[u8],
+    role: Option<Role>,
+    uid: u32,
+    running: &RunningConfig,
+    ctx: &ControlContext,
+    shutdown: &ShutdownSignal,
+) -> (Response, bool) {
+    let request = match decode_request(line) {
+        Ok(request) => request,
+        Err(reply) => return (Response::Error(reply), true),
+    };
+    let control = &running.config.control;
+    let Some(role) = role else {
+        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", auth::describe_uid(uid), control.technician_group, control.admin_group);
+        let message = format!(
+            "{} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
+            auth::describe_uid(uid),
+            control.technician_group,
+            control.admin_group
+        );
+        return (Response::error(ErrorCode::Forbidden, message), false);
+    };
+    if role < request.required_role() {
+        let message = format!(
+            "{request:?} needs the admin role: root or a member of '{}'; {} is a technician",
+            control.admin_group,
+            auth::describe_uid(uid)
+        );
+        return (Response::error(ErrorCode::Forbidden, message), true);
+    }
+    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", auth::describe_uid(uid));
+    let response = match request {
+        Request::Ping {} => Response::Pong,
+        Request::Status {} => {
+            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid, role })))
+        }
+        Request::Reload {} => reload(ctx).await,
+    };
+    (response, true)
+}
+
+async fn reload(ctx: &ControlContext) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if ctx.reload_tx.send(tx).await.is_err() {
+        return Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down");
+    }
+    match tokio::time::timeout(RELOAD_REPLY_TIMEOUT, rx).await {
+        Ok(Ok(Ok(report))) => Response::Reload(report),
+        Ok(Ok(Err(message))) => Response::error(ErrorCode::ShuttingDown, message),
+        Ok(Err(_)) => Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+        Err(_) => Response::error(ErrorCode::Internal, "the supervisor did not answer the reload in time"),
+    }
+}
+
+fn status_report(
+    running: &RunningConfig,
+    ctx: &ControlContext,
+    shutdown: &ShutdownSignal,
+    caller: CallerInfo,
+) -> StatusReport {
+    StatusReport {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        state: if shutdown.is_triggered() { DaemonState::Stopping } else { DaemonState::Running },
+        started_at: utc_timestamp(ctx.started_at),
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        config: running.source.clone(),
+        config_generation: running.generation,
+        last_reload: running.last_reload.clone(),
+        log_level: logging::current_max_level().to_string().to_lowercase(),
+        log_to_journal: logging::to_journal(),
+        systemd_notify: ctx.systemd_notify,
+        watchdog_interval_ms: ctx.watchdog_interval.map(|d| d.as_millis() as u64),
+        control_socket: ctx.socket_path.display().to_string(),
+        data_dir: ctx.data_dir.display().to_string(),
+        components: ctx.health.snapshot(),
+        caller,
+    }
+}

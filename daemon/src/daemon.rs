@@ -1,0 +1,214 @@
+//! `callbox run`: start-up order, the components, and what a reload does.
+//!
+//! Start-up: logging → config (exit 78 on any problem) → runtime → systemd
+//! notifier → data directory → control socket (exit 71 on failure) → spawn
+//! components → READY=1. Everything after READY is the supervisor's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{self, LoadedConfig};
+use crate::control::protocol::ReloadReport;
+use crate::control::server::{self, ControlContext, ReloadReply, RunningConfig};
+use crate::exit;
+use crate::health::{shutdown_channel, HealthBoard};
+use crate::logging::{self, utc_timestamp};
+use crate::notify::{self, Notification, Notifier};
+use crate::paths::PathEnv;
+use crate::storage;
+use crate::supervisor::{self, Component, SupervisorHooks};
+
+const COMPONENT: &str = "daemon";
+
+/// Runs the daemon in the foreground; returns the process exit code.
+pub fn run(config_path: &Path) -> u8 {
+    logging::init(config::LogLevel::Info);
+    let loaded = match config::load(config_path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            for line in e.problem_lines() {
+                log::error!(component = COMPONENT; "{line}");
+            }
+            log::error!(component = COMPONENT; "not starting: fix the configuration (check it with `callbox config check --config {}`)", config_path.display());
+            return exit::CONFIG;
+        }
+    };
+    logging::init(loaded.config.log.level);
+    if let config::ConfigSource::Defaults { path, reason } = &loaded.source {
+        log::warn!(component = COMPONENT; "config file {} {reason}; running on built-in defaults", path.display());
+    }
+
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("callbox");
+    if let Some(threads) = loaded.config.daemon.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!(component = COMPONENT; "cannot start the async runtime: {e}");
+            return exit::OS_ERROR;
+        }
+    };
+    let code = runtime.block_on(run_async(loaded));
+    // Abandoned blocking work (a stuck probe) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    log::logger().flush();
+    code
+}
+
+async fn run_async(loaded: LoadedConfig) -> u8 {
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!(component = COMPONENT; "{e}");
+            return exit::OS_ERROR;
+        }
+    };
+    let watchdog_interval = notify::watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    );
+    let env = PathEnv::from_process();
+    let cfg = &loaded.config;
+    let data_dir = cfg.daemon.data_dir.clone().unwrap_or_else(|| env.data_dir());
+    let socket_path = cfg.control.socket.clone().unwrap_or_else(|| env.daemon_socket());
+
+    if let Err(e) = storage::prepare(&data_dir) {
+        log::error!(component = COMPONENT; "{e}");
+        return exit::OS_ERROR;
+    }
+    let bound = match server::bind(&socket_path, &cfg.control.technician_group) {
+        Ok(bound) => bound,
+        Err(e) => {
+            log::error!(component = COMPONENT; "{e}");
+            return exit::OS_ERROR;
+        }
+    };
+
+    let shutdown_timeout = Duration::from_secs(cfg.daemon.shutdown_timeout_secs);
+    let running = RunningConfig {
+        config: loaded.config.clone(),
+        source: loaded.source.clone(),
+        generation: 1,
+        last_reload: None,
+    };
+    let (config_tx, config_rx) = watch::channel(Arc::new(running));
+    // Reload requests are rare; 8 pending is plenty and senders wait beyond that.
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(8);
+    let health = HealthBoard::default();
+    let (trigger, shutdown) = shutdown_channel();
+
+    let ctx = ControlContext {
+        config: config_rx.clone(),
+        health: health.clone(),
+        started_at: SystemTime::now(),
+        started: tokio::time::Instant::now(),
+        data_dir: data_dir.clone(),
+        socket_path: bound.path().to_owned(),
+        watchdog_interval,
+        systemd_notify: notifier.is_enabled(),
+        reload_tx,
+    };
+    let components = vec![
+        Component::new("control", server::serve(bound, ctx, shutdown.clone())),
+        Component::new("storage", storage::monitor(data_dir.clone(), config_rx, health.clone(), shutdown.clone())),
+    ];
+
+    let mut hooks =
+        DaemonHooks { notifier, config_tx, pending: Vec::new(), config_path: loaded.source.path().to_owned() };
+    hooks.notify(&Notification::Ready);
+    hooks.notify(&Notification::Status(format!(
+        "running; control socket {}; data in {}",
+        socket_path.display(),
+        data_dir.display()
+    )));
+    log::info!(component = COMPONENT;
+        "callbox {} running (pid {}); config: {}; watchdog: {}",
+        env!("CARGO_PKG_VERSION"), std::process::id(), loaded.source,
+        watchdog_interval.map(|d| format!("every {} ms", d.as_millis())).unwrap_or_else(|| "off".into()));
+
+    supervisor::supervise(components, shutdown_timeout, watchdog_interval, trigger, reload_rx, &mut hooks).await
+}
+
+struct DaemonHooks {
+    notifier: Notifier,
+    config_tx: watch::Sender<Arc<RunningConfig>>,
+    /// Clients waiting for the outcome of the next reload.
+    pending: Vec<ReloadReply>,
+    config_path: PathBuf,
+}
+
+impl SupervisorHooks for DaemonHooks {
+    type ReloadRequest = ReloadReply;
+
+    fn queue_reload(&mut self, request: ReloadReply) {
+        self.pending.push(request);
+    }
+
+    fn notify(&mut self, notification: &Notification) {
+        if let Err(e) = self.notifier.send(notification) {
+            log::warn!(component = "supervisor"; "cannot notify systemd ({}): {e}", notification.payload().replace('\n', " "));
+        }
+    }
+
+    fn reload(&mut self) -> Option<Duration> {
+        self.notify(&Notification::Reloading { monotonic_usec: notify::monotonic_usec() });
+        let current = self.config_tx.borrow().clone();
+        let at = utc_timestamp(SystemTime::now());
+        let (next, report, applied) = match config::load(&self.config_path) {
+            Ok(loaded) => {
+                let restart_required: Vec<String> =
+                    current.config.restart_required_changes(&loaded.config).into_iter().map(String::from).collect();
+                let generation = current.generation + 1;
+                logging::set_config_level(loaded.config.log.level);
+                log::info!(component = "supervisor"; "configuration reloaded from {} (generation {generation})", loaded.source);
+                if !restart_required.is_empty() {
+                    log::warn!(component = "supervisor"; "changed keys take effect only after a restart: {}", restart_required.join(", "));
+                }
+                let report = ReloadReport { at, ok: true, generation, problems: vec![], restart_required };
+                let timeout = Duration::from_secs(loaded.config.daemon.shutdown_timeout_secs);
+                let next = RunningConfig {
+                    config: loaded.config,
+                    source: loaded.source,
+                    generation,
+                    last_reload: Some(report.clone()),
+                };
+                (next, report, Some(timeout))
+            }
+            Err(e) => {
+                let problems = e.problem_lines();
+                for line in &problems {
+                    log::error!(component = "supervisor"; "reload refused: {line}");
+                }
+                log::error!(component = "supervisor"; "keeping the running configuration (generation {})", current.generation);
+                let report =
+                    ReloadReport { at, ok: false, generation: current.generation, problems, restart_required: vec![] };
+                let next = RunningConfig { last_reload: Some(report.clone()), ..(*current).clone() };
+                (next, report, None)
+            }
+        };
+        self.config_tx.send_replace(Arc::new(next));
+        for reply in self.pending.drain(..) {
+            let _ = reply.send(Ok(report.clone()));
+        }
+        self.notify(&Notification::Ready);
+        let status = if report.ok {
+            format!("running; configuration generation {}", report.generation)
+        } else {
+            format!("running; reload failed with {} problem(s), previous configuration kept", report.problems.len())
+        };
+        self.notify(&Notification::Status(status));
+        applied
+    }
+
+    fn refuse_reload(&mut self) {
+        for reply in self.pending.drain(..) {
+            let _ = reply.send(Err("the daemon is shutting down".into()));
+        }
+    }
+}

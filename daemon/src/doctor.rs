@@ -1,0 +1,155 @@
+//! `callbox doctor`: the checks a technician wants on site, each pass/warn/fail.
+//!
+//! Later issues add audio devices, broker, certificates and models here.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::{self, Config};
+use crate::control::client;
+use crate::control::protocol::{HealthState, Request, Response};
+use crate::storage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
+    Check { name, verdict, detail: detail.into() }
+}
+
+/// No real clock on a box built after this can read earlier (2026-01-01T00:00:00Z).
+const CLOCK_FLOOR_UNIX: u64 = 1_767_225_600;
+
+/// Runs every check. `socket` is where the CLI would reach the daemon.
+pub fn run(config_path: &Path, data_dir: impl Fn(&Config) -> std::path::PathBuf, socket: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    match config::load(config_path) {
+        Ok(loaded) => {
+            let verdict = match loaded.source {
+                config::ConfigSource::File { .. } => Verdict::Pass,
+                config::ConfigSource::Defaults { .. } => Verdict::Warn,
+            };
+            checks.push(check("config", verdict, format!("{} is valid", loaded.source)));
+            checks.push(config_file_permissions(config_path));
+        }
+        Err(e) => checks.push(check("config", Verdict::Fail, e.problem_lines().join("; "))),
+    }
+    let config = config::load_lenient(config_path);
+    checks.push(data_directory(&data_dir(&config), config.storage.min_free_mb));
+    checks.push(clock());
+    checks.push(daemon(socket));
+    checks
+}
+
+fn config_file_permissions(path: &Path) -> Check {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.mode() & 0o002 != 0 => check(
+            "config-permissions",
+            Verdict::Fail,
+            format!("{} is world-writable (mode {:o})", path.display(), meta.mode() & 0o7777),
+        ),
+        Ok(meta) if meta.uid() != 0 => check(
+            "config-permissions",
+            Verdict::Warn,
+            format!("{} is owned by uid {}, not root", path.display(), meta.uid()),
+        ),
+        Ok(meta) => {
+            check("config-permissions", Verdict::Pass, format!("owned by root, mode {:o}", meta.mode() & 0o7777))
+        }
+        Err(_) => check("config-permissions", Verdict::Pass, "no file (built-in defaults)"),
+    }
+}
+
+fn data_directory(dir: &Path, min_free_mb: u64) -> Check {
+    let meta = match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => meta,
+        Ok(_) => return check("data-dir", Verdict::Fail, format!("{} is not a directory", dir.display())),
+        Err(e) => return check("data-dir", Verdict::Fail, format!("{}: {e}", dir.display())),
+    };
+    if meta.mode() & 0o007 != 0 {
+        return check(
+            "data-dir",
+            Verdict::Fail,
+            format!(
+                "{} is accessible to others (mode {:o}); call data must be 0750",
+                dir.display(),
+                meta.mode() & 0o7777
+            ),
+        );
+    }
+    let report = storage::probe(dir);
+    let (state, detail) = storage::assess(&report, min_free_mb);
+    let verdict = match (state, &report.writable) {
+        (HealthState::Ok, _) => Verdict::Pass,
+        // Writing as this (CLI) user may be refused where the daemon's user may write;
+        // the daemon's own view is in the `daemon` check.
+        (_, Err(_)) if !nix::unistd::Uid::effective().is_root() => Verdict::Warn,
+        _ => Verdict::Fail,
+    };
+    check("data-dir", verdict, format!("{}: {detail}", dir.display()))
+}
+
+fn clock() -> Check {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    if now < CLOCK_FLOOR_UNIX {
+        return check(
+            "clock",
+            Verdict::Fail,
+            "system time is before 2026; call timestamps and certificates will be wrong",
+        );
+    }
+    // ntp_adjtime with modes 0 only reads the kernel's synchronisation state.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    // SAFETY: tx is a valid, zero-initialised timex; modes = 0 makes the call read-only.
+    let state = unsafe { libc::ntp_adjtime(&mut tx) };
+    let now_text = crate::logging::utc_timestamp(SystemTime::now());
+    if state == libc::TIME_ERROR || state < 0 {
+        check(
+            "clock",
+            Verdict::Warn,
+            format!("{now_text}, but not synchronised by NTP (enable systemd-timesyncd or chrony)"),
+        )
+    } else {
+        check("clock", Verdict::Pass, format!("{now_text}, NTP-synchronised"))
+    }
+}
+
+fn daemon(socket: &Path) -> Check {
+    match client::request(socket, Request::Status {}) {
+        Ok(Response::Status(report)) => {
+            let bad: Vec<String> = report
+                .components
+                .iter()
+                .filter(|c| c.state != HealthState::Ok)
+                .map(|c| format!("{} {}: {}", c.name, c.state.as_str(), c.detail))
+                .collect();
+            if bad.is_empty() {
+                check(
+                    "daemon",
+                    Verdict::Pass,
+                    format!("running (pid {}), all components ok, via {}", report.pid, socket.display()),
+                )
+            } else {
+                check("daemon", Verdict::Warn, bad.join("; "))
+            }
+        }
+        Ok(Response::Error(e)) => check("daemon", Verdict::Fail, e.message),
+        Ok(other) => check("daemon", Verdict::Fail, format!("unexpected response {other:?}")),
+        Err(e) => check("daemon", Verdict::Fail, e.to_string()),
+    }
+}

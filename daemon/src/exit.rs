@@ -1,0 +1,26 @@
+//! Process exit codes. Values follow sysexits(3) so that systemd's
+//! `RestartPreventExitStatus=` and shell scripts can tell failures apart.
+//! Documented for users in README.md ("Exit codes"); keep both in step.
+
+/// Clean exit (including a graceful shutdown that finished inside its deadline).
+pub const OK: u8 = 0;
+/// A check reported at least one failure (`callbox doctor`), or a generic runtime failure.
+pub const FAILURE: u8 = 1;
+/// The command line was malformed (EX_USAGE).
+pub const USAGE: u8 = 64;
+/// The daemon is not reachable through its control socket (EX_UNAVAILABLE).
+pub const UNAVAILABLE: u8 = 69;
+/// A supervised component failed; the daemon stopped in order (EX_SOFTWARE).
+pub const COMPONENT_FAILED: u8 = 70;
+/// An operating-system resource could not be set up: socket, data dir, runtime (EX_OSERR).
+pub const OS_ERROR: u8 = 71;
+/// Graceful shutdown overran its deadline and the rest was abandoned (EX_TEMPFAIL).
+pub const SHUTDOWN_TIMEOUT: u8 = 75;
+/// The daemon answered something this CLI does not understand (EX_PROTOCOL).
+pub const PROTOCOL: u8 = 76;
+/// The daemon refused the caller (EX_NOPERM).
+pub const NO_PERMISSION: u8 = 77;
+/// The configuration is invalid (EX_CONFIG); systemd must not restart on it.
+pub const CONFIG: u8 = 78;
+/// A second SIGTERM/SIGINT arrived during graceful shutdown: exit at once (128 + SIGINT).
+pub const FORCED: u8 = 130;

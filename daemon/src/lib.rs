@@ -1,0 +1,16 @@
+//! callbox: the call-analysis appliance daemon and its technician CLI.
+//!
+//! See ARCHITECTURE.md at the repository root for the map of this crate.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod doctor;
+pub mod exit;
+pub mod health;
+pub mod logging;
+pub mod notify;
+pub mod paths;
+pub mod storage;
+pub mod supervisor;

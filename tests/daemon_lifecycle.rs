@@ -1,0 +1,193 @@
+//! The daemon as systemd runs it: notifications, signals, reload, supervision.
+
+mod support;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use support::{wait_until, NotifyListener, TestDaemon};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn notifies_ready_watchdog_stopping_and_exits_zero_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifyListener::bind_path(dir.path());
+    let address = notify.address.clone();
+    // 200 ms watchdog: pings due every 100 ms.
+    let mut daemon = TestDaemon::start_in(dir, "", &[("NOTIFY_SOCKET", &address), ("WATCHDOG_USEC", "200000")]);
+    let ready = notify.wait_for("READY=1", 0, WAIT).expect("READY=1");
+    let first_ping = notify.wait_for("WATCHDOG=1", ready, WAIT).expect("a WATCHDOG=1 after READY");
+    let fourth =
+        (0..3).try_fold(first_ping, |after, _| notify.wait_for("WATCHDOG=1", after + 1, Duration::from_secs(2)));
+    assert!(fourth.is_some(), "watchdog pings stopped: {:?}", notify.received);
+    let (t_first, t_fourth) = (notify.received[first_ping].0, notify.received[fourth.unwrap()].0);
+    // Three intervals of 100 ms; generous upper bound for loaded CI machines,
+    // but a daemon pinging once per second would fail it.
+    assert!(t_fourth - t_first < Duration::from_millis(900), "pings too slow: {:?}", t_fourth - t_first);
+
+    let status = daemon.status_json();
+    assert_eq!(status["systemd_notify"], true);
+    assert_eq!(status["watchdog_interval_ms"], 100);
+
+    let stop_sent = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let before_stop = notify.received.len();
+    notify.wait_for("STOPPING=1", before_stop.saturating_sub(1), WAIT).expect("STOPPING=1");
+    let exit = daemon.wait_exit(WAIT).expect("daemon exits after SIGTERM");
+    assert_eq!(exit.code(), Some(0), "log:\n{}", daemon.log_text());
+    // The default deadline is 10 s; with nothing in flight it must be far quicker.
+    assert!(stop_sent.elapsed() < Duration::from_secs(10), "took {:?}", stop_sent.elapsed());
+    assert!(!daemon.socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn abstract_notify_socket_is_supported() {
+    let name = format!("callbox-test-{}-{}", std::process::id(), line!());
+    let mut notify = NotifyListener::bind_abstract(&name);
+    let address = notify.address.clone();
+    let mut daemon = TestDaemon::start("", &[("NOTIFY_SOCKET", &address)]);
+    assert!(notify.wait_for("READY=1", 0, WAIT).is_some());
+    assert!(notify.wait_for("STATUS=running", 0, WAIT).is_some());
+    // No WATCHDOG_USEC: no pings.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(notify.count("WATCHDOG=1"), 0);
+    daemon.signal(Signal::SIGINT);
+    assert_eq!(daemon.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn sighup_with_a_bad_file_keeps_running_on_the_old_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifyListener::bind_path(dir.path());
+    let address = notify.address.clone();
+    let mut daemon = TestDaemon::start_in(dir, "log.level = \"info\"", &[("NOTIFY_SOCKET", &address)]);
+    notify.wait_for("READY=1", 0, WAIT).expect("READY=1");
+    assert_eq!(daemon.status_json()["config_generation"], 1);
+
+    let good = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(&daemon.config, format!("{good}\n[log]\nlevel = \"chatty\"\nmystery = 1\n")).unwrap();
+    let mark = notify.received.len();
+    daemon.signal(Signal::SIGHUP);
+    let reloading = notify.wait_for("RELOADING=1", mark, WAIT).expect("RELOADING=1");
+    assert!(notify.received[reloading].1.contains("MONOTONIC_USEC="));
+    notify.wait_for("READY=1", reloading, WAIT).expect("READY=1 after reload");
+    notify.wait_for("previous configuration kept", reloading, WAIT).expect("STATUS says reload failed");
+
+    assert!(daemon.is_running(), "daemon died on a bad reload; log:\n{}", daemon.log_text());
+    let status = daemon.status_json();
+    assert_eq!(status["config_generation"], 1, "{status}");
+    assert_eq!(status["log_level"], "info");
+    assert_eq!(status["last_reload"]["ok"], false);
+    let problems = status["last_reload"]["problems"].as_array().unwrap();
+    assert!(problems.iter().any(|p| p.as_str().unwrap().contains("duplicate")), "{problems:?}");
+    let log = daemon.log_text();
+    assert!(log.contains("reload refused"), "{log}");
+
+    // A good file afterwards is applied, with a live change visible in status.
+    std::fs::write(&daemon.config, good.replace("level = \"info\"", "level = \"debug\"")).unwrap();
+    let mark = notify.received.len();
+    daemon.signal(Signal::SIGHUP);
+    let reloading = notify.wait_for("RELOADING=1", mark, WAIT).expect("second RELOADING=1");
+    notify.wait_for("READY=1", reloading, WAIT).expect("READY=1");
+    let status = daemon.status_json();
+    assert_eq!(status["config_generation"], 2, "{status}\nlog:\n{}", daemon.log_text());
+    assert_eq!(status["log_level"], "debug");
+    assert_eq!(status["last_reload"]["ok"], true);
+}
+
+#[test]
+fn reload_through_the_cli_reports_problems_and_exits_78() {
+    let daemon = TestDaemon::start("", &[]);
+    std::fs::write(&daemon.config, "[daemon]\nshutdown_timeout_secs = 0\n").unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(78), "{}", support::stderr_of(&out));
+    let text = support::stdout_of(&out);
+    assert!(text.contains("daemon.shutdown_timeout_secs"), "{text}");
+    assert_eq!(daemon.status_json()["config_generation"], 1);
+}
+
+/// Opens a control connection and sends half a request: work in progress that
+/// a graceful shutdown must wait for.
+fn half_request(daemon: &TestDaemon) -> UnixStream {
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream.write_all(b"{\"v\":1,").unwrap();
+    stream
+}
+
+#[test]
+fn second_signal_during_shutdown_exits_at_once() {
+    let mut daemon = TestDaemon::start("control.request_timeout_secs = 60\ndaemon.shutdown_timeout_secs = 60", &[]);
+    let _pending = half_request(&daemon);
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(Signal::SIGTERM);
+    // Draining: still alive because a request is in flight.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.is_running(), "exited without draining; log:\n{}", daemon.log_text());
+    let second = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon.wait_exit(WAIT).expect("exits on the second signal");
+    assert_eq!(exit.code(), Some(130), "log:\n{}", daemon.log_text());
+    assert!(second.elapsed() < Duration::from_secs(5));
+    assert!(daemon.log_text().contains("again during shutdown"));
+}
+
+#[test]
+fn shutdown_deadline_abandons_stuck_work_and_exits_75() {
+    let mut daemon = TestDaemon::start("control.request_timeout_secs = 60\ndaemon.shutdown_timeout_secs = 1", &[]);
+    let _pending = half_request(&daemon);
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon.wait_exit(WAIT).expect("exits at the deadline");
+    assert_eq!(exit.code(), Some(75), "log:\n{}", daemon.log_text());
+    let took = sent.elapsed();
+    assert!(took >= Duration::from_millis(900), "exited before its deadline: {took:?}");
+    let log = daemon.log_text();
+    assert!(log.contains("abandoning components still running: control"), "{log}");
+}
+
+#[test]
+fn a_failing_component_brings_the_daemon_down_with_its_reason() {
+    let mut daemon = TestDaemon::start("", &[]);
+    // A real fault: the control socket disappears (someone cleaned /run).
+    std::fs::remove_file(&daemon.socket).unwrap();
+    let exit = daemon.wait_exit(WAIT).expect("daemon stops when its control socket is gone");
+    assert_eq!(exit.code(), Some(70), "log:\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("component control failed: control socket") && log.contains("was removed or replaced"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused() {
+    let daemon = TestDaemon::start("", &[]);
+    let log = daemon.dir.path().join("second.log");
+    let mut second = TestDaemon::spawn(&daemon.config, &log, &[]);
+    let mut code = None;
+    assert!(wait_until(WAIT, || {
+        code = second.try_wait().ok().flatten().and_then(|s| s.code());
+        code.is_some()
+    }));
+    assert_eq!(code, Some(71));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("already listening"), "{text}");
+    // The first one is unharmed.
+    assert_eq!(daemon.status_json()["state"], "running");
+}
+
+#[test]
+fn a_stale_socket_from_a_killed_daemon_is_replaced() {
+    let mut first = TestDaemon::start("", &[]);
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(WAIT).expect("killed");
+    assert!(first.socket.exists(), "SIGKILL leaves the socket behind");
+    let log = first.dir.path().join("restart.log");
+    first.child = TestDaemon::spawn(&first.config, &log, &[]);
+    let socket = first.socket.clone();
+    assert!(wait_until(WAIT, || support::run_cli(&["--socket", socket.to_str().unwrap(), "status"]).status.success()));
+}
