@@ -128,6 +128,7 @@ fn doctor_passes_against_a_healthy_daemon_and_fails_without_one() {
     assert_eq!(verdict("config").as_deref(), Some("pass"), "{checks}");
     assert_eq!(verdict("data-dir").as_deref(), Some("pass"), "{checks}");
     assert_eq!(verdict("daemon").as_deref(), Some("pass"), "{checks}");
+    assert_eq!(verdict("access").as_deref(), Some("pass"), "root is an admin: {checks}");
     assert!(verdict("clock").is_some());
     // Exit status follows the worst verdict (the clock may only warn here).
     assert_eq!(out.status.code(), Some(0), "{checks}");

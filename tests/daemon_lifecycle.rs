@@ -189,5 +189,6 @@ fn a_stale_socket_from_a_killed_daemon_is_replaced() {
     let log = first.dir.path().join("restart.log");
     first.child = TestDaemon::spawn(&first.config, &log, &[]);
     let socket = first.socket.clone();
-    assert!(wait_until(WAIT, || support::run_cli(&["--socket", socket.to_str().unwrap(), "status"]).status.success()));
+    assert!(wait_until(WAIT, || support::ping(&socket)), "restarted daemon did not take over the stale socket");
+    assert_eq!(first.status_json()["state"], "running");
 }

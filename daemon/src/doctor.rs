@@ -50,10 +50,42 @@ pub fn run(config_path: &Path, data_dir: impl Fn(&Config) -> std::path::PathBuf,
         Err(e) => checks.push(check("config", Verdict::Fail, e.problem_lines().join("; "))),
     }
     let config = config::load_lenient(config_path);
+    checks.push(access(&config.control));
     checks.push(data_directory(&data_dir(&config), config.storage.min_free_mb));
     checks.push(clock());
     checks.push(daemon(socket));
     checks
+}
+
+/// Whether the caller's own groups let them use the daemon, judged as the daemon would.
+fn access(control: &crate::config::ControlConfig) -> Check {
+    use crate::control::auth::{describe_uid, groups_of, AccessPolicy, Peer};
+    use crate::control::protocol::Role;
+    let me = Peer {
+        uid: nix::unistd::Uid::current().as_raw(),
+        gid: nix::unistd::Gid::current().as_raw(),
+        pid: std::process::id() as i32,
+    };
+    let groups = groups_of(&me);
+    let policy = AccessPolicy::from_config(control);
+    let who = describe_uid(me.uid);
+    let in_technicians = policy.technician_gid.is_some_and(|g| groups.contains(&g));
+    match policy.role_of(me.uid, &groups) {
+        Some(Role::Admin) if me.uid != 0 && !in_technicians => check(
+            "access",
+            Verdict::Warn,
+            format!(
+                "{who} is an admin but not in '{}', so cannot open the socket: adduser <you> {}",
+                control.technician_group, control.technician_group
+            ),
+        ),
+        Some(role) => check("access", Verdict::Pass, format!("{who}: {role:?}").to_lowercase()),
+        None => check(
+            "access",
+            Verdict::Warn,
+            format!("{who} may not use the daemon: ask an admin to add you to '{}'", control.technician_group),
+        ),
+    }
 }
 
 fn config_file_permissions(path: &Path) -> Check {

@@ -185,10 +185,11 @@ impl TestDaemon {
         cmd.spawn().expect("spawn callbox run")
     }
 
+    /// Ready means answering on the socket, not merely having created it.
     fn wait_for_socket(&self) {
         let socket = self.socket.clone();
-        let ok = wait_until(Duration::from_secs(20), || socket.exists());
-        assert!(ok, "daemon did not create its socket; log:\n{}", self.log_text());
+        let ok = wait_until(Duration::from_secs(30), || ping(&socket));
+        assert!(ok, "daemon did not answer on its socket; log:\n{}", self.log_text());
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -243,6 +244,18 @@ impl Drop for TestDaemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// One ping round trip on the control socket.
+pub fn ping(socket: &Path) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(b"{\"v\":1,\"request\":{\"op\":\"ping\"}}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).is_ok() && line.contains("\"pong\"")
 }
 
 /// A copy of the binary that any user may execute (the build tree may sit in a

@@ -127,7 +127,11 @@ pub fn bind(path: &Path, technician_group: &str) -> Result<BoundSocket, ControlE
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
     let perm_err = |source| ControlError::Permissions { path: path.to_owned(), source };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
-    if let Ok(Some(group)) = nix::unistd::Group::from_name(technician_group) {
+    let created_gid = std::fs::symlink_metadata(path).map(|m| m.gid()).map_err(perm_err)?;
+    let group = nix::unistd::Group::from_name(technician_group).ok().flatten();
+    // Under systemd the socket is born with the right group; skip chown(2) then,
+    // which the unit's syscall filter refuses.
+    if let Some(group) = group.filter(|g| g.gid.as_raw() != created_gid) {
         if let Err(e) = nix::unistd::chown(path, None, Some(group.gid)) {
             log::warn!(component = COMPONENT;
                 "cannot give control socket {} to group {technician_group}: {e}; technicians may be unable to connect",
