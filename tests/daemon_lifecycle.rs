@@ -192,3 +192,86 @@ fn a_stale_socket_from_a_killed_daemon_is_replaced() {
     assert!(wait_until(WAIT, || support::ping(&socket)), "restarted daemon did not take over the stale socket");
     assert_eq!(first.status_json()["state"], "running");
 }
+
+/// Under systemd stderr is the journal: lines must go there, with structured
+/// fields. journald cannot run here (no systemd as PID 1), so a stand-in binds
+/// its socket and reads the native-protocol datagrams.
+#[test]
+fn under_journald_logs_go_to_the_journal_with_structured_fields() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixDatagram;
+    let socket_path = std::path::Path::new("/run/systemd/journal/socket");
+    assert!(
+        !socket_path.exists(),
+        "a real journald owns {}: run this suite on a machine without systemd as PID 1 (as CI does)",
+        socket_path.display()
+    );
+    std::fs::create_dir_all(socket_path.parent().unwrap()).unwrap();
+    let journal = UnixDatagram::bind(socket_path).unwrap();
+    struct Unlink<'a>(&'a std::path::Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(socket_path);
+    journal.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("callbox.toml"), TestDaemon::config_text(dir.path(), "")).unwrap();
+    let log = dir.path().join("stderr.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    // What systemd sets for a service whose stderr is the journal stream.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let mut child = {
+        let file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut cmd = support::callbox();
+        cmd.arg("run").arg("--config").arg(dir.path().join("callbox.toml"));
+        cmd.env("JOURNAL_STREAM", &stream).stdin(std::process::Stdio::null()).stderr(file);
+        cmd.spawn().unwrap()
+    };
+
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut entries = Vec::new();
+    let found = loop {
+        let Ok(n) = journal.recv(&mut buf) else { break None };
+        let entry = decode_journal_entry(&buf[..n]);
+        let field = |k: &str| entry.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let done = field("COMPONENT").as_deref() == Some("control")
+            && field("MESSAGE").is_some_and(|m| m.starts_with("listening on"));
+        entries.push(entry);
+        if done {
+            break entries.last().cloned();
+        }
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    let entry = found.unwrap_or_else(|| panic!("no control entry in the journal; got {entries:#?}"));
+    let has = |k: &str, v: &str| entry.iter().any(|(key, value)| key == k && value == v);
+    assert!(has("SYSLOG_IDENTIFIER", "callbox"), "{entry:?}");
+    assert!(has("PRIORITY", "5"), "info maps to notice: {entry:?}");
+    assert!(has("SYSLOG_PID", &child.id().to_string()), "{entry:?}");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(stderr.is_empty(), "log lines went to stderr too: {stderr}");
+}
+
+/// journald's native protocol: `KEY=value\n`, or `KEY\n` + u64 LE length + bytes + `\n`.
+fn decode_journal_entry(mut data: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = data.iter().position(|&b| b == b'\n' || b == b'=') {
+        let key = String::from_utf8_lossy(&data[..end]).into_owned();
+        if data[end] == b'=' {
+            let rest = &data[end + 1..];
+            let stop = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            fields.push((key, String::from_utf8_lossy(&rest[..stop]).into_owned()));
+            data = &rest[(stop + 1).min(rest.len())..];
+        } else {
+            let rest = &data[end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            fields.push((key, String::from_utf8_lossy(&rest[8..8 + len]).into_owned()));
+            data = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    fields
+}

@@ -31,6 +31,9 @@ struct Logger {
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
+/// Where journald listens for native-protocol datagrams (fixed by systemd).
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
 fn filter_for(level: LogLevel) -> env_filter::Filter {
     env_filter::Builder::new().filter_level(level.to_filter()).build()
 }
@@ -50,7 +53,9 @@ pub fn init(level: LogLevel) {
     let env_override = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| filter_for(level));
     let max = filter.filter();
-    let sink = if systemd_journal_logger::connected_to_journal() {
+    // stderr is the journal's stream and journald's socket is there: lines sent
+    // to a missing socket would be lost, so both must hold.
+    let sink = if systemd_journal_logger::connected_to_journal() && std::path::Path::new(JOURNAL_SOCKET).exists() {
         match JournalLog::new() {
             Ok(journal) => Sink::Journal(journal.with_syslog_identifier("callbox".into())),
             Err(_) => Sink::Stderr,

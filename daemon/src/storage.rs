@@ -117,8 +117,9 @@ pub async fn monitor(
         health.set(COMPONENT, state, format!("{}: {detail}", dir.display()));
         tokio::select! {
             _ = shutdown.wait() => break,
-            // A reload re-checks at once with the new threshold.
-            _ = config.changed() => {}
+            // A reload re-checks at once with the new threshold. The sender
+            // outlives every component; if it is gone, stop rather than spin.
+            changed = config.changed() => if changed.is_err() { break },
             _ = tokio::time::sleep(Duration::from_secs(storage.check_interval_secs)) => {}
         }
     }

@@ -224,8 +224,20 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
             return;
         }
     };
+    // User-database lookups may go to LDAP/sssd on site: keep them off the async
+    // workers, once per connection, with the config in force at connect time.
+    let control = ctx.config.borrow().config.control.clone();
     let lookup_peer = peer.clone();
-    let groups = tokio::task::spawn_blocking(move || auth::groups_of(&lookup_peer)).await.unwrap_or_default();
+    let identity = tokio::task::spawn_blocking(move || {
+        let groups = auth::groups_of(&lookup_peer);
+        let role = AccessPolicy::from_config(&control).role_of(lookup_peer.uid, &groups);
+        (role, auth::describe_uid(lookup_peer.uid))
+    })
+    .await;
+    let Ok((role, who)) = identity else {
+        log::warn!(component = COMPONENT; "identity lookup for uid {} failed", peer.uid);
+        return;
+    };
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
 
@@ -263,13 +275,12 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
                 (Response::error(ErrorCode::Timeout, format!("no complete request within {limit}s")), false)
             }
             Next::TooLong => {
-                log::warn!(component = COMPONENT; "refused request over {} bytes from {}", control.max_request_bytes, auth::describe_uid(peer.uid));
+                log::warn!(component = COMPONENT; "refused request over {} bytes from {who}", control.max_request_bytes);
                 let message = format!("request exceeds {} bytes", control.max_request_bytes);
                 (Response::error(ErrorCode::RequestTooLarge, message), false)
             }
             Next::Line(line) => {
-                let policy = AccessPolicy::from_config(control);
-                respond(&line, policy.role_of(peer.uid, &groups), peer.uid, &running, &ctx, &shutdown).await
+                respond(&line, role, Caller { uid: peer.uid, who: &who }, &running, &ctx, &shutdown).await
             }
         };
         let bytes = encode_line(&response.frame());
@@ -280,11 +291,17 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
     }
 }
 
+struct Caller<'a> {
+    uid: u32,
+    /// "uid 1000 (ana)", resolved once per connection.
+    who: &'a str,
+}
+
 /// Decides the response to one request line; the bool says whether to keep the connection.
 async fn respond(
     line: &[u8],
     role: Option<Role>,
-    uid: u32,
+    caller: Caller<'_>,
     running: &RunningConfig,
     ctx: &ControlContext,
     shutdown: &ShutdownSignal,
@@ -295,28 +312,25 @@ async fn respond(
     };
     let control = &running.config.control;
     let Some(role) = role else {
-        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", auth::describe_uid(uid), control.technician_group, control.admin_group);
+        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", caller.who, control.technician_group, control.admin_group);
         let message = format!(
             "{} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
-            auth::describe_uid(uid),
-            control.technician_group,
-            control.admin_group
+            caller.who, control.technician_group, control.admin_group
         );
         return (Response::error(ErrorCode::Forbidden, message), false);
     };
     if role < request.required_role() {
         let message = format!(
             "{request:?} needs the admin role: root or a member of '{}'; {} is a technician",
-            control.admin_group,
-            auth::describe_uid(uid)
+            control.admin_group, caller.who
         );
         return (Response::error(ErrorCode::Forbidden, message), true);
     }
-    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", auth::describe_uid(uid));
+    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", caller.who);
     let response = match request {
         Request::Ping {} => Response::Pong,
         Request::Status {} => {
-            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid, role })))
+            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid: caller.uid, role })))
         }
         Request::Reload {} => reload(ctx).await,
     };
