@@ -185,7 +185,8 @@ pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: Shutdo
                         log::warn!(component = COMPONENT; "accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    (Err(_), _) => unreachable_semaphore_closed(),
+                    // The semaphore is never closed; a connection without a permit is dropped.
+                    (Err(_), _) => log::error!(component = COMPONENT; "connection semaphore closed"),
                 }
             }
         }
@@ -202,11 +203,6 @@ pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: Shutdo
     // Drain: idle connections close at once, requests in progress finish.
     while connections.join_next().await.is_some() {}
     result
-}
-
-/// The semaphore is never closed; kept as a function so the select arm stays total.
-fn unreachable_semaphore_closed() {
-    log::error!(component = COMPONENT; "connection semaphore closed unexpectedly");
 }
 
 enum Next {
