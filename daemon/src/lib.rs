@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the map of this crate.
 
+pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,0 +1,23 @@
+//! Audio in: codecs, containers, resampling and the PBX-facing protocols.
+//!
+//! Everything here is sans-IO except the adapters named as such: each input
+//! (AudioSocket, ALSA, spool) turns its wire or file format into per-leg PCM at
+//! its own rate, and `resample` brings it to [`PIPELINE_RATE`] for VAD and ASR.
+
+pub mod audiosocket;
+pub mod g711;
+pub mod resample;
+pub mod wav;
+
+use serde::{Deserialize, Serialize};
+
+/// The rate the speech pipeline (VAD, ASR front end) runs at.
+pub const PIPELINE_RATE: u32 = 16_000;
+
+/// Which side of a call a stream carries; they are analysed separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Leg {
+    Agent,
+    Customer,
+}

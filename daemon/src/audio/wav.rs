@@ -1,0 +1,256 @@
+//! WAV (RIFF/WAVE) reading for PBX call recordings: 16-bit PCM, µ-law and
+//! A-law, any channel count up to 2, rates from 8 to 48 kHz. Pure: bytes in,
+//! per-channel 16-bit samples out, or an error saying exactly what is wrong.
+
+use super::g711;
+
+/// Longest recording accepted, so a hostile or broken file cannot exhaust memory.
+pub const MAX_SECONDS: u32 = 4 * 3600;
+
+const FORMAT_PCM: u16 = 0x0001;
+const FORMAT_ALAW: u16 = 0x0006;
+const FORMAT_ULAW: u16 = 0x0007;
+const FORMAT_EXTENSIBLE: u16 = 0xfffe;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Pcm16,
+    Ulaw,
+    Alaw,
+}
+
+/// A decoded recording: one sample vector per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wav {
+    pub sample_rate: u32,
+    pub encoding: Encoding,
+    pub channels: Vec<Vec<i16>>,
+}
+
+impl Wav {
+    pub fn duration_secs(&self) -> f64 {
+        self.channels.first().map_or(0.0, |c| c.len() as f64 / f64::from(self.sample_rate))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WavError {
+    #[error("not a WAV file: no RIFF/WAVE header")]
+    NotWav,
+    #[error("truncated: {0}")]
+    Truncated(&'static str),
+    #[error("no fmt chunk before the data chunk")]
+    MissingFormat,
+    #[error("no data chunk")]
+    MissingData,
+    #[error(
+        "unsupported sample format {format:#06x} with {bits} bits (supported: 16-bit PCM, 8-bit µ-law, 8-bit A-law)"
+    )]
+    Unsupported { format: u16, bits: u16 },
+    #[error("{0} channels; recordings must be mono or stereo")]
+    Channels(u16),
+    #[error("sample rate {0} Hz is outside 8000-48000")]
+    SampleRate(u32),
+    #[error("longer than {MAX_SECONDS} s")]
+    TooLong,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+struct Format {
+    encoding: Encoding,
+    channels: u16,
+    sample_rate: u32,
+}
+
+fn parse_format(chunk: &[u8]) -> Result<Format, WavError> {
+    let short = WavError::Truncated("fmt chunk shorter than 16 bytes");
+    let mut format = u16_at(chunk, 0).ok_or(short.clone())?;
+    let channels = u16_at(chunk, 2).ok_or(short.clone())?;
+    let sample_rate = u32_at(chunk, 4).ok_or(short.clone())?;
+    let bits = u16_at(chunk, 14).ok_or(short)?;
+    if format == FORMAT_EXTENSIBLE {
+        // The sub-format GUID starts with the plain format code.
+        format = u16_at(chunk, 24).ok_or(WavError::Truncated("WAVE_FORMAT_EXTENSIBLE without sub-format"))?;
+    }
+    let encoding = match (format, bits) {
+        (FORMAT_PCM, 16) => Encoding::Pcm16,
+        (FORMAT_ULAW, 8) => Encoding::Ulaw,
+        (FORMAT_ALAW, 8) => Encoding::Alaw,
+        _ => return Err(WavError::Unsupported { format, bits }),
+    };
+    if !(1..=2).contains(&channels) {
+        return Err(WavError::Channels(channels));
+    }
+    if !(8000..=48_000).contains(&sample_rate) {
+        return Err(WavError::SampleRate(sample_rate));
+    }
+    Ok(Format { encoding, channels, sample_rate })
+}
+
+/// Parses a whole WAV file.
+pub fn parse(bytes: &[u8]) -> Result<Wav, WavError> {
+    if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+        return Err(WavError::NotWav);
+    }
+    let mut at = 12;
+    let mut format = None;
+    while at + 8 <= bytes.len() {
+        let id = &bytes[at..at + 4];
+        let declared = u32_at(bytes, at + 4).unwrap_or(0) as usize;
+        let body_start = at + 8;
+        if id == b"data" {
+            let fmt = format.ok_or(WavError::MissingFormat)?;
+            // 0xFFFFFFFF (or 0) is what streaming writers leave: the data runs to the end.
+            let len = if declared == u32::MAX as usize || declared == 0 { bytes.len() - body_start } else { declared };
+            let body = bytes
+                .get(body_start..body_start + len)
+                .ok_or(WavError::Truncated("data chunk runs past the end of the file"))?;
+            return decode(body, fmt);
+        }
+        let body = bytes
+            .get(body_start..body_start + declared)
+            .ok_or(WavError::Truncated("chunk runs past the end of the file"))?;
+        if id == b"fmt " {
+            format = Some(parse_format(body)?);
+        }
+        // Chunks are padded to even length.
+        at = body_start + declared + (declared & 1);
+    }
+    Err(if format.is_some() { WavError::MissingData } else { WavError::MissingFormat })
+}
+
+fn decode(body: &[u8], fmt: Format) -> Result<Wav, WavError> {
+    let channels = usize::from(fmt.channels);
+    let bytes_per_sample = if fmt.encoding == Encoding::Pcm16 { 2 } else { 1 };
+    let frame_bytes = channels * bytes_per_sample;
+    let frames = body.len() / frame_bytes;
+    if frames as u64 > u64::from(MAX_SECONDS) * u64::from(fmt.sample_rate) {
+        return Err(WavError::TooLong);
+    }
+    let interleaved: Vec<i16> = match fmt.encoding {
+        Encoding::Pcm16 => {
+            body[..frames * frame_bytes].chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()
+        }
+        Encoding::Ulaw => g711::decode_ulaw(&body[..frames * frame_bytes]),
+        Encoding::Alaw => g711::decode_alaw(&body[..frames * frame_bytes]),
+    };
+    let mut out = vec![Vec::with_capacity(frames); channels];
+    for frame in interleaved.chunks_exact(channels) {
+        for (channel, &sample) in out.iter_mut().zip(frame) {
+            channel.push(sample);
+        }
+    }
+    Ok(Wav { sample_rate: fmt.sample_rate, encoding: fmt.encoding, channels: out })
+}
+
+/// Writes 16-bit PCM WAV bytes (for tests and for tools that export audio).
+pub fn encode_pcm16(sample_rate: u32, channels: &[Vec<i16>]) -> Vec<u8> {
+    let n_channels = channels.len() as u16;
+    let frames = channels.first().map_or(0, Vec::len);
+    let data_len = (frames * channels.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data_len as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&FORMAT_PCM.to_le_bytes());
+    out.extend_from_slice(&n_channels.to_le_bytes());
+    out.extend_from_slice(&sample_rate.to_le_bytes());
+    out.extend_from_slice(&(sample_rate * u32::from(n_channels) * 2).to_le_bytes());
+    out.extend_from_slice(&(n_channels * 2).to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for i in 0..frames {
+        for channel in channels {
+            out.extend_from_slice(&channel[i].to_le_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHARED_ZH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech/zh/BAC009S0764W0121.wav");
+
+    #[test]
+    fn round_trips_stereo_pcm() {
+        let left: Vec<i16> = (0..800).map(|i| (i * 37 % 2000) as i16 - 1000).collect();
+        let right: Vec<i16> = left.iter().map(|s| -s).collect();
+        let wav = parse(&encode_pcm16(8000, &[left.clone(), right.clone()])).unwrap();
+        assert_eq!(wav.sample_rate, 8000);
+        assert_eq!(wav.encoding, Encoding::Pcm16);
+        assert_eq!(wav.channels, vec![left, right]);
+        assert!((wav.duration_secs() - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reads_a_real_recording() {
+        let wav = parse(&std::fs::read(SHARED_ZH).expect("../shared/data/speech")).unwrap();
+        assert_eq!(wav.sample_rate, 16_000);
+        assert_eq!(wav.channels.len(), 1);
+        assert!(wav.duration_secs() > 2.0, "{}", wav.duration_secs());
+        assert!(wav.channels[0].iter().any(|&s| s.unsigned_abs() > 1000), "silent?");
+    }
+
+    /// sox writes the telephone versions the README's CER script uses; read them all.
+    #[test]
+    fn reads_what_sox_writes_in_every_telephone_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = parse(&std::fs::read(SHARED_ZH).unwrap()).unwrap();
+        for (encoding, bits, expect) in
+            [("u-law", "8", Encoding::Ulaw), ("a-law", "8", Encoding::Alaw), ("signed", "16", Encoding::Pcm16)]
+        {
+            let out = dir.path().join(format!("{encoding}.wav"));
+            // -D: no dither, so sox writes the same samples to both channels.
+            let status = std::process::Command::new("sox")
+                .arg("-D")
+                .arg(SHARED_ZH)
+                .args(["-r", "8000", "-e", encoding, "-b", bits, "-c", "2"])
+                .arg(&out)
+                .status()
+                .expect("sox is needed for this test (apt-get install sox)");
+            assert!(status.success());
+            let wav = parse(&std::fs::read(&out).unwrap()).unwrap();
+            assert_eq!((wav.encoding, wav.sample_rate, wav.channels.len()), (expect, 8000, 2), "{encoding}");
+            assert!((wav.duration_secs() - reference.duration_secs()).abs() < 0.01, "{encoding}");
+            assert!(wav.channels[0] == wav.channels[1], "{encoding}: sox duplicates mono into both channels");
+        }
+    }
+
+    #[test]
+    fn corrupt_files_say_what_is_wrong() {
+        let good = encode_pcm16(8000, &[vec![1, 2, 3, 4]]);
+        assert_eq!(parse(b"RIFX....WAVE"), Err(WavError::NotWav));
+        assert_eq!(parse(&good[..20]), Err(WavError::Truncated("chunk runs past the end of the file")));
+        let mut short_data = good.clone();
+        short_data[40..44].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(parse(&short_data), Err(WavError::Truncated("data chunk runs past the end of the file")));
+        let mut float = good.clone();
+        float[20..22].copy_from_slice(&3u16.to_le_bytes());
+        assert!(matches!(parse(&float), Err(WavError::Unsupported { format: 3, bits: 16 })));
+        let mut six = good.clone();
+        six[22..24].copy_from_slice(&6u16.to_le_bytes());
+        assert_eq!(parse(&six), Err(WavError::Channels(6)));
+        let mut slow = good.clone();
+        slow[24..28].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(parse(&slow), Err(WavError::SampleRate(100)));
+        assert_eq!(parse(&good[..36]), Err(WavError::MissingData));
+    }
+
+    #[test]
+    fn streaming_writers_open_ended_data_runs_to_the_end() {
+        let mut open = encode_pcm16(8000, &[vec![5, 6, 7]]);
+        open[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse(&open).unwrap().channels, vec![vec![5, 6, 7]]);
+    }
+}
