@@ -227,6 +227,31 @@ fn render_status(r: &StatusReport) -> String {
     out += &format!("log level:  {} ({})\n", r.log_level, if r.log_to_journal { "journal" } else { "stderr" });
     let watchdog = r.watchdog_interval_ms.map(|ms| format!("ping every {ms} ms")).unwrap_or_else(|| "off".into());
     out += &format!("systemd:    notify {}, watchdog {watchdog}\n", if r.systemd_notify { "on" } else { "off" });
+    if !r.audiosocket_listeners.is_empty() {
+        out += &format!("audiosocket: {}\n", r.audiosocket_listeners.join(", "));
+    }
+    out += &format!(
+        "calls:      {} active, {} since start, {} refused\n",
+        r.calls.active.len(),
+        r.calls.total_started,
+        r.calls.total_refused
+    );
+    for call in &r.calls.active {
+        let legs: Vec<String> = call
+            .legs
+            .iter()
+            .map(|l| {
+                format!(
+                    "{:?} {}.{:03}s{}",
+                    l.leg,
+                    l.audio_ms / 1000,
+                    l.audio_ms % 1000,
+                    if l.open { "" } else { " (closed)" }
+                )
+            })
+            .collect();
+        out += &format!("  {}  {}\n", call.call, legs.join(", ").to_lowercase());
+    }
     out += "components:\n";
     for c in &r.components {
         out += &format!("  {:<10} {:<9} {} (since {})\n", c.name, c.state.as_str(), c.detail, c.since);

@@ -28,6 +28,8 @@ pub struct Config {
     pub log: LogConfig,
     pub control: ControlConfig,
     pub storage: StorageConfig,
+    pub calls: CallsConfig,
+    pub audiosocket: AudioSocketConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +123,53 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self { min_free_mb: 1024, check_interval_secs: 30 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Admission control: legs of further calls are refused (AudioSocket: hung up).
+    pub max_concurrent: usize,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self { max_concurrent: 32 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioSocketConfig {
+    /// TCP listeners for Asterisk's AudioSocket(); each carries one leg of calls,
+    /// and legs with the same call UUID are paired. Empty: AudioSocket is off.
+    pub listeners: Vec<AudioSocketListener>,
+    /// Source addresses allowed to connect (the PBX). Empty: any, with a warning.
+    pub allowed_peers: Vec<std::net::IpAddr>,
+    /// Largest frame payload accepted; a larger one closes that connection.
+    pub max_frame_bytes: usize,
+    /// A leg that sends no frame for this long is closed.
+    pub idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioSocketListener {
+    /// host:port to listen on, e.g. "0.0.0.0:9092" (port 0 picks a free one).
+    pub address: std::net::SocketAddr,
+    /// Which side of the call the streams on this listener carry.
+    pub leg: crate::audio::Leg,
+}
+
+impl Default for AudioSocketConfig {
+    fn default() -> Self {
+        Self {
+            listeners: vec![],
+            allowed_peers: vec![],
+            max_frame_bytes: crate::audio::audiosocket::DEFAULT_MAX_PAYLOAD,
+            idle_timeout_secs: 10,
+        }
     }
 }
 
@@ -369,6 +418,26 @@ impl Config {
             "control.request_timeout_secs",
             format!("must be between 1 and 300, got {}", c.request_timeout_secs),
         );
+        check(
+            (1..=1024).contains(&self.calls.max_concurrent),
+            "calls.max_concurrent",
+            format!("must be between 1 and 1024, got {}", self.calls.max_concurrent),
+        );
+        let a = &self.audiosocket;
+        check(
+            (320..=65_535).contains(&a.max_frame_bytes),
+            "audiosocket.max_frame_bytes",
+            format!("must be between 320 and 65535, got {}", a.max_frame_bytes),
+        );
+        check(
+            (1..=300).contains(&a.idle_timeout_secs),
+            "audiosocket.idle_timeout_secs",
+            format!("must be between 1 and 300, got {}", a.idle_timeout_secs),
+        );
+        for (i, l) in a.listeners.iter().enumerate() {
+            let clash = a.listeners[..i].iter().any(|o| o.address == l.address && l.address.port() != 0);
+            check(!clash, "audiosocket.listeners", format!("{} is listed twice", l.address));
+        }
         let s = &self.storage;
         check(
             (1..=3600).contains(&s.check_interval_secs),
@@ -397,6 +466,9 @@ impl Config {
         }
         if self.control.max_connections != new.control.max_connections {
             keys.push("control.max_connections");
+        }
+        if self.audiosocket.listeners != new.audiosocket.listeners {
+            keys.push("audiosocket.listeners");
         }
         keys
     }
@@ -614,6 +686,9 @@ device = \"hw:0\"
         every.daemon.data_dir = Some("/x".into());
         every.daemon.worker_threads = Some(1);
         every.control.socket = Some("/x".into());
+        every.audiosocket.listeners =
+            vec![AudioSocketListener { address: "127.0.0.1:9092".parse().unwrap(), leg: crate::audio::Leg::Customer }];
+        every.audiosocket.allowed_peers = vec!["127.0.0.1".parse().unwrap()];
         let every: toml::Table = toml::from_str(&toml::to_string(&every).unwrap()).unwrap();
         let mut wanted = Vec::new();
         leaf_paths(&every, "", &mut wanted);

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
+use crate::calls::CallRegistry;
 use crate::config::{self, LoadedConfig};
 use crate::control::protocol::ReloadReport;
 use crate::control::server::{self, ControlContext, ReloadReply, RunningConfig};
@@ -82,6 +83,13 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         log::error!(component = COMPONENT; "{e}");
         return exit::OS_ERROR;
     }
+    let audiosocket = match crate::inputs::audiosocket::bind(&cfg.audiosocket).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            log::error!(component = COMPONENT; "{e}");
+            return exit::OS_ERROR;
+        }
+    };
     let bound = match server::bind(&socket_path, &cfg.control.technician_group) {
         Ok(bound) => bound,
         Err(e) => {
@@ -102,6 +110,9 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(8);
     let health = HealthBoard::default();
     let (trigger, shutdown) = shutdown_channel();
+    let calls = CallRegistry::new(cfg.calls.max_concurrent);
+    let audiosocket_listeners: Vec<String> =
+        audiosocket.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
 
     let ctx = ControlContext {
         config: config_rx.clone(),
@@ -112,15 +123,25 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         socket_path: bound.path().to_owned(),
         watchdog_interval,
         systemd_notify: notifier.is_enabled(),
+        calls: calls.clone(),
+        audiosocket_listeners,
         reload_tx,
     };
-    let components = vec![
+    let mut components = vec![
         Component::new("control", server::serve(bound, ctx, shutdown.clone())),
-        Component::new("storage", storage::monitor(data_dir.clone(), config_rx, health.clone(), shutdown.clone())),
+        Component::new(
+            "storage",
+            storage::monitor(data_dir.clone(), config_rx.clone(), health.clone(), shutdown.clone()),
+        ),
     ];
+    if !audiosocket.is_empty() {
+        let serve =
+            crate::inputs::audiosocket::serve(audiosocket, config_rx, calls.clone(), health.clone(), shutdown.clone());
+        components.push(Component::new("audiosocket", serve));
+    }
 
     let mut hooks =
-        DaemonHooks { notifier, config_tx, pending: Vec::new(), config_path: loaded.source.path().to_owned() };
+        DaemonHooks { notifier, config_tx, calls, pending: Vec::new(), config_path: loaded.source.path().to_owned() };
     hooks.notify(&Notification::Ready);
     hooks.notify(&Notification::Status(format!(
         "running; control socket {}; data in {}",
@@ -138,6 +159,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
 struct DaemonHooks {
     notifier: Notifier,
     config_tx: watch::Sender<Arc<RunningConfig>>,
+    calls: CallRegistry,
     /// Clients waiting for the outcome of the next reload.
     pending: Vec<ReloadReply>,
     config_path: PathBuf,
@@ -166,6 +188,7 @@ impl SupervisorHooks for DaemonHooks {
                     current.config.restart_required_changes(&loaded.config).into_iter().map(String::from).collect();
                 let generation = current.generation + 1;
                 logging::set_config_level(loaded.config.log.level);
+                self.calls.set_max_calls(loaded.config.calls.max_concurrent);
                 log::info!(component = "supervisor"; "configuration reloaded from {} (generation {generation})", loaded.source);
                 if !restart_required.is_empty() {
                     log::warn!(component = "supervisor"; "changed keys take effect only after a restart: {}", restart_required.join(", "));

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md at the repository root for the map of this crate.
 
 pub mod audio;
+pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -10,6 +11,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod exit;
 pub mod health;
+pub mod inputs;
 pub mod logging;
 pub mod notify;
 pub mod paths;

@@ -117,6 +117,9 @@ pub struct StatusReport {
     pub control_socket: String,
     pub data_dir: String,
     pub components: Vec<ComponentHealth>,
+    /// Bound AudioSocket listeners, "address (leg)".
+    pub audiosocket_listeners: Vec<String>,
+    pub calls: crate::calls::CallsReport,
     pub caller: CallerInfo,
 }
 

@@ -79,6 +79,8 @@ pub struct ControlContext {
     pub socket_path: PathBuf,
     pub watchdog_interval: Option<Duration>,
     pub systemd_notify: bool,
+    pub calls: crate::calls::CallRegistry,
+    pub audiosocket_listeners: Vec<String>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
     pub reload_tx: mpsc::Sender<ReloadReply>,
 }
@@ -368,6 +370,8 @@ fn status_report(
         control_socket: ctx.socket_path.display().to_string(),
         data_dir: ctx.data_dir.display().to_string(),
         components: ctx.health.snapshot(),
+        audiosocket_listeners: ctx.audiosocket_listeners.clone(),
+        calls: ctx.calls.snapshot(),
         caller,
     }
 }

@@ -1,0 +1,369 @@
+//! Live calls: legs from any input paired into calls by call id, sans-IO.
+//!
+//! Inputs report leg events; the table decides admission (a cap on concurrent
+//! calls, one stream per leg), pairs legs, and says when a call starts and
+//! ends. It holds counters only, no audio: the speech pipeline attaches per
+//! leg beside it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audio::Leg;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEvent {
+    LegOpened {
+        call: String,
+        leg: Leg,
+        source: String,
+    },
+    /// Audio arrived: `samples` at `sample_rate` since the last report.
+    Audio {
+        call: String,
+        leg: Leg,
+        samples: u64,
+        sample_rate: u32,
+    },
+    Dtmf {
+        call: String,
+        leg: Leg,
+        digit: char,
+    },
+    LegClosed {
+        call: String,
+        leg: Leg,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    Refused(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallAction {
+    Started { call: String },
+    Ended { call: String, summary: CallSummary },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegSummary {
+    pub leg: Leg,
+    pub source: String,
+    pub open: bool,
+    pub audio_ms: u64,
+    pub dtmf: String,
+    pub closed_because: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallSummary {
+    pub call: String,
+    pub started_at_unix_ms: u64,
+    pub legs: Vec<LegSummary>,
+}
+
+#[derive(Debug)]
+struct LegState {
+    source: String,
+    open: bool,
+    /// Audio received, in microseconds (rates differ between legs).
+    audio_us: u64,
+    dtmf: String,
+    closed_because: Option<String>,
+}
+
+#[derive(Debug)]
+struct CallState {
+    started_at: SystemTime,
+    legs: BTreeMap<Leg, LegState>,
+}
+
+/// Longest DTMF history kept per leg.
+const MAX_DTMF: usize = 64;
+
+#[derive(Debug)]
+pub struct CallTable {
+    max_calls: usize,
+    calls: BTreeMap<String, CallState>,
+    pub total_started: u64,
+    pub total_refused: u64,
+}
+
+impl CallTable {
+    pub fn new(max_calls: usize) -> Self {
+        Self { max_calls, calls: BTreeMap::new(), total_started: 0, total_refused: 0 }
+    }
+
+    pub fn set_max_calls(&mut self, max_calls: usize) {
+        self.max_calls = max_calls;
+    }
+
+    pub fn active(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Whether a new leg may open: asked before `LegOpened`, so an input can
+    /// refuse (hang up) a stream the table will not take.
+    pub fn admit(&mut self, call: &str, leg: Leg) -> Admission {
+        let refusal = match self.calls.get(call) {
+            Some(state) if state.legs.get(&leg).is_some_and(|l| l.open) => {
+                Some(format!("call {call} already has an open {leg:?} leg"))
+            }
+            Some(_) => None,
+            None if self.calls.len() >= self.max_calls => {
+                Some(format!("at capacity: {} concurrent calls (calls.max_concurrent)", self.max_calls))
+            }
+            None => None,
+        };
+        match refusal {
+            Some(reason) => {
+                self.total_refused += 1;
+                Admission::Refused(reason)
+            }
+            None => Admission::Admitted,
+        }
+    }
+
+    pub fn handle(&mut self, event: CallEvent, now: SystemTime) -> Vec<CallAction> {
+        match event {
+            CallEvent::LegOpened { call, leg, source } => {
+                let mut actions = vec![];
+                let state = self.calls.entry(call.clone()).or_insert_with(|| {
+                    actions.push(CallAction::Started { call: call.clone() });
+                    CallState { started_at: now, legs: BTreeMap::new() }
+                });
+                if !actions.is_empty() {
+                    self.total_started += 1;
+                }
+                state.legs.insert(
+                    leg,
+                    LegState { source, open: true, audio_us: 0, dtmf: String::new(), closed_because: None },
+                );
+                actions
+            }
+            CallEvent::Audio { call, leg, samples, sample_rate } => {
+                if let Some(l) = self.leg_mut(&call, leg) {
+                    l.audio_us += samples * 1_000_000 / u64::from(sample_rate.max(1));
+                }
+                vec![]
+            }
+            CallEvent::Dtmf { call, leg, digit } => {
+                if let Some(l) = self.leg_mut(&call, leg) {
+                    if l.dtmf.len() < MAX_DTMF {
+                        l.dtmf.push(digit);
+                    }
+                }
+                vec![]
+            }
+            CallEvent::LegClosed { call, leg, reason } => {
+                if let Some(l) = self.leg_mut(&call, leg) {
+                    l.open = false;
+                    l.closed_because = Some(reason);
+                }
+                let all_closed = self.calls.get(&call).is_some_and(|c| c.legs.values().all(|l| !l.open));
+                match (all_closed, self.calls.get(&call)) {
+                    (true, Some(_)) => {
+                        let summary = self.summary(&call);
+                        self.calls.remove(&call);
+                        summary.map(|summary| vec![CallAction::Ended { call, summary }]).unwrap_or_default()
+                    }
+                    _ => vec![],
+                }
+            }
+        }
+    }
+
+    fn leg_mut(&mut self, call: &str, leg: Leg) -> Option<&mut LegState> {
+        self.calls.get_mut(call).and_then(|c| c.legs.get_mut(&leg))
+    }
+
+    pub fn summary(&self, call: &str) -> Option<CallSummary> {
+        let state = self.calls.get(call)?;
+        Some(CallSummary {
+            call: call.to_owned(),
+            started_at_unix_ms: state
+                .started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_millis() as u64,
+            legs: state
+                .legs
+                .iter()
+                .map(|(leg, l)| LegSummary {
+                    leg: *leg,
+                    source: l.source.clone(),
+                    open: l.open,
+                    audio_ms: l.audio_us / 1000,
+                    dtmf: l.dtmf.clone(),
+                    closed_because: l.closed_because.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<CallSummary> {
+        self.calls.keys().filter_map(|c| self.summary(c)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(call: &str, leg: Leg) -> CallEvent {
+        CallEvent::LegOpened { call: call.into(), leg, source: "test".into() }
+    }
+
+    fn closed(call: &str, leg: Leg) -> CallEvent {
+        CallEvent::LegClosed { call: call.into(), leg, reason: "hangup".into() }
+    }
+
+    #[test]
+    fn two_legs_pair_into_one_call_that_ends_when_both_close() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut t = CallTable::new(8);
+        assert_eq!(t.handle(opened("c1", Leg::Customer), now), vec![CallAction::Started { call: "c1".into() }]);
+        assert_eq!(t.handle(opened("c1", Leg::Agent), now), vec![]);
+        t.handle(CallEvent::Audio { call: "c1".into(), leg: Leg::Customer, samples: 16_000, sample_rate: 8000 }, now);
+        t.handle(CallEvent::Dtmf { call: "c1".into(), leg: Leg::Customer, digit: '7' }, now);
+        assert_eq!(t.handle(closed("c1", Leg::Customer), now), vec![]);
+        assert_eq!(t.active(), 1);
+        let ended = t.handle(closed("c1", Leg::Agent), now);
+        let [CallAction::Ended { summary, .. }] = ended.as_slice() else { panic!("{ended:?}") };
+        let customer = summary.legs.iter().find(|l| l.leg == Leg::Customer).unwrap();
+        assert_eq!((customer.audio_ms, customer.dtmf.as_str()), (2000, "7"));
+        assert_eq!(summary.started_at_unix_ms, 1_000_000);
+        assert_eq!(t.active(), 0);
+        assert_eq!(t.total_started, 1);
+    }
+
+    #[test]
+    fn admission_caps_concurrent_calls_and_duplicate_legs() {
+        let now = SystemTime::now();
+        let mut t = CallTable::new(1);
+        assert_eq!(t.admit("a", Leg::Customer), Admission::Admitted);
+        t.handle(opened("a", Leg::Customer), now);
+        assert!(matches!(t.admit("a", Leg::Customer), Admission::Refused(r) if r.contains("already has an open")));
+        assert_eq!(t.admit("a", Leg::Agent), Admission::Admitted, "the other leg of an admitted call is welcome");
+        assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(r) if r.contains("at capacity")));
+        assert_eq!(t.total_refused, 2);
+        t.handle(closed("a", Leg::Customer), now);
+        assert_eq!(t.admit("b", Leg::Customer), Admission::Admitted);
+    }
+
+    #[test]
+    fn events_for_unknown_calls_are_ignored() {
+        let mut t = CallTable::new(4);
+        let now = SystemTime::now();
+        assert!(t.handle(closed("ghost", Leg::Agent), now).is_empty());
+        assert!(t
+            .handle(CallEvent::Audio { call: "ghost".into(), leg: Leg::Agent, samples: 1, sample_rate: 8000 }, now)
+            .is_empty());
+        assert_eq!(t.active(), 0);
+    }
+}
+
+/// The live call table shared by inputs (which open legs) and status (which
+/// reads it). Short critical sections only; no IO under the lock.
+#[derive(Clone)]
+pub struct CallRegistry(std::sync::Arc<std::sync::Mutex<CallTable>>);
+
+/// An open leg. Dropping it closes the leg, so a connection task that ends in
+/// any way (error, panic, shutdown) cannot leave a call open.
+pub struct LegGuard {
+    registry: CallRegistry,
+    call: String,
+    leg: Leg,
+    reason: Option<String>,
+}
+
+impl CallRegistry {
+    pub fn new(max_calls: usize) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(CallTable::new(max_calls))))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut CallTable) -> R) -> R {
+        // A panic while holding the lock leaves only counters behind: keep going.
+        let mut table = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut table)
+    }
+
+    pub fn set_max_calls(&self, max_calls: usize) {
+        self.with(|t| t.set_max_calls(max_calls));
+    }
+
+    /// Admits and opens a leg in one step, or says why not.
+    pub fn open(&self, call: &str, leg: Leg, source: &str) -> Result<LegGuard, String> {
+        let actions = self.with(|t| match t.admit(call, leg) {
+            Admission::Refused(reason) => Err(reason),
+            Admission::Admitted => Ok(t.handle(
+                CallEvent::LegOpened { call: call.to_owned(), leg, source: source.to_owned() },
+                SystemTime::now(),
+            )),
+        })?;
+        log_actions(&actions);
+        log::info!(component = "calls", call_id = call; "{leg:?} leg opened from {source}");
+        Ok(LegGuard { registry: self.clone(), call: call.to_owned(), leg, reason: None })
+    }
+
+    pub fn snapshot(&self) -> CallsReport {
+        self.with(|t| CallsReport {
+            active: t.snapshot(),
+            total_started: t.total_started,
+            total_refused: t.total_refused,
+        })
+    }
+}
+
+fn log_actions(actions: &[CallAction]) {
+    for action in actions {
+        match action {
+            CallAction::Started { call } => log::info!(component = "calls", call_id = call.as_str(); "call started"),
+            CallAction::Ended { call, summary } => {
+                let legs: Vec<String> =
+                    summary.legs.iter().map(|l| format!("{:?} {} ms", l.leg, l.audio_ms).to_lowercase()).collect();
+                log::info!(component = "calls", call_id = call.as_str(); "call ended ({})", legs.join(", "));
+            }
+        }
+    }
+}
+
+impl LegGuard {
+    pub fn audio(&self, samples: u64, sample_rate: u32) {
+        let event = CallEvent::Audio { call: self.call.clone(), leg: self.leg, samples, sample_rate };
+        self.registry.with(|t| t.handle(event, SystemTime::now()));
+    }
+
+    pub fn dtmf(&self, digit: char) {
+        let event = CallEvent::Dtmf { call: self.call.clone(), leg: self.leg, digit };
+        self.registry.with(|t| t.handle(event, SystemTime::now()));
+    }
+
+    /// Records why the leg ends; applied when the guard drops.
+    pub fn close(mut self, reason: impl Into<String>) {
+        self.reason = Some(reason.into());
+    }
+}
+
+impl Drop for LegGuard {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or_else(|| "input task ended".into());
+        log::info!(component = "calls", call_id = self.call.as_str(); "{:?} leg closed: {reason}", self.leg);
+        let event = CallEvent::LegClosed { call: self.call.clone(), leg: self.leg, reason };
+        let actions = self.registry.with(|t| t.handle(event, SystemTime::now()));
+        log_actions(&actions);
+    }
+}
+
+/// Live calls for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CallsReport {
+    pub active: Vec<CallSummary>,
+    pub total_started: u64,
+    pub total_refused: u64,
+}

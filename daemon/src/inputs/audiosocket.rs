@@ -1,0 +1,202 @@
+//! AudioSocket over TCP: one connection per call leg, from Asterisk's
+//! `AudioSocket(uuid,host:port)`. Framing is `audio::audiosocket`'s; this is
+//! the socket side. A bad connection is closed with its reason logged and
+//! never affects another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::audio::audiosocket::{encode, format_uuid, Frame, FrameDecoder};
+use crate::audio::Leg;
+use crate::calls::CallRegistry;
+use crate::control::protocol::HealthState;
+use crate::control::server::RunningConfig;
+use crate::health::{HealthBoard, ShutdownSignal};
+
+const COMPONENT: &str = "audiosocket";
+/// Open connections, whatever state they are in; beyond this new ones wait.
+const MAX_CONNECTIONS: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AudioSocketError {
+    #[error("cannot listen for AudioSocket on {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+}
+
+/// A bound listener and the leg its streams carry.
+pub struct BoundListener {
+    listener: TcpListener,
+    pub address: SocketAddr,
+    pub leg: Leg,
+}
+
+/// Binds every configured listener (at start-up, so a taken port fails the start).
+pub async fn bind(config: &crate::config::AudioSocketConfig) -> Result<Vec<BoundListener>, AudioSocketError> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.address)
+            .await
+            .map_err(|source| AudioSocketError::Bind { address: l.address, source })?;
+        let address = listener.local_addr().map_err(|source| AudioSocketError::Bind { address: l.address, source })?;
+        out.push(BoundListener { listener, address, leg: l.leg });
+    }
+    Ok(out)
+}
+
+/// Serves every listener until shutdown, then closes all streams.
+pub async fn serve(
+    listeners: Vec<BoundListener>,
+    config: watch::Receiver<Arc<RunningConfig>>,
+    calls: CallRegistry,
+    health: HealthBoard,
+    mut shutdown: ShutdownSignal,
+) -> Result<(), AudioSocketError> {
+    let described: Vec<String> =
+        listeners.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
+    health.set(COMPONENT, HealthState::Ok, format!("listening on {}", described.join(", ")));
+    if config.borrow().config.audiosocket.allowed_peers.is_empty() {
+        log::warn!(component = COMPONENT; "audiosocket.allowed_peers is empty: any host may stream audio in");
+    }
+    log::info!(component = COMPONENT; "listening on {}", described.join(", "));
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_loops = JoinSet::new();
+    for l in listeners {
+        let (config, calls, shutdown, permits) = (config.clone(), calls.clone(), shutdown.clone(), permits.clone());
+        accept_loops.spawn(accept_loop(l, config, calls, shutdown, permits));
+    }
+    shutdown.wait().await;
+    // Each loop stops accepting and closes its streams; wait for them all.
+    while accept_loops.join_next().await.is_some() {}
+    health.set(COMPONENT, HealthState::Stopped, "not accepting streams");
+    Ok(())
+}
+
+async fn accept_loop(
+    bound: BoundListener,
+    config: watch::Receiver<Arc<RunningConfig>>,
+    calls: CallRegistry,
+    mut shutdown: ShutdownSignal,
+    permits: Arc<tokio::sync::Semaphore>,
+) {
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            accepted = async {
+                let permit = permits.clone().acquire_owned().await;
+                (permit, bound.listener.accept().await)
+            } => match accepted {
+                (Ok(permit), Ok((stream, peer))) => {
+                    let settings = config.borrow().config.audiosocket.clone();
+                    if !settings.allowed_peers.is_empty() && !settings.allowed_peers.contains(&peer.ip()) {
+                        log::warn!(component = COMPONENT; "refused AudioSocket connection from {peer}: not in audiosocket.allowed_peers");
+                        continue;
+                    }
+                    let (calls, shutdown) = (calls.clone(), shutdown.clone());
+                    let leg = bound.leg;
+                    streams.spawn(async move {
+                        handle_stream(stream, peer, leg, settings, calls, shutdown).await;
+                        drop(permit);
+                    });
+                }
+                (_, Err(e)) => {
+                    log::warn!(component = COMPONENT; "accept on {} failed: {e}", bound.address);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (Err(_), _) => log::error!(component = COMPONENT; "connection semaphore closed"),
+            }
+        }
+    }
+    drop(bound.listener);
+    while streams.join_next().await.is_some() {}
+}
+
+/// Why a stream ended: for the log and the leg's summary.
+enum End {
+    /// A normal end: hangup, close, shutdown.
+    Reason(String),
+    /// The peer broke the protocol or went silent: logged as a warning.
+    Fault(String),
+    Refused(String),
+}
+
+async fn handle_stream(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    leg: Leg,
+    settings: crate::config::AudioSocketConfig,
+    calls: CallRegistry,
+    mut shutdown: ShutdownSignal,
+) {
+    let idle = Duration::from_secs(settings.idle_timeout_secs);
+    let mut decoder = FrameDecoder::new(settings.max_frame_bytes);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut guard = None;
+    let end = loop {
+        // Take every whole frame already received before reading more.
+        let frame = match decoder.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                let read = tokio::select! {
+                    _ = shutdown.wait() => break End::Reason("callbox is shutting down".into()),
+                    read = tokio::time::timeout(idle, stream.read(&mut buf)) => read,
+                };
+                match read {
+                    Err(_) => break End::Fault(format!("no frame for {} s", idle.as_secs())),
+                    Ok(Err(e)) => break End::Fault(format!("read error: {e}")),
+                    Ok(Ok(0)) if decoder.pending() > 0 => {
+                        break End::Fault(format!(
+                            "connection closed in the middle of a frame ({} bytes)",
+                            decoder.pending()
+                        ))
+                    }
+                    Ok(Ok(0)) => break End::Reason("connection closed".into()),
+                    Ok(Ok(n)) => {
+                        decoder.push(&buf[..n]);
+                        continue;
+                    }
+                }
+            }
+            Err(e) => break End::Fault(format!("malformed frame: {e}")),
+        };
+        match (frame, &guard) {
+            (Frame::Uuid(id), None) => {
+                let call = format_uuid(&id);
+                match calls.open(&call, leg, &peer.to_string()) {
+                    Ok(g) => guard = Some(g),
+                    Err(reason) => break End::Refused(format!("call {call} refused: {reason}")),
+                }
+            }
+            (Frame::Uuid(_), Some(_)) => break End::Fault("a second UUID frame on one stream".into()),
+            (_, None) => break End::Fault("the first frame was not the call UUID".into()),
+            (Frame::Audio { sample_rate, samples }, Some(g)) => g.audio(samples.len() as u64, sample_rate),
+            (Frame::Dtmf(digit), Some(g)) => g.dtmf(digit),
+            (Frame::Hangup, Some(_)) => break End::Reason("hangup".into()),
+            (Frame::Error(code), Some(_)) => break End::Fault(format!("Asterisk reported error {code:02x?}")),
+        }
+    };
+    match end {
+        End::Refused(reason) => {
+            log::warn!(component = COMPONENT; "{peer}: {reason}");
+            // Tell Asterisk to end this AudioSocket rather than stream into the void.
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&encode(&Frame::Hangup))).await;
+        }
+        End::Reason(reason) => match guard {
+            Some(g) => g.close(reason),
+            None => log::info!(component = COMPONENT; "{peer}: stream closed before a call was opened: {reason}"),
+        },
+        End::Fault(reason) => {
+            log::warn!(component = COMPONENT; "{peer}: closing {leg:?} stream: {reason}");
+            if let Some(g) = guard {
+                g.close(reason);
+            }
+        }
+    }
+}

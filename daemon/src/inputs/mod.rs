@@ -1,0 +1,3 @@
+//! IO adapters that bring call audio in. Each is a supervised component.
+
+pub mod audiosocket;

@@ -1,0 +1,221 @@
+//! AudioSocket streams from a stand-in PBX over real TCP into the daemon.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::{wait_until, TestDaemon};
+
+const WAIT: Duration = Duration::from_secs(20);
+const CALL: [u8; 16] = [0xa1, 0xb2, 0xc3, 0xd4, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 0x42];
+const CALL_TEXT: &str = "a1b2c3d4-0001-4002-8003-000000000042";
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// 20 ms of 8 kHz audio, as Asterisk sends it.
+fn audio_frame() -> Vec<u8> {
+    let samples: Vec<u8> = (0..160i16).flat_map(|i| (i * 50).to_le_bytes()).collect();
+    frame(0x10, &samples)
+}
+
+fn uuid_frame(id: &[u8; 16]) -> Vec<u8> {
+    frame(0x01, id)
+}
+
+/// Starts a daemon with a customer and an agent listener on free ports.
+fn daemon(extra: &str) -> (TestDaemon, String, String) {
+    let settings = format!(
+        "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}, {{ address = \"127.0.0.1:0\", leg = \"agent\" }}]\n{extra}"
+    );
+    let d = TestDaemon::start(&settings, &[]);
+    let status = d.status_json();
+    let listeners: Vec<String> =
+        status["audiosocket_listeners"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_owned()).collect();
+    let addr = |leg: &str| {
+        listeners.iter().find(|l| l.ends_with(&format!("({leg})"))).unwrap().split(' ').next().unwrap().to_owned()
+    };
+    let (customer, agent) = (addr("customer"), addr("agent"));
+    (d, customer, agent)
+}
+
+fn active_calls(d: &TestDaemon) -> Vec<serde_json::Value> {
+    d.status_json()["calls"]["active"].as_array().unwrap().clone()
+}
+
+fn leg_of<'a>(call: &'a serde_json::Value, leg: &str) -> &'a serde_json::Value {
+    call["legs"].as_array().unwrap().iter().find(|l| l["leg"] == leg).unwrap()
+}
+
+/// Whether the daemon closed the connection (EOF) within the wait.
+fn closed_by_daemon(stream: &mut TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn two_legs_pair_into_a_call_with_frames_split_and_batched() {
+    let (d, customer_addr, agent_addr) = daemon("");
+    let mut customer = TcpStream::connect(&customer_addr).unwrap();
+    // UUID and one second of audio, written in awkward pieces: a frame split
+    // across writes and many frames in one write.
+    let mut bytes = uuid_frame(&CALL);
+    for _ in 0..50 {
+        bytes.extend(audio_frame());
+    }
+    bytes.extend(frame(0x03, b"5"));
+    for piece in bytes.chunks(333) {
+        customer.write_all(piece).unwrap();
+        customer.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut agent = TcpStream::connect(&agent_addr).unwrap();
+    agent.write_all(&uuid_frame(&CALL)).unwrap();
+    agent.write_all(&[audio_frame(), audio_frame()].concat()).unwrap();
+
+    assert!(
+        wait_until(WAIT, || {
+            let calls = active_calls(&d);
+            calls.len() == 1
+                && calls[0]["legs"].as_array().unwrap().len() == 2
+                && leg_of(&calls[0], "customer")["audio_ms"] == 1000
+        }),
+        "{:#}",
+        d.status_json()["calls"]
+    );
+    let call = &active_calls(&d)[0];
+    assert_eq!(call["call"], CALL_TEXT);
+    assert_eq!(leg_of(call, "customer")["dtmf"], "5");
+    assert_eq!(leg_of(call, "agent")["audio_ms"], 40);
+
+    // Hangup from the customer side, the agent simply disconnects: the call ends.
+    customer.write_all(&frame(0x00, &[])).unwrap();
+    drop(agent);
+    assert!(wait_until(WAIT, || active_calls(&d).is_empty()));
+    let calls = &d.status_json()["calls"];
+    assert_eq!(calls["total_started"], 1);
+    let log = d.log_text();
+    assert!(
+        log.contains("Customer leg closed: hangup") && log.contains("Agent leg closed: connection closed"),
+        "{log}"
+    );
+    assert!(log.contains("call ended (agent 40 ms, customer 1000 ms)"), "{log}");
+}
+
+#[test]
+fn malformed_streams_are_closed_with_a_reason_and_harm_no_other_call() {
+    let (d, customer_addr, _) = daemon("audiosocket.max_frame_bytes = 640");
+    let mut healthy = TcpStream::connect(&customer_addr).unwrap();
+    healthy.write_all(&[uuid_frame(&CALL), audio_frame()].concat()).unwrap();
+
+    let mut other = [0u8; 16];
+    for (i, (bad, reason)) in [
+        (frame(0x42, b"??"), "unknown frame kind 0x42"),
+        (vec![0x10, 0x10, 0x00], "declares 4096 bytes; the limit is 640"),
+        (frame(0x10, &[1, 2, 3]), "odd byte count"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        other[15] = i as u8;
+        let mut s = TcpStream::connect(&customer_addr).unwrap();
+        s.write_all(&[uuid_frame(&other), bad].concat()).unwrap();
+        closed_by_daemon(&mut s);
+        assert!(wait_until(WAIT, || d.log_text().contains(reason)), "no '{reason}' in log:\n{}", d.log_text());
+    }
+    // Audio before the UUID, and an abrupt close in the middle of a frame.
+    let mut s = TcpStream::connect(&customer_addr).unwrap();
+    s.write_all(&audio_frame()).unwrap();
+    closed_by_daemon(&mut s);
+    let mut s = TcpStream::connect(&customer_addr).unwrap();
+    other[15] = 9;
+    s.write_all(&[uuid_frame(&other), audio_frame()[..100].to_vec()].concat()).unwrap();
+    drop(s);
+    assert!(
+        wait_until(WAIT, || {
+            let log = d.log_text();
+            log.contains("the first frame was not the call UUID")
+                && log.contains("closed in the middle of a frame (100 bytes)")
+        }),
+        "{}",
+        d.log_text()
+    );
+
+    // The healthy stream is still going.
+    healthy.write_all(&audio_frame()).unwrap();
+    assert!(
+        wait_until(WAIT, || {
+            let calls = active_calls(&d);
+            calls.len() == 1 && calls[0]["call"] == CALL_TEXT && leg_of(&calls[0], "customer")["audio_ms"] == 40
+        }),
+        "{:#}",
+        d.status_json()["calls"]
+    );
+    assert_eq!(d.status_json()["state"], "running");
+}
+
+#[test]
+fn admission_control_hangs_up_calls_beyond_capacity() {
+    let (d, customer_addr, agent_addr) = daemon("calls.max_concurrent = 1");
+    let mut first = TcpStream::connect(&customer_addr).unwrap();
+    first.write_all(&uuid_frame(&CALL)).unwrap();
+    assert!(wait_until(WAIT, || active_calls(&d).len() == 1));
+    // The other leg of the admitted call is welcome...
+    let mut agent = TcpStream::connect(&agent_addr).unwrap();
+    agent.write_all(&uuid_frame(&CALL)).unwrap();
+    // ...a second call is not: the daemon answers with a hangup frame and closes.
+    let mut second = TcpStream::connect(&customer_addr).unwrap();
+    let mut id = CALL;
+    id[0] = 0xff;
+    second.write_all(&uuid_frame(&id)).unwrap();
+    assert_eq!(closed_by_daemon(&mut second), vec![0, 0, 0]);
+    assert!(wait_until(WAIT, || d.status_json()["calls"]["total_refused"] == 1));
+    let calls = active_calls(&d);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["legs"].as_array().unwrap().len(), 2);
+    drop(first);
+    drop(agent);
+}
+
+#[test]
+fn silent_streams_time_out_and_unknown_peers_are_refused() {
+    let (d, customer_addr, _) = daemon("audiosocket.idle_timeout_secs = 1");
+    let mut silent = TcpStream::connect(&customer_addr).unwrap();
+    silent.write_all(&uuid_frame(&CALL)).unwrap();
+    assert!(wait_until(WAIT, || active_calls(&d).len() == 1));
+    closed_by_daemon(&mut silent);
+    assert!(wait_until(WAIT, || active_calls(&d).is_empty()));
+    assert!(d.log_text().contains("no frame for 1 s"));
+
+    let (d, customer_addr, _) = daemon("audiosocket.allowed_peers = [\"192.0.2.10\"]");
+    let mut stranger = TcpStream::connect(&customer_addr).unwrap();
+    let _ = stranger.write_all(&uuid_frame(&CALL));
+    closed_by_daemon(&mut stranger);
+    assert!(wait_until(WAIT, || d.log_text().contains("not in audiosocket.allowed_peers")));
+    assert!(active_calls(&d).is_empty());
+}
+
+#[test]
+fn a_taken_port_fails_the_start_with_exit_71() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let settings = format!("audiosocket.listeners = [{{ address = \"127.0.0.1:{port}\", leg = \"customer\" }}]");
+    std::fs::write(&config, TestDaemon::config_text(dir.path(), &settings)).unwrap();
+    let log = dir.path().join("log");
+    let mut child = TestDaemon::spawn(&config, &log, &[]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(71));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains(&format!("cannot listen for AudioSocket on 127.0.0.1:{port}")));
+}
