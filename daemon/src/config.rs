@@ -30,6 +30,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub calls: CallsConfig,
     pub audiosocket: AudioSocketConfig,
+    pub spool: SpoolConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,6 +170,33 @@ impl Default for AudioSocketConfig {
             allowed_peers: vec![],
             max_frame_bytes: crate::audio::audiosocket::DEFAULT_MAX_PAYLOAD,
             idle_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Folder the PBX drops finished recordings into (rename into place). Unset: off.
+    pub dir: Option<PathBuf>,
+    /// Which leg the left channel of a stereo recording carries (the right is the other).
+    pub left_channel: crate::audio::Leg,
+    /// Which leg a mono recording carries.
+    pub mono_leg: crate::audio::Leg,
+    /// How often the folder is looked at, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Larger recordings go to failed/.
+    pub max_file_mb: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            left_channel: crate::audio::Leg::Agent,
+            mono_leg: crate::audio::Leg::Customer,
+            poll_interval_ms: 1000,
+            max_file_mb: 512,
         }
     }
 }
@@ -438,6 +466,20 @@ impl Config {
             let clash = a.listeners[..i].iter().any(|o| o.address == l.address && l.address.port() != 0);
             check(!clash, "audiosocket.listeners", format!("{} is listed twice", l.address));
         }
+        let sp = &self.spool;
+        if let Some(dir) = &sp.dir {
+            check(dir.is_absolute(), "spool.dir", format!("must be an absolute path, got {:?}", dir));
+        }
+        check(
+            (100..=60_000).contains(&sp.poll_interval_ms),
+            "spool.poll_interval_ms",
+            format!("must be between 100 and 60000, got {}", sp.poll_interval_ms),
+        );
+        check(
+            (1..=4096).contains(&sp.max_file_mb),
+            "spool.max_file_mb",
+            format!("must be between 1 and 4096, got {}", sp.max_file_mb),
+        );
         let s = &self.storage;
         check(
             (1..=3600).contains(&s.check_interval_secs),
@@ -469,6 +511,9 @@ impl Config {
         }
         if self.audiosocket.listeners != new.audiosocket.listeners {
             keys.push("audiosocket.listeners");
+        }
+        if self.spool.dir != new.spool.dir {
+            keys.push("spool.dir");
         }
         keys
     }
@@ -689,6 +734,7 @@ device = \"hw:0\"
         every.audiosocket.listeners =
             vec![AudioSocketListener { address: "127.0.0.1:9092".parse().unwrap(), leg: crate::audio::Leg::Customer }];
         every.audiosocket.allowed_peers = vec!["127.0.0.1".parse().unwrap()];
+        every.spool.dir = Some("/x".into());
         let every: toml::Table = toml::from_str(&toml::to_string(&every).unwrap()).unwrap();
         let mut wanted = Vec::new();
         leaf_paths(&every, "", &mut wanted);

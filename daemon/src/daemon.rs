@@ -90,6 +90,12 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             return exit::OS_ERROR;
         }
     };
+    if let Some(spool) = &cfg.spool.dir {
+        if let Err(e) = crate::inputs::spool::prepare(spool) {
+            log::error!(component = COMPONENT; "{e}");
+            return exit::OS_ERROR;
+        }
+    }
     let bound = match server::bind(&socket_path, &cfg.control.technician_group) {
         Ok(bound) => bound,
         Err(e) => {
@@ -135,9 +141,18 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         ),
     ];
     if !audiosocket.is_empty() {
-        let serve =
-            crate::inputs::audiosocket::serve(audiosocket, config_rx, calls.clone(), health.clone(), shutdown.clone());
+        let serve = crate::inputs::audiosocket::serve(
+            audiosocket,
+            config_rx.clone(),
+            calls.clone(),
+            health.clone(),
+            shutdown.clone(),
+        );
         components.push(Component::new("audiosocket", serve));
+    }
+    if let Some(spool) = cfg.spool.dir.clone() {
+        let watch = crate::inputs::spool::watch(spool, config_rx, calls.clone(), health.clone(), shutdown.clone());
+        components.push(Component::new("spool", watch));
     }
 
     let mut hooks =

@@ -1,0 +1,117 @@
+//! The spool folder with real recordings: pickup, done/, failed/, postponement.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{wait_until, TestDaemon};
+
+const WAIT: Duration = Duration::from_secs(30);
+const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech/zh/BAC009S0764W0121.wav");
+
+fn spool_daemon(extra: &str) -> (TestDaemon, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100\n{extra}", spool.display());
+    let d = TestDaemon::start_in(dir, &settings, &[]);
+    (d, spool)
+}
+
+/// A stereo 8 kHz µ-law telephone recording, as a PBX writes one.
+fn phone_recording(out: &Path) {
+    let status = std::process::Command::new("sox")
+        .args(["-D", CLIP, "-r", "8000", "-e", "u-law", "-b", "8", "-c", "2", "-t", "wav"])
+        .arg(out)
+        .status()
+        .expect("sox is needed for this test (apt-get install sox)");
+    assert!(status.success());
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_complete_recording_is_processed_and_filed_with_its_sidecar() {
+    let (d, spool) = spool_daemon("");
+    // Written under a temporary name: must not be touched while incomplete.
+    let partial = spool.join(".call-1.wav.part");
+    phone_recording(&partial);
+    std::fs::write(
+        spool.join("call-1.json"),
+        r#"{"caller_number":"13800000000","agent_id":"a-7","campaign":"autumn"}"#,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(partial.exists(), "an incomplete file was picked up");
+    assert!(std::fs::read_dir(spool.join("done")).unwrap().next().is_none());
+
+    std::fs::rename(&partial, spool.join("call-1.wav")).unwrap();
+    let result = spool.join("done/call-1.result.json");
+    assert!(wait_until(WAIT, || result.exists()), "log:\n{}", d.log_text());
+    assert!(spool.join("done/call-1.wav").exists() && spool.join("done/call-1.json").exists());
+    assert!(!spool.join("call-1.wav").exists());
+
+    let r = read_json(&result);
+    assert_eq!(r["sample_rate"], 8000);
+    assert_eq!(r["encoding"], "ulaw");
+    assert_eq!(r["metadata"]["agent_id"], "a-7");
+    let duration = r["duration_ms"].as_u64().unwrap();
+    assert!((4000..6000).contains(&duration), "{duration}");
+    let legs = r["call"]["legs"].as_array().unwrap();
+    assert_eq!(legs.len(), 2, "{r:#}");
+    assert!(legs.iter().all(|l| l["audio_ms"].as_u64().unwrap().abs_diff(duration) <= 1), "{r:#}");
+    assert_eq!(d.status_json()["calls"]["total_started"], 1);
+}
+
+#[test]
+fn corrupt_recordings_go_to_failed_with_a_reason_and_the_daemon_goes_on() {
+    let (d, spool) = spool_daemon("");
+    std::fs::write(spool.join("garbage.wav"), b"RIFF\x10\x00\x00\x00WAVEjunkjunk").unwrap();
+    std::fs::write(spool.join("text.wav"), b"this is not audio at all").unwrap();
+    std::fs::copy(CLIP, spool.join("bad-sidecar.wav")).unwrap();
+    std::fs::write(spool.join("bad-sidecar.json"), r#"{"agent":"unknown key"}"#).unwrap();
+    let reason = |name: &str| std::fs::read_to_string(spool.join("failed").join(format!("{name}.reason.txt"))).ok();
+    assert!(
+        wait_until(WAIT, || ["garbage", "text", "bad-sidecar"].iter().all(|n| reason(n).is_some())),
+        "log:\n{}",
+        d.log_text()
+    );
+    assert!(reason("garbage").unwrap().contains("truncated"), "{:?}", reason("garbage"));
+    assert!(reason("text").unwrap().contains("no RIFF/WAVE header"));
+    assert!(reason("bad-sidecar").unwrap().contains("unknown field `agent`"));
+    assert!(spool.join("failed/bad-sidecar.json").exists(), "the sidecar travels with its recording");
+
+    // Still working: a good file afterwards is processed.
+    std::fs::copy(CLIP, spool.join("good.wav")).unwrap();
+    assert!(wait_until(WAIT, || spool.join("done/good.result.json").exists()));
+    assert_eq!(d.status_json()["state"], "running");
+}
+
+#[test]
+fn a_recording_that_arrives_at_capacity_waits_for_a_free_slot() {
+    // The only call slot is held by a live AudioSocket stream.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let settings = format!(
+        "spool.dir = \"{}\"\nspool.poll_interval_ms = 100\ncalls.max_concurrent = 1\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]",
+        spool.display()
+    );
+    let d = TestDaemon::start_in(dir, &settings, &[]);
+    let addr = d.status_json()["audiosocket_listeners"][0].as_str().unwrap().split(' ').next().unwrap().to_owned();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::Write;
+    stream.write_all(&[0x01, 0, 16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).unwrap();
+    assert!(wait_until(WAIT, || d.status_json()["calls"]["active"].as_array().unwrap().len() == 1));
+
+    std::fs::copy(CLIP, spool.join("waiting.wav")).unwrap();
+    assert!(
+        wait_until(WAIT, || d.log_text().contains("waiting.wav: postponed: at capacity")),
+        "log:\n{}",
+        d.log_text()
+    );
+    assert!(spool.join("waiting.wav").exists(), "a postponed file stays in the spool");
+    drop(stream);
+    assert!(wait_until(WAIT, || spool.join("done/waiting.result.json").exists()), "log:\n{}", d.log_text());
+}
