@@ -405,21 +405,31 @@ impl Config {
                 out.push((key.to_owned(), message));
             }
         };
-        let d = &self.daemon;
-        if let Some(dir) = &d.data_dir {
-            check(dir.is_absolute(), "daemon.data_dir", format!("must be an absolute path, got {:?}", dir));
+        let (d, c, a, sp, s) = (&self.daemon, &self.control, &self.audiosocket, &self.spool, &self.storage);
+        let ranges: [(&str, u64, u64, u64); 12] = [
+            ("daemon.shutdown_timeout_secs", d.shutdown_timeout_secs, 1, 600),
+            ("daemon.worker_threads", d.worker_threads.unwrap_or(1) as u64, 1, 256),
+            ("control.max_request_bytes", c.max_request_bytes as u64, 256, 1024 * 1024),
+            ("control.max_connections", c.max_connections as u64, 1, 1024),
+            ("control.request_timeout_secs", c.request_timeout_secs, 1, 300),
+            ("calls.max_concurrent", self.calls.max_concurrent as u64, 1, 1024),
+            ("audiosocket.max_frame_bytes", a.max_frame_bytes as u64, 320, 65_535),
+            ("audiosocket.idle_timeout_secs", a.idle_timeout_secs, 1, 300),
+            ("spool.poll_interval_ms", sp.poll_interval_ms, 100, 60_000),
+            ("spool.max_file_mb", sp.max_file_mb, 1, 4096),
+            ("storage.check_interval_secs", s.check_interval_secs, 1, 3600),
+            ("storage.min_free_mb", s.min_free_mb, 0, 16 * 1024 * 1024),
+        ];
+        for (key, value, lo, hi) in ranges {
+            check((lo..=hi).contains(&value), key, format!("must be between {lo} and {hi}, got {value}"));
         }
-        check(
-            (1..=600).contains(&d.shutdown_timeout_secs),
-            "daemon.shutdown_timeout_secs",
-            format!("must be between 1 and 600, got {}", d.shutdown_timeout_secs),
-        );
-        if let Some(n) = d.worker_threads {
-            check((1..=256).contains(&n), "daemon.worker_threads", format!("must be between 1 and 256, got {n}"));
+        let absolute = [("daemon.data_dir", &d.data_dir), ("control.socket", &c.socket), ("spool.dir", &sp.dir)];
+        for (key, path) in absolute {
+            if let Some(path) = path {
+                check(path.is_absolute(), key, format!("must be an absolute path, got {:?}", path));
+            }
         }
-        let c = &self.control;
         if let Some(socket) = &c.socket {
-            check(socket.is_absolute(), "control.socket", format!("must be an absolute path, got {:?}", socket));
             let len = socket.as_os_str().len();
             check(
                 len <= MAX_SOCKET_PATH_BYTES,
@@ -431,66 +441,10 @@ impl Config {
         {
             check(is_valid_group_name(name), key, format!("{name:?} is not a valid group name"));
         }
-        check(
-            (256..=1024 * 1024).contains(&c.max_request_bytes),
-            "control.max_request_bytes",
-            format!("must be between 256 and 1048576, got {}", c.max_request_bytes),
-        );
-        check(
-            (1..=1024).contains(&c.max_connections),
-            "control.max_connections",
-            format!("must be between 1 and 1024, got {}", c.max_connections),
-        );
-        check(
-            (1..=300).contains(&c.request_timeout_secs),
-            "control.request_timeout_secs",
-            format!("must be between 1 and 300, got {}", c.request_timeout_secs),
-        );
-        check(
-            (1..=1024).contains(&self.calls.max_concurrent),
-            "calls.max_concurrent",
-            format!("must be between 1 and 1024, got {}", self.calls.max_concurrent),
-        );
-        let a = &self.audiosocket;
-        check(
-            (320..=65_535).contains(&a.max_frame_bytes),
-            "audiosocket.max_frame_bytes",
-            format!("must be between 320 and 65535, got {}", a.max_frame_bytes),
-        );
-        check(
-            (1..=300).contains(&a.idle_timeout_secs),
-            "audiosocket.idle_timeout_secs",
-            format!("must be between 1 and 300, got {}", a.idle_timeout_secs),
-        );
         for (i, l) in a.listeners.iter().enumerate() {
             let clash = a.listeners[..i].iter().any(|o| o.address == l.address && l.address.port() != 0);
             check(!clash, "audiosocket.listeners", format!("{} is listed twice", l.address));
         }
-        let sp = &self.spool;
-        if let Some(dir) = &sp.dir {
-            check(dir.is_absolute(), "spool.dir", format!("must be an absolute path, got {:?}", dir));
-        }
-        check(
-            (100..=60_000).contains(&sp.poll_interval_ms),
-            "spool.poll_interval_ms",
-            format!("must be between 100 and 60000, got {}", sp.poll_interval_ms),
-        );
-        check(
-            (1..=4096).contains(&sp.max_file_mb),
-            "spool.max_file_mb",
-            format!("must be between 1 and 4096, got {}", sp.max_file_mb),
-        );
-        let s = &self.storage;
-        check(
-            (1..=3600).contains(&s.check_interval_secs),
-            "storage.check_interval_secs",
-            format!("must be between 1 and 3600, got {}", s.check_interval_secs),
-        );
-        check(
-            s.min_free_mb <= 16 * 1024 * 1024,
-            "storage.min_free_mb",
-            format!("must be at most 16777216 (16 TiB), got {}", s.min_free_mb),
-        );
         out
     }
 
