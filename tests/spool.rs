@@ -112,6 +112,10 @@ fn a_recording_that_arrives_at_capacity_waits_for_a_free_slot() {
         d.log_text()
     );
     assert!(spool.join("waiting.wav").exists(), "a postponed file stays in the spool");
+    // Retried on every pass (100 ms), but said once.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(d.log_text().matches("waiting.wav: postponed").count(), 1, "{}", d.log_text());
+    assert!(spool.join("waiting.wav").exists());
     drop(stream);
     assert!(wait_until(WAIT, || spool.join("done/waiting.result.json").exists()), "log:\n{}", d.log_text());
 }

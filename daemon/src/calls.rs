@@ -147,17 +147,11 @@ impl CallTable {
                 actions
             }
             CallEvent::Audio { call, leg, samples, sample_rate } => {
-                if let Some(l) = self.leg_mut(&call, leg) {
-                    l.audio_us += samples * 1_000_000 / u64::from(sample_rate.max(1));
-                }
+                self.add_audio(&call, leg, samples, sample_rate);
                 vec![]
             }
             CallEvent::Dtmf { call, leg, digit } => {
-                if let Some(l) = self.leg_mut(&call, leg) {
-                    if l.dtmf.len() < MAX_DTMF {
-                        l.dtmf.push(digit);
-                    }
-                }
+                self.add_dtmf(&call, leg, digit);
                 vec![]
             }
             CallEvent::LegClosed { call, leg, reason } => {
@@ -174,6 +168,20 @@ impl CallTable {
                     }
                     _ => vec![],
                 }
+            }
+        }
+    }
+
+    fn add_audio(&mut self, call: &str, leg: Leg, samples: u64, sample_rate: u32) {
+        if let Some(l) = self.leg_mut(call, leg) {
+            l.audio_us += samples * 1_000_000 / u64::from(sample_rate.max(1));
+        }
+    }
+
+    fn add_dtmf(&mut self, call: &str, leg: Leg, digit: char) {
+        if let Some(l) = self.leg_mut(call, leg) {
+            if l.dtmf.len() < MAX_DTMF {
+                l.dtmf.push(digit);
             }
         }
     }
@@ -311,6 +319,11 @@ impl CallRegistry {
         Ok(LegGuard { registry: self.clone(), call: call.to_owned(), leg, reason: None })
     }
 
+    /// One call's state, if it is live.
+    pub fn summary(&self, call: &str) -> Option<CallSummary> {
+        self.with(|t| t.summary(call))
+    }
+
     pub fn snapshot(&self) -> CallsReport {
         self.with(|t| CallsReport {
             active: t.snapshot(),
@@ -334,14 +347,13 @@ fn log_actions(actions: &[CallAction]) {
 }
 
 impl LegGuard {
+    /// Called per audio frame: updates the leg in place, no allocation.
     pub fn audio(&self, samples: u64, sample_rate: u32) {
-        let event = CallEvent::Audio { call: self.call.clone(), leg: self.leg, samples, sample_rate };
-        self.registry.with(|t| t.handle(event, SystemTime::now()));
+        self.registry.with(|t| t.add_audio(&self.call, self.leg, samples, sample_rate));
     }
 
     pub fn dtmf(&self, digit: char) {
-        let event = CallEvent::Dtmf { call: self.call.clone(), leg: self.leg, digit };
-        self.registry.with(|t| t.handle(event, SystemTime::now()));
+        self.registry.with(|t| t.add_dtmf(&self.call, self.leg, digit));
     }
 
     /// Records why the leg ends; applied when the guard drops.

@@ -12,7 +12,7 @@ use std::sync::{OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::kv::{Key, Value, VisitSource};
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Log, Metadata, Record};
 use systemd_journal_logger::JournalLog;
 
 use crate::config::LogLevel;
@@ -174,11 +174,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
-}
-
-/// For `LevelFilter` display in status.
-pub fn current_max_level() -> LevelFilter {
-    log::max_level()
 }
 
 #[cfg(test)]

@@ -71,18 +71,23 @@ pub enum FrameError {
 pub struct FrameDecoder {
     max_payload: usize,
     buf: Vec<u8>,
+    /// Start of the first unread byte in `buf`: frames are decoded in place and
+    /// the consumed prefix is dropped once per `push`, not once per frame.
+    start: usize,
     /// Set once a frame is refused: the stream cannot be resynchronised.
     failed: bool,
 }
 
 impl FrameDecoder {
     pub fn new(max_payload: usize) -> Self {
-        Self { max_payload, buf: Vec::new(), failed: false }
+        Self { max_payload, buf: Vec::new(), start: 0, failed: false }
     }
 
     /// Appends received bytes. Call [`Self::next_frame`] until it returns `Ok(None)`.
     pub fn push(&mut self, bytes: &[u8]) {
         if !self.failed {
+            self.buf.drain(..self.start);
+            self.start = 0;
             self.buf.extend_from_slice(bytes);
         }
     }
@@ -90,15 +95,16 @@ impl FrameDecoder {
     /// Bytes of an incomplete frame held back (a connection closing with
     /// some is an abrupt close mid-frame).
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.failed || self.buf.len() < HEADER_LEN {
+        let unread = &self.buf[self.start..];
+        if self.failed || unread.len() < HEADER_LEN {
             return Ok(None);
         }
-        let kind = self.buf[0];
-        let len = usize::from(u16::from_be_bytes([self.buf[1], self.buf[2]]));
+        let kind = unread[0];
+        let len = usize::from(u16::from_be_bytes([unread[1], unread[2]]));
         let mut check = match kind {
             KIND_HANGUP | KIND_ERROR => Ok(()),
             KIND_UUID if len != 16 => Err(FrameError::BadUuid(len)),
@@ -114,18 +120,19 @@ impl FrameDecoder {
         if let Err(e) = check {
             self.failed = true;
             self.buf = Vec::new();
+            self.start = 0;
             return Err(e);
         }
-        if self.buf.len() < HEADER_LEN + len {
+        if unread.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let payload: Vec<u8> = self.buf.drain(..HEADER_LEN + len).skip(HEADER_LEN).collect();
+        let payload = &unread[HEADER_LEN..HEADER_LEN + len];
         let frame = match kind {
             KIND_HANGUP => Frame::Hangup,
-            KIND_ERROR => Frame::Error(payload),
+            KIND_ERROR => Frame::Error(payload.to_vec()),
             KIND_UUID => {
                 let mut id = [0u8; 16];
-                id.copy_from_slice(&payload);
+                id.copy_from_slice(payload);
                 Frame::Uuid(id)
             }
             KIND_DTMF => Frame::Dtmf(char::from(payload[0])),
@@ -134,6 +141,7 @@ impl FrameDecoder {
                 samples: payload.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect(),
             },
         };
+        self.start += HEADER_LEN + len;
         Ok(Some(frame))
     }
 }

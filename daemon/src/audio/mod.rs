@@ -2,7 +2,7 @@
 //!
 //! Everything here is sans-IO except the adapters named as such: each input
 //! (AudioSocket, ALSA, spool) turns its wire or file format into per-leg PCM at
-//! its own rate, and `resample` brings it to [`PIPELINE_RATE`] for VAD and ASR.
+//! its own rate, and `resample` brings it to the 16 kHz that VAD and ASR take.
 
 pub mod audiosocket;
 pub mod g711;
@@ -11,13 +11,20 @@ pub mod wav;
 
 use serde::{Deserialize, Serialize};
 
-/// The rate the speech pipeline (VAD, ASR front end) runs at.
-pub const PIPELINE_RATE: u32 = 16_000;
-
 /// Which side of a call a stream carries; they are analysed separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Leg {
     Agent,
     Customer,
+}
+
+impl Leg {
+    /// The other side of the same call.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Agent => Self::Customer,
+            Self::Customer => Self::Agent,
+        }
+    }
 }

@@ -150,8 +150,9 @@ fn decode(body: &[u8], fmt: Format) -> Result<Wav, WavError> {
     Ok(Wav { sample_rate: fmt.sample_rate, encoding: fmt.encoding, channels: out })
 }
 
-/// Writes 16-bit PCM WAV bytes (for tests and for tools that export audio).
-pub fn encode_pcm16(sample_rate: u32, channels: &[Vec<i16>]) -> Vec<u8> {
+/// Writes 16-bit PCM WAV bytes, for the tests.
+#[cfg(test)]
+fn encode_pcm16(sample_rate: u32, channels: &[Vec<i16>]) -> Vec<u8> {
     let n_channels = channels.len() as u16;
     let frames = channels.first().map_or(0, Vec::len);
     let data_len = (frames * channels.len() * 2) as u32;

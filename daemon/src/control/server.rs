@@ -129,7 +129,9 @@ pub fn bind(path: &Path, technician_group: &str) -> Result<BoundSocket, ControlE
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: path.to_owned(), source })?;
     let perm_err = |source| ControlError::Permissions { path: path.to_owned(), source };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
-    let created_gid = std::fs::symlink_metadata(path).map(|m| m.gid()).map_err(perm_err)?;
+    // chown changes the group, not the file's identity: one stat serves both.
+    let meta = std::fs::symlink_metadata(path).map_err(perm_err)?;
+    let created_gid = meta.gid();
     let group = nix::unistd::Group::from_name(technician_group).ok().flatten();
     // Under systemd the socket is born with the right group; skip chown(2) then,
     // which the unit's syscall filter refuses.
@@ -140,7 +142,6 @@ pub fn bind(path: &Path, technician_group: &str) -> Result<BoundSocket, ControlE
                 path.display());
         }
     }
-    let meta = std::fs::symlink_metadata(path).map_err(perm_err)?;
     Ok(BoundSocket { listener, path: path.to_owned(), identity: (meta.dev(), meta.ino()) })
 }
 
@@ -363,7 +364,7 @@ fn status_report(
         config: running.source.clone(),
         config_generation: running.generation,
         last_reload: running.last_reload.clone(),
-        log_level: logging::current_max_level().to_string().to_lowercase(),
+        log_level: log::max_level().to_string().to_lowercase(),
         log_to_journal: logging::to_journal(),
         systemd_notify: ctx.systemd_notify,
         watchdog_interval_ms: ctx.watchdog_interval.map(|d| d.as_millis() as u64),

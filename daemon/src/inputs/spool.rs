@@ -119,13 +119,7 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
     let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{}", name.trim_end_matches(".wav")));
     let legs: Vec<(Leg, &Vec<i16>)> = match recording.channels.as_slice() {
         [mono] => vec![(settings.mono_leg, mono)],
-        [left, right] => {
-            let (left_leg, right_leg) = match settings.left_channel {
-                Leg::Agent => (Leg::Agent, Leg::Customer),
-                Leg::Customer => (Leg::Customer, Leg::Agent),
-            };
-            vec![(left_leg, left), (right_leg, right)]
-        }
+        [left, right] => vec![(settings.left_channel, left), (settings.left_channel.other(), right)],
         _ => return FileOutcome::Failed("unexpected channel layout".into()),
     };
     let mut guards = Vec::new();
@@ -139,7 +133,7 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
         }
     }
     // The speech pipeline will run here, per leg, before the call closes.
-    let call = calls.snapshot().active.into_iter().find(|c| c.call == call_id);
+    let call = calls.summary(&call_id);
     for guard in guards {
         guard.close("recording processed");
     }
@@ -183,7 +177,8 @@ fn write_beside(target: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, target)
 }
 
-fn settle(path: &Path, dir: &Path, outcome: FileOutcome) -> std::io::Result<()> {
+/// Files a processed recording away. Returns whether it was postponed (left in place).
+fn settle(path: &Path, dir: &Path, outcome: FileOutcome, log_postponed: bool) -> std::io::Result<bool> {
     match outcome {
         FileOutcome::Done(result) => {
             let target = file_away(path, &dir.join("done"))?;
@@ -197,10 +192,13 @@ fn settle(path: &Path, dir: &Path, outcome: FileOutcome) -> std::io::Result<()> 
             log::warn!(component = COMPONENT; "{}: failed: {reason}", path.display());
         }
         FileOutcome::Later(reason) => {
-            log::info!(component = COMPONENT; "{}: postponed: {reason}", path.display());
+            if log_postponed {
+                log::info!(component = COMPONENT; "{}: postponed: {reason}", path.display());
+            }
+            return Ok(true);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Watches the spool folder until shutdown; the file in hand is finished first.
@@ -213,6 +211,8 @@ pub async fn watch(
 ) -> Result<(), SpoolError> {
     health.set(COMPONENT, HealthState::Ok, format!("watching {}", dir.display()));
     log::info!(component = COMPONENT; "watching {}", dir.display());
+    // Files waiting for a free call slot: said once, not on every pass.
+    let mut postponed = std::collections::HashSet::new();
     loop {
         let settings = config.borrow().config.spool.clone();
         for path in ready_files(&dir) {
@@ -220,9 +220,17 @@ pub async fn watch(
                 break;
             }
             let (p, s, c, d) = (path.clone(), settings.clone(), calls.clone(), dir.clone());
-            let settled = tokio::task::spawn_blocking(move || settle(&p, &d, process(&p, &s, &c))).await;
+            let first_time = !postponed.contains(&path);
+            let settled = tokio::task::spawn_blocking(move || settle(&p, &d, process(&p, &s, &c), first_time)).await;
             match settled {
-                Ok(Ok(())) => health.set(COMPONENT, HealthState::Ok, format!("watching {}", dir.display())),
+                Ok(Ok(waiting)) => {
+                    if waiting {
+                        postponed.insert(path);
+                    } else {
+                        postponed.remove(&path);
+                    }
+                    health.set(COMPONENT, HealthState::Ok, format!("watching {}", dir.display()));
+                }
                 Ok(Err(e)) => {
                     // Cannot move files: the folder is broken (permissions, full disk).
                     // Say so and retry on the next pass rather than spin on this file.
