@@ -84,8 +84,10 @@ fn corrupt_recordings_go_to_failed_with_a_reason_and_the_daemon_goes_on() {
     assert!(spool.join("failed/bad-sidecar.json").exists(), "the sidecar travels with its recording");
 
     // Still working: a good file afterwards is processed.
-    std::fs::copy(CLIP, spool.join("good.wav")).unwrap();
-    assert!(wait_until(WAIT, || spool.join("done/good.result.json").exists()));
+    // Upper-case extension: picked up, and the call is named without it.
+    std::fs::copy(CLIP, spool.join("Good.WAV")).unwrap();
+    assert!(wait_until(WAIT, || spool.join("done/Good.result.json").exists()), "{}", d.log_text());
+    assert_eq!(read_json(&spool.join("done/Good.result.json"))["call"]["call"], "spool:Good");
     assert_eq!(d.status_json()["state"], "running");
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Only complete files are touched: the PBX writes under another name and
 //! renames into place, so a `*.wav` present is whole; dot-files and other
-//! extensions are left alone. Each file becomes a call in the registry
+//! extensions are left alone. A sidecar must be in place before its
+//! recording is renamed in: it is read when the recording is picked up. Each file becomes a call in the registry
 //! (stereo: one leg per channel; mono: the configured leg), then moves to
 //! `done/` with a `.result.json`, or to `failed/` with a `.reason.txt`. A
 //! corrupt file never stops the daemon. A file that arrives while the box is
@@ -116,7 +117,8 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
             Ok(w) => w,
             Err(e) => return FileOutcome::Failed(format!("not a usable recording: {e}")),
         };
-    let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{}", name.trim_end_matches(".wav")));
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording");
+    let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{stem}"));
     let legs: Vec<(Leg, &Vec<i16>)> = match recording.channels.as_slice() {
         [mono] => vec![(settings.mono_leg, mono)],
         [left, right] => vec![(settings.left_channel, left), (settings.left_channel.other(), right)],
