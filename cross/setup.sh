@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the arm64 build needs (idempotent; needs root).
 set -euo pipefail
-if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+if ! grep -qx arm64 <<<"$(dpkg --print-foreign-architectures)"; then
     dpkg --add-architecture arm64
     apt-get update -q
 fi
