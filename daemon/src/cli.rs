@@ -63,6 +63,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Transcribe WAV recordings offline: VAD, ASR and prosody per leg, as the daemon does.
+    Transcribe {
+        /// WAV files (PCM16, µ-law or A-law; 8-48 kHz; mono or stereo = agent left).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// One JSON object per file.
+        #[arg(long)]
+        json: bool,
+        /// Language code or "auto" (default: speech.language from the config).
+        #[arg(long, value_name = "LANG")]
+        lang: Option<String>,
+        /// Models folder (default: speech.models_dir, $CALLBOX_MODELS_DIR, /usr/share/callbox/models).
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+    },
+    /// Measure the speech path on this machine and print the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -73,6 +91,24 @@ pub enum Command {
     Manpages {
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// ASR speed per recording: encoder and decoder time, real-time factor, at 16 kHz and
+    /// as 8 kHz µ-law telephone audio.
+    Asr {
+        /// WAV files (default: the recordings in ../shared/data/speech listed in transcripts.tsv).
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Runs per file (the first is reported separately as warm-up).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
     },
 }
 
@@ -116,6 +152,12 @@ pub fn main() -> u8 {
         Command::Config(ConfigCommand::Check { json }) => config_check(&cli.config, json),
         Command::Config(ConfigCommand::Show) => config_show(&cli.config),
         Command::Doctor { json } => doctor(&cli, json),
+        Command::Transcribe { ref files, json, ref lang, ref models } => {
+            crate::offline::transcribe(&cli.config, files, json, lang.as_deref(), models.as_deref())
+        }
+        Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models }) => {
+            crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref())
+        }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             let out = &mut std::io::stdout();

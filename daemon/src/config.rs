@@ -31,6 +31,7 @@ pub struct Config {
     pub calls: CallsConfig,
     pub audiosocket: AudioSocketConfig,
     pub spool: SpoolConfig,
+    pub speech: SpeechConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +198,76 @@ impl Default for SpoolConfig {
             mono_leg: crate::audio::Leg::Customer,
             poll_interval_ms: 1000,
             max_file_mb: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeechConfig {
+    /// Folder with manifest.json and the models it lists (models/build.sh makes one).
+    /// Unset: $CALLBOX_MODELS_DIR, else /usr/share/callbox/models.
+    pub models_dir: Option<PathBuf>,
+    /// Language of the calls ("zh", "en", …) or "auto" to detect it per utterance.
+    pub language: String,
+    /// Encoder windows in seconds; each utterance uses the smallest that fits it.
+    pub encoder_buckets_secs: Vec<u32>,
+    /// VAD speech probability threshold (0..1).
+    pub vad_threshold: f32,
+    /// Speech shorter than this is dropped.
+    pub min_speech_ms: u32,
+    /// Silence that ends an utterance (the hangover).
+    pub min_silence_ms: u32,
+    /// Audio kept before and after each utterance.
+    pub speech_pad_ms: u32,
+    /// Longer speech is cut into several utterances.
+    pub max_utterance_secs: u32,
+    /// Decoding stops after this many tokens per second of audio (loop guard).
+    pub max_tokens_per_sec: f32,
+}
+
+impl Default for SpeechConfig {
+    fn default() -> Self {
+        Self {
+            models_dir: None,
+            language: "zh".into(),
+            encoder_buckets_secs: crate::speech::whisper::DEFAULT_BUCKETS.to_vec(),
+            vad_threshold: 0.5,
+            min_speech_ms: 250,
+            min_silence_ms: 400,
+            speech_pad_ms: 150,
+            max_utterance_secs: 15,
+            max_tokens_per_sec: 12.0,
+        }
+    }
+}
+
+impl SpeechConfig {
+    pub const DEFAULT_MODELS_DIR: &'static str = "/usr/share/callbox/models";
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .or_else(|| std::env::var_os("CALLBOX_MODELS_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(Self::DEFAULT_MODELS_DIR))
+    }
+
+    pub fn vad_params(&self) -> crate::speech::vad::VadParams {
+        crate::speech::vad::VadParams {
+            threshold: self.vad_threshold,
+            neg_threshold: (self.vad_threshold - 0.15).max(0.01),
+            min_speech_ms: self.min_speech_ms,
+            min_silence_ms: self.min_silence_ms,
+            speech_pad_ms: self.speech_pad_ms,
+            max_utterance_ms: self.max_utterance_secs * 1000,
+        }
+    }
+
+    pub fn decode_options(&self) -> crate::speech::DecodeOptions {
+        crate::speech::DecodeOptions {
+            language: self.language.clone(),
+            max_tokens_per_sec: self.max_tokens_per_sec,
+            ..Default::default()
         }
     }
 }
@@ -406,7 +477,12 @@ impl Config {
             }
         };
         let (d, c, a, sp, s) = (&self.daemon, &self.control, &self.audiosocket, &self.spool, &self.storage);
-        let ranges: [(&str, u64, u64, u64); 12] = [
+        let sp2 = &self.speech;
+        let ranges: [(&str, u64, u64, u64); 16] = [
+            ("speech.min_speech_ms", u64::from(sp2.min_speech_ms), 32, 5000),
+            ("speech.min_silence_ms", u64::from(sp2.min_silence_ms), 64, 5000),
+            ("speech.speech_pad_ms", u64::from(sp2.speech_pad_ms), 0, 1000),
+            ("speech.max_utterance_secs", u64::from(sp2.max_utterance_secs), 1, 30),
             ("daemon.shutdown_timeout_secs", d.shutdown_timeout_secs, 1, 600),
             ("daemon.worker_threads", d.worker_threads.unwrap_or(1) as u64, 1, 256),
             ("control.max_request_bytes", c.max_request_bytes as u64, 256, 1024 * 1024),
@@ -423,7 +499,34 @@ impl Config {
         for (key, value, lo, hi) in ranges {
             check((lo..=hi).contains(&value), key, format!("must be between {lo} and {hi}, got {value}"));
         }
-        let absolute = [("daemon.data_dir", &d.data_dir), ("control.socket", &c.socket), ("spool.dir", &sp.dir)];
+        check(
+            (0.05..=0.95).contains(&sp2.vad_threshold),
+            "speech.vad_threshold",
+            format!("must be between 0.05 and 0.95, got {}", sp2.vad_threshold),
+        );
+        check(
+            (1.0..=50.0).contains(&sp2.max_tokens_per_sec),
+            "speech.max_tokens_per_sec",
+            format!("must be between 1 and 50, got {}", sp2.max_tokens_per_sec),
+        );
+        check(
+            !sp2.encoder_buckets_secs.is_empty() && sp2.encoder_buckets_secs.iter().all(|s| (1..=30).contains(s)),
+            "speech.encoder_buckets_secs",
+            format!("must list 1 to 30 s windows, got {:?}", sp2.encoder_buckets_secs),
+        );
+        let lang_ok = sp2.language == "auto"
+            || (2..=3).contains(&sp2.language.len()) && sp2.language.chars().all(|c| c.is_ascii_lowercase());
+        check(
+            lang_ok,
+            "speech.language",
+            format!("must be a language code such as \"zh\" or \"auto\", got {:?}", sp2.language),
+        );
+        let absolute = [
+            ("daemon.data_dir", &d.data_dir),
+            ("control.socket", &c.socket),
+            ("spool.dir", &sp.dir),
+            ("speech.models_dir", &sp2.models_dir),
+        ];
         for (key, path) in absolute {
             if let Some(path) = path {
                 check(path.is_absolute(), key, format!("must be an absolute path, got {:?}", path));

@@ -1,0 +1,250 @@
+//! `callbox transcribe` and `callbox bench asr`: the speech path on files, from the CLI.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::audio::{g711, resample, wav};
+use crate::config::{self, Config};
+use crate::exit;
+use crate::speech::{SpeechError, SpeechModels};
+use crate::transcribe::{transcribe_file, transcribe_leg, TranscribeError};
+
+/// EX_DATAERR: an input file is not a usable recording.
+pub const DATA_ERROR: u8 = 65;
+
+fn load_config(path: &Path) -> Result<Config, u8> {
+    match config::load(path) {
+        Ok(loaded) => Ok(loaded.config),
+        Err(e) => {
+            eprintln!("callbox: {e}");
+            for p in e.problem_lines() {
+                eprintln!("  {p}");
+            }
+            Err(exit::CONFIG)
+        }
+    }
+}
+
+fn load_models(config: &Config, dir: Option<&Path>) -> Result<SpeechModels, u8> {
+    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    let started = Instant::now();
+    match SpeechModels::load(&dir, &config.speech.encoder_buckets_secs) {
+        Ok(models) => {
+            log::info!("models from {} loaded in {:.1} s", dir.display(), started.elapsed().as_secs_f64());
+            Ok(models)
+        }
+        Err(e) => {
+            eprintln!("callbox: cannot load the speech models: {e}");
+            if matches!(e, SpeechError::Io { .. }) {
+                eprintln!("callbox: build them with `bash models/build.sh` (models/cache) or set speech.models_dir");
+            }
+            Err(exit::UNAVAILABLE)
+        }
+    }
+}
+
+pub fn transcribe(
+    config_path: &Path,
+    files: &[PathBuf],
+    json: bool,
+    lang: Option<&str>,
+    models_dir: Option<&Path>,
+) -> u8 {
+    let mut config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(lang) = lang {
+        config.speech.language = lang.to_owned();
+        let problems: Vec<_> = config.validate().into_iter().filter(|(k, _)| k == "speech.language").collect();
+        if let Some((_, message)) = problems.first() {
+            eprintln!("callbox: --lang {message}");
+            return exit::USAGE;
+        }
+    }
+    let models = match load_models(&config, models_dir) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut code = exit::OK;
+    for file in files {
+        match transcribe_file(&models, &config.speech, &config.spool, file) {
+            Ok(t) => {
+                if json {
+                    match serde_json::to_string(&t) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
+                    }
+                } else {
+                    println!(
+                        "{} ({:.1} s, {} Hz, RTF {:.2})",
+                        t.file, t.duration_secs, t.sample_rate, t.real_time_factor
+                    );
+                    for u in &t.utterances {
+                        let p = &u.utterance.prosody;
+                        println!(
+                            "  [{:7.2} – {:7.2}] {:8} {}    (F0 {} Hz, {:.0} dBFS, {:.0}/min)",
+                            u.utterance.start_secs,
+                            u.utterance.end_secs,
+                            format!("{:?}", u.leg).to_lowercase(),
+                            u.utterance.text,
+                            p.f0_median_hz.map_or("-".into(), |f| format!("{f:.0}")),
+                            p.energy_dbfs,
+                            p.rate_per_min
+                        );
+                    }
+                }
+            }
+            Err(TranscribeError::Input { path, reason }) => {
+                eprintln!("callbox: {path}: {reason}");
+                code = DATA_ERROR;
+            }
+            Err(e) => {
+                eprintln!("callbox: {}: {e}", file.display());
+                return exit::FAILURE;
+            }
+        }
+    }
+    code
+}
+
+#[derive(Debug, Serialize)]
+struct BenchRow {
+    file: String,
+    telephone: bool,
+    audio_secs: f64,
+    utterances: usize,
+    tokens: usize,
+    first_run_ms: f64,
+    /// Median over the runs after the first.
+    median_ms: f64,
+    encoder_ms: f64,
+    decoder_ms: f64,
+    ms_per_token: f64,
+    real_time_factor: f64,
+    text: String,
+}
+
+/// Default benchmark inputs: the shared recordings beside the checkout.
+fn default_files() -> Vec<PathBuf> {
+    let root = PathBuf::from("../shared/data/speech");
+    let Ok(tsv) = std::fs::read_to_string(root.join("transcripts.tsv")) else { return Vec::new() };
+    tsv.lines().skip(1).filter_map(|l| l.split('\t').next()).map(|f| root.join(f)).collect()
+}
+
+/// The recording as a PBX trunk would carry it: 8 kHz µ-law.
+fn telephone(samples: &[i16], rate: u32) -> Result<Vec<i16>, String> {
+    let narrow = resample::resample_all(samples, rate, 8000).map_err(|e| e.to_string())?;
+    let pcm: Vec<i16> = narrow.iter().map(|&x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16).collect();
+    Ok(g711::decode_ulaw(&g711::encode_ulaw(&pcm)))
+}
+
+pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool, models_dir: Option<&Path>) -> u8 {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let load_started = Instant::now();
+    let models = match load_models(&config, models_dir) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let load_secs = load_started.elapsed().as_secs_f64();
+    let files = if files.is_empty() { default_files() } else { files.to_vec() };
+    if files.is_empty() {
+        eprintln!("callbox: no files given and ../shared/data/speech/transcripts.tsv not found");
+        return exit::USAGE;
+    }
+    let runs = runs.max(2);
+    let mut rows = Vec::new();
+    for file in &files {
+        let recording = match std::fs::read(file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| wav::parse(&b).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("callbox: {}: {e}", file.display());
+                return DATA_ERROR;
+            }
+        };
+        let Some(samples) = recording.channels.first() else { continue };
+        let telephone_samples = match telephone(samples, recording.sample_rate) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("callbox: {}: {e}", file.display());
+                return exit::FAILURE;
+            }
+        };
+        for (is_phone, pcm, rate) in
+            [(false, samples.as_slice(), recording.sample_rate), (true, &telephone_samples[..], 8000)]
+        {
+            let mut times = Vec::new();
+            let mut last = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                last = match transcribe_leg(&models, &config.speech, pcm, rate) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        eprintln!("callbox: {}: {e}", file.display());
+                        return exit::FAILURE;
+                    }
+                };
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            let mut steady = times[1..].to_vec();
+            steady.sort_by(f64::total_cmp);
+            let median = steady[steady.len() / 2];
+            let tokens: usize = last.iter().map(|u| u.asr.tokens).sum();
+            let encoder_ms: f64 = last.iter().map(|u| u.asr.encoder_ms).sum();
+            let decoder_ms: f64 = last.iter().map(|u| u.asr.decoder_ms).sum();
+            let audio_secs = recording.duration_secs();
+            rows.push(BenchRow {
+                file: file.display().to_string(),
+                telephone: is_phone,
+                audio_secs,
+                utterances: last.len(),
+                tokens,
+                first_run_ms: times[0],
+                median_ms: median,
+                encoder_ms,
+                decoder_ms,
+                ms_per_token: if tokens > 0 { decoder_ms / tokens as f64 } else { 0.0 },
+                real_time_factor: median / 1000.0 / audio_secs.max(1e-9),
+                text: last.iter().map(|u| u.text.as_str()).collect::<Vec<_>>().join(" "),
+            });
+        }
+    }
+    if json {
+        let report =
+            serde_json::json!({ "models_load_secs": load_secs, "buckets": models.asr.bucket_secs(), "rows": rows });
+        println!("{report}");
+    } else {
+        println!(
+            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; {runs} runs each",
+            models.asr.bucket_secs()
+        );
+        println!(
+            "{:<48} {:>5} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5}  text",
+            "file", "phone", "secs", "median", "enc ms", "dec ms", "ms/tok", "RTF"
+        );
+        for r in &rows {
+            let name = Path::new(&r.file).file_name().map_or(r.file.clone(), |n| n.to_string_lossy().into_owned());
+            println!(
+                "{:<48} {:>5} {:>6.2} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>5.2}  {}",
+                name,
+                if r.telephone { "8k-µ" } else { "16k" },
+                r.audio_secs,
+                r.median_ms,
+                r.encoder_ms,
+                r.decoder_ms,
+                r.ms_per_token,
+                r.real_time_factor,
+                r.text
+            );
+        }
+    }
+    exit::OK
+}

@@ -1,0 +1,118 @@
+//! The model manifest written by `models/build.sh`: which files make up each model, their
+//! sha256, and the facts the runtime relies on. The daemon refuses files whose digest does
+//! not match, so a truncated copy or a swapped file never reaches inference.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::SpeechError;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+const SUPPORTED_VERSION: u32 = 1;
+/// Bounds what reading a manifest can cost; real ones are a few KiB.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub models: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub family: String,
+    pub task: String,
+    pub files: BTreeMap<String, FileEntry>,
+    pub sample_rate: u32,
+    #[serde(default)]
+    pub languages: Vec<String>,
+    pub license: String,
+    pub source: Vec<String>,
+    /// Family-specific facts (e.g. Whisper's decoder context), read by that family's loader.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelEntry {
+    pub fn extra_u64(&self, key: &str) -> Result<u64, SpeechError> {
+        self.extra.get(key).and_then(serde_json::Value::as_u64).ok_or_else(|| SpeechError::Manifest {
+            path: PathBuf::from(MANIFEST_FILE),
+            reason: format!("model {}: missing or non-integer `{key}`", self.name),
+        })
+    }
+}
+
+/// A manifest read from a models folder, with file paths resolved against it.
+#[derive(Debug, Clone)]
+pub struct ModelSet {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl ModelSet {
+    pub fn open(dir: &Path) -> Result<Self, SpeechError> {
+        let path = dir.join(MANIFEST_FILE);
+        let file = std::fs::File::open(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?;
+        let mut text = String::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|source| SpeechError::Io { path: path.clone(), source })?;
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(SpeechError::Manifest { path, reason: format!("larger than {MAX_MANIFEST_BYTES} bytes") });
+        }
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| SpeechError::Manifest { path: path.clone(), reason: e.to_string() })?;
+        if manifest.version != SUPPORTED_VERSION {
+            return Err(SpeechError::Manifest {
+                path,
+                reason: format!("version {}, this callbox reads version {SUPPORTED_VERSION}", manifest.version),
+            });
+        }
+        for model in &manifest.models {
+            for file in model.files.values() {
+                let rel = Path::new(&file.path);
+                if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    return Err(SpeechError::Manifest {
+                        path,
+                        reason: format!("model {}: file path {} leaves the models folder", model.name, file.path),
+                    });
+                }
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// The first model for a task ("vad", "asr").
+    pub fn for_task(&self, task: &str) -> Result<&ModelEntry, SpeechError> {
+        self.manifest.models.iter().find(|m| m.task == task).ok_or_else(|| SpeechError::Manifest {
+            path: self.dir.join(MANIFEST_FILE),
+            reason: format!("no model for task `{task}`"),
+        })
+    }
+
+    /// Reads one of a model's files after checking its sha256 against the manifest.
+    pub fn read_verified(&self, model: &ModelEntry, role: &str) -> Result<Vec<u8>, SpeechError> {
+        let entry = model.files.get(role).ok_or_else(|| SpeechError::Manifest {
+            path: self.dir.join(MANIFEST_FILE),
+            reason: format!("model {}: no `{role}` file", model.name),
+        })?;
+        let path = self.dir.join(&entry.path);
+        let bytes = std::fs::read(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        if actual != entry.sha256.to_ascii_lowercase() {
+            return Err(SpeechError::Digest { path, expected: entry.sha256.clone(), actual });
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,155 @@
+//! One leg's speech pipeline: 16 kHz samples in, finished utterances (times, transcript,
+//! prosody) out. VAD runs on every 32 ms chunk as audio arrives; ASR runs when an
+//! utterance ends, on that utterance's audio only. Only the audio of the utterance in
+//! progress (plus the padding before it) is kept.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::prosody::{self, Prosody};
+use super::vad::{Segment, Segmenter, SileroVad, VadParams, CHUNK};
+use super::whisper::{DecodeOptions, Whisper};
+use super::zh::TraditionalToSimplified;
+use super::{Recognizer, SpeechError, SpeechModels, Transcript};
+
+const RATE: f64 = 16_000.0;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Utterance {
+    /// Seconds from the start of the leg's audio.
+    pub start_secs: f64,
+    pub end_secs: f64,
+    pub text: String,
+    pub prosody: Prosody,
+    pub asr: Transcript,
+}
+
+pub struct LegPipeline {
+    vad: SileroVad,
+    segmenter: Segmenter,
+    asr: Arc<Whisper>,
+    zh: Option<Arc<TraditionalToSimplified>>,
+    opts: DecodeOptions,
+    pad: u64,
+    /// Audio from sample `buffer_start` on; VAD has seen the first `processed` samples.
+    buffer: Vec<f32>,
+    buffer_start: u64,
+    processed: u64,
+}
+
+impl LegPipeline {
+    pub fn new(models: &SpeechModels, params: VadParams, opts: DecodeOptions) -> Self {
+        Self {
+            vad: models.vad.fresh(),
+            segmenter: Segmenter::new(params),
+            asr: models.asr.clone(),
+            zh: models.zh.clone(),
+            opts,
+            pad: u64::from(params.speech_pad_ms) * 16,
+            buffer: Vec::new(),
+            buffer_start: 0,
+            processed: 0,
+        }
+    }
+
+    /// Feeds 16 kHz mono samples (−1..1); returns utterances that ended within them.
+    pub fn push(&mut self, samples: &[f32]) -> Result<Vec<Utterance>, SpeechError> {
+        self.buffer.extend_from_slice(samples);
+        let mut out = Vec::new();
+        let mut chunk = [0f32; CHUNK];
+        while self.buffer_start + self.buffer.len() as u64 >= self.processed + CHUNK as u64 {
+            let at = (self.processed - self.buffer_start) as usize;
+            chunk.copy_from_slice(&self.buffer[at..at + CHUNK]);
+            let prob = self.vad.probability(&chunk)?;
+            self.processed += CHUNK as u64;
+            if let Some(segment) = self.segmenter.push(prob, CHUNK) {
+                out.push(self.recognise(segment)?);
+            }
+            self.trim();
+        }
+        Ok(out)
+    }
+
+    /// End of the leg: the partial chunk is padded with silence and speech in progress ends.
+    pub fn finish(&mut self) -> Result<Vec<Utterance>, SpeechError> {
+        let partial = (self.buffer_start + self.buffer.len() as u64 - self.processed) as usize;
+        let mut out = Vec::new();
+        if partial > 0 {
+            out.extend(self.push(&vec![0.0; CHUNK - partial])?);
+        }
+        if let Some(segment) = self.segmenter.finish() {
+            out.push(self.recognise(segment)?);
+        }
+        Ok(out)
+    }
+
+    fn recognise(&self, segment: Segment) -> Result<Utterance, SpeechError> {
+        let from = segment.start.saturating_sub(self.buffer_start) as usize;
+        let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
+        let audio = &self.buffer[from.min(to)..to];
+        let transcripts = self.asr.transcribe(audio, &self.opts)?;
+        let mut text: String = transcripts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join(" ");
+        let asr = merge(transcripts);
+        if let (Some(zh), "zh") = (&self.zh, asr.language.as_str()) {
+            text = zh.convert(&text);
+        }
+        Ok(Utterance {
+            start_secs: segment.start as f64 / RATE,
+            end_secs: segment.end as f64 / RATE,
+            prosody: prosody::analyse(audio, &text),
+            text,
+            asr,
+        })
+    }
+
+    /// Drops audio no utterance can still need: all but the padding while silent, and
+    /// everything before the padding of the utterance in progress.
+    fn trim(&mut self) {
+        let keep_from = match self.segmenter.speech_start() {
+            Some(start) => start.saturating_sub(self.pad),
+            None => self.processed.saturating_sub(self.pad),
+        };
+        if keep_from > self.buffer_start {
+            let drop = ((keep_from - self.buffer_start) as usize).min(self.buffer.len());
+            // Amortised: only compact once the dead prefix is large.
+            if drop >= 16_000 || drop == self.buffer.len() {
+                self.buffer.drain(..drop);
+                self.buffer_start += drop as u64;
+            }
+        }
+    }
+}
+
+/// One transcript's worth of facts for an utterance the recogniser took in several windows.
+fn merge(mut parts: Vec<Transcript>) -> Transcript {
+    if parts.len() == 1 {
+        return parts.remove(0);
+    }
+    let mut iter = parts.into_iter();
+    let Some(mut first) = iter.next() else {
+        return Transcript {
+            text: String::new(),
+            language: String::new(),
+            tokens: 0,
+            avg_logprob: 0.0,
+            no_speech_prob: 1.0,
+            no_speech: true,
+            stop: super::TranscriptStop::EndOfText,
+            audio_secs: 0.0,
+            window_secs: 0,
+            encoder_ms: 0.0,
+            decoder_ms: 0.0,
+        };
+    };
+    for t in iter {
+        first.text.push(' ');
+        first.text.push_str(&t.text);
+        first.tokens += t.tokens;
+        first.audio_secs += t.audio_secs;
+        first.encoder_ms += t.encoder_ms;
+        first.decoder_ms += t.decoder_ms;
+        first.no_speech &= t.no_speech;
+    }
+    first
+}

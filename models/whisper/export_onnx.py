@@ -1,0 +1,211 @@
+"""Builds Whisper encoder and decoder-step ONNX graphs from CTranslate2 weights (numpy + onnx).
+
+Encoder  mel[1,80,frames] -> cross_k, cross_v [layers,1,frames/2,d]
+         (the decoder's cross-attention keys and values, computed once per utterance; frames
+         is symbolic so the runtime can fix it per length bucket instead of always paying for
+         Whisper's 30-s window).
+Decoder  one token per call, with a fixed-size self-attention cache kept by the caller:
+         token[1,1] i64, position[1] i64, self_k/self_v [layers,1,ctx,d], self_mask[1,ctx+1]
+         (0 where attended, -1e9 where not; the last entry is the token itself),
+         cross_k/cross_v -> logits[1,vocab], new_k/new_v [layers,1,1,d] (the caller stores
+         them at `position`). Every shape but the encoder length is concrete: tract is much
+         faster on concrete shapes.
+Weights are stored fp32: tract 0.23.9 keeps a Cast of an fp16 initializer in the graph and
+re-runs it on every call (measured: ~200 ms per decoder step instead of tens), so widening
+once here is what makes it fast.
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+LN_EPS = 1e-5
+
+
+class GraphBuilder:
+    def __init__(self):
+        self.nodes, self.inits, self.counter = [], [], 0
+        self.const_cache = {}
+
+    def name(self, hint):
+        self.counter += 1
+        return f"{hint}_{self.counter}"
+
+    def op(self, op_type, inputs, hint=None, **attrs):
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def weight(self, array, hint):
+        """A float weight, widened from the checkpoint's fp16 to fp32 in the file."""
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def const(self, array, hint="c"):
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.const_cache:
+            name = self.name(hint)
+            self.inits.append(numpy_helper.from_array(array, name))
+            self.const_cache[key] = name
+        return self.const_cache[key]
+
+    def linear(self, x, w, b, hint):
+        # CTranslate2 stores [out, in]; MatMul wants [in, out].
+        y = self.op("MatMul", [x, self.weight(w.T, hint + "_w")])
+        return self.op("Add", [y, self.weight(b, hint + "_b")]) if b is not None else y
+
+    def layer_norm(self, x, v, scope):
+        mean = self.op("ReduceMean", [x], axes=[-1], keepdims=1)
+        centred = self.op("Sub", [x, mean])
+        var = self.op("ReduceMean", [self.op("Mul", [centred, centred])], axes=[-1], keepdims=1)
+        std = self.op("Sqrt", [self.op("Add", [var, self.const(np.float32(LN_EPS))])])
+        normed = self.op("Div", [centred, std])
+        scaled = self.op("Mul", [normed, self.weight(v[scope + "/gamma"], scope + "_g")])
+        return self.op("Add", [scaled, self.weight(v[scope + "/beta"], scope + "_b")])
+
+    def gelu(self, x):
+        # Exact (erf) GELU, as Whisper uses.
+        inner = self.op("Erf", [self.op("Mul", [x, self.const(np.float32(1 / np.sqrt(2)))])])
+        return self.op("Mul", [self.op("Mul", [x, self.const(np.float32(0.5))]),
+                               self.op("Add", [inner, self.const(np.float32(1.0))])])
+
+    def heads(self, x, n_heads, d_head):
+        """[1,T,d] -> [1,H,T,dh]"""
+        r = self.op("Reshape", [x, self.const(np.array([1, -1, n_heads, d_head], np.int64))])
+        return self.op("Transpose", [r], perm=[0, 2, 1, 3])
+
+    def merge_heads(self, x, d_model):
+        t = self.op("Transpose", [x], perm=[0, 2, 1, 3])
+        return self.op("Reshape", [t, self.const(np.array([1, -1, d_model], np.int64))])
+
+    def attention(self, q, k, v, n_heads, d_model, mask=None):
+        d_head = d_model // n_heads
+        qh, kh, vh = (self.heads(t, n_heads, d_head) for t in (q, k, v))
+        kt = self.op("Transpose", [kh], perm=[0, 1, 3, 2])
+        scores = self.op("Mul", [self.op("MatMul", [qh, kt]), self.const(np.float32(1 / np.sqrt(d_head)))])
+        if mask is not None:
+            scores = self.op("Add", [scores, mask])
+        probs = self.op("Softmax", [scores], axis=-1)
+        return self.merge_heads(self.op("MatMul", [probs, vh]), d_model)
+
+    def split_last(self, x, sizes):
+        outs = [self.name("split") for _ in sizes]
+        self.nodes.append(helper.make_node("Split", [x, self.const(np.array(sizes, np.int64))], outs, axis=-1))
+        return outs
+
+    def model(self, inputs, outputs, name):
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="callbox-models")
+        m.ir_version = 8
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def dims(v):
+    d_model = v["encoder/position_encodings/encodings"].shape[1]
+    n_heads = int(v["encoder/num_heads"])
+    enc_layers = sum(1 for k in v if k.startswith("encoder/layer_") and k.endswith("ffn/linear_0/weight"))
+    dec_layers = sum(1 for k in v if k.startswith("decoder/layer_") and k.endswith("ffn/linear_0/weight"))
+    return d_model, n_heads, enc_layers, dec_layers
+
+
+def encoder(v):
+    d_model, n_heads, enc_layers, dec_layers = dims(v)
+    n_mels = v["encoder/conv1/weight"].shape[1]
+    g = GraphBuilder()
+    x = g.op("Conv", ["mel", g.weight(v["encoder/conv1/weight"], "conv1_w"), g.weight(v["encoder/conv1/bias"], "conv1_b")],
+             kernel_shape=[3], pads=[1, 1])
+    x = g.gelu(x)
+    x = g.op("Conv", [x, g.weight(v["encoder/conv2/weight"], "conv2_w"), g.weight(v["encoder/conv2/bias"], "conv2_b")],
+             kernel_shape=[3], pads=[1, 1], strides=[2])
+    x = g.op("Transpose", [g.gelu(x)], perm=[0, 2, 1])  # [1,T,d]
+    length = g.op("Shape", [x], start=1, end=2)
+    pos = g.op("Slice", [g.weight(v["encoder/position_encodings/encodings"], "enc_pos"),
+                         g.const(np.array([0], np.int64)), length, g.const(np.array([0], np.int64))])
+    x = g.op("Add", [x, pos])
+    for i in range(enc_layers):
+        s = f"encoder/layer_{i}"
+        h = g.layer_norm(x, v, s + "/self_attention/layer_norm")
+        qkv = g.linear(h, v[s + "/self_attention/linear_0/weight"], v[s + "/self_attention/linear_0/bias"], f"e{i}_qkv")
+        q, k, val = g.split_last(qkv, [d_model] * 3)
+        a = g.attention(q, k, val, n_heads, d_model)
+        x = g.op("Add", [x, g.linear(a, v[s + "/self_attention/linear_1/weight"], v[s + "/self_attention/linear_1/bias"], f"e{i}_o")])
+        h = g.layer_norm(x, v, s + "/ffn/layer_norm")
+        h = g.gelu(g.linear(h, v[s + "/ffn/linear_0/weight"], v[s + "/ffn/linear_0/bias"], f"e{i}_f0"))
+        x = g.op("Add", [x, g.linear(h, v[s + "/ffn/linear_1/weight"], v[s + "/ffn/linear_1/bias"], f"e{i}_f1")])
+    x = g.layer_norm(x, v, "encoder/layer_norm")
+    ks, vs = [], []
+    for i in range(dec_layers):
+        s = f"decoder/layer_{i}/attention/linear_1"
+        kv = g.linear(x, v[s + "/weight"], v[s + "/bias"], f"x{i}_kv")
+        k, val = g.split_last(kv, [d_model, d_model])
+        ks.append(g.op("Unsqueeze", [k, g.const(np.array([0], np.int64))]))
+        vs.append(g.op("Unsqueeze", [val, g.const(np.array([0], np.int64))]))
+    g.nodes.append(helper.make_node("Concat", ks, ["cross_k"], axis=0))
+    g.nodes.append(helper.make_node("Concat", vs, ["cross_v"], axis=0))
+    inputs = [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, n_mels, "frames"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [dec_layers, 1, "enc_len", d_model])
+               for n in ("cross_k", "cross_v")]
+    return g.model(inputs, outputs, "whisper_encoder")
+
+
+def decoder(v, ctx):
+    d_model, n_heads, enc_layers, dec_layers = dims(v)
+    vocab = v["decoder/embeddings/weight"].shape[0]
+    g = GraphBuilder()
+    emb = g.weight(v["decoder/embeddings/weight"], "tok_emb")
+    tok = g.op("Gather", [emb, "token"], axis=0)  # [1,1,d]
+    pos = g.op("Gather", [g.weight(v["decoder/position_encodings/encodings"], "dec_pos"), "position"], axis=0)  # [1,d]
+    x = g.op("Add", [tok, pos])
+    mask = g.op("Reshape", ["self_mask", g.const(np.array([1, 1, 1, ctx + 1], np.int64))])
+    new_k, new_v = [], []
+    for i in range(dec_layers):
+        s = f"decoder/layer_{i}"
+        layer = g.const(np.array(i, np.int64))
+        h = g.layer_norm(x, v, s + "/self_attention/layer_norm")
+        qkv = g.linear(h, v[s + "/self_attention/linear_0/weight"], v[s + "/self_attention/linear_0/bias"], f"d{i}_qkv")
+        q, k, val = g.split_last(qkv, [d_model] * 3)
+        new_k.append(g.op("Unsqueeze", [k, g.const(np.array([0], np.int64))]))
+        new_v.append(g.op("Unsqueeze", [val, g.const(np.array([0], np.int64))]))
+        past_k = g.op("Gather", ["self_k", layer], axis=0)  # [1,ctx,d]
+        past_v = g.op("Gather", ["self_v", layer], axis=0)
+        all_k = g.op("Concat", [past_k, k], axis=1)
+        all_v = g.op("Concat", [past_v, val], axis=1)
+        a = g.attention(q, all_k, all_v, n_heads, d_model, mask)
+        x = g.op("Add", [x, g.linear(a, v[s + "/self_attention/linear_1/weight"], v[s + "/self_attention/linear_1/bias"], f"d{i}_o")])
+        h = g.layer_norm(x, v, s + "/attention/layer_norm")
+        q = g.linear(h, v[s + "/attention/linear_0/weight"], v[s + "/attention/linear_0/bias"], f"d{i}_xq")
+        ck = g.op("Gather", ["cross_k", layer], axis=0)
+        cv = g.op("Gather", ["cross_v", layer], axis=0)
+        a = g.attention(q, ck, cv, n_heads, d_model)
+        x = g.op("Add", [x, g.linear(a, v[s + "/attention/linear_2/weight"], v[s + "/attention/linear_2/bias"], f"d{i}_xo")])
+        h = g.layer_norm(x, v, s + "/ffn/layer_norm")
+        h = g.gelu(g.linear(h, v[s + "/ffn/linear_0/weight"], v[s + "/ffn/linear_0/bias"], f"d{i}_f0"))
+        x = g.op("Add", [x, g.linear(h, v[s + "/ffn/linear_1/weight"], v[s + "/ffn/linear_1/bias"], f"d{i}_f1")])
+    x = g.layer_norm(x, v, "decoder/layer_norm")
+    flat = g.op("Reshape", [x, g.const(np.array([1, d_model], np.int64))])
+    # Output projection tied to the embedding, stored again pre-transposed: with Gemm(transB)
+    # on the shared initializer tract re-packs the 51865×512 matrix on every step.
+    logits = g.op("MatMul", [flat, g.weight(v["decoder/embeddings/weight"].T, "tok_proj")])
+    g.nodes.append(helper.make_node("Reshape", [logits, g.const(np.array([1, 1, vocab], np.int64))], ["logits"]))
+    g.nodes.append(helper.make_node("Concat", new_k, ["new_k"], axis=0))
+    g.nodes.append(helper.make_node("Concat", new_v, ["new_v"], axis=0))
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("token", TensorProto.INT64, [1, 1]),
+        helper.make_tensor_value_info("position", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("self_k", f, [dec_layers, 1, ctx, d_model]),
+        helper.make_tensor_value_info("self_v", f, [dec_layers, 1, ctx, d_model]),
+        helper.make_tensor_value_info("self_mask", f, [1, ctx + 1]),
+        helper.make_tensor_value_info("cross_k", f, [dec_layers, 1, "enc_len", d_model]),
+        helper.make_tensor_value_info("cross_v", f, [dec_layers, 1, "enc_len", d_model]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", f, [1, 1, vocab]),
+        helper.make_tensor_value_info("new_k", f, [dec_layers, 1, 1, d_model]),
+        helper.make_tensor_value_info("new_v", f, [dec_layers, 1, 1, d_model]),
+    ]
+    return g.model(inputs, outputs, "whisper_decoder_step")
