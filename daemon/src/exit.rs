@@ -8,7 +8,10 @@ pub const OK: u8 = 0;
 pub const FAILURE: u8 = 1;
 /// The command line was malformed (EX_USAGE).
 pub const USAGE: u8 = 64;
-/// The daemon is not reachable through its control socket (EX_UNAVAILABLE).
+/// An input file is not a usable recording (EX_DATAERR; `transcribe`).
+pub const DATA_ERROR: u8 = 65;
+/// The daemon is not reachable through its control socket, or the speech models are
+/// missing or fail their check (EX_UNAVAILABLE).
 pub const UNAVAILABLE: u8 = 69;
 /// A supervised component failed; the daemon stopped in order (EX_SOFTWARE).
 pub const COMPONENT_FAILED: u8 = 70;

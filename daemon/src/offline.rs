@@ -11,9 +11,6 @@ use crate::exit;
 use crate::speech::{SpeechError, SpeechModels};
 use crate::transcribe::{transcribe_file, transcribe_leg, TranscribeError};
 
-/// EX_DATAERR: an input file is not a usable recording.
-pub const DATA_ERROR: u8 = 65;
-
 fn load_config(path: &Path) -> Result<Config, u8> {
     match config::load(path) {
         Ok(loaded) => Ok(loaded.config),
@@ -99,7 +96,7 @@ pub fn transcribe(
             }
             Err(TranscribeError::Input { path, reason }) => {
                 eprintln!("callbox: {path}: {reason}");
-                code = DATA_ERROR;
+                code = exit::DATA_ERROR;
             }
             Err(e) => {
                 eprintln!("callbox: {}: {e}", file.display());
@@ -167,7 +164,7 @@ pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool,
             Ok(r) => r,
             Err(e) => {
                 eprintln!("callbox: {}: {e}", file.display());
-                return DATA_ERROR;
+                return exit::DATA_ERROR;
             }
         };
         let Some(samples) = recording.channels.first() else { continue };

@@ -274,12 +274,17 @@ fn softmax_at(logits: &[f32], index: usize) -> f32 {
     logits.get(index).map_or(0.0, |&l| (l - max).exp() / sum)
 }
 
-/// If the tail of `tokens` is one pattern repeated (a single token 6 times, or a 2–32 token
-/// pattern 3 times), the length to keep: everything up to the end of its first occurrence.
+/// If the tail of `tokens` is one pattern repeated (a single token 6 times, a 2–7 token
+/// pattern 3 times, or an 8–64 token phrase twice back to back), the length to keep:
+/// everything up to the end of its first occurrence.
 pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
     let n = tokens.len();
-    for period in 1..=32usize {
-        let repeats = if period == 1 { 6 } else { 3 };
+    for period in 1..=64usize {
+        let repeats = match period {
+            1 => 6,
+            2..=7 => 3,
+            _ => 2,
+        };
         let span = period * repeats;
         if span > n {
             break;
@@ -367,6 +372,10 @@ mod tests {
         let mut single = vec![5, 6];
         single.extend([4; 6]);
         assert_eq!(repetition_cut(&single), Some(3));
+        // A whole sentence said twice (the 8 kHz loop seen on a podcast clip).
+        let sentence: Vec<u32> = (100..112).collect();
+        let twice = [vec![1], sentence.clone(), sentence].concat();
+        assert_eq!(repetition_cut(&twice), Some(13));
     }
 
     #[test]
@@ -375,5 +384,7 @@ mod tests {
         // 对对对 (one token three times) is speech, not a loop.
         assert_eq!(repetition_cut(&[9, 4, 4, 4]), None);
         assert_eq!(repetition_cut(&[1, 2, 1, 2]), None);
+        // A short phrase said twice is speech too (好的好的).
+        assert_eq!(repetition_cut(&[7, 3, 4, 3, 4]), None);
     }
 }
