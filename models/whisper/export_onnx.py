@@ -57,6 +57,19 @@ class GraphBuilder:
         y = self.op("MatMul", [x, self.weight(w.T, hint + "_w")])
         return self.op("Add", [y, self.weight(b, hint + "_b")]) if b is not None else y
 
+    def scoped_linear(self, x, v, scope, hint):
+        """linear() over CTranslate2's `scope/weight` and `scope/bias`."""
+        return self.linear(x, v[scope + "/weight"], v[scope + "/bias"], hint)
+
+    def unsqueeze0(self, x):
+        return self.op("Unsqueeze", [x, self.const(np.array([0], np.int64))])
+
+    def residual_ffn(self, x, v, layer, tag):
+        """x + linear_1(gelu(linear_0(layer_norm(x)))), the block both stacks share."""
+        h = self.layer_norm(x, v, layer + "/ffn/layer_norm")
+        h = self.gelu(self.scoped_linear(h, v, layer + "/ffn/linear_0", tag + "_f0"))
+        return self.op("Add", [x, self.scoped_linear(h, v, layer + "/ffn/linear_1", tag + "_f1")])
+
     def layer_norm(self, x, v, scope):
         mean = self.op("ReduceMean", [x], axes=[-1], keepdims=1)
         centred = self.op("Sub", [x, mean])
@@ -129,21 +142,18 @@ def encoder(v):
     for i in range(enc_layers):
         s = f"encoder/layer_{i}"
         h = g.layer_norm(x, v, s + "/self_attention/layer_norm")
-        qkv = g.linear(h, v[s + "/self_attention/linear_0/weight"], v[s + "/self_attention/linear_0/bias"], f"e{i}_qkv")
+        qkv = g.scoped_linear(h, v, s + "/self_attention/linear_0", f"e{i}_qkv")
         q, k, val = g.split_last(qkv, [d_model] * 3)
         a = g.attention(q, k, val, n_heads, d_model)
-        x = g.op("Add", [x, g.linear(a, v[s + "/self_attention/linear_1/weight"], v[s + "/self_attention/linear_1/bias"], f"e{i}_o")])
-        h = g.layer_norm(x, v, s + "/ffn/layer_norm")
-        h = g.gelu(g.linear(h, v[s + "/ffn/linear_0/weight"], v[s + "/ffn/linear_0/bias"], f"e{i}_f0"))
-        x = g.op("Add", [x, g.linear(h, v[s + "/ffn/linear_1/weight"], v[s + "/ffn/linear_1/bias"], f"e{i}_f1")])
+        x = g.op("Add", [x, g.scoped_linear(a, v, s + "/self_attention/linear_1", f"e{i}_o")])
+        x = g.residual_ffn(x, v, s, f"e{i}")
     x = g.layer_norm(x, v, "encoder/layer_norm")
     ks, vs = [], []
     for i in range(dec_layers):
-        s = f"decoder/layer_{i}/attention/linear_1"
-        kv = g.linear(x, v[s + "/weight"], v[s + "/bias"], f"x{i}_kv")
+        kv = g.scoped_linear(x, v, f"decoder/layer_{i}/attention/linear_1", f"x{i}_kv")
         k, val = g.split_last(kv, [d_model, d_model])
-        ks.append(g.op("Unsqueeze", [k, g.const(np.array([0], np.int64))]))
-        vs.append(g.op("Unsqueeze", [val, g.const(np.array([0], np.int64))]))
+        ks.append(g.unsqueeze0(k))
+        vs.append(g.unsqueeze0(val))
     g.nodes.append(helper.make_node("Concat", ks, ["cross_k"], axis=0))
     g.nodes.append(helper.make_node("Concat", vs, ["cross_v"], axis=0))
     inputs = [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, n_mels, "frames"])]
@@ -166,25 +176,23 @@ def decoder(v, ctx):
         s = f"decoder/layer_{i}"
         layer = g.const(np.array(i, np.int64))
         h = g.layer_norm(x, v, s + "/self_attention/layer_norm")
-        qkv = g.linear(h, v[s + "/self_attention/linear_0/weight"], v[s + "/self_attention/linear_0/bias"], f"d{i}_qkv")
+        qkv = g.scoped_linear(h, v, s + "/self_attention/linear_0", f"d{i}_qkv")
         q, k, val = g.split_last(qkv, [d_model] * 3)
-        new_k.append(g.op("Unsqueeze", [k, g.const(np.array([0], np.int64))]))
-        new_v.append(g.op("Unsqueeze", [val, g.const(np.array([0], np.int64))]))
+        new_k.append(g.unsqueeze0(k))
+        new_v.append(g.unsqueeze0(val))
         past_k = g.op("Gather", ["self_k", layer], axis=0)  # [1,ctx,d]
         past_v = g.op("Gather", ["self_v", layer], axis=0)
         all_k = g.op("Concat", [past_k, k], axis=1)
         all_v = g.op("Concat", [past_v, val], axis=1)
         a = g.attention(q, all_k, all_v, n_heads, d_model, mask)
-        x = g.op("Add", [x, g.linear(a, v[s + "/self_attention/linear_1/weight"], v[s + "/self_attention/linear_1/bias"], f"d{i}_o")])
+        x = g.op("Add", [x, g.scoped_linear(a, v, s + "/self_attention/linear_1", f"d{i}_o")])
         h = g.layer_norm(x, v, s + "/attention/layer_norm")
-        q = g.linear(h, v[s + "/attention/linear_0/weight"], v[s + "/attention/linear_0/bias"], f"d{i}_xq")
+        q = g.scoped_linear(h, v, s + "/attention/linear_0", f"d{i}_xq")
         ck = g.op("Gather", ["cross_k", layer], axis=0)
         cv = g.op("Gather", ["cross_v", layer], axis=0)
         a = g.attention(q, ck, cv, n_heads, d_model)
-        x = g.op("Add", [x, g.linear(a, v[s + "/attention/linear_2/weight"], v[s + "/attention/linear_2/bias"], f"d{i}_xo")])
-        h = g.layer_norm(x, v, s + "/ffn/layer_norm")
-        h = g.gelu(g.linear(h, v[s + "/ffn/linear_0/weight"], v[s + "/ffn/linear_0/bias"], f"d{i}_f0"))
-        x = g.op("Add", [x, g.linear(h, v[s + "/ffn/linear_1/weight"], v[s + "/ffn/linear_1/bias"], f"d{i}_f1")])
+        x = g.op("Add", [x, g.scoped_linear(a, v, s + "/attention/linear_2", f"d{i}_xo")])
+        x = g.residual_ffn(x, v, s, f"d{i}")
     x = g.layer_norm(x, v, "decoder/layer_norm")
     flat = g.op("Reshape", [x, g.const(np.array([1, d_model], np.int64))])
     # Output projection tied to the embedding, stored again pre-transposed: with Gemm(transB)

@@ -11,6 +11,16 @@ pub mod wav;
 
 use serde::{Deserialize, Serialize};
 
+/// 16-bit PCM to the −1..1 floats the speech path works in.
+pub fn pcm_to_f32(sample: i16) -> f32 {
+    f32::from(sample) / 32768.0
+}
+
+/// −1..1 floats back to 16-bit PCM, clipped.
+pub fn f32_to_pcm(sample: f32) -> i16 {
+    (sample * 32768.0).round().clamp(-32768.0, 32767.0) as i16
+}
+
 /// Which side of a call a stream carries; they are analysed separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -54,9 +54,9 @@ impl StreamResampler {
     pub fn push(&mut self, samples: &[i16]) -> Vec<f32> {
         self.input_total += samples.len() as u64;
         let Some(inner) = self.inner.as_mut() else {
-            return samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
+            return samples.iter().copied().map(super::pcm_to_f32).collect();
         };
-        self.pending.extend(samples.iter().map(|&s| f32::from(s) / 32768.0));
+        self.pending.extend(samples.iter().copied().map(super::pcm_to_f32));
         let mut out = Vec::new();
         let block = inner.input_frames_next();
         let mut consumed = 0;

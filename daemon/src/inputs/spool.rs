@@ -16,7 +16,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::audio::{wav, Leg};
 use crate::calls::{CallRegistry, CallSummary};
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
@@ -104,26 +103,16 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
             Err(e) => return FileOutcome::Failed(format!("cannot read sidecar: {e}")),
         },
     };
-    let max_bytes = settings.max_file_mb * 1024 * 1024;
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > max_bytes => {
-            return FileOutcome::Failed(format!("larger than spool.max_file_mb = {}", settings.max_file_mb))
-        }
-        Ok(_) => {}
-        Err(e) => return FileOutcome::Failed(format!("cannot read: {e}")),
-    }
-    let recording =
-        match std::fs::read(path).map_err(|e| e.to_string()).and_then(|b| wav::parse(&b).map_err(|e| e.to_string())) {
-            Ok(w) => w,
-            Err(e) => return FileOutcome::Failed(format!("not a usable recording: {e}")),
-        };
+    let recording = match crate::transcribe::read_recording(path, settings) {
+        Ok(w) => w,
+        Err(reason) => return FileOutcome::Failed(reason),
+    };
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording");
     let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{stem}"));
-    let legs: Vec<(Leg, &Vec<i16>)> = match recording.channels.as_slice() {
-        [mono] => vec![(settings.mono_leg, mono)],
-        [left, right] => vec![(settings.left_channel, left), (settings.left_channel.other(), right)],
-        _ => return FileOutcome::Failed("unexpected channel layout".into()),
-    };
+    let legs = crate::transcribe::legs(&recording, settings);
+    if legs.is_empty() {
+        return FileOutcome::Failed("unexpected channel layout".into());
+    }
     let mut guards = Vec::new();
     for (leg, samples) in &legs {
         match calls.open(&call_id, *leg, &format!("spool {name}")) {

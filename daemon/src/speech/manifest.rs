@@ -14,6 +14,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 const SUPPORTED_VERSION: u32 = 1;
 /// Bounds what reading a manifest can cost; real ones are a few KiB.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Bounds what loading one model file can cost (Whisper base's decoder is ~200 MB).
+const MAX_MODEL_FILE_BYTES: u64 = 2 << 30;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -45,9 +47,11 @@ pub struct ModelEntry {
 
 impl ModelEntry {
     pub fn extra_u64(&self, key: &str) -> Result<u64, SpeechError> {
-        self.extra.get(key).and_then(serde_json::Value::as_u64).ok_or_else(|| SpeechError::Manifest {
-            path: PathBuf::from(MANIFEST_FILE),
-            reason: format!("model {}: missing or non-integer `{key}`", self.name),
+        self.extra.get(key).and_then(serde_json::Value::as_u64).ok_or_else(|| {
+            SpeechError::model(
+                &self.name,
+                format!("its {MANIFEST_FILE} entry lacks the integer `{key}`; rebuild with models/build.sh --force"),
+            )
         })
     }
 }
@@ -107,6 +111,13 @@ impl ModelSet {
             reason: format!("model {}: no `{role}` file", model.name),
         })?;
         let path = self.dir.join(&entry.path);
+        let size = std::fs::metadata(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?.len();
+        if size > MAX_MODEL_FILE_BYTES {
+            return Err(SpeechError::Manifest {
+                path,
+                reason: format!("{size} bytes, more than the {MAX_MODEL_FILE_BYTES} a model file may have"),
+            });
+        }
         let bytes = std::fs::read(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();

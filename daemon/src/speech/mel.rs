@@ -38,10 +38,6 @@ impl MelFrontEnd {
         Self { bands, filters: slaney_mel_filters(SAMPLE_RATE, N_FFT, bands), window, fft }
     }
 
-    pub fn filters(&self) -> &[f32] {
-        &self.filters
-    }
-
     /// Frames for `samples` followed by `padding` zero samples (Whisper pads the audio, not
     /// the spectrogram, so the padding's own frames shape the max − 8 floor).
     pub fn log_mel(&self, samples: &[f32], padding: usize) -> LogMel {
@@ -172,7 +168,7 @@ mod tests {
         let r = reference();
         let clip = format!("{}/../../shared/data/speech/{}", env!("CARGO_MANIFEST_DIR"), r["clip"].as_str().unwrap());
         let wav = crate::audio::wav::parse(&std::fs::read(clip).unwrap()).unwrap();
-        let audio: Vec<f32> = wav.channels[0].iter().map(|&s| f32::from(s) / 32768.0).collect();
+        let audio: Vec<f32> = wav.channels[0].iter().copied().map(crate::audio::pcm_to_f32).collect();
         let window = r["window_secs"].as_u64().unwrap() as usize * 16_000;
         let audio = &audio[..audio.len().min(window)];
         let mel = MelFrontEnd::new(80).log_mel(audio, window - audio.len());

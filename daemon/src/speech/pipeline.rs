@@ -88,12 +88,13 @@ impl LegPipeline {
         let from = segment.start.saturating_sub(self.buffer_start) as usize;
         let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
         let audio = &self.buffer[from.min(to)..to];
-        let transcripts = self.asr.transcribe(audio, &self.opts)?;
-        let mut text: String = transcripts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join(" ");
-        let asr = merge(transcripts);
-        if let (Some(zh), "zh") = (&self.zh, asr.language.as_str()) {
-            text = zh.convert(&text);
-        }
+        let asr = merge(self.asr.transcribe(audio, &self.opts)?)
+            .ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
+        // `asr.text` stays as the recogniser wrote it; `text` is what later stages read.
+        let text = match (&self.zh, asr.language.as_str()) {
+            (Some(zh), "zh") => zh.convert(&asr.text),
+            _ => asr.text.clone(),
+        };
         Ok(Utterance {
             start_secs: segment.start as f64 / RATE,
             end_secs: segment.end as f64 / RATE,
@@ -122,26 +123,9 @@ impl LegPipeline {
 }
 
 /// One transcript's worth of facts for an utterance the recogniser took in several windows.
-fn merge(mut parts: Vec<Transcript>) -> Transcript {
-    if parts.len() == 1 {
-        return parts.remove(0);
-    }
+fn merge(parts: Vec<Transcript>) -> Option<Transcript> {
     let mut iter = parts.into_iter();
-    let Some(mut first) = iter.next() else {
-        return Transcript {
-            text: String::new(),
-            language: String::new(),
-            tokens: 0,
-            avg_logprob: 0.0,
-            no_speech_prob: 1.0,
-            no_speech: true,
-            stop: super::TranscriptStop::EndOfText,
-            audio_secs: 0.0,
-            window_secs: 0,
-            encoder_ms: 0.0,
-            decoder_ms: 0.0,
-        };
-    };
+    let mut first = iter.next()?;
     for t in iter {
         first.text.push(' ');
         first.text.push_str(&t.text);
@@ -151,5 +135,5 @@ fn merge(mut parts: Vec<Transcript>) -> Transcript {
         first.decoder_ms += t.decoder_ms;
         first.no_speech &= t.no_speech;
     }
-    first
+    Some(first)
 }

@@ -21,6 +21,10 @@ pub struct Vocabulary {
     bytes: Vec<Vec<u8>>,
     ids: HashMap<String, u32>,
     pub specials: Specials,
+    /// Language codes and their token ids, in vocabulary order (for detection).
+    pub languages: Vec<(String, u32)>,
+    /// The token that is a single space (suppressed as the first token).
+    pub blank: Option<u32>,
 }
 
 /// GPT-2's table: printable characters stand for the 256 byte values.
@@ -69,37 +73,24 @@ impl Vocabulary {
             no_speech: find("<|nospeech|>").or_else(|_| find("<|nocaptions|>"))?,
             first_special: find("<|endoftext|>")?,
         };
-        Ok(Self { bytes, ids, specials })
-    }
-
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-
-    /// The id of `<|xx|>` for a language code such as "zh".
-    pub fn language(&self, code: &str) -> Option<u32> {
-        self.ids.get(&format!("<|{code}|>")).copied()
-    }
-
-    /// Language codes and their token ids, in vocabulary order.
-    pub fn languages(&self) -> Vec<(String, u32)> {
-        let mut langs: Vec<(String, u32)> = self
-            .ids
+        let mut languages: Vec<(String, u32)> = ids
             .iter()
             .filter(|(name, &id)| {
-                id > self.specials.start_of_transcript
-                    && id < self.specials.transcribe
+                id > specials.start_of_transcript
+                    && id < specials.transcribe
                     && name.len() <= 8
                     && name[2..name.len() - 2].chars().all(|c| c.is_ascii_lowercase())
             })
             .map(|(name, &id)| (name[2..name.len() - 2].to_owned(), id))
             .collect();
-        langs.sort_by_key(|(_, id)| *id);
-        langs
+        languages.sort_by_key(|(_, id)| *id);
+        let blank = bytes.iter().position(|b| b == b" ").and_then(|id| u32::try_from(id).ok());
+        Ok(Self { bytes, ids, specials, languages, blank })
+    }
+
+    /// The id of `<|xx|>` for a language code such as "zh".
+    pub fn language(&self, code: &str) -> Option<u32> {
+        self.ids.get(&format!("<|{code}|>")).copied()
     }
 
     /// Text of the given ids; special tokens are skipped and broken UTF-8 is replaced.

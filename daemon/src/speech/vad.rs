@@ -24,6 +24,13 @@ pub struct SileroVad {
 
 impl SileroVad {
     pub fn load(models: &ModelSet, entry: &ModelEntry) -> Result<Self, SpeechError> {
+        // The runner's framing is fixed by the export; a manifest that says otherwise is for
+        // a different model.
+        for (key, expected) in [("chunk_samples", CHUNK), ("context_samples", CONTEXT)] {
+            if entry.extra_u64(key)? != expected as u64 {
+                return Err(SpeechError::model(&entry.name, format!("{key} must be {expected} for this runner")));
+            }
+        }
         let bytes = models.read_verified(entry, "model")?;
         let plan = tract_onnx::onnx()
             .model_for_read(&mut Cursor::new(bytes))
@@ -38,7 +45,7 @@ impl SileroVad {
     fn with_plan(plan: Plan) -> Self {
         Self {
             plan,
-            state: Tensor::zero::<f32>(&[2, 1, 128]).unwrap_or_else(|_| Tensor::from(0f32)),
+            state: Tensor::from(tract_ndarray::Array3::<f32>::zeros((2, 1, 128))),
             context: [0.0; CONTEXT],
             input: Vec::with_capacity(CONTEXT + CHUNK),
         }
@@ -131,10 +138,6 @@ const fn samples(ms: u32) -> u64 {
 impl Segmenter {
     pub fn new(params: VadParams) -> Self {
         Self { params, state: State::Silence, position: 0 }
-    }
-
-    pub fn position(&self) -> u64 {
-        self.position
     }
 
     /// Whether speech is in progress, and since which sample (padding not included).

@@ -62,7 +62,6 @@ pub struct Whisper {
     layers: usize,
     d_model: usize,
     context: usize,
-    blank: Option<u32>,
 }
 
 fn dim(entry: &ModelEntry, key: &str) -> Result<usize, SpeechError> {
@@ -116,12 +115,7 @@ impl Whisper {
                 .map_err(err)?;
             buckets.push(Bucket { secs: s, encoder, decoder });
         }
-        let blank = (0..vocab.len() as u32).find(|&id| vocab.decode(&[id]) == " ");
-        Ok(Self { name, buckets, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context, blank })
-    }
-
-    pub fn vocabulary(&self) -> &Vocabulary {
-        &self.vocab
+        Ok(Self { name, buckets, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context })
     }
 
     pub fn bucket_secs(&self) -> Vec<u32> {
@@ -186,12 +180,12 @@ impl Whisper {
                 if auto {
                     let (code, id) = self
                         .vocab
-                        .languages()
-                        .into_iter()
+                        .languages
+                        .iter()
                         .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
                         .ok_or_else(|| SpeechError::Vocabulary("no language tokens".into()))?;
-                    language = code;
-                    prompt[1] = id;
+                    language.clone_from(code);
+                    prompt[1] = *id;
                 }
             }
             if position < prompt.len() {
@@ -238,7 +232,7 @@ impl Whisper {
         let sp = self.vocab.specials;
         let allowed = |id: usize| {
             let id = id as u32;
-            if first && (id == sp.end_of_text || Some(id) == self.blank) {
+            if first && (id == sp.end_of_text || Some(id) == self.vocab.blank) {
                 return false;
             }
             id < sp.first_special || id == sp.end_of_text
