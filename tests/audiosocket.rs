@@ -29,10 +29,11 @@ fn uuid_frame(id: &[u8; 16]) -> Vec<u8> {
     frame(0x01, id)
 }
 
-/// Starts a daemon with a customer and an agent listener on free ports.
+/// Starts a daemon with a customer and an agent listener on free ports. Speech is off:
+/// these tests are about the protocol (tests/speech.rs streams real speech).
 fn daemon(extra: &str) -> (TestDaemon, String, String) {
     let settings = format!(
-        "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}, {{ address = \"127.0.0.1:0\", leg = \"agent\" }}]\n{extra}"
+        "speech.enabled = false\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}, {{ address = \"127.0.0.1:0\", leg = \"agent\" }}]\n{extra}"
     );
     let d = TestDaemon::start(&settings, &[]);
     let status = d.status_json();

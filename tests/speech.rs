@@ -204,3 +204,155 @@ fn missing_models_and_bad_recordings_get_clear_errors() {
     assert!(err.contains("corrupt.wav"), "{err}");
     assert!(stdout_of(&out).contains("换一首歌"), "{}", stdout_of(&out));
 }
+
+// ---- The daemon's live path: every input feeds the same per-leg pipeline. ----
+
+const KEY_WORDS: [&str; 3] = ["出现", "交易", "情况"];
+
+/// A daemon with the real models, one encoder bucket, transcripts in the log.
+fn speech_daemon(dir: tempfile::TempDir, settings: &str, envs: &[(&str, &str)]) -> support::TestDaemon {
+    let settings = format!("speech.encoder_buckets_secs = [8]\nspeech.log_transcripts = true\n{settings}");
+    let mut all = vec![("CALLBOX_MODELS_DIR", models())];
+    all.extend_from_slice(envs);
+    support::TestDaemon::start_in(dir, &settings, &all)
+}
+
+/// The clip as 8 kHz 16-bit mono samples, as a phone line carries it.
+fn clip_at_8k(dir: &Path) -> Vec<i16> {
+    let raw = dir.join("clip8k.raw");
+    sox(&[
+        &clip("zh/BAC009S0764W0121.wav"),
+        "-r",
+        "8000",
+        "-e",
+        "signed",
+        "-b",
+        "16",
+        "-t",
+        "raw",
+        raw.to_str().unwrap(),
+    ]);
+    std::fs::read(&raw).unwrap().chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect()
+}
+
+/// The log lines of the customer's utterances in `call`.
+fn utterance_lines(log: &str, call: &str) -> Vec<String> {
+    log.lines().filter(|l| l.contains("customer utterance") && l.contains(call)).map(str::to_owned).collect()
+}
+
+const LONG: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[test]
+fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let samples = clip_at_8k(dir.path());
+    let d = speech_daemon(dir, "audiosocket.listeners = [{ address = \"127.0.0.1:0\", leg = \"customer\" }]", &[]);
+    let addr = d.status_json()["audiosocket_listeners"][0].as_str().unwrap().split(' ').next().unwrap().to_owned();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let id = [0x5e, 0xec, 0x40, 0x11, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 7];
+    stream.write_all(&[&[0x01, 0, 16][..], &id].concat()).unwrap();
+    // 20 ms frames: 0.5 s of silence, the clip, 1 s of silence; the call stays open.
+    let mut audio = vec![0i16; 4000];
+    audio.extend(&samples);
+    audio.extend(vec![0i16; 8000]);
+    for frame in audio.chunks(160) {
+        let payload: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+        stream.write_all(&[&[0x10][..], &(payload.len() as u16).to_be_bytes(), &payload].concat()).unwrap();
+    }
+    // The utterance ends on the silence after it: transcribed while the call is live.
+    let call = "5eec4011-0001-4002-8003-000000000007";
+    let heard = support::wait_until(LONG, || !utterance_lines(&d.log_text(), call).is_empty());
+    assert!(heard, "no utterance logged; log:\n{}", d.log_text());
+    assert_eq!(d.status_json()["calls"]["active"][0]["call"], call, "the call is still live");
+    let line = utterance_lines(&d.log_text(), call).join("\n");
+    for word in KEY_WORDS {
+        assert!(line.contains(word), "{word} not in {line}");
+    }
+    stream.write_all(&[0x00, 0, 0]).unwrap();
+    assert!(support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
+    let speech = d.status_json()["speech"].clone();
+    assert_eq!(speech["utterances"], 1, "{speech}");
+    let audio_secs = speech["audio_secs"].as_f64().unwrap();
+    assert!((audio_secs - audio.len() as f64 / 8000.0).abs() < 0.05, "{speech}");
+}
+
+#[test]
+fn a_spooled_stereo_recording_gets_both_legs_transcribed_in_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let stereo = dir.path().join("stereo.wav");
+    // Agent left: the clip; customer right: silence. 8 kHz µ-law, as a PBX records.
+    let (input, out) = (clip("zh/BAC009S0764W0121.wav"), stereo.to_str().unwrap().to_owned());
+    sox(&[&input, "-r", "8000", "-e", "u-law", "-b", "8", &out, "remix", "1", "0"]);
+    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
+    let d = speech_daemon(dir, &settings, &[]);
+    std::fs::copy(&stereo, spool.join(".incoming")).unwrap();
+    std::fs::rename(spool.join(".incoming"), spool.join("call-7.wav")).unwrap();
+    let result = spool.join("done/call-7.result.json");
+    assert!(support::wait_until(LONG, || result.exists()), "log:\n{}", d.log_text());
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    let us = v["utterances"].as_array().unwrap();
+    assert_eq!(us.len(), 1, "silence on the customer leg gives nothing: {us:?}");
+    assert_eq!(us[0]["leg"], "agent");
+    let t = us[0]["text"].as_str().unwrap();
+    for word in KEY_WORDS {
+        assert!(t.contains(word), "{word} not in {t}");
+    }
+    assert!(v["real_time_factor"].as_f64().unwrap() > 0.0);
+    assert!(d.log_text().contains("agent utterance"), "published as the call's utterance");
+}
+
+#[test]
+fn alsa_capture_is_transcribed_per_line_and_leg() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = clip_at_8k(dir.path());
+    // Line 1: agent silent on channel 0, customer speaking on channel 1; long silence
+    // after, which ends the call (and is what the file plugin repeats at the end).
+    let mut bytes = Vec::new();
+    let customer: Vec<i16> = [vec![0i16; 8000], samples, vec![0i16; 8000 * 30]].concat();
+    for s in &customer {
+        bytes.extend_from_slice(&0i16.to_le_bytes());
+        bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    let input = dir.path().join("line.raw");
+    std::fs::write(&input, bytes).unwrap();
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/asound-file.conf");
+    let settings = "alsa.device = \"callbox_test\"\nalsa.silence_timeout_secs = 2\n\
+        alsa.map = [{ channel = 0, line = \"1\", leg = \"agent\" }, { channel = 1, line = \"1\", leg = \"customer\" }]";
+    let input = input.to_str().unwrap().to_owned();
+    let d = speech_daemon(dir, settings, &[("ALSA_CONFIG_PATH", conf), ("CALLBOX_TEST_INFILE", &input)]);
+    let heard = support::wait_until(LONG, || !utterance_lines(&d.log_text(), "alsa:1:").is_empty());
+    let log = d.log_text();
+    assert!(heard, "no utterance logged; log:\n{log}");
+    let line = utterance_lines(&log, "alsa:1:").join("\n");
+    for word in KEY_WORDS {
+        assert!(line.contains(word), "{word} not in {line}");
+    }
+    assert!(support::wait_until(LONG, || d.log_text().contains("ended: silence timeout")), "{}", d.log_text());
+    assert!(!d.log_text().contains("agent utterance"), "the silent leg said nothing");
+}
+
+#[test]
+fn doctor_checks_the_models_against_their_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("callbox.toml");
+    let doctor = |models_dir: &str| {
+        let spool = dir.path().join("spool");
+        std::fs::write(
+            &config,
+            format!("[speech]\nmodels_dir = \"{models_dir}\"\n[spool]\ndir = \"{}\"\n", spool.display()),
+        )
+        .unwrap();
+        let out = run_cli(&["--config", config.to_str().unwrap(), "doctor", "--json"]);
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        checks.as_array().unwrap().iter().find(|c| c["name"] == "models").cloned().unwrap()
+    };
+    let good = doctor(&std::fs::canonicalize(models()).unwrap().display().to_string());
+    assert_eq!(good["verdict"], "pass", "{good}");
+    assert!(good["detail"].as_str().unwrap().contains("digests match"), "{good}");
+    let missing = dir.path().join("none");
+    let bad = doctor(missing.to_str().unwrap());
+    assert_eq!(bad["verdict"], "fail", "an input is configured: {bad}");
+    assert!(bad["detail"].as_str().unwrap().contains("models/build.sh"), "{bad}");
+}

@@ -13,7 +13,9 @@ const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speec
 fn spool_daemon(extra: &str) -> (TestDaemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100\n{extra}", spool.display());
+    // Speech off: these tests are about pickup and filing (tests/speech.rs transcribes).
+    let settings =
+        format!("speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\n{extra}", spool.display());
     let d = TestDaemon::start_in(dir, &settings, &[]);
     (d, spool)
 }
@@ -97,7 +99,7 @@ fn a_recording_that_arrives_at_capacity_waits_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let settings = format!(
-        "spool.dir = \"{}\"\nspool.poll_interval_ms = 100\ncalls.max_concurrent = 1\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]",
+        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\ncalls.max_concurrent = 1\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]",
         spool.display()
     );
     let d = TestDaemon::start_in(dir, &settings, &[]);
@@ -120,4 +122,24 @@ fn a_recording_that_arrives_at_capacity_waits_for_a_free_slot() {
     assert!(spool.join("waiting.wav").exists());
     drop(stream);
     assert!(wait_until(WAIT, || spool.join("done/waiting.result.json").exists()), "log:\n{}", d.log_text());
+}
+
+#[test]
+fn an_input_without_usable_models_stops_the_start_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("callbox.toml");
+    let settings = format!("spool.dir = \"{}\"", dir.path().join("spool").display());
+    std::fs::write(&config, TestDaemon::config_text(dir.path(), &settings)).unwrap();
+    let log = dir.path().join("daemon.log");
+    let missing = dir.path().join("no-models");
+    let mut child = TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", missing.to_str().unwrap())]);
+    let mut status = None;
+    assert!(wait_until(WAIT, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.unwrap().code(), Some(69), "{text}");
+    assert!(text.contains("cannot load the speech models") && text.contains("no-models"), "{text}");
+    assert!(text.contains("models/build.sh") && text.contains("speech.enabled = false"), "{text}");
 }

@@ -347,6 +347,14 @@ fn log_actions(actions: &[CallAction]) {
 }
 
 impl LegGuard {
+    pub fn call(&self) -> &str {
+        &self.call
+    }
+
+    pub fn leg(&self) -> Leg {
+        self.leg
+    }
+
     /// Called per audio frame: updates the leg in place, no allocation.
     pub fn audio(&self, samples: u64, sample_rate: u32) {
         self.registry.with(|t| t.add_audio(&self.call, self.leg, samples, sample_rate));

@@ -54,6 +54,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start or stop a call on an ALSA capture line (for PBX hooks and technicians).
+    #[command(subcommand)]
+    Call(CallCommand),
     /// Validate or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -113,6 +116,22 @@ pub enum BenchCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CallCommand {
+    /// A call begins on LINE (an alsa.map line name); prints its call id.
+    Start {
+        line: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The call on LINE ends.
+    Stop {
+        line: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Report every problem in the configuration file at once (exit 78 if invalid).
     Check {
@@ -149,6 +168,12 @@ pub fn main() -> u8 {
         Command::Run => crate::daemon::run(&cli.config),
         Command::Status { json } => status(&socket_for(&cli), json),
         Command::Reload { json } => reload(&socket_for(&cli), json),
+        Command::Call(CallCommand::Start { ref line, json }) => {
+            call_request(&socket_for(&cli), Request::CallStart { line: line.clone() }, json)
+        }
+        Command::Call(CallCommand::Stop { ref line, json }) => {
+            call_request(&socket_for(&cli), Request::CallStop { line: line.clone() }, json)
+        }
         Command::Config(ConfigCommand::Check { json }) => config_check(&cli.config, json),
         Command::Config(ConfigCommand::Show) => config_show(&cli.config),
         Command::Doctor { json } => doctor(&cli, json),
@@ -205,7 +230,7 @@ fn refused(code: crate::control::protocol::ErrorCode, message: &str) -> u8 {
         Forbidden => exit::NO_PERMISSION,
         UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
         ShuttingDown => exit::UNAVAILABLE,
-        Timeout | Internal => exit::FAILURE,
+        Rejected | Timeout | Internal => exit::FAILURE,
     }
 }
 
@@ -294,12 +319,35 @@ fn render_status(r: &StatusReport) -> String {
             .collect();
         out += &format!("  {}  {}\n", call.call, legs.join(", ").to_lowercase());
     }
+    if let Some(sp) = &r.speech {
+        out += &format!(
+            "speech:     models {}; {} legs open, {} in all; {} utterances; {:.1} s of audio in ended legs, {:.1} s of ASR; {} errors\n",
+            sp.models_dir, sp.legs_open, sp.legs_total, sp.utterances, sp.audio_secs, sp.asr_secs, sp.errors
+        );
+    }
     out += "components:\n";
     for c in &r.components {
         out += &format!("  {:<10} {:<9} {} (since {})\n", c.name, c.state.as_str(), c.detail, c.since);
     }
     out += &format!("you:        uid {}, {:?}\n", r.caller.uid, r.caller.role).to_lowercase();
     out
+}
+
+fn call_request(socket: &Path, request: Request, json: bool) -> u8 {
+    match client::request(socket, request) {
+        Ok(Response::Call(reply)) => {
+            if json {
+                print_json(&reply);
+            } else {
+                let verb = if reply.started { "started" } else { "ended" };
+                println!("call {} {verb} on line {}", reply.call, reply.line);
+            }
+            exit::OK
+        }
+        Ok(Response::Error(e)) => refused(e.code, &e.message),
+        Ok(other) => unexpected(&other),
+        Err(e) => fail(&e),
+    }
 }
 
 fn reload(socket: &Path, json: bool) -> u8 {

@@ -31,6 +31,7 @@ pub struct Config {
     pub calls: CallsConfig,
     pub audiosocket: AudioSocketConfig,
     pub spool: SpoolConfig,
+    pub alsa: AlsaConfig,
     pub speech: SpeechConfig,
 }
 
@@ -204,7 +205,60 @@ impl Default for SpoolConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct AlsaConfig {
+    /// ALSA capture device, e.g. "hw:1,0" or a PCM defined in asound.conf. Unset: off.
+    pub device: Option<String>,
+    /// Channels opened on the device (interleaved 16-bit).
+    pub channels: u32,
+    pub sample_rate: u32,
+    /// Capture period: the unit of reading and of call-boundary decisions.
+    pub period_ms: u32,
+    /// Which channel carries which line and leg; unmapped channels are ignored.
+    pub map: Vec<AlsaChannel>,
+    /// Start a call when a line's level rises above `start_level_dbfs`. Off: calls start
+    /// and stop only on `callbox call start|stop LINE` (the control socket).
+    pub auto_start: bool,
+    /// RMS level over one period (dB full scale) that counts as sound on a line.
+    pub start_level_dbfs: f32,
+    /// A call ends after this much silence on every leg of its line (auto-started calls;
+    /// explicitly started ones end on `call stop`).
+    pub silence_timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlsaChannel {
+    /// Channel index on the device, from 0.
+    pub channel: u32,
+    /// Line name, e.g. "1" or "sales-3": calls on it are called `alsa:<line>:<start>`.
+    pub line: String,
+    pub leg: crate::audio::Leg,
+}
+
+impl Default for AlsaConfig {
+    fn default() -> Self {
+        Self {
+            device: None,
+            channels: 2,
+            sample_rate: 8000,
+            period_ms: 20,
+            map: vec![],
+            auto_start: true,
+            start_level_dbfs: -45.0,
+            silence_timeout_secs: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SpeechConfig {
+    /// Transcribe live and spooled calls. Off: inputs still take calls (counted in
+    /// `status`), nothing is transcribed and no models are loaded.
+    pub enabled: bool,
+    /// Write each utterance's text to the log. Transcripts can hold personal data: for
+    /// commissioning only.
+    pub log_transcripts: bool,
     /// Folder with manifest.json and the models it lists (models/build.sh makes one).
     /// Unset: $CALLBOX_MODELS_DIR, else /usr/share/callbox/models.
     pub models_dir: Option<PathBuf>,
@@ -229,6 +283,8 @@ pub struct SpeechConfig {
 impl Default for SpeechConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
+            log_transcripts: false,
             models_dir: None,
             language: "zh".into(),
             encoder_buckets_secs: crate::speech::whisper::DEFAULT_BUCKETS.to_vec(),
@@ -478,7 +534,12 @@ impl Config {
         };
         let (d, c, a, sp, s) = (&self.daemon, &self.control, &self.audiosocket, &self.spool, &self.storage);
         let sp2 = &self.speech;
-        let ranges: [(&str, u64, u64, u64); 16] = [
+        let al = &self.alsa;
+        let ranges: [(&str, u64, u64, u64); 20] = [
+            ("alsa.channels", u64::from(al.channels), 1, 64),
+            ("alsa.sample_rate", u64::from(al.sample_rate), 8000, 48_000),
+            ("alsa.period_ms", u64::from(al.period_ms), 5, 200),
+            ("alsa.silence_timeout_secs", u64::from(al.silence_timeout_secs), 1, 3600),
             ("speech.min_speech_ms", u64::from(sp2.min_speech_ms), 32, 5000),
             ("speech.min_silence_ms", u64::from(sp2.min_silence_ms), 64, 5000),
             ("speech.speech_pad_ms", u64::from(sp2.speech_pad_ms), 0, 1000),
@@ -544,6 +605,39 @@ impl Config {
         {
             check(is_valid_group_name(name), key, format!("{name:?} is not a valid group name"));
         }
+        check(
+            (-90.0..=0.0).contains(&al.start_level_dbfs),
+            "alsa.start_level_dbfs",
+            format!("must be between -90 and 0, got {}", al.start_level_dbfs),
+        );
+        check(
+            al.device.is_none() || !al.map.is_empty(),
+            "alsa.map",
+            "must map at least one channel to a line and leg when alsa.device is set".into(),
+        );
+        for (i, m) in al.map.iter().enumerate() {
+            check(
+                m.channel < al.channels,
+                "alsa.map",
+                format!("channel {} is beyond alsa.channels = {}", m.channel, al.channels),
+            );
+            check(
+                is_valid_line_name(&m.line),
+                "alsa.map",
+                format!("line {:?}: use 1 to 32 letters, digits, '-' or '_'", m.line),
+            );
+            let earlier = &al.map[..i];
+            check(
+                !earlier.iter().any(|o| o.channel == m.channel),
+                "alsa.map",
+                format!("channel {} is mapped twice", m.channel),
+            );
+            check(
+                !earlier.iter().any(|o| o.line == m.line && o.leg == m.leg),
+                "alsa.map",
+                format!("line {:?} has two {} channels", m.line, m.leg.name()),
+            );
+        }
         for (i, l) in a.listeners.iter().enumerate() {
             let clash = a.listeners[..i].iter().any(|o| o.address == l.address && l.address.port() != 0);
             check(!clash, "audiosocket.listeners", format!("{} is listed twice", l.address));
@@ -553,27 +647,27 @@ impl Config {
 
     /// Keys whose new value only takes effect after a restart, for reload warnings.
     pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        if self.daemon.data_dir != new.daemon.data_dir {
-            keys.push("daemon.data_dir");
-        }
-        if self.daemon.worker_threads != new.daemon.worker_threads {
-            keys.push("daemon.worker_threads");
-        }
-        if self.control.socket != new.control.socket {
-            keys.push("control.socket");
-        }
-        if self.control.max_connections != new.control.max_connections {
-            keys.push("control.max_connections");
-        }
-        if self.audiosocket.listeners != new.audiosocket.listeners {
-            keys.push("audiosocket.listeners");
-        }
-        if self.spool.dir != new.spool.dir {
-            keys.push("spool.dir");
-        }
-        keys
+        let (old, sp, nsp) = (self, &self.speech, &new.speech);
+        // Models are loaded and capture opened once at start; speech thresholds and
+        // language apply to legs opened after a reload.
+        let changed = [
+            (old.daemon.data_dir != new.daemon.data_dir, "daemon.data_dir"),
+            (old.daemon.worker_threads != new.daemon.worker_threads, "daemon.worker_threads"),
+            (old.control.socket != new.control.socket, "control.socket"),
+            (old.control.max_connections != new.control.max_connections, "control.max_connections"),
+            (old.audiosocket.listeners != new.audiosocket.listeners, "audiosocket.listeners"),
+            (old.spool.dir != new.spool.dir, "spool.dir"),
+            (old.alsa != new.alsa, "alsa"),
+            (sp.enabled != nsp.enabled, "speech.enabled"),
+            (sp.models_dir != nsp.models_dir, "speech.models_dir"),
+            (sp.encoder_buckets_secs != nsp.encoder_buckets_secs, "speech.encoder_buckets_secs"),
+        ];
+        changed.into_iter().filter(|(differs, _)| *differs).map(|(_, key)| key).collect()
     }
+}
+
+fn is_valid_line_name(name: &str) -> bool {
+    (1..=32).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// POSIX portable user/group name rules as Debian's adduser enforces them by default.
@@ -755,6 +849,25 @@ device = \"hw:0\"
     }
 
     #[test]
+    fn alsa_channel_map_is_checked_against_the_device() {
+        let text =
+            "[alsa]\ndevice = \"hw:0\"\nchannels = 2\nmap = [\n{ channel = 0, line = \"1\", leg = \"agent\" },\n\
+            { channel = 0, line = \"1\", leg = \"customer\" },\n{ channel = 2, line = \"a b\", leg = \"agent\" },\n\
+            { channel = 1, line = \"1\", leg = \"agent\" }]\n";
+        let problems = parse(text).unwrap_err();
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(problems.iter().all(|p| p.key == "alsa.map"), "{problems:#?}");
+        for expected in ["channel 0 is mapped twice", "beyond alsa.channels = 2", "line \"a b\"", "two agent channels"]
+        {
+            assert!(messages.iter().any(|m| m.contains(expected)), "{expected}: {messages:?}");
+        }
+        let unmapped = parse("[alsa]\ndevice = \"hw:0\"\n").unwrap_err();
+        assert!(unmapped[0].message.contains("at least one channel"), "{unmapped:?}");
+        let ok = parse("[alsa]\ndevice = \"hw:0\"\nmap = [{ channel = 1, line = \"sales-3\", leg = \"customer\" }]\n");
+        assert_eq!(ok.unwrap().alsa.map[0].line, "sales-3");
+    }
+
+    #[test]
     fn restart_required_changes_are_named() {
         let old = Config::default();
         let mut new = old.clone();
@@ -792,6 +905,8 @@ device = \"hw:0\"
             vec![AudioSocketListener { address: "127.0.0.1:9092".parse().unwrap(), leg: crate::audio::Leg::Customer }];
         every.audiosocket.allowed_peers = vec!["127.0.0.1".parse().unwrap()];
         every.spool.dir = Some("/x".into());
+        every.alsa.device = Some("hw:0".into());
+        every.alsa.map = vec![AlsaChannel { channel: 0, line: "1".into(), leg: crate::audio::Leg::Agent }];
         let every: toml::Table = toml::from_str(&toml::to_string(&every).unwrap()).unwrap();
         let mut wanted = Vec::new();
         leaf_paths(&every, "", &mut wanted);

@@ -19,6 +19,8 @@ use crate::health::{shutdown_channel, HealthBoard};
 use crate::logging::{self, utc_timestamp};
 use crate::notify::{self, Notification, Notifier};
 use crate::paths::PathEnv;
+use crate::speech::live::SpeechService;
+use crate::speech::SpeechModels;
 use crate::storage;
 use crate::supervisor::{self, Component, SupervisorHooks};
 
@@ -96,6 +98,10 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             return exit::OS_ERROR;
         }
     }
+    let speech = match load_speech(cfg).await {
+        Ok(speech) => speech,
+        Err(code) => return code,
+    };
     let bound = match server::bind(&socket_path, &cfg.control.technician_group) {
         Ok(bound) => bound,
         Err(e) => {
@@ -119,6 +125,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
     let calls = CallRegistry::new(cfg.calls.max_concurrent);
     let audiosocket_listeners: Vec<String> =
         audiosocket.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
+    let capture = cfg.alsa.device.is_some().then(crate::inputs::alsa::request_queue);
 
     let ctx = ControlContext {
         config: config_rx.clone(),
@@ -131,6 +138,8 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         systemd_notify: notifier.is_enabled(),
         calls: calls.clone(),
         audiosocket_listeners,
+        line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
+        speech: speech.clone(),
         reload_tx,
     };
     let mut components = vec![
@@ -145,14 +154,29 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             audiosocket,
             config_rx.clone(),
             calls.clone(),
+            speech.clone(),
             health.clone(),
             shutdown.clone(),
         );
         components.push(Component::new("audiosocket", serve));
     }
     if let Some(spool) = cfg.spool.dir.clone() {
-        let watch = crate::inputs::spool::watch(spool, config_rx, calls.clone(), health.clone(), shutdown.clone());
+        let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
+        let watch = crate::inputs::spool::watch(spool, config, calls, speech, health.clone(), shutdown.clone());
         components.push(Component::new("spool", watch));
+    }
+    if let Some((_, requests)) = capture {
+        let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
+        let run = crate::inputs::alsa::capture(
+            cfg.alsa.clone(),
+            config,
+            calls,
+            speech,
+            requests,
+            health.clone(),
+            shutdown.clone(),
+        );
+        components.push(Component::new("alsa", run));
     }
 
     let mut hooks =
@@ -169,6 +193,38 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         watchdog_interval.map(|d| format!("every {} ms", d.as_millis())).unwrap_or_else(|| "off".into()));
 
     supervisor::supervise(components, shutdown_timeout, watchdog_interval, trigger, reload_rx, &mut hooks).await
+}
+
+/// Loads the speech models when an input is configured and speech is on; the exit code
+/// (69) when they cannot be loaded, after saying which file and what to do.
+async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> {
+    let has_input = !cfg.audiosocket.listeners.is_empty() || cfg.spool.dir.is_some() || cfg.alsa.device.is_some();
+    if !cfg.speech.enabled || !has_input {
+        if has_input {
+            log::warn!(component = "speech"; "speech.enabled = false: calls are taken but not transcribed");
+        }
+        return Ok(None);
+    }
+    let dir = cfg.speech.models_dir();
+    let buckets = cfg.speech.encoder_buckets_secs.clone();
+    let started = std::time::Instant::now();
+    let load_dir = dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || SpeechModels::load(&load_dir, &buckets)).await;
+    match loaded {
+        Ok(Ok(models)) => {
+            log::info!(component = "speech"; "models from {} loaded in {:.1} s", dir.display(), started.elapsed().as_secs_f64());
+            Ok(Some(SpeechService::new(models)))
+        }
+        Ok(Err(e)) => {
+            log::error!(component = "speech"; "cannot load the speech models: {e}");
+            log::error!(component = "speech"; "build them with `bash models/build.sh` and point speech.models_dir (or $CALLBOX_MODELS_DIR) at models/cache, or set speech.enabled = false");
+            Err(exit::UNAVAILABLE)
+        }
+        Err(e) => {
+            log::error!(component = "speech"; "loading the speech models panicked: {e}");
+            Err(exit::UNAVAILABLE)
+        }
+    }
 }
 
 struct DaemonHooks {

@@ -1,6 +1,6 @@
 //! `callbox doctor`: the checks a technician wants on site, each pass/warn/fail.
 //!
-//! Later issues add audio devices, broker, certificates and models here.
+//! Later issues add the broker and certificates here.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -52,9 +52,37 @@ pub fn run(config_path: &Path, data_dir: impl Fn(&Config) -> std::path::PathBuf,
     let config = config::load_lenient(config_path);
     checks.push(access(&config.control));
     checks.push(data_directory(&data_dir(&config), config.storage.min_free_mb));
+    checks.push(models(&config));
     checks.push(clock());
     checks.push(daemon(socket));
     checks
+}
+
+/// The speech models: present, every file matching its manifest digest.
+fn models(config: &Config) -> Check {
+    if !config.speech.enabled {
+        return check("models", Verdict::Pass, "speech.enabled = false: no models needed");
+    }
+    let dir = config.speech.models_dir();
+    let has_input =
+        !config.audiosocket.listeners.is_empty() || config.spool.dir.is_some() || config.alsa.device.is_some();
+    match crate::speech::ModelSet::open(&dir).and_then(|set| set.verify_all().map(|v| (set, v))) {
+        Ok((set, (files, bytes))) => {
+            let names: Vec<&str> = set.manifest.models.iter().map(|m| m.name.as_str()).collect();
+            let detail = format!(
+                "{}: {} ({files} files, {} MB, digests match)",
+                dir.display(),
+                names.join(", "),
+                bytes / 1_000_000
+            );
+            check("models", Verdict::Pass, detail)
+        }
+        Err(e) => {
+            // Without an input nothing needs them yet; with one the daemon will not start.
+            let verdict = if has_input { Verdict::Fail } else { Verdict::Warn };
+            check("models", verdict, format!("{e}; build them with models/build.sh or set speech.models_dir"))
+        }
+    }
 }
 
 /// Whether the caller's own groups let them use the daemon, judged as the daemon would.

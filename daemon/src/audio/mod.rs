@@ -37,4 +37,12 @@ impl Leg {
             Self::Customer => Self::Agent,
         }
     }
+
+    /// Lower-case name, as in the config and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Customer => "customer",
+        }
+    }
 }

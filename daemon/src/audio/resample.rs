@@ -73,7 +73,7 @@ impl StreamResampler {
     }
 
     /// Flushes the tail; the total output is then `round(input × ratio)` samples.
-    pub fn finish(mut self) -> Vec<f32> {
+    pub fn finish(&mut self) -> Vec<f32> {
         let expected = (self.input_total as f64 * self.ratio).round() as u64;
         let Some(block) = self.inner.as_ref().map(|r| r.input_frames_next()) else { return vec![] };
         // Push silence through until the delayed tail is out. The delay is a

@@ -21,7 +21,7 @@ pub struct RequestFrame {
     pub request: Request,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     // Empty struct variants, not unit ones: serde lets an internally tagged
@@ -32,7 +32,14 @@ pub enum Request {
     Status {},
     /// Re-read and validate the config file; keep the old one if invalid. Admins only.
     Reload {},
+    /// Start a call on an ALSA capture line (the PBX or a technician says a call began).
+    CallStart { line: String },
+    /// End the call on an ALSA capture line.
+    CallStop { line: String },
 }
+
+/// Longest line name a request may carry (config allows 32 characters).
+pub const MAX_LINE_NAME: usize = 32;
 
 /// Who may do what. Ordered: an admin may do everything a technician may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -43,9 +50,9 @@ pub enum Role {
 }
 
 impl Request {
-    pub fn required_role(self) -> Role {
+    pub fn required_role(&self) -> Role {
         match self {
-            Self::Ping {} | Self::Status {} => Role::Technician,
+            Self::Ping {} | Self::Status {} | Self::CallStart { .. } | Self::CallStop { .. } => Role::Technician,
             Self::Reload {} => Role::Admin,
         }
     }
@@ -68,7 +75,16 @@ pub enum Response {
     Pong,
     Status(Box<StatusReport>),
     Reload(ReloadReport),
+    /// A call started or stopped on a capture line.
+    Call(CallReply),
     Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallReply {
+    pub line: String,
+    pub call: String,
+    pub started: bool,
 }
 
 impl Response {
@@ -94,6 +110,8 @@ pub enum ErrorCode {
     RequestTooLarge,
     UnsupportedVersion,
     Forbidden,
+    /// Understood and allowed, but not possible now (no call on that line, …).
+    Rejected,
     Timeout,
     ShuttingDown,
     Internal,
@@ -120,7 +138,23 @@ pub struct StatusReport {
     /// Bound AudioSocket listeners, "address (leg)".
     pub audiosocket_listeners: Vec<String>,
     pub calls: crate::calls::CallsReport,
+    /// The speech path; absent when it is off or no input is configured.
+    #[serde(default)]
+    pub speech: Option<SpeechReport>,
     pub caller: CallerInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechReport {
+    pub models_dir: String,
+    pub legs_open: u64,
+    pub legs_total: u64,
+    pub utterances: u64,
+    /// Audio that went through VAD, in legs that have ended.
+    pub audio_secs: f64,
+    /// Compute time spent in ASR (encoder + decoder), all utterances.
+    pub asr_secs: f64,
+    pub errors: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,6 +81,9 @@ pub struct ControlContext {
     pub systemd_notify: bool,
     pub calls: crate::calls::CallRegistry,
     pub audiosocket_listeners: Vec<String>,
+    /// Start/stop requests for ALSA capture lines; None when capture is off.
+    pub line_requests: Option<crate::inputs::alsa::LineRequests>,
+    pub speech: Option<crate::speech::live::SpeechService>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
     pub reload_tx: mpsc::Sender<ReloadReply>,
 }
@@ -332,8 +335,30 @@ async fn respond(
             Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid: caller.uid, role })))
         }
         Request::Reload {} => reload(ctx).await,
+        Request::CallStart { line } => line_request(ctx, &line, true, caller.who).await,
+        Request::CallStop { line } => line_request(ctx, &line, false, caller.who).await,
     };
     (response, true)
+}
+
+async fn line_request(ctx: &ControlContext, line: &str, start: bool, who: &str) -> Response {
+    if line.len() > crate::control::protocol::MAX_LINE_NAME {
+        return Response::error(
+            ErrorCode::BadRequest,
+            format!("line names have at most {} characters", crate::control::protocol::MAX_LINE_NAME),
+        );
+    }
+    let Some(requests) = &ctx.line_requests else {
+        return Response::error(ErrorCode::Rejected, "ALSA capture is off (alsa.device is not set)");
+    };
+    match requests.send(line, start).await {
+        Ok(call) => {
+            let verb = if start { "started" } else { "stopped" };
+            log::info!(component = COMPONENT, call_id = call.as_str(); "call on line {line} {verb} at the request of {who}");
+            Response::Call(crate::control::protocol::CallReply { line: line.to_owned(), call, started: start })
+        }
+        Err(message) => Response::error(ErrorCode::Rejected, message),
+    }
 }
 
 async fn reload(ctx: &ControlContext) -> Response {
@@ -373,6 +398,21 @@ fn status_report(
         components: ctx.health.snapshot(),
         audiosocket_listeners: ctx.audiosocket_listeners.clone(),
         calls: ctx.calls.snapshot(),
+        speech: ctx.speech.as_ref().map(speech_report),
         caller,
+    }
+}
+
+fn speech_report(service: &crate::speech::live::SpeechService) -> crate::control::protocol::SpeechReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &service.stats;
+    crate::control::protocol::SpeechReport {
+        models_dir: service.models().dir.display().to_string(),
+        legs_open: s.legs_open.load(Relaxed),
+        legs_total: s.legs_total.load(Relaxed),
+        utterances: s.utterances.load(Relaxed),
+        audio_secs: s.audio_ms.load(Relaxed) as f64 / 1000.0,
+        asr_secs: s.asr_ms.load(Relaxed) as f64 / 1000.0,
+        errors: s.errors.load(Relaxed),
     }
 }

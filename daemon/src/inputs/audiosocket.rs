@@ -18,6 +18,7 @@ use crate::calls::CallRegistry;
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
 use crate::health::{HealthBoard, ShutdownSignal};
+use crate::speech::live::{LegFeed, SpeechService};
 
 const COMPONENT: &str = "audiosocket";
 /// Open connections, whatever state they are in; beyond this new ones wait.
@@ -54,6 +55,7 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     config: watch::Receiver<Arc<RunningConfig>>,
     calls: CallRegistry,
+    speech: Option<SpeechService>,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), AudioSocketError> {
@@ -68,7 +70,7 @@ pub async fn serve(
     let mut accept_loops = JoinSet::new();
     for l in listeners {
         let (config, calls, shutdown, permits) = (config.clone(), calls.clone(), shutdown.clone(), permits.clone());
-        accept_loops.spawn(accept_loop(l, config, calls, shutdown, permits));
+        accept_loops.spawn(accept_loop(l, config, calls, speech.clone(), shutdown, permits));
     }
     shutdown.wait().await;
     // Each loop stops accepting and closes its streams; wait for them all.
@@ -81,6 +83,7 @@ async fn accept_loop(
     bound: BoundListener,
     config: watch::Receiver<Arc<RunningConfig>>,
     calls: CallRegistry,
+    speech: Option<SpeechService>,
     mut shutdown: ShutdownSignal,
     permits: Arc<tokio::sync::Semaphore>,
 ) {
@@ -94,15 +97,19 @@ async fn accept_loop(
                 (permit, bound.listener.accept().await)
             } => match accepted {
                 (Ok(permit), Ok((stream, peer))) => {
-                    let settings = config.borrow().config.audiosocket.clone();
+                    let (settings, speech_config) = {
+                        let running = config.borrow();
+                        (running.config.audiosocket.clone(), running.config.speech.clone())
+                    };
                     if !settings.allowed_peers.is_empty() && !settings.allowed_peers.contains(&peer.ip()) {
                         log::warn!(component = COMPONENT; "refused AudioSocket connection from {peer}: not in audiosocket.allowed_peers");
                         continue;
                     }
                     let (calls, shutdown) = (calls.clone(), shutdown.clone());
+                    let speech = speech.clone().map(|service| (service, speech_config));
                     let leg = bound.leg;
                     streams.spawn(async move {
-                        handle_stream(stream, peer, leg, settings, calls, shutdown).await;
+                        handle_stream(stream, peer, leg, settings, calls, speech, shutdown).await;
                         drop(permit);
                     });
                 }
@@ -133,12 +140,15 @@ async fn handle_stream(
     leg: Leg,
     settings: crate::config::AudioSocketConfig,
     calls: CallRegistry,
+    speech: Option<(SpeechService, crate::config::SpeechConfig)>,
     mut shutdown: ShutdownSignal,
 ) {
     let idle = Duration::from_secs(settings.idle_timeout_secs);
     let mut decoder = FrameDecoder::new(settings.max_frame_bytes);
     let mut buf = vec![0u8; 16 * 1024];
     let mut guard = None;
+    // Opened at the first audio frame, whose kind gives the rate; (feed, rate).
+    let mut feed: Option<(LegFeed, u32)> = None;
     let end = loop {
         // Take every whole frame already received before reading more.
         let frame = match decoder.next_frame() {
@@ -176,12 +186,19 @@ async fn handle_stream(
             }
             (Frame::Uuid(_), Some(_)) => break End::Fault("a second UUID frame on one stream".into()),
             (_, None) => break End::Fault("the first frame was not the call UUID".into()),
-            (Frame::Audio { sample_rate, samples }, Some(g)) => g.audio(samples.len() as u64, sample_rate),
+            (Frame::Audio { sample_rate, samples }, Some(g)) => {
+                g.audio(samples.len() as u64, sample_rate);
+                if let Some(reason) = feed_speech(&mut feed, speech.as_ref(), g, sample_rate, samples).await {
+                    break End::Fault(reason);
+                }
+            }
             (Frame::Dtmf(digit), Some(g)) => g.dtmf(digit),
             (Frame::Hangup, Some(_)) => break End::Reason("hangup".into()),
             (Frame::Error(code), Some(_)) => break End::Fault(format!("Asterisk reported error {code:02x?}")),
         }
     };
+    // The worker flushes the utterance in progress once its feed is gone.
+    drop(feed);
     match end {
         End::Refused(reason) => {
             log::warn!(component = COMPONENT; "{peer}: {reason}");
@@ -198,5 +215,38 @@ async fn handle_stream(
                 g.close(reason);
             }
         }
+    }
+}
+
+/// Passes a frame's audio to the leg's speech worker, opening it at the first frame.
+/// Returns a reason to close the stream (the rate changed mid-stream).
+async fn feed_speech(
+    feed: &mut Option<(LegFeed, u32)>,
+    speech: Option<&(SpeechService, crate::config::SpeechConfig)>,
+    guard: &crate::calls::LegGuard,
+    sample_rate: u32,
+    samples: Vec<i16>,
+) -> Option<String> {
+    let (service, config) = speech?;
+    if feed.is_none() {
+        match service.open_leg(guard.call(), guard.leg(), sample_rate, config) {
+            Ok(f) => *feed = Some((f, sample_rate)),
+            Err(e) => {
+                log::error!(component = COMPONENT, call_id = guard.call(); "no speech for this leg: {e}");
+                return None;
+            }
+        }
+    }
+    match feed.as_ref() {
+        Some((_, rate)) if *rate != sample_rate => {
+            Some(format!("audio rate changed from {rate} Hz to {sample_rate} Hz within one stream"))
+        }
+        // Waits while the worker is a full queue behind: TCP back-pressure to the PBX.
+        // A worker that stopped (it logged why) refuses at once; the call goes on.
+        Some((f, _)) => {
+            f.push(samples).await;
+            None
+        }
+        None => None,
     }
 }

@@ -20,6 +20,8 @@ use crate::calls::{CallRegistry, CallSummary};
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
 use crate::health::{HealthBoard, ShutdownSignal};
+use crate::speech::live::{SpeechService, UtteranceEvent};
+use crate::transcribe::LegUtterance;
 
 const COMPONENT: &str = "spool";
 /// A sidecar is a few fields; anything larger is not one.
@@ -37,7 +39,7 @@ pub struct Sidecar {
 }
 
 /// What `done/<name>.result.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SpoolResult {
     pub file: String,
     pub sample_rate: u32,
@@ -45,6 +47,12 @@ pub struct SpoolResult {
     pub duration_ms: u64,
     pub metadata: Sidecar,
     pub call: Option<CallSummary>,
+    /// Both legs' utterances in time order; absent when speech is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utterances: Option<Vec<LegUtterance>>,
+    /// Processing time over the recording's duration (all legs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub real_time_factor: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +97,10 @@ fn is_recording_name(path: &Path) -> bool {
     !name.starts_with('.') && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("wav"))
 }
 
-fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegistry) -> FileOutcome {
+/// The speech service and the settings it runs with, when speech is on.
+type Speech<'a> = Option<(&'a SpeechService, &'a crate::config::SpeechConfig)>;
+
+fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegistry, speech: Speech) -> FileOutcome {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_owned();
     let sidecar_path = path.with_extension("json");
     let metadata = match std::fs::metadata(&sidecar_path) {
@@ -123,7 +134,22 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
             Err(reason) => return FileOutcome::Later(reason),
         }
     }
-    // The speech pipeline will run here, per leg, before the call closes.
+    let started = std::time::Instant::now();
+    let utterances = match speech {
+        None => None,
+        Some((service, config)) => match transcribe_legs(service, config, &call_id, &legs, recording.sample_rate) {
+            Ok(u) => Some(u),
+            Err(reason) => return FileOutcome::Failed(reason),
+        },
+    };
+    let duration_secs = recording.duration_secs();
+    let real_time_factor = utterances.as_ref().map(|_| {
+        if duration_secs > 0.0 {
+            started.elapsed().as_secs_f64() / duration_secs
+        } else {
+            0.0
+        }
+    });
     let call = calls.summary(&call_id);
     for guard in guards {
         guard.close("recording processed");
@@ -132,10 +158,34 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
         file: name,
         sample_rate: recording.sample_rate,
         encoding: format!("{:?}", recording.encoding).to_lowercase(),
-        duration_ms: (recording.duration_secs() * 1000.0).round() as u64,
+        duration_ms: (duration_secs * 1000.0).round() as u64,
         metadata,
         call,
+        utterances,
+        real_time_factor,
     }))
+}
+
+/// Transcribes every leg, publishes each utterance, and returns them in time order.
+fn transcribe_legs(
+    service: &SpeechService,
+    config: &crate::config::SpeechConfig,
+    call_id: &str,
+    legs: &[(crate::audio::Leg, &[i16])],
+    rate: u32,
+) -> Result<Vec<LegUtterance>, String> {
+    let mut out = Vec::new();
+    for &(leg, samples) in legs {
+        let utterances = crate::transcribe::transcribe_leg(service.models(), config, samples, rate)
+            .map_err(|e| format!("speech: {e}"))?;
+        out.extend(utterances.into_iter().map(|utterance| LegUtterance { leg, utterance }));
+    }
+    out.sort_by(|a, b| a.utterance.start_secs.total_cmp(&b.utterance.start_secs));
+    for u in &out {
+        let event = UtteranceEvent { call: call_id.to_owned(), leg: u.leg, utterance: u.utterance.clone() };
+        service.publish(event, config.log_transcripts);
+    }
+    Ok(out)
 }
 
 /// Moves `path` (and its sidecar) into `dir`, never overwriting: a repeated
@@ -197,6 +247,7 @@ pub async fn watch(
     dir: PathBuf,
     config: watch::Receiver<Arc<RunningConfig>>,
     calls: CallRegistry,
+    speech: Option<SpeechService>,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), SpoolError> {
@@ -205,14 +256,22 @@ pub async fn watch(
     // Files waiting for a free call slot: said once, not on every pass.
     let mut postponed = std::collections::HashSet::new();
     loop {
-        let settings = config.borrow().config.spool.clone();
+        let (settings, speech_config) = {
+            let running = config.borrow();
+            (running.config.spool.clone(), running.config.speech.clone())
+        };
         for path in ready_files(&dir) {
             if shutdown.is_triggered() {
                 break;
             }
             let (p, s, c, d) = (path.clone(), settings.clone(), calls.clone(), dir.clone());
+            let (service, sc) = (speech.clone(), speech_config.clone());
             let first_time = !postponed.contains(&path);
-            let settled = tokio::task::spawn_blocking(move || settle(&p, &d, process(&p, &s, &c), first_time)).await;
+            let settled = tokio::task::spawn_blocking(move || {
+                let outcome = process(&p, &s, &c, service.as_ref().map(|service| (service, &sc)));
+                settle(&p, &d, outcome, first_time)
+            })
+            .await;
             match settled {
                 Ok(Ok(waiting)) => {
                     if waiting {

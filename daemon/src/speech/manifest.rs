@@ -104,6 +104,18 @@ impl ModelSet {
         })
     }
 
+    /// Checks every file of every model against its digest; returns (files, bytes).
+    pub fn verify_all(&self) -> Result<(usize, u64), SpeechError> {
+        let (mut files, mut bytes) = (0, 0);
+        for model in &self.manifest.models {
+            for role in model.files.keys() {
+                bytes += self.read_verified(model, role)?.len() as u64;
+                files += 1;
+            }
+        }
+        Ok((files, bytes))
+    }
+
     /// Reads one of a model's files after checking its sha256 against the manifest.
     pub fn read_verified(&self, model: &ModelEntry, role: &str) -> Result<Vec<u8>, SpeechError> {
         let entry = model.files.get(role).ok_or_else(|| SpeechError::Manifest {

@@ -1,0 +1,189 @@
+//! The speech path for live calls: one worker thread per open leg.
+//!
+//! An input opens a [`LegFeed`] per leg and pushes PCM at the leg's rate; the worker
+//! resamples to 16 kHz and runs a [`LegPipeline`] (VAD per 32 ms chunk, ASR when an
+//! utterance ends). Finished utterances are logged and published on the utterance bus
+//! (call understanding subscribes there). Dropping the feed ends the leg: the worker
+//! flushes the utterance in progress and exits.
+//!
+//! Back-pressure: each feed's queue holds [`QUEUE_CHUNKS`] chunks (about 30 s of 20 ms
+//! frames) and a full queue blocks the input (TCP back-pressure for AudioSocket, an ALSA
+//! overrun for capture, which that adapter reports), so no audio is silently skipped
+//! inside the pipeline. A worker runs on its own OS thread: ASR takes hundreds of
+//! milliseconds of CPU and must not stall the async runtime.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+
+use super::pipeline::{LegPipeline, Utterance};
+use super::SpeechModels;
+use crate::audio::resample::StreamResampler;
+use crate::audio::Leg;
+use crate::config::SpeechConfig;
+
+const COMPONENT: &str = "speech";
+/// Chunks queued per leg before the input blocks: ~30 s of 20 ms frames.
+pub const QUEUE_CHUNKS: usize = 1500;
+/// Utterances buffered for each bus subscriber; a slower one loses the oldest (and is told).
+const BUS_CAPACITY: usize = 1024;
+
+/// One finished utterance of a live or spooled call.
+#[derive(Debug, Clone, Serialize)]
+pub struct UtteranceEvent {
+    pub call: String,
+    pub leg: Leg,
+    #[serde(flatten)]
+    pub utterance: Utterance,
+}
+
+/// Counters for `status`.
+#[derive(Debug, Default)]
+pub struct SpeechStats {
+    pub legs_open: AtomicU64,
+    pub legs_total: AtomicU64,
+    pub utterances: AtomicU64,
+    /// Audio seconds × 1000 that went through VAD.
+    pub audio_ms: AtomicU64,
+    /// Milliseconds spent in ASR (encoder + decoder).
+    pub asr_ms: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// The loaded models and the utterance bus, shared by every input.
+#[derive(Clone)]
+pub struct SpeechService {
+    models: Arc<SpeechModels>,
+    bus: broadcast::Sender<Arc<UtteranceEvent>>,
+    pub stats: Arc<SpeechStats>,
+}
+
+/// The input's end of a leg's worker. Drop it to end the leg.
+pub struct LegFeed {
+    tx: mpsc::Sender<Vec<i16>>,
+}
+
+impl LegFeed {
+    /// Queues PCM at the leg's rate; waits while the worker is a full queue behind.
+    /// False when the worker has gone (it logged why).
+    pub async fn push(&self, samples: Vec<i16>) -> bool {
+        self.tx.send(samples).await.is_ok()
+    }
+
+    /// The same from a plain thread (ALSA capture).
+    pub fn push_blocking(&self, samples: Vec<i16>) -> bool {
+        self.tx.blocking_send(samples).is_ok()
+    }
+}
+
+impl SpeechService {
+    pub fn new(models: SpeechModels) -> Self {
+        let (bus, _) = broadcast::channel(BUS_CAPACITY);
+        Self { models: Arc::new(models), bus, stats: Arc::default() }
+    }
+
+    pub fn models(&self) -> &SpeechModels {
+        &self.models
+    }
+
+    /// Where utterances are published; every subscriber sees every utterance.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<UtteranceEvent>> {
+        self.bus.subscribe()
+    }
+
+    /// Publishes an utterance (also for the spool, which transcribes whole files).
+    pub fn publish(&self, event: UtteranceEvent, log_text: bool) {
+        log_utterance(&event, log_text);
+        self.stats.utterances.fetch_add(1, Ordering::Relaxed);
+        let asr = &event.utterance.asr;
+        self.stats.asr_ms.fetch_add((asr.encoder_ms + asr.decoder_ms) as u64, Ordering::Relaxed);
+        // No subscriber yet is fine: nobody is listening for call understanding.
+        let _ = self.bus.send(Arc::new(event));
+    }
+
+    /// Starts a worker for one leg whose audio arrives at `rate` Hz.
+    pub fn open_leg(&self, call: &str, leg: Leg, rate: u32, config: &SpeechConfig) -> Result<LegFeed, String> {
+        let resampler = StreamResampler::new(rate, 16_000).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+        let worker = LegWorker {
+            service: self.clone(),
+            call: call.to_owned(),
+            leg,
+            rate,
+            resampler,
+            pipeline: LegPipeline::new(&self.models, config.vad_params(), config.decode_options()),
+            log_text: config.log_transcripts,
+        };
+        let name = format!("speech-{}", leg.name());
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker.run(rx))
+            .map_err(|e| format!("cannot start a speech worker thread: {e}"))?;
+        Ok(LegFeed { tx })
+    }
+}
+
+struct LegWorker {
+    service: SpeechService,
+    call: String,
+    leg: Leg,
+    rate: u32,
+    resampler: StreamResampler,
+    pipeline: LegPipeline,
+    log_text: bool,
+}
+
+impl LegWorker {
+    fn run(mut self, mut rx: mpsc::Receiver<Vec<i16>>) {
+        let stats = self.service.stats.clone();
+        stats.legs_open.fetch_add(1, Ordering::Relaxed);
+        stats.legs_total.fetch_add(1, Ordering::Relaxed);
+        let mut received: u64 = 0;
+        let mut failed = false;
+        while let Some(samples) = rx.blocking_recv() {
+            received += samples.len() as u64;
+            if failed {
+                continue; // keep draining so the input never blocks on a dead leg
+            }
+            let audio = self.resampler.push(&samples);
+            failed = !self.step(|p| p.push(&audio));
+        }
+        if !failed {
+            let tail = self.resampler.finish();
+            if self.step(|p| p.push(&tail)) {
+                self.step(LegPipeline::finish);
+            }
+        }
+        stats.audio_ms.fetch_add(received * 1000 / u64::from(self.rate.max(1)), Ordering::Relaxed);
+        stats.legs_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Runs one pipeline step and publishes what it finished. False after an error.
+    fn step(&mut self, f: impl FnOnce(&mut LegPipeline) -> Result<Vec<Utterance>, super::SpeechError>) -> bool {
+        match f(&mut self.pipeline) {
+            Ok(utterances) => {
+                for utterance in utterances {
+                    let event = UtteranceEvent { call: self.call.clone(), leg: self.leg, utterance };
+                    self.service.publish(event, self.log_text);
+                }
+                true
+            }
+            Err(e) => {
+                self.service.stats.errors.fetch_add(1, Ordering::Relaxed);
+                log::error!(component = COMPONENT, call_id = self.call.as_str(); "{} leg: speech stopped for this leg: {e}", self.leg.name());
+                false
+            }
+        }
+    }
+}
+
+fn log_utterance(event: &UtteranceEvent, log_text: bool) {
+    let u = &event.utterance;
+    let compute_ms = u.asr.encoder_ms + u.asr.decoder_ms;
+    let text = if log_text { format!(": {}", u.text) } else { String::new() };
+    log::info!(component = COMPONENT, call_id = event.call.as_str(), leg = event.leg.name();
+        "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms{text}",
+        event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms);
+}
