@@ -112,6 +112,10 @@ pub enum BenchCommand {
         json: bool,
         #[arg(long, value_name = "DIR")]
         models: Option<PathBuf>,
+        /// Each file's first channel as one utterance, without VAD (cut at the largest
+        /// bucket); JSON rows then carry the token ids, for models/whisper/compare_runtimes.py.
+        #[arg(long)]
+        whole: bool,
     },
 }
 
@@ -180,8 +184,8 @@ pub fn main() -> u8 {
         Command::Transcribe { ref files, json, ref lang, ref models } => {
             crate::offline::transcribe(&cli.config, files, json, lang.as_deref(), models.as_deref())
         }
-        Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models }) => {
-            crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref())
+        Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole }) => {
+            crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

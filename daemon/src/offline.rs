@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::audio::{g711, resample};
 use crate::config::{self, Config};
 use crate::exit;
-use crate::speech::{SpeechError, SpeechModels};
+use crate::speech::{SpeechError, SpeechModels, Transcript};
 use crate::transcribe::{transcribe_file, transcribe_leg, TranscribeError};
 
 fn load_config(path: &Path) -> Result<Config, u8> {
@@ -122,6 +122,26 @@ struct BenchRow {
     ms_per_token: f64,
     real_time_factor: f64,
     text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<Vec<u32>>,
+}
+
+/// One benchmark run: the pipeline (VAD + ASR per utterance) or, `whole`, ASR alone on the
+/// whole audio. Returns each utterance's text and transcript.
+fn run_once(
+    models: &SpeechModels,
+    speech: &crate::config::SpeechConfig,
+    pcm: &[i16],
+    rate: u32,
+    whole: bool,
+) -> Result<Vec<(String, Transcript)>, String> {
+    if !whole {
+        let utterances = transcribe_leg(models, speech, pcm, rate).map_err(|e| e.to_string())?;
+        return Ok(utterances.into_iter().map(|u| (u.text, u.asr)).collect());
+    }
+    let audio = resample::resample_all(pcm, rate, 16_000).map_err(|e| e.to_string())?;
+    let window = models.asr.transcribe_window(&audio, &speech.decode_options()).map_err(|e| e.to_string())?;
+    Ok(vec![(window.text.clone(), window)])
 }
 
 /// Default benchmark inputs: the shared recordings beside the checkout.
@@ -138,7 +158,14 @@ fn telephone(samples: &[i16], rate: u32) -> Result<Vec<i16>, String> {
     Ok(g711::decode_ulaw(&g711::encode_ulaw(&pcm)))
 }
 
-pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool, models_dir: Option<&Path>) -> u8 {
+pub fn bench_asr(
+    config_path: &Path,
+    files: &[PathBuf],
+    runs: usize,
+    json: bool,
+    models_dir: Option<&Path>,
+    whole: bool,
+) -> u8 {
     let config = match load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -179,7 +206,7 @@ pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool,
             let mut last = Vec::new();
             for _ in 0..runs {
                 let started = Instant::now();
-                last = match transcribe_leg(&models, &config.speech, pcm, rate) {
+                last = match run_once(&models, &config.speech, pcm, rate, whole) {
                     Ok(u) => u,
                     Err(e) => {
                         eprintln!("callbox: {}: {e}", file.display());
@@ -191,9 +218,9 @@ pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool,
             let mut steady = times[1..].to_vec();
             steady.sort_by(f64::total_cmp);
             let median = steady[steady.len() / 2];
-            let tokens: usize = last.iter().map(|u| u.asr.tokens).sum();
-            let encoder_ms: f64 = last.iter().map(|u| u.asr.encoder_ms).sum();
-            let decoder_ms: f64 = last.iter().map(|u| u.asr.decoder_ms).sum();
+            let tokens: usize = last.iter().map(|(_, t)| t.tokens).sum();
+            let encoder_ms: f64 = last.iter().map(|(_, t)| t.encoder_ms).sum();
+            let decoder_ms: f64 = last.iter().map(|(_, t)| t.decoder_ms).sum();
             let audio_secs = recording.duration_secs();
             rows.push(BenchRow {
                 file: file.display().to_string(),
@@ -207,7 +234,8 @@ pub fn bench_asr(config_path: &Path, files: &[PathBuf], runs: usize, json: bool,
                 decoder_ms,
                 ms_per_token: if tokens > 0 { decoder_ms / tokens as f64 } else { 0.0 },
                 real_time_factor: median / 1000.0 / audio_secs.max(1e-9),
-                text: last.iter().map(|u| u.text.as_str()).collect::<Vec<_>>().join(" "),
+                text: last.iter().map(|(text, _)| text.as_str()).collect::<Vec<_>>().join(" "),
+                token_ids: whole.then(|| last.iter().flat_map(|(_, t)| t.token_ids.iter().copied()).collect()),
             });
         }
     }

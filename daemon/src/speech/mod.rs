@@ -77,6 +77,9 @@ pub enum TranscriptStop {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Transcript {
     pub text: String,
+    /// The generated token ids (for runtime comparisons; not in the JSON output).
+    #[serde(skip)]
+    pub token_ids: Vec<u32>,
     pub language: String,
     pub tokens: usize,
     pub avg_logprob: f32,

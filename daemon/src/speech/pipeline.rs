@@ -130,6 +130,7 @@ fn merge(parts: Vec<Transcript>) -> Option<Transcript> {
         first.text.push(' ');
         first.text.push_str(&t.text);
         first.tokens += t.tokens;
+        first.token_ids.extend(t.token_ids);
         first.audio_secs += t.audio_secs;
         first.encoder_ms += t.encoder_ms;
         first.decoder_ms += t.decoder_ms;

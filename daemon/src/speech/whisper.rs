@@ -215,6 +215,7 @@ impl Whisper {
             text,
             language,
             tokens: generated.len(),
+            token_ids: generated,
             avg_logprob,
             no_speech_prob,
             no_speech,
