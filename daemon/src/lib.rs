@@ -20,3 +20,4 @@ pub mod speech;
 pub mod storage;
 pub mod supervisor;
 pub mod transcribe;
+pub mod understanding;

@@ -178,7 +178,12 @@ fn transcribe_legs(
     for &(leg, samples) in legs {
         let utterances = crate::transcribe::transcribe_leg(service.models(), config, samples, rate)
             .map_err(|e| format!("speech: {e}"))?;
-        out.extend(utterances.into_iter().map(|utterance| LegUtterance { leg, utterance }));
+        // The result file is stored data: personal data is masked before it is written.
+        out.extend(utterances.into_iter().map(|mut utterance| {
+            utterance.text = crate::understanding::pii::mask(&utterance.text).0;
+            utterance.asr.text = crate::understanding::pii::mask(&utterance.asr.text).0;
+            LegUtterance { leg, utterance }
+        }));
     }
     out.sort_by(|a, b| a.utterance.start_secs.total_cmp(&b.utterance.start_secs));
     for u in &out {

@@ -182,7 +182,8 @@ impl LegWorker {
 fn log_utterance(event: &UtteranceEvent, log_text: bool) {
     let u = &event.utterance;
     let compute_ms = u.asr.encoder_ms + u.asr.decoder_ms;
-    let text = if log_text { format!(": {}", u.text) } else { String::new() };
+    // Even when asked for, the log gets the text with personal data masked.
+    let text = if log_text { format!(": {}", crate::understanding::pii::mask(&u.text).0) } else { String::new() };
     log::info!(component = COMPONENT, call_id = event.call.as_str(), leg = event.leg.name();
         "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms{text}",
         event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms);

@@ -1,0 +1,4 @@
+//! Call understanding: what the call center acts on, from transcripts. Pure cores only;
+//! the daemon feeds them utterances from the speech path's bus.
+
+pub mod pii;
