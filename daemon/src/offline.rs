@@ -10,6 +10,7 @@ use crate::config::{self, Config};
 use crate::exit;
 use crate::speech::{SpeechError, SpeechModels, Transcript};
 use crate::transcribe::{transcribe_file, transcribe_leg, TranscribeError};
+use crate::understanding::intent::IntentModel;
 
 fn load_config(path: &Path) -> Result<Config, u8> {
     match config::load(path) {
@@ -269,4 +270,125 @@ pub fn bench_asr(
         }
     }
     exit::OK
+}
+
+fn load_intent(config: &Config, models_dir: Option<&Path>) -> Result<IntentModel, u8> {
+    let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    crate::speech::ModelSet::open(&dir).and_then(|set| IntentModel::load(&set)).map_err(|e| {
+        eprintln!("callbox: cannot load the intent model: {e}");
+        eprintln!("callbox: build it with `bash models/build.sh` (models/cache) or set speech.models_dir");
+        exit::UNAVAILABLE
+    })
+}
+
+/// `callbox bench intent`: per-utterance latency of featurizing and classifying.
+pub fn bench_intent(config_path: &Path, file: Option<&Path>, runs: usize, json: bool, models_dir: Option<&Path>) -> u8 {
+    let (config, model) = match load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m))) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let default = config.speech.models_dir().join("intent/eval.tsv");
+    let dir_default = models_dir.map(|d| d.join("intent/eval.tsv")).unwrap_or(default);
+    let path = file.map(Path::to_path_buf).unwrap_or(dir_default);
+    let texts: Vec<String> = match read_lines(&path, config.spool.max_file_mb) {
+        // The held-out split is TSV with a header: its first column is the text.
+        Ok(lines) if file.is_none() => {
+            lines.iter().skip(1).filter_map(|l| l.split('\t').next()).map(str::to_owned).collect()
+        }
+        Ok(lines) => lines,
+        Err(e) => {
+            eprintln!("callbox: {}: {e}", path.display());
+            return exit::DATA_ERROR;
+        }
+    };
+    if texts.is_empty() {
+        eprintln!("callbox: {}: no utterances", path.display());
+        return exit::DATA_ERROR;
+    }
+    let mut per_utterance_us = Vec::new();
+    for _ in 0..runs.max(1) {
+        for text in &texts {
+            let started = Instant::now();
+            if let Err(e) = model.classify(text) {
+                eprintln!("callbox: {e}");
+                return exit::FAILURE;
+            }
+            per_utterance_us.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    per_utterance_us.sort_by(f64::total_cmp);
+    let at = |q: f64| per_utterance_us[((per_utterance_us.len() - 1) as f64 * q).round() as usize];
+    let (p50, p99, max) = (at(0.5), at(0.99), at(1.0));
+    if json {
+        let report = serde_json::json!({ "utterances": texts.len(), "runs": runs.max(1), "p50_us": p50, "p99_us": p99, "max_us": max });
+        println!("{report}");
+    } else {
+        println!(
+            "{} utterances × {} runs: per utterance p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs",
+            texts.len(),
+            runs.max(1)
+        );
+    }
+    exit::OK
+}
+
+/// `callbox classify`: one utterance from the arguments, or one per line of `--file`.
+pub fn classify(
+    config_path: &Path,
+    words: &[String],
+    file: Option<&Path>,
+    json: bool,
+    models_dir: Option<&Path>,
+) -> u8 {
+    let (config, model) = match load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m))) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let texts: Vec<String> = match file {
+        None if words.is_empty() => {
+            eprintln!("callbox: give the text to classify, or --file FILE with one utterance per line");
+            return exit::USAGE;
+        }
+        None => vec![words.join(" ")],
+        Some(path) => match read_lines(path, config.spool.max_file_mb) {
+            Ok(lines) => lines,
+            Err(e) => {
+                eprintln!("callbox: {}: {e}", path.display());
+                return exit::DATA_ERROR;
+            }
+        },
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for text in &texts {
+        let c = match model.classify(text) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("callbox: {e}");
+                return exit::FAILURE;
+            }
+        };
+        let line = if json {
+            serde_json::json!({ "text": text, "label": c.label, "confidence": c.confidence, "top3": c.top3 })
+                .to_string()
+        } else {
+            let top: Vec<String> = c.top3.iter().map(|s| format!("{} {:.2}", s.label, s.p)).collect();
+            format!("{:<22} {:.2}  ({})  {text}", c.label, c.confidence, top.join(", "))
+        };
+        if std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes()).is_err() {
+            return exit::OK; // stdout closed (a pager quit): nothing more to say
+        }
+    }
+    let _ = std::io::Write::flush(&mut out);
+    exit::OK
+}
+
+/// A text file's non-empty lines, the file bounded like a recording.
+fn read_lines(path: &Path, max_mb: u64) -> Result<Vec<String>, String> {
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size > max_mb * 1024 * 1024 {
+        return Err(format!("larger than spool.max_file_mb = {max_mb}"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }

@@ -1,4 +1,5 @@
 //! Call understanding: what the call center acts on, from transcripts. Pure cores only;
 //! the daemon feeds them utterances from the speech path's bus.
 
+pub mod intent;
 pub mod pii;

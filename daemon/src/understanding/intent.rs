@@ -1,0 +1,180 @@
+//! The intent classifier: hashed character n-grams (the featurizer, twin of
+//! models/intent/featurize.py) into a linear model run by tract.
+//!
+//! The manifest states the featurizer version and parameters the model was trained with;
+//! a model trained with anything else is refused, since its weights would be read through
+//! the wrong features silently.
+
+use serde::Serialize;
+use tract_onnx::prelude::*;
+
+use crate::speech::{ModelSet, Plan, SpeechError};
+
+pub const FEATURIZER_VERSION: &str = "charngram-fnv1a-v1";
+pub const DIMS: usize = 1 << 16;
+pub const N_MIN: usize = 1;
+pub const N_MAX: usize = 4;
+/// Longest text classified; longer input is cut (an utterance is at most ~30 s of speech).
+pub const MAX_TEXT_CHARS: usize = 1000;
+
+/// Full-width ASCII → ASCII, ASCII upper → lower, anything not alphanumeric → one space,
+/// spaces collapsed and trimmed.
+pub fn normalise(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
+    for c in text.chars().take(MAX_TEXT_CHARS) {
+        let c = match c as u32 {
+            0xFF01..=0xFF5E => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            _ => c,
+        };
+        let c = c.to_ascii_lowercase();
+        if c.is_alphanumeric() {
+            if pending_space && !out.is_empty() {
+                out.push(' ');
+            }
+            pending_space = false;
+            out.push(c);
+        } else {
+            pending_space = true;
+        }
+    }
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811C_9DC5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// Sorted (index, value) pairs: n-gram counts of " " + text + " ", L2-normalised.
+pub fn features(text: &str) -> Vec<(u32, f32)> {
+    let norm = normalise(text);
+    if norm.is_empty() {
+        return Vec::new();
+    }
+    let chars: Vec<char> = std::iter::once(' ').chain(norm.chars()).chain(std::iter::once(' ')).collect();
+    let mut counts = std::collections::BTreeMap::<u32, u32>::new();
+    let mut gram = String::new();
+    for n in N_MIN..=N_MAX {
+        for window in chars.windows(n) {
+            gram.clear();
+            gram.extend(window);
+            *counts.entry(fnv1a(gram.as_bytes()) % DIMS as u32).or_default() += 1;
+        }
+    }
+    let norm2 = counts.values().map(|&c| f64::from(c) * f64::from(c)).sum::<f64>().sqrt();
+    counts.into_iter().map(|(k, c)| (k, (f64::from(c) / norm2) as f32)).collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scored {
+    pub label: String,
+    pub p: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Classification {
+    /// The best label, or `other` when its probability is under the model's threshold.
+    pub label: String,
+    pub confidence: f32,
+    pub top3: Vec<Scored>,
+}
+
+pub struct IntentModel {
+    plan: Plan,
+    pub labels: Vec<String>,
+    pub threshold: f32,
+    pub name: String,
+}
+
+impl IntentModel {
+    pub fn load(set: &ModelSet) -> Result<Self, SpeechError> {
+        let entry = set.for_task("intent")?;
+        let name = entry.name.clone();
+        let refuse = |reason: String| SpeechError::model(&name, reason);
+        let featurizer = entry.extra.get("featurizer").cloned().unwrap_or_default();
+        let expected =
+            serde_json::json!({ "version": FEATURIZER_VERSION, "dims": DIMS, "n_min": N_MIN, "n_max": N_MAX });
+        if featurizer != expected {
+            return Err(refuse(format!("trained with featurizer {featurizer}, this callbox computes {expected}")));
+        }
+        let labels: Vec<String> = entry
+            .extra
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .filter(|l: &Vec<String>| !l.is_empty() && l.iter().any(|x| x == "other"))
+            .ok_or_else(|| refuse("the manifest lists no labels (with `other`)".into()))?;
+        let threshold = entry
+            .extra
+            .get("threshold")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|t| (0.0..1.0).contains(t))
+            .ok_or_else(|| refuse("the manifest gives no threshold in 0..1".into()))? as f32;
+        let bytes = set.read_verified(entry, "model")?;
+        let plan = tract_onnx::onnx()
+            .model_for_read(&mut bytes.as_slice())
+            .and_then(|m| m.with_input_fact(0, f32::fact([1, DIMS]).into()))
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| SpeechError::model(&name, e))?;
+        let model = Self { plan, labels, threshold, name };
+        // The output must have one probability per label.
+        let probe = model.probabilities(&[]).map_err(|e| SpeechError::model(&model.name, e))?;
+        if probe.len() != model.labels.len() {
+            return Err(SpeechError::model(
+                &model.name,
+                format!("gives {} outputs for {} labels", probe.len(), model.labels.len()),
+            ));
+        }
+        Ok(model)
+    }
+
+    fn probabilities(&self, features: &[(u32, f32)]) -> TractResult<Vec<f32>> {
+        let mut dense = vec![0f32; DIMS];
+        for &(k, v) in features {
+            if let Some(slot) = dense.get_mut(k as usize) {
+                *slot = v;
+            }
+        }
+        let input = Tensor::from_shape(&[1, DIMS], &dense)?;
+        let out = self.plan.run(tvec!(input.into_tvalue()))?;
+        let probs = out.first().ok_or_else(|| TractError::msg("no output"))?;
+        Ok(crate::speech::f32s(probs)?.to_vec())
+    }
+
+    pub fn classify(&self, text: &str) -> Result<Classification, SpeechError> {
+        let probs = self.probabilities(&features(text)).map_err(|e| SpeechError::model(&self.name, e))?;
+        let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top3: Vec<Scored> =
+            ranked.iter().take(3).map(|&(i, p)| Scored { label: self.labels[i].clone(), p }).collect();
+        let (best, confidence) = ranked.first().copied().unwrap_or((0, 0.0));
+        let label = if confidence >= self.threshold { self.labels[best].clone() } else { "other".to_owned() };
+        Ok(Classification { label, confidence, top3 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalising_folds_width_and_case_and_collapses_the_rest() {
+        assert_eq!(normalise("  ＡＢＣ，你好！！ World_2 "), "abc 你好 world 2");
+        assert_eq!(normalise("[手机号]"), "手机号");
+        assert_eq!(normalise("。。。"), "");
+    }
+
+    #[test]
+    fn features_are_l2_normalised_counts_of_hashed_ngrams() {
+        assert!(features("  ").is_empty());
+        let f = features("ab");
+        // " ab " has 4 + 3 + 2 + 1 n-grams (n = 1..4); the space unigram occurs twice.
+        assert_eq!(f.len(), 9);
+        let space = f.iter().find(|(k, _)| *k == fnv1a(b" ") % DIMS as u32).unwrap().1;
+        assert!((space - 2.0 / 12f32.sqrt()).abs() < 1e-6, "{space}");
+        let norm: f32 = f.iter().map(|(_, v)| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-6);
+        assert!(f.windows(2).all(|w| w[0].0 < w[1].0), "sorted by index");
+        assert_eq!(fnv1a(b"a"), 0xE40C_292C, "FNV-1a reference value");
+    }
+}

@@ -1,0 +1,46 @@
+"""The intent featurizer, version charngram-fnv1a-v1. daemon/src/understanding/intent.rs is
+its Rust twin; tests/intent.rs checks that both give the same features on the parity set.
+
+normalise: full-width ASCII → ASCII, ASCII upper → lower, anything not alphanumeric → one
+space, spaces collapsed and trimmed. Features: character n-grams (n = 1..4) of
+" " + text + " ", each hashed with 32-bit FNV-1a over its UTF-8 bytes into DIMS buckets;
+counts, then L2-normalised.
+"""
+
+VERSION = "charngram-fnv1a-v1"
+DIMS = 1 << 16
+N_MIN, N_MAX = 1, 4
+
+
+def normalise(text):
+    out = []
+    for c in text:
+        o = ord(c)
+        if 0xFF01 <= o <= 0xFF5E:
+            c = chr(o - 0xFEE0)
+        if "A" <= c <= "Z":
+            c = c.lower()
+        out.append(c if c.isalnum() else " ")
+    return " ".join("".join(out).split())
+
+
+def fnv1a(data):
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def features(text):
+    """Sorted (index, value) pairs."""
+    norm = normalise(text)
+    if not norm:
+        return []
+    chars = " " + norm + " "
+    counts = {}
+    for n in range(N_MIN, N_MAX + 1):
+        for i in range(len(chars) - n + 1):
+            k = fnv1a(chars[i:i + n].encode("utf-8")) % DIMS
+            counts[k] = counts.get(k, 0) + 1
+    norm2 = sum(v * v for v in counts.values()) ** 0.5
+    return sorted((k, v / norm2) for k, v in counts.items())

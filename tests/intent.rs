@@ -1,0 +1,142 @@
+//! The intent classifier built by models/build.sh (models/cache): featurizer parity with
+//! the Python twin, held-out quality against a keyword baseline, the CLI, and refusal of
+//! a model trained with another featurizer.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use callbox::understanding::intent::{features, IntentModel};
+use support::{run_cli, stderr_of, stdout_of};
+
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
+
+fn model() -> IntentModel {
+    assert!(Path::new(MODELS).join("manifest.json").exists(), "run `bash models/build.sh` first");
+    IntentModel::load(&callbox::speech::ModelSet::open(Path::new(MODELS)).unwrap()).unwrap()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(MODELS).join(rel)).unwrap()
+}
+
+#[test]
+fn the_rust_featurizer_matches_the_python_one_on_the_parity_set() {
+    let parity = read("intent/parity.tsv");
+    let mut checked = 0;
+    for line in parity.lines() {
+        let (text, expected) = line.split_once('\t').unwrap();
+        let expected: Vec<(u32, f32)> = expected
+            .split_whitespace()
+            .map(|kv| {
+                let (k, v) = kv.split_once(':').unwrap();
+                (k.parse().unwrap(), v.parse().unwrap())
+            })
+            .collect();
+        let got = features(text);
+        let got_keys: Vec<u32> = got.iter().map(|(k, _)| *k).collect();
+        let want_keys: Vec<u32> = expected.iter().map(|(k, _)| *k).collect();
+        assert_eq!(got_keys, want_keys, "feature indices differ for {text:?}");
+        for ((_, g), (_, w)) in got.iter().zip(&expected) {
+            assert!((g - w).abs() < 2e-6, "value {g} vs {w} for {text:?}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 1000, "only {checked} parity sentences");
+}
+
+/// The same keyword baseline models/intent/train.py reports: the first label with a
+/// keyword in the text, else `other`.
+fn keyword_baseline(text: &str) -> &'static str {
+    const KEYWORDS: &[(&str, &[&str])] = &[
+        ("price_inquiry", &["多少钱", "价格", "收费", "费用", "how much", "price", "cost", "fee"]),
+        ("product_question", &["功能", "怎么办理", "支付", "分期", "include", "installment", "how does"]),
+        ("purchase_intent", &["我要买", "办一个", "下单", "签约", "sign me up", "buy", "order"]),
+        ("callback_request", &["开车", "晚点", "再打", "开会", "driving", "call me back", "later", "meeting"]),
+        ("hesitation", &["考虑", "想想", "商量", "再说", "think", "not sure", "maybe"]),
+        ("refusal", &["不需要", "不感兴趣", "不要", "not interested", "no thanks", "don't need"]),
+        ("complaint", &["投诉", "骗", "太差", "complaint", "scam", "terrible", "fraud"]),
+        ("human_request", &["人工", "机器人", "真人", "robot", "human", "real person", "agent"]),
+        ("budget_concern", &["太贵", "预算", "便宜", "expensive", "afford", "budget", "cheaper"]),
+        ("competitor_comparison", &["别家", "其他家", "competitor", "other company"]),
+        ("customization_request", &["定制", "个性化", "customize", "custom", "tailor"]),
+        ("do_not_call", &["别再打", "骚扰", "号码", "stop calling", "harassment", "my number"]),
+    ];
+    let lower = text.to_lowercase();
+    KEYWORDS.iter().find(|(_, words)| words.iter().any(|w| lower.contains(w))).map_or("other", |(label, _)| label)
+}
+
+fn macro_f1(pairs: &[(String, String)]) -> f64 {
+    let labels: BTreeSet<&str> = pairs.iter().map(|(gold, _)| gold.as_str()).collect();
+    let f1: Vec<f64> = labels
+        .iter()
+        .map(|label| {
+            let tp = pairs.iter().filter(|(g, p)| g == label && p == label).count() as f64;
+            let fp = pairs.iter().filter(|(g, p)| g != label && p == label).count() as f64;
+            let fne = pairs.iter().filter(|(g, p)| g == label && p != label).count() as f64;
+            2.0 * tp / (2.0 * tp + fp + fne).max(1.0)
+        })
+        .collect();
+    f1.iter().sum::<f64>() / f1.len() as f64
+}
+
+#[test]
+fn on_the_held_out_split_the_classifier_beats_the_keyword_baseline_in_both_languages() {
+    let model = model();
+    let eval = read("intent/eval.tsv");
+    for lang in ["zh", "en"] {
+        let rows: Vec<(&str, &str)> = eval
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let (text, label, l) = (f.next()?, f.next()?, f.next()?);
+                (l == lang).then_some((text, label))
+            })
+            .collect();
+        assert!(rows.len() > 300, "{lang}: {} held-out rows", rows.len());
+        let ours: Vec<(String, String)> =
+            rows.iter().map(|(t, g)| (g.to_string(), model.classify(t).unwrap().label)).collect();
+        let baseline: Vec<(String, String)> =
+            rows.iter().map(|(t, g)| (g.to_string(), keyword_baseline(t).to_owned())).collect();
+        let (ours, baseline) = (macro_f1(&ours), macro_f1(&baseline));
+        println!("{lang}: macro-F1 {ours:.3} vs keyword baseline {baseline:.3}");
+        assert!(ours > baseline, "{lang}: macro-F1 {ours:.3} does not beat the keyword baseline {baseline:.3}");
+    }
+}
+
+#[test]
+fn classify_answers_per_utterance_with_label_confidence_and_top3() {
+    let out = run_cli(&["classify", "--json", "--models", MODELS, "你们这个套餐多少钱"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout_of(&out).trim()).unwrap();
+    assert_eq!(v["label"], "price_inquiry", "{v}");
+    assert_eq!(v["top3"].as_array().unwrap().len(), 3);
+    assert!(v["confidence"].as_f64().unwrap() >= v["top3"][1]["p"].as_f64().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lines.txt");
+    std::fs::write(&file, "别再打了 你怎么有我号码\n\nI want to talk to a real person\n").unwrap();
+    let out = run_cli(&["classify", "--json", "--models", MODELS, "--file", file.to_str().unwrap()]);
+    let labels: Vec<String> = stdout_of(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(labels, ["do_not_call", "human_request"], "blank lines are skipped");
+}
+
+#[test]
+fn a_model_trained_with_another_featurizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")).unwrap();
+    for m in manifest["models"].as_array_mut().unwrap() {
+        if m["task"] == "intent" {
+            m["featurizer"]["n_max"] = 3.into();
+        }
+    }
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    let out = run_cli(&["classify", "--models", dir.path().to_str().unwrap(), "hello"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(stderr_of(&out).contains("trained with featurizer"), "{}", stderr_of(&out));
+}
