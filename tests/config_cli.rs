@@ -138,3 +138,23 @@ fn doctor_passes_against_a_healthy_daemon_and_fails_without_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout_of(&out).contains("FAIL  daemon"), "{}", stdout_of(&out));
 }
+
+#[test]
+fn rules_check_accepts_the_shipped_rules_and_lists_every_problem_of_a_bad_file() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/rules.toml");
+    let out = run_cli(&["rules", "check", shipped]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stdout_of(&out).contains("rules, valid"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("rules.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nid = \"a\"\nseverity = \"info\"\nwhen = { regex = \"(\" }\n\
+         [[rule]]\nid = \"b\"\nseverity = \"info\"\nwhen = { keywords_any = [\"@nowhere\"] }\n",
+    )
+    .unwrap();
+    let out = run_cli(&["rules", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr_of(&out);
+    assert!(err.contains("2 problem(s)") && err.contains("rule a: regex") && err.contains("rule b: no synonym list"), "{err}");
+}

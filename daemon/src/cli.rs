@@ -60,6 +60,9 @@ pub enum Command {
     /// Validate or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check a compliance/business rule file (every problem at once; exit 78 if any).
+    #[command(subcommand)]
+    Rules(RulesCommand),
     /// Check the installation on site: config, data directory, clock, daemon.
     Doctor {
         /// Print the checks as JSON.
@@ -163,6 +166,15 @@ pub enum CallCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Parse and compile FILE: synonyms resolved, regexes compiled, ids unique.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Report every problem in the configuration file at once (exit 78 if invalid).
     Check {
@@ -206,6 +218,7 @@ pub fn main() -> u8 {
             call_request(&socket_for(&cli), Request::CallStop { line: line.clone() }, json)
         }
         Command::Config(ConfigCommand::Check { json }) => config_check(&cli.config, json),
+        Command::Rules(RulesCommand::Check { ref file }) => rules_check(file),
         Command::Config(ConfigCommand::Show) => config_show(&cli.config),
         Command::Doctor { json } => doctor(&cli, json),
         Command::Transcribe { ref files, json, ref lang, ref models } => {
@@ -368,6 +381,36 @@ fn render_status(r: &StatusReport) -> String {
     }
     out += &format!("you:        uid {}, {:?}\n", r.caller.uid, r.caller.role).to_lowercase();
     out
+}
+
+fn rules_check(file: &Path) -> u8 {
+    use crate::understanding::rules::{RuleSet, MAX_RULES_BYTES};
+    let text = match std::fs::metadata(file) {
+        Ok(m) if m.len() > MAX_RULES_BYTES as u64 => {
+            eprintln!("callbox: {}: larger than {MAX_RULES_BYTES} bytes", file.display());
+            return exit::CONFIG;
+        }
+        _ => match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("callbox: cannot read {}: {e}", file.display());
+                return exit::CONFIG;
+            }
+        },
+    };
+    match RuleSet::parse(&text) {
+        Ok(set) => {
+            println!("{}: {} rules, valid", file.display(), set.len());
+            exit::OK
+        }
+        Err(problems) => {
+            eprintln!("{} problem(s) in {}:", problems.len(), file.display());
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            exit::CONFIG
+        }
+    }
 }
 
 fn call_request(socket: &Path, request: Request, json: bool) -> u8 {

@@ -3,3 +3,4 @@
 
 pub mod intent;
 pub mod pii;
+pub mod rules;
