@@ -201,6 +201,7 @@ impl RuleSet {
 }
 
 fn expand(words: &[String], synonyms: &BTreeMap<String, Vec<String>>, errs: &mut Vec<String>) -> Vec<String> {
+    let errs_before = errs.len();
     let mut out = Vec::new();
     for w in words {
         match w.strip_prefix('@') {
@@ -211,7 +212,7 @@ fn expand(words: &[String], synonyms: &BTreeMap<String, Vec<String>>, errs: &mut
             None => out.push(normalise(w)),
         }
     }
-    if out.iter().any(String::is_empty) || out.is_empty() {
+    if errs.len() == errs_before && (out.iter().any(String::is_empty) || out.is_empty()) {
         errs.push("an empty keyword list or keyword".into());
     }
     out
