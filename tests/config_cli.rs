@@ -156,5 +156,8 @@ fn rules_check_accepts_the_shipped_rules_and_lists_every_problem_of_a_bad_file()
     let out = run_cli(&["rules", "check", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78));
     let err = stderr_of(&out);
-    assert!(err.contains("2 problem(s)") && err.contains("rule a: regex") && err.contains("rule b: no synonym list"), "{err}");
+    assert!(
+        err.contains("2 problem(s)") && err.contains("rule a: regex") && err.contains("rule b: no synonym list"),
+        "{err}"
+    );
 }

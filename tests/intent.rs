@@ -140,3 +140,47 @@ fn a_model_trained_with_another_featurizer_is_refused() {
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr_of(&out).contains("trained with featurizer"), "{}", stderr_of(&out));
 }
+
+#[test]
+fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let call = dir.path().join("call.jsonl");
+    std::fs::write(
+        &call,
+        [
+            r#"{"leg":"agent","start_secs":0.5,"end_secs":3.0,"text":"您好，我是恒信理财的小王"}"#,
+            r#"{"leg":"agent","start_secs":5.0,"end_secs":9.0,"text":"我们有款产品保本，零风险"}"#,
+            r#"{"leg":"customer","start_secs":9.5,"end_secs":11.0,"text":"多少钱起投"}"#,
+            r#"{"leg":"customer","start_secs":12.0,"end_secs":14.0,"text":"我号码13912345678你们怎么有的，别再打了"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = run_cli(&["analyze", "--json", "--models", MODELS, call.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout_of(&out).trim()).unwrap();
+    let intents: Vec<&str> = report["utterances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["intent"]["label"].as_str())
+        .collect();
+    assert_eq!(intents, ["price_inquiry", "do_not_call"], "{report}");
+    let events: Vec<(&str, u64)> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["utterances"][0].as_u64().unwrap()))
+        .collect();
+    assert_eq!(events, [("supervisor_alert", 1), ("dnc_request", 3)], "{report}");
+    let stored = report["utterances"][3]["text"].as_str().unwrap();
+    assert!(stored.contains("[手机号]") && !stored.contains("139"), "{stored}");
+    let hits: Vec<&str> = report["hits"].as_array().unwrap().iter().map(|h| h["rule"].as_str().unwrap()).collect();
+    assert!(hits.contains(&"agent_recording_notice"), "no recording notice was given: {hits:?}");
+
+    // A transcript line that is not one gets a clear error naming the line.
+    std::fs::write(&call, "{\"leg\":\"agent\",\"start_secs\":1}\n").unwrap();
+    let out = run_cli(&["analyze", "--models", MODELS, call.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(stderr_of(&out).contains("line 1"), "{}", stderr_of(&out));
+}

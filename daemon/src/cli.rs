@@ -84,6 +84,21 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         models: Option<PathBuf>,
     },
+    /// Analyse calls offline: utterances (masked), customer intents, rule hits and events.
+    Analyze {
+        /// WAV recordings (stereo: agent left), transcripts as JSON lines (leg, start_secs,
+        /// end_secs, text), or folders of them.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        files: Vec<PathBuf>,
+        /// One JSON object per call.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+        /// Rule file (default: the shipped rules, packaging/rules.toml).
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+    },
     /// Classify utterances into intents (label, confidence, top 3), as the daemon does.
     Classify {
         /// The utterance (words are joined with spaces).
@@ -223,6 +238,9 @@ pub fn main() -> u8 {
         Command::Doctor { json } => doctor(&cli, json),
         Command::Transcribe { ref files, json, ref lang, ref models } => {
             crate::offline::transcribe(&cli.config, files, json, lang.as_deref(), models.as_deref())
+        }
+        Command::Analyze { ref files, json, ref models, ref rules } => {
+            crate::offline::analyze(&cli.config, files, json, models.as_deref(), rules.as_deref())
         }
         Command::Classify { ref text, ref file, json, ref models } => {
             crate::offline::classify(&cli.config, text, file.as_deref(), json, models.as_deref())

@@ -392,3 +392,204 @@ fn read_lines(path: &Path, max_mb: u64) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("not UTF-8 text: {e}"))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }
+
+/// One utterance of a transcript replay (`.jsonl`), as `transcribe --json` writes them.
+#[derive(Debug, serde::Deserialize)]
+struct ReplayUtterance {
+    leg: crate::audio::Leg,
+    start_secs: f64,
+    end_secs: f64,
+    text: String,
+}
+
+#[derive(Debug, Serialize)]
+struct CallReport {
+    file: String,
+    utterances: Vec<crate::understanding::call::UtteranceView>,
+    hits: Vec<crate::understanding::rules::RuleHit>,
+    events: Vec<crate::understanding::call::CallEvent>,
+    /// ASR time over audio duration (recordings only).
+    asr_real_time_factor: Option<f64>,
+    /// Slowest understanding step (masking, intent, rules) for one utterance.
+    understanding_max_ms: f64,
+}
+
+/// Inputs of `analyze`: files as given, folders expanded to their `.wav` and `.jsonl` files.
+fn analyze_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "wav" | "jsonl")))
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(path.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `callbox analyze`: recordings (transcribed) or transcripts (`.jsonl`) through masking,
+/// intent, rules and events, as the daemon does for a live call.
+pub fn analyze(
+    config_path: &Path,
+    paths: &[PathBuf],
+    json: bool,
+    models_dir: Option<&Path>,
+    rules_file: Option<&Path>,
+) -> u8 {
+    use crate::understanding::call::{CallUnderstanding, DEFAULT_RULES};
+    use crate::understanding::rules::RuleSet;
+    let (config, intent) = match load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m))) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let rules_text = match rules_file {
+        None => DEFAULT_RULES.to_owned(),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("callbox: cannot read {}: {e}", path.display());
+                return exit::CONFIG;
+            }
+        },
+    };
+    let rules = match RuleSet::parse(&rules_text) {
+        Ok(set) => std::sync::Arc::new(set),
+        Err(problems) => {
+            eprintln!("callbox: the rule file has {} problem(s):", problems.len());
+            problems.iter().for_each(|p| eprintln!("  {p}"));
+            return exit::CONFIG;
+        }
+    };
+    let files = match analyze_inputs(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("callbox: {e}");
+            return exit::DATA_ERROR;
+        }
+    };
+    let mut speech: Option<SpeechModels> = None;
+    let mut code = exit::OK;
+    for file in &files {
+        let is_wav = file.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+        let (utterances, rtf) = if is_wav {
+            if speech.is_none() {
+                match load_models(&config, models_dir) {
+                    Ok(m) => speech = Some(m),
+                    Err(c) => return c,
+                }
+            }
+            let Some(models) = speech.as_ref() else { return exit::UNAVAILABLE };
+            match transcribe_file(models, &config.speech, &config.spool, file) {
+                Ok(t) => {
+                    let us = t
+                        .utterances
+                        .into_iter()
+                        .map(|u| (u.leg, u.utterance.start_secs, u.utterance.end_secs, u.utterance.text));
+                    (us.collect::<Vec<_>>(), Some(t.real_time_factor))
+                }
+                Err(e) => {
+                    eprintln!("callbox: {e}");
+                    code = exit::DATA_ERROR;
+                    continue;
+                }
+            }
+        } else {
+            match read_replay(file, config.spool.max_file_mb) {
+                Ok(us) => (us, None),
+                Err(e) => {
+                    eprintln!("callbox: {}: {e}", file.display());
+                    code = exit::DATA_ERROR;
+                    continue;
+                }
+            }
+        };
+        let mut call = CallUnderstanding::new(rules.clone());
+        let mut slowest: f64 = 0.0;
+        let mut last_end: f64 = 0.0;
+        for (leg, start, end, text) in &utterances {
+            let started = Instant::now();
+            // Intent is the customer's; it is read from the masked text, as stored.
+            let classification = match leg {
+                crate::audio::Leg::Customer => match intent.classify(&crate::understanding::pii::mask(text).0) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!("callbox: {e}");
+                        return exit::FAILURE;
+                    }
+                },
+                crate::audio::Leg::Agent => None,
+            };
+            call.tick(*start);
+            call.utterance(*leg, *start, *end, text, classification);
+            slowest = slowest.max(started.elapsed().as_secs_f64() * 1000.0);
+            last_end = last_end.max(*end);
+        }
+        call.end(last_end);
+        let report = CallReport {
+            file: file.display().to_string(),
+            utterances: call.utterances,
+            hits: call.hits,
+            events: call.events,
+            asr_real_time_factor: rtf,
+            understanding_max_ms: slowest,
+        };
+        if json {
+            match serde_json::to_string(&report) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
+            }
+        } else {
+            print!("{}", render_call(&report));
+        }
+    }
+    code
+}
+
+fn read_replay(path: &Path, max_mb: u64) -> Result<Vec<(crate::audio::Leg, f64, f64, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in read_lines(path, max_mb)?.iter().enumerate() {
+        let u: ReplayUtterance = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if !(u.start_secs.is_finite() && u.end_secs >= u.start_secs) {
+            return Err(format!("line {}: start_secs/end_secs out of order", n + 1));
+        }
+        out.push((u.leg, u.start_secs, u.end_secs, u.text));
+    }
+    out.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(out)
+}
+
+fn render_call(r: &CallReport) -> String {
+    let mut out = format!("{}\n", r.file);
+    for u in &r.utterances {
+        let intent = u.intent.as_ref().map(|c| format!("{} {:.2}", c.label, c.confidence)).unwrap_or_default();
+        let rules = if u.rules.is_empty() { String::new() } else { format!("  ⚑ {}", u.rules.join(", ")) };
+        out += &format!(
+            "  [{:7.2} – {:7.2}] {:<8} {:<26} {}{rules}\n",
+            u.start_secs,
+            u.end_secs,
+            u.leg.name(),
+            intent,
+            u.text
+        );
+    }
+    for h in r.hits.iter().filter(|h| h.event.is_none()) {
+        out += &format!("  rule {} ({:?}): {}\n", h.rule, h.severity, h.reason).to_lowercase();
+    }
+    for e in &r.events {
+        out += &format!("  EVENT {} at {:.1} s: {} (utterances {:?})\n", e.kind, e.at_secs, e.reason, e.utterances);
+    }
+    if let Some(rtf) = r.asr_real_time_factor {
+        out += &format!("  asr real-time factor {rtf:.2}; ");
+    } else {
+        out += "  ";
+    }
+    out += &format!("understanding at most {:.2} ms per utterance\n", r.understanding_max_ms);
+    out
+}

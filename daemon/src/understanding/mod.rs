@@ -1,6 +1,7 @@
 //! Call understanding: what the call center acts on, from transcripts. Pure cores only;
 //! the daemon feeds them utterances from the speech path's bus.
 
+pub mod call;
 pub mod intent;
 pub mod pii;
 pub mod rules;

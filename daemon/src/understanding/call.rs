@@ -1,0 +1,166 @@
+//! One call's understanding, sans-IO: utterances in (in time order, with the intent the
+//! caller classified), masked utterances, rule hits and events out.
+//!
+//! Text is PII-masked first, and only masked text is kept or passed on. Rules see the
+//! masked text, the leg, the timing and the intent. Events come from rules that name one
+//! (`supervisor_alert`, `dnc_request`, `transfer_to_human`, `high_value_lead`, …), each
+//! with its reason and the utterances behind it.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::intent::Classification;
+use super::pii::{self, PiiKind};
+use super::rules::{CallRules, RuleHit, RuleInput, RuleSet};
+use crate::audio::Leg;
+
+/// The shipped rule set, used when no rule file is configured.
+pub const DEFAULT_RULES: &str = include_str!("../../../packaging/rules.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UtteranceView {
+    pub index: usize,
+    pub leg: Leg,
+    pub start_secs: f64,
+    pub end_secs: f64,
+    /// The transcript with personal data masked.
+    pub text: String,
+    pub pii: Vec<PiiKind>,
+    /// Customer utterances only: what the customer wants.
+    pub intent: Option<Classification>,
+    /// Ids of the rules that fired on this utterance.
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallEvent {
+    pub kind: String,
+    pub rule: String,
+    pub reason: String,
+    /// Seconds from the call's start when the event was raised.
+    pub at_secs: f64,
+    pub utterances: Vec<usize>,
+}
+
+pub struct CallUnderstanding {
+    rules: CallRules,
+    pub utterances: Vec<UtteranceView>,
+    pub hits: Vec<RuleHit>,
+    pub events: Vec<CallEvent>,
+}
+
+impl CallUnderstanding {
+    pub fn new(rules: Arc<RuleSet>) -> Self {
+        Self { rules: CallRules::new(rules), utterances: Vec::new(), hits: Vec::new(), events: Vec::new() }
+    }
+
+    /// One utterance, in time order. Returns the events it raised.
+    pub fn utterance(
+        &mut self,
+        leg: Leg,
+        start_secs: f64,
+        end_secs: f64,
+        text: &str,
+        intent: Option<Classification>,
+    ) -> Vec<CallEvent> {
+        let (masked, pii) = pii::mask(text);
+        let index = self.utterances.len();
+        let input = RuleInput {
+            index,
+            leg,
+            start_secs,
+            end_secs,
+            text: masked.clone(),
+            intent: intent.as_ref().map(|c| c.label.clone()),
+            emotion: None,
+        };
+        let hits = self.rules.utterance(&input);
+        let fired_here: Vec<String> =
+            hits.iter().filter(|h| h.utterances.contains(&index)).map(|h| h.rule.clone()).collect();
+        self.utterances.push(UtteranceView {
+            index,
+            leg,
+            start_secs,
+            end_secs,
+            text: masked,
+            pii,
+            intent,
+            rules: fired_here,
+        });
+        self.record(hits, end_secs)
+    }
+
+    /// Time passes without speech (seconds from the call's start).
+    pub fn tick(&mut self, now_secs: f64) -> Vec<CallEvent> {
+        let hits = self.rules.tick(now_secs);
+        self.record(hits, now_secs)
+    }
+
+    /// The call ended.
+    pub fn end(&mut self, at_secs: f64) -> Vec<CallEvent> {
+        let hits = self.rules.end();
+        self.record(hits, at_secs)
+    }
+
+    fn record(&mut self, hits: Vec<RuleHit>, at_secs: f64) -> Vec<CallEvent> {
+        let events: Vec<CallEvent> = hits
+            .iter()
+            .filter_map(|h| {
+                h.event.as_ref().map(|kind| CallEvent {
+                    kind: kind.clone(),
+                    rule: h.rule.clone(),
+                    reason: h.reason.clone(),
+                    at_secs,
+                    utterances: h.utterances.clone(),
+                })
+            })
+            .collect();
+        self.hits.extend(hits);
+        self.events.extend(events.iter().cloned());
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classified(label: &str) -> Option<Classification> {
+        Some(Classification { label: label.into(), confidence: 0.9, top3: vec![] })
+    }
+
+    #[test]
+    fn a_call_raises_events_with_reasons_and_keeps_only_masked_text() {
+        let rules = Arc::new(RuleSet::parse(DEFAULT_RULES).unwrap());
+        let mut call = CallUnderstanding::new(rules);
+        assert!(call.utterance(Leg::Agent, 0.5, 3.0, "您好，本次通话将被录音", None).is_empty());
+        let promise = call.utterance(Leg::Agent, 3.5, 7.0, "这款理财保本，零风险", None);
+        assert_eq!(promise.len(), 1);
+        assert_eq!((promise[0].kind.as_str(), promise[0].utterances.as_slice()), ("supervisor_alert", &[1][..]));
+        let human = call.utterance(Leg::Customer, 8.0, 9.0, "你是机器人吗", classified("human_request"));
+        assert_eq!(human[0].kind, "transfer_to_human");
+        let dnc = call.utterance(
+            Leg::Customer,
+            10.0,
+            12.0,
+            "我的号码13812345678你们怎么有的 别再打了",
+            classified("do_not_call"),
+        );
+        assert_eq!(dnc[0].kind, "dnc_request");
+        assert!(call.end(13.0).is_empty(), "the notice was given in time");
+        let stored = &call.utterances[3];
+        assert!(stored.text.contains("[手机号]") && !stored.text.contains("138"), "{}", stored.text);
+        assert_eq!(stored.pii, vec![PiiKind::Mobile]);
+        assert_eq!(call.utterances[1].rules, ["agent_forbidden_promise"]);
+        assert_eq!(call.events.len(), 3);
+    }
+
+    #[test]
+    fn a_missing_recording_notice_is_a_hit_at_the_deadline_but_no_event() {
+        let mut call = CallUnderstanding::new(Arc::new(RuleSet::parse(DEFAULT_RULES).unwrap()));
+        call.utterance(Leg::Agent, 0.5, 3.0, "您好", None);
+        assert!(call.tick(31.0).is_empty(), "the shipped rule has no event");
+        assert_eq!(call.hits.iter().map(|h| h.rule.as_str()).collect::<Vec<_>>(), ["agent_recording_notice"]);
+    }
+}
