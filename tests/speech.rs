@@ -364,11 +364,20 @@ fn analyze_runs_a_two_leg_recording_from_audio_to_intents() {
     // Agent left: 换一首歌; customer right: 甚至出现交易几乎停滞的情况.
     sox(&["-M", &clip("zh/IT0011W0001.wav"), &clip("zh/BAC009S0764W0121.wav"), call.to_str().unwrap()]);
     let config = config(dir.path());
-    let out = run_cli(&["--config", config.to_str().unwrap(), "analyze", "--json", "--models", models(), call.to_str().unwrap()]);
+    let out = run_cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "analyze",
+        "--json",
+        "--models",
+        models(),
+        call.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let report: serde_json::Value = serde_json::from_str(stdout_of(&out).trim()).unwrap();
     let us = report["utterances"].as_array().unwrap();
-    let leg_text = |leg: &str| us.iter().filter(|u| u["leg"] == leg).map(|u| u["text"].as_str().unwrap()).collect::<String>();
+    let leg_text =
+        |leg: &str| us.iter().filter(|u| u["leg"] == leg).map(|u| u["text"].as_str().unwrap()).collect::<String>();
     assert!(leg_text("agent").contains("换一首歌"), "{report}");
     assert!(leg_text("customer").contains("交易"), "{report}");
     assert!(us.iter().filter(|u| u["leg"] == "customer").all(|u| u["intent"]["label"].is_string()), "{report}");

@@ -443,11 +443,19 @@ pub fn analyze(
     models_dir: Option<&Path>,
     rules_file: Option<&Path>,
 ) -> u8 {
-    use crate::understanding::call::{CallUnderstanding, DEFAULT_RULES};
+    use crate::understanding::call::{CallUnderstanding, UtteranceFacts, DEFAULT_RULES};
     use crate::understanding::rules::RuleSet;
     let (config, intent) = match load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m))) {
         Ok(loaded) => loaded,
         Err(code) => return code,
+    };
+    let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    let sentiment = match crate::speech::ModelSet::open(&dir).and_then(|set| IntentModel::load_sentiment(&set)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("callbox: cannot load the sentiment model: {e}; rebuild with `bash models/build.sh`");
+            return exit::UNAVAILABLE;
+        }
     };
     let rules_text = match rules_file {
         None => DEFAULT_RULES.to_owned(),
@@ -488,11 +496,11 @@ pub fn analyze(
             let Some(models) = speech.as_ref() else { return exit::UNAVAILABLE };
             match transcribe_file(models, &config.speech, &config.spool, file) {
                 Ok(t) => {
-                    let us = t
-                        .utterances
-                        .into_iter()
-                        .map(|u| (u.leg, u.utterance.start_secs, u.utterance.end_secs, u.utterance.text));
-                    (us.collect::<Vec<_>>(), Some(t.real_time_factor))
+                    let us = t.utterances.into_iter().map(|u| {
+                        let v = u.utterance;
+                        (u.leg, v.start_secs, v.end_secs, v.text, Some(v.prosody))
+                    });
+                    (us.collect::<Vec<AnalyzeUtterance>>(), Some(t.real_time_factor))
                 }
                 Err(e) => {
                     eprintln!("callbox: {e}");
@@ -513,23 +521,25 @@ pub fn analyze(
         let mut call = CallUnderstanding::new(rules.clone());
         let mut slowest: f64 = 0.0;
         let mut last_end: f64 = 0.0;
-        for (leg, start, end, text) in &utterances {
+        for (leg, start, end, text, prosody) in utterances {
             let started = Instant::now();
-            // Intent is the customer's; it is read from the masked text, as stored.
-            let classification = match leg {
-                crate::audio::Leg::Customer => match intent.classify(&crate::understanding::pii::mask(text).0) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        eprintln!("callbox: {e}");
-                        return exit::FAILURE;
-                    }
-                },
-                crate::audio::Leg::Agent => None,
+            // The models read the masked text, as it is stored; intent is the customer's.
+            let masked = crate::understanding::pii::mask(&text).0;
+            let customer = leg == crate::audio::Leg::Customer;
+            let classified = (customer.then(|| intent.classify(&masked)).transpose())
+                .and_then(|i| sentiment.classify(&masked).map(|s| (i, s.top3[0].label.clone())));
+            let (intent_of, sentiment_of) = match classified {
+                Ok(both) => both,
+                Err(e) => {
+                    eprintln!("callbox: {e}");
+                    return exit::FAILURE;
+                }
             };
-            call.tick(*start);
-            call.utterance(*leg, *start, *end, text, classification);
+            let facts = UtteranceFacts { intent: intent_of, sentiment: Some(sentiment_of), prosody };
+            call.tick(start);
+            call.utterance(leg, start, end, &text, facts);
             slowest = slowest.max(started.elapsed().as_secs_f64() * 1000.0);
-            last_end = last_end.max(*end);
+            last_end = last_end.max(end);
         }
         call.end(last_end);
         let report = CallReport {
@@ -552,14 +562,17 @@ pub fn analyze(
     code
 }
 
-fn read_replay(path: &Path, max_mb: u64) -> Result<Vec<(crate::audio::Leg, f64, f64, String)>, String> {
+/// One utterance to analyse: leg, start, end, text, prosody (recordings only).
+type AnalyzeUtterance = (crate::audio::Leg, f64, f64, String, Option<crate::speech::prosody::Prosody>);
+
+fn read_replay(path: &Path, max_mb: u64) -> Result<Vec<AnalyzeUtterance>, String> {
     let mut out = Vec::new();
     for (n, line) in read_lines(path, max_mb)?.iter().enumerate() {
         let u: ReplayUtterance = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
         if !(u.start_secs.is_finite() && u.end_secs >= u.start_secs) {
             return Err(format!("line {}: start_secs/end_secs out of order", n + 1));
         }
-        out.push((u.leg, u.start_secs, u.end_secs, u.text));
+        out.push((u.leg, u.start_secs, u.end_secs, u.text, None));
     }
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(out)
@@ -568,7 +581,10 @@ fn read_replay(path: &Path, max_mb: u64) -> Result<Vec<(crate::audio::Leg, f64, 
 fn render_call(r: &CallReport) -> String {
     let mut out = format!("{}\n", r.file);
     for u in &r.utterances {
-        let intent = u.intent.as_ref().map(|c| format!("{} {:.2}", c.label, c.confidence)).unwrap_or_default();
+        let mut intent = u.intent.as_ref().map(|c| format!("{} {:.2}", c.label, c.confidence)).unwrap_or_default();
+        if let Some(e) = u.emotion {
+            intent = format!("{intent} {}", e.name()).trim().to_owned();
+        }
         let rules = if u.rules.is_empty() { String::new() } else { format!("  ⚑ {}", u.rules.join(", ")) };
         out += &format!(
             "  [{:7.2} – {:7.2}] {:<8} {:<26} {}{rules}\n",

@@ -164,11 +164,12 @@ def softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def train_model(texts, labels, epochs=150, lr=0.1, l2=1e-4, seed=7):
-    n, c = len(texts), len(LABELS)
+def train_model(texts, labels, epochs=150, lr=0.1, l2=1e-4, seed=7, names=None):
+    names = names or LABELS
+    n, c = len(texts), len(names)
     sparse = to_sparse(texts)
     rows, idx, val = sparse
-    y = np.array([LABELS.index(label) for label in labels])
+    y = np.array([names.index(label) for label in labels])
     counts = np.bincount(y, minlength=c).astype(np.float32)
     weights = (n / (c * np.maximum(counts, 1)))[y].astype(np.float32)
     rng = np.random.default_rng(seed)
@@ -210,7 +211,7 @@ def metrics(gold, pred):
     return {"accuracy": round(acc, 4), "macro_f1": round(float(np.mean(f1s)), 4), "n": len(gold)}
 
 
-def export_onnx(W, b, path):
+def export_onnx(W, b, path, n_labels=len(LABELS)):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     graph = helper.make_graph(
@@ -219,7 +220,7 @@ def export_onnx(W, b, path):
          helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
         "intent",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, featurize.DIMS])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, len(LABELS)])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, n_labels])],
         [numpy_helper.from_array(W.astype(np.float32), "weights"), numpy_helper.from_array(b.astype(np.float32), "bias")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="callbox-intent")
@@ -272,6 +273,53 @@ def build(out, shared):
         "train_secs": round(time.time() - started, 1),
     }
     return fields, {"model": "intent/intent.onnx", "eval": "intent/eval.tsv", "parity": "intent/parity.tsv"}
+
+
+# CPED's 13 emotion labels mapped to the text side of callbox's emotion.
+SENTIMENTS = ["negative", "neutral", "positive"]
+CPED_EMOTION = {"anger": "negative", "disgust": "negative", "depress": "negative", "sadness": "negative",
+                "fear": "negative", "worried": "negative", "negative-other": "negative", "neutral": "neutral",
+                "astonished": "neutral", "happy": "positive", "relaxed": "positive", "grateful": "positive",
+                "positive-other": "positive"}
+
+
+def build_sentiment(out, shared):
+    """Text sentiment from CPED's emotion labels (mapped to three), split by dialogue."""
+    train, held = [], []
+    with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            text, label = row["Utterance"].strip(), CPED_EMOTION.get(row["Emotion"])
+            if text and label:
+                (held if hash_bucket(row["Dialogue_ID"]) < 2 else train).append((text, label))
+    W, b = train_model([t for t, _ in train], [label for _, label in train], l2=3e-4, names=SENTIMENTS)
+    probs = softmax(logits_of(W, b, to_sparse([t for t, _ in held]), len(held)))
+    pred = [SENTIMENTS[i] for i in probs.argmax(axis=1)]
+    gold = [label for _, label in held]
+    report = metrics(gold, pred)
+    report["majority_baseline"] = metrics(gold, [max(SENTIMENTS, key=[g for g in gold].count)] * len(gold))
+    # Per CPED emotion: how often its utterances come out with the mapped sentiment.
+    per_emotion = {}
+    with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
+        rows = [r for r in csv.DictReader(f) if hash_bucket(r["Dialogue_ID"]) < 2 and r["Utterance"].strip()]
+    texts = [r["Utterance"].strip() for r in rows]
+    got = [SENTIMENTS[i] for i in softmax(logits_of(W, b, to_sparse(texts), len(texts))).argmax(axis=1)]
+    for r, g in zip(rows, got):
+        e = per_emotion.setdefault(r["Emotion"], [0, 0])
+        e[0] += g == CPED_EMOTION[r["Emotion"]]
+        e[1] += 1
+    report["recall_by_cped_emotion"] = {k: round(v[0] / v[1], 3) for k, v in sorted(per_emotion.items())}
+    folder = os.path.join(out, "intent")
+    os.makedirs(folder, exist_ok=True)
+    export_onnx(W, b, os.path.join(folder, "sentiment.onnx"), len(SENTIMENTS))
+    counts = {s: sum(1 for _, label in train if label == s) for s in SENTIMENTS}
+    fields = {
+        "labels": SENTIMENTS,
+        "featurizer": {"version": featurize.VERSION, "dims": featurize.DIMS, "n_min": featurize.N_MIN,
+                       "n_max": featurize.N_MAX},
+        "metrics": {"zh": report},
+        "train_counts": counts,
+    }
+    return fields, {"model": "intent/sentiment.onnx"}
 
 
 if __name__ == "__main__":

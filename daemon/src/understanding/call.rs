@@ -10,10 +10,26 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::emotion::{self, Emotion, SpeakerBaseline};
 use super::intent::Classification;
 use super::pii::{self, PiiKind};
 use super::rules::{CallRules, RuleHit, RuleInput, RuleSet};
 use crate::audio::Leg;
+use crate::speech::prosody::Prosody;
+
+/// Consecutive negative customer utterances that raise a supervisor alert.
+pub const NEGATIVE_STREAK: usize = 3;
+
+/// What the caller knows about an utterance besides its text: the models' outputs (run
+/// outside this pure core) and the prosody.
+#[derive(Debug, Clone, Default)]
+pub struct UtteranceFacts {
+    /// Customer utterances: the intent.
+    pub intent: Option<Classification>,
+    /// The text sentiment label (negative / neutral / positive).
+    pub sentiment: Option<String>,
+    pub prosody: Option<Prosody>,
+}
 
 /// The shipped rule set, used when no rule file is configured.
 pub const DEFAULT_RULES: &str = include_str!("../../../packaging/rules.toml");
@@ -29,6 +45,7 @@ pub struct UtteranceView {
     pub pii: Vec<PiiKind>,
     /// Customer utterances only: what the customer wants.
     pub intent: Option<Classification>,
+    pub emotion: Option<Emotion>,
     /// Ids of the rules that fired on this utterance.
     pub rules: Vec<String>,
 }
@@ -48,11 +65,23 @@ pub struct CallUnderstanding {
     pub utterances: Vec<UtteranceView>,
     pub hits: Vec<RuleHit>,
     pub events: Vec<CallEvent>,
+    baselines: [SpeakerBaseline; 2],
+    /// The customer's latest run of negative utterances (indices).
+    negative_run: Vec<usize>,
+    streak_alerted: bool,
 }
 
 impl CallUnderstanding {
     pub fn new(rules: Arc<RuleSet>) -> Self {
-        Self { rules: CallRules::new(rules), utterances: Vec::new(), hits: Vec::new(), events: Vec::new() }
+        Self {
+            rules: CallRules::new(rules),
+            utterances: Vec::new(),
+            hits: Vec::new(),
+            events: Vec::new(),
+            baselines: Default::default(),
+            negative_run: Vec::new(),
+            streak_alerted: false,
+        }
     }
 
     /// One utterance, in time order. Returns the events it raised.
@@ -62,10 +91,17 @@ impl CallUnderstanding {
         start_secs: f64,
         end_secs: f64,
         text: &str,
-        intent: Option<Classification>,
+        facts: UtteranceFacts,
     ) -> Vec<CallEvent> {
         let (masked, pii) = pii::mask(text);
         let index = self.utterances.len();
+        let intent = facts.intent;
+        let baseline = &mut self.baselines[usize::from(leg == Leg::Customer)];
+        let aroused = facts.prosody.as_ref().is_some_and(|p| baseline.aroused_then_add(p));
+        let emotion = facts.sentiment.as_deref().map(|s| {
+            let pauses = facts.prosody.as_ref().map_or(0, |p| p.pauses);
+            emotion::judge(s, intent.as_ref().map(|c| c.label.as_str()), aroused, pauses)
+        });
         let input = RuleInput {
             index,
             leg,
@@ -73,9 +109,12 @@ impl CallUnderstanding {
             end_secs,
             text: masked.clone(),
             intent: intent.as_ref().map(|c| c.label.clone()),
-            emotion: None,
+            emotion: emotion.map(|e| e.name().to_owned()),
         };
-        let hits = self.rules.utterance(&input);
+        let mut hits = self.rules.utterance(&input);
+        if leg == Leg::Customer {
+            hits.extend(self.negative_streak(index, emotion));
+        }
         let fired_here: Vec<String> =
             hits.iter().filter(|h| h.utterances.contains(&index)).map(|h| h.rule.clone()).collect();
         self.utterances.push(UtteranceView {
@@ -86,9 +125,30 @@ impl CallUnderstanding {
             text: masked,
             pii,
             intent,
+            emotion,
             rules: fired_here,
         });
         self.record(hits, end_secs)
+    }
+
+    /// Three negative customer utterances in a row: a supervisor should listen in (once).
+    fn negative_streak(&mut self, index: usize, emotion: Option<Emotion>) -> Option<RuleHit> {
+        if emotion != Some(Emotion::Negative) {
+            self.negative_run.clear();
+            return None;
+        }
+        self.negative_run.push(index);
+        if self.negative_run.len() < NEGATIVE_STREAK || self.streak_alerted {
+            return None;
+        }
+        self.streak_alerted = true;
+        Some(RuleHit {
+            rule: "customer_negative_streak".into(),
+            severity: super::rules::Severity::Critical,
+            event: Some("supervisor_alert".into()),
+            reason: format!("{} negative customer utterances in a row", self.negative_run.len()),
+            utterances: self.negative_run.clone(),
+        })
     }
 
     /// Time passes without speech (seconds from the call's start).
@@ -126,16 +186,41 @@ impl CallUnderstanding {
 mod tests {
     use super::*;
 
-    fn classified(label: &str) -> Option<Classification> {
-        Some(Classification { label: label.into(), confidence: 0.9, top3: vec![] })
+    fn classified(label: &str) -> UtteranceFacts {
+        UtteranceFacts {
+            intent: Some(Classification { label: label.into(), confidence: 0.9, top3: vec![] }),
+            ..Default::default()
+        }
+    }
+
+    fn none() -> UtteranceFacts {
+        UtteranceFacts::default()
+    }
+
+    #[test]
+    fn three_negative_customer_utterances_in_a_row_alert_a_supervisor_once() {
+        let mut call = CallUnderstanding::new(Arc::new(RuleSet::parse("").unwrap()));
+        let negative = || UtteranceFacts { sentiment: Some("negative".into()), ..classified("complaint") };
+        let say = |call: &mut CallUnderstanding, leg, at: f64, facts| call.utterance(leg, at, at + 1.0, "…", facts);
+        assert!(say(&mut call, Leg::Customer, 0.0, negative()).is_empty());
+        assert!(say(&mut call, Leg::Customer, 2.0, negative()).is_empty());
+        assert!(say(&mut call, Leg::Agent, 3.0, none()).is_empty(), "the agent does not break the run");
+        assert!(say(&mut call, Leg::Customer, 4.0, classified("price_inquiry")).is_empty(), "no sentiment: breaks it");
+        assert!(say(&mut call, Leg::Customer, 6.0, negative()).is_empty());
+        assert!(say(&mut call, Leg::Customer, 8.0, negative()).is_empty());
+        let alert = say(&mut call, Leg::Customer, 10.0, negative());
+        assert_eq!(alert.len(), 1);
+        assert_eq!((alert[0].kind.as_str(), alert[0].utterances.as_slice()), ("supervisor_alert", &[4, 5, 6][..]));
+        assert!(say(&mut call, Leg::Customer, 12.0, negative()).is_empty(), "once per call");
+        assert_eq!(call.utterances[6].emotion, Some(Emotion::Negative));
     }
 
     #[test]
     fn a_call_raises_events_with_reasons_and_keeps_only_masked_text() {
         let rules = Arc::new(RuleSet::parse(DEFAULT_RULES).unwrap());
         let mut call = CallUnderstanding::new(rules);
-        assert!(call.utterance(Leg::Agent, 0.5, 3.0, "您好，本次通话将被录音", None).is_empty());
-        let promise = call.utterance(Leg::Agent, 3.5, 7.0, "这款理财保本，零风险", None);
+        assert!(call.utterance(Leg::Agent, 0.5, 3.0, "您好，本次通话将被录音", none()).is_empty());
+        let promise = call.utterance(Leg::Agent, 3.5, 7.0, "这款理财保本，零风险", none());
         assert_eq!(promise.len(), 1);
         assert_eq!((promise[0].kind.as_str(), promise[0].utterances.as_slice()), ("supervisor_alert", &[1][..]));
         let human = call.utterance(Leg::Customer, 8.0, 9.0, "你是机器人吗", classified("human_request"));
@@ -159,7 +244,7 @@ mod tests {
     #[test]
     fn a_missing_recording_notice_is_a_hit_at_the_deadline_but_no_event() {
         let mut call = CallUnderstanding::new(Arc::new(RuleSet::parse(DEFAULT_RULES).unwrap()));
-        call.utterance(Leg::Agent, 0.5, 3.0, "您好", None);
+        call.utterance(Leg::Agent, 0.5, 3.0, "您好", none());
         assert!(call.tick(31.0).is_empty(), "the shipped rule has no event");
         assert_eq!(call.hits.iter().map(|h| h.rule.as_str()).collect::<Vec<_>>(), ["agent_recording_notice"]);
     }

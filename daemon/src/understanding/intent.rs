@@ -79,16 +79,31 @@ pub struct Classification {
     pub top3: Vec<Scored>,
 }
 
-pub struct IntentModel {
+/// A text classifier over the shared featurizer: the intent model (task `intent`, with a
+/// threshold under which the answer is `other`) or the text sentiment model (`sentiment`).
+pub struct TextClassifier {
     plan: Plan,
     pub labels: Vec<String>,
+    /// Below it the answer is `other` (intent); 0 for models without one.
     pub threshold: f32,
     pub name: String,
 }
 
-impl IntentModel {
+pub type IntentModel = TextClassifier;
+
+impl TextClassifier {
+    /// The intent model: its manifest must give `other` among the labels and a threshold.
     pub fn load(set: &ModelSet) -> Result<Self, SpeechError> {
-        let entry = set.for_task("intent")?;
+        Self::load_task(set, "intent", true)
+    }
+
+    /// The text sentiment model (negative / neutral / positive).
+    pub fn load_sentiment(set: &ModelSet) -> Result<Self, SpeechError> {
+        Self::load_task(set, "sentiment", false)
+    }
+
+    fn load_task(set: &ModelSet, task: &str, with_threshold: bool) -> Result<Self, SpeechError> {
+        let entry = set.for_task(task)?;
         let name = entry.name.clone();
         let refuse = |reason: String| SpeechError::model(&name, reason);
         let featurizer = entry.extra.get("featurizer").cloned().unwrap_or_default();
@@ -101,14 +116,13 @@ impl IntentModel {
             .extra
             .get("labels")
             .and_then(|l| serde_json::from_value(l.clone()).ok())
-            .filter(|l: &Vec<String>| !l.is_empty() && l.iter().any(|x| x == "other"))
-            .ok_or_else(|| refuse("the manifest lists no labels (with `other`)".into()))?;
-        let threshold = entry
-            .extra
-            .get("threshold")
-            .and_then(serde_json::Value::as_f64)
-            .filter(|t| (0.0..1.0).contains(t))
-            .ok_or_else(|| refuse("the manifest gives no threshold in 0..1".into()))? as f32;
+            .filter(|l: &Vec<String>| !l.is_empty() && (!with_threshold || l.iter().any(|x| x == "other")))
+            .ok_or_else(|| refuse("the manifest lists no labels (or, for intents, none called `other`)".into()))?;
+        let threshold = match entry.extra.get("threshold").and_then(serde_json::Value::as_f64) {
+            Some(t) if (0.0..1.0).contains(&t) => t as f32,
+            None if !with_threshold => 0.0,
+            _ => return Err(refuse("the manifest gives no threshold in 0..1".into())),
+        };
         let bytes = set.read_verified(entry, "model")?;
         let plan = tract_onnx::onnx()
             .model_for_read(&mut bytes.as_slice())

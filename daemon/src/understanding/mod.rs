@@ -2,6 +2,7 @@
 //! the daemon feeds them utterances from the speech path's bus.
 
 pub mod call;
+pub mod emotion;
 pub mod intent;
 pub mod pii;
 pub mod rules;
