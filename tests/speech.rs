@@ -247,7 +247,19 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let samples = clip_at_8k(dir.path());
-    let d = speech_daemon(dir, "audiosocket.listeners = [{ address = \"127.0.0.1:0\", leg = \"customer\" }]", &[]);
+    // A rule on a word of the clip, so the live call must raise its event.
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nid = \"trade_words\"\nseverity = \"warning\"\nevent = \"supervisor_alert\"\n\
+         when = { role = \"customer\", keywords_any = [\"交易\"] }\n",
+    )
+    .unwrap();
+    let settings = format!(
+        "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\nunderstanding.rules_file = \"{}\"",
+        rules.display()
+    );
+    let d = speech_daemon(dir, &settings, &[]);
     let addr = d.status_json()["audiosocket_listeners"][0].as_str().unwrap().split(' ').next().unwrap().to_owned();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let id = [0x5e, 0xec, 0x40, 0x11, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 7];
@@ -269,7 +281,14 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     for word in KEY_WORDS {
         assert!(line.contains(word), "{word} not in {line}");
     }
+    // Understood live: intent and emotion logged, the rule's event raised for this call.
+    let event = support::wait_until(LONG, || {
+        d.log_text().lines().any(|l| l.contains("EVENT supervisor_alert") && l.contains(call) && l.contains("trade_words"))
+    });
+    assert!(event, "no event; log:\n{}", d.log_text());
+    assert!(d.log_text().lines().any(|l| l.contains("[understanding] customer utterance 0: intent ")), "{}", d.log_text());
     stream.write_all(&[0x00, 0, 0]).unwrap();
+    assert!(support::wait_until(LONG, || d.log_text().contains("call understood: 1 utterances, 1 rule hits, 1 events")));
     assert!(support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
     let speech = d.status_json()["speech"].clone();
     assert_eq!(speech["utterances"], 1, "{speech}");
@@ -383,4 +402,28 @@ fn analyze_runs_a_two_leg_recording_from_audio_to_intents() {
     assert!(us.iter().filter(|u| u["leg"] == "customer").all(|u| u["intent"]["label"].is_string()), "{report}");
     assert!(us.iter().filter(|u| u["leg"] == "agent").all(|u| u["intent"].is_null()), "agents get no intent");
     assert!(report["asr_real_time_factor"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn an_invalid_rule_file_stops_the_start_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nid = \"a\"\nseverity = \"info\"\nwhen = { regex = \"(\" }\n").unwrap();
+    let settings = format!(
+        "speech.encoder_buckets_secs = [8]\nspool.dir = \"{}\"\nunderstanding.rules_file = \"{}\"",
+        dir.path().join("spool").display(),
+        rules.display()
+    );
+    let config = dir.path().join("callbox.toml");
+    std::fs::write(&config, support::TestDaemon::config_text(dir.path(), &settings)).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = support::TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", models())]);
+    let mut status = None;
+    assert!(support::wait_until(LONG, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.unwrap().code(), Some(78), "{text}");
+    assert!(text.contains("rule a: regex") && text.contains("callbox rules check"), "{text}");
 }

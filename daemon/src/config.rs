@@ -33,6 +33,15 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub alsa: AlsaConfig,
     pub speech: SpeechConfig,
+    pub understanding: UnderstandingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnderstandingConfig {
+    /// Compliance and business rules (TOML; `callbox rules check FILE`). Unset: the shipped
+    /// rules. Re-read on reload; an invalid file keeps the rules in use.
+    pub rules_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -587,6 +596,7 @@ impl Config {
             ("control.socket", &c.socket),
             ("spool.dir", &sp.dir),
             ("speech.models_dir", &sp2.models_dir),
+            ("understanding.rules_file", &self.understanding.rules_file),
         ];
         for (key, path) in absolute {
             if let Some(path) = path {
@@ -906,6 +916,7 @@ device = \"hw:0\"
         every.audiosocket.allowed_peers = vec!["127.0.0.1".parse().unwrap()];
         every.spool.dir = Some("/x".into());
         every.alsa.device = Some("hw:0".into());
+        every.understanding.rules_file = Some("/x".into());
         every.alsa.map = vec![AlsaChannel { channel: 0, line: "1".into(), leg: crate::audio::Leg::Agent }];
         let every: toml::Table = toml::from_str(&toml::to_string(&every).unwrap()).unwrap();
         let mut wanted = Vec::new();

@@ -23,6 +23,7 @@ use crate::speech::live::SpeechService;
 use crate::speech::SpeechModels;
 use crate::storage;
 use crate::supervisor::{self, Component, SupervisorHooks};
+use crate::understanding::live::{load_rules, Understanding, UnderstandingModels};
 
 const COMPONENT: &str = "daemon";
 
@@ -102,6 +103,13 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         Ok(speech) => speech,
         Err(code) => return code,
     };
+    let understanding = match &speech {
+        Some(service) => match load_understanding(cfg, service).await {
+            Ok(u) => Some(u),
+            Err(code) => return code,
+        },
+        None => None,
+    };
     let bound = match server::bind(&socket_path, &cfg.control.technician_group) {
         Ok(bound) => bound,
         Err(e) => {
@@ -165,6 +173,17 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         let watch = crate::inputs::spool::watch(spool, config, calls, speech, health.clone(), shutdown.clone());
         components.push(Component::new("spool", watch));
     }
+    if let (Some(understanding), Some(service)) = (understanding, &speech) {
+        let run = crate::understanding::live::run(
+            understanding,
+            service.subscribe(),
+            config_rx.clone(),
+            calls.clone(),
+            health.clone(),
+            shutdown.clone(),
+        );
+        components.push(Component::new("understanding", run));
+    }
     if let Some((_, requests)) = capture {
         let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
         let run = crate::inputs::alsa::capture(
@@ -223,6 +242,33 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
         Err(e) => {
             log::error!(component = "speech"; "loading the speech models panicked: {e}");
             Err(exit::UNAVAILABLE)
+        }
+    }
+}
+
+/// The intent and sentiment models (beside the speech models) and the rules; exit 69 for
+/// missing models, 78 for an invalid rule file.
+async fn load_understanding(cfg: &config::Config, speech: &SpeechService) -> Result<Understanding, u8> {
+    let dir = speech.models().dir.clone();
+    let models = match tokio::task::spawn_blocking(move || UnderstandingModels::load(&dir)).await {
+        Ok(Ok(models)) => models,
+        Ok(Err(e)) => {
+            log::error!(component = "understanding"; "cannot load the intent/sentiment models: {e}; rebuild with `bash models/build.sh`");
+            return Err(exit::UNAVAILABLE);
+        }
+        Err(e) => {
+            log::error!(component = "understanding"; "loading the models panicked: {e}");
+            return Err(exit::UNAVAILABLE);
+        }
+    };
+    match load_rules(cfg.understanding.rules_file.as_ref()) {
+        Ok(rules) => Ok(Understanding::new(models, rules)),
+        Err(problems) => {
+            for p in problems {
+                log::error!(component = "understanding"; "rules: {p}");
+            }
+            log::error!(component = "understanding"; "not starting: fix the rule file (check it with `callbox rules check FILE`)");
+            Err(exit::CONFIG)
         }
     }
 }

@@ -4,5 +4,6 @@
 pub mod call;
 pub mod emotion;
 pub mod intent;
+pub mod live;
 pub mod pii;
 pub mod rules;
