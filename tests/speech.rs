@@ -283,12 +283,20 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     }
     // Understood live: intent and emotion logged, the rule's event raised for this call.
     let event = support::wait_until(LONG, || {
-        d.log_text().lines().any(|l| l.contains("EVENT supervisor_alert") && l.contains(call) && l.contains("trade_words"))
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("EVENT supervisor_alert") && l.contains(call) && l.contains("trade_words"))
     });
     assert!(event, "no event; log:\n{}", d.log_text());
-    assert!(d.log_text().lines().any(|l| l.contains("[understanding] customer utterance 0: intent ")), "{}", d.log_text());
+    assert!(
+        d.log_text().lines().any(|l| l.contains("[understanding] customer utterance 0: intent ")),
+        "{}",
+        d.log_text()
+    );
     stream.write_all(&[0x00, 0, 0]).unwrap();
-    assert!(support::wait_until(LONG, || d.log_text().contains("call understood: 1 utterances, 1 rule hits, 1 events")));
+    assert!(support::wait_until(LONG, || d
+        .log_text()
+        .contains("call understood: 1 utterances, 1 rule hits, 1 events")));
     assert!(support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
     let speech = d.status_json()["speech"].clone();
     assert_eq!(speech["utterances"], 1, "{speech}");
