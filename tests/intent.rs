@@ -192,3 +192,68 @@ fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
     assert_eq!(out.status.code(), Some(65));
     assert!(stderr_of(&out).contains("line 1"), "{}", stderr_of(&out));
 }
+
+/// A finished utterance as the speech path publishes it.
+fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> callbox::speech::live::UtteranceEvent {
+    use callbox::speech::{prosody::Prosody, Transcript, TranscriptStop};
+    let asr = Transcript {
+        text: text.into(),
+        token_ids: vec![],
+        language: "zh".into(),
+        tokens: 0,
+        avg_logprob: 0.0,
+        no_speech_prob: 0.0,
+        no_speech: false,
+        stop: TranscriptStop::EndOfText,
+        audio_secs: 1.0,
+        window_secs: 4,
+        encoder_ms: 0.0,
+        decoder_ms: 0.0,
+    };
+    let prosody = Prosody {
+        f0_median_hz: Some(200.0),
+        f0_range_semitones: None,
+        voiced_ratio: 0.5,
+        energy_dbfs: -20.0,
+        rate_per_min: 200.0,
+        pauses: 0,
+        pause_secs: 0.0,
+    };
+    let utterance = callbox::speech::pipeline::Utterance {
+        start_secs: start,
+        end_secs: start + 1.0,
+        text: text.into(),
+        prosody,
+        asr,
+    };
+    callbox::speech::live::UtteranceEvent { call: call.into(), leg, utterance }
+}
+
+#[test]
+fn a_live_call_stays_open_for_its_last_utterance_after_hang_up() {
+    use callbox::audio::Leg;
+    use callbox::understanding::live::{Understanding, UnderstandingModels};
+    let rules = callbox::understanding::rules::RuleSet::parse(
+        "[[rule]]\nid = \"twice\"\nseverity = \"info\"\nevent = \"x_alert\"\nmin_count = 2\nwhen = { keywords_any = [\"投诉\"] }\n",
+    )
+    .unwrap();
+    let mut u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules);
+    let registry = callbox::calls::CallRegistry::new(4);
+    let guard = registry.open("c1", Leg::Customer, "test").unwrap();
+    assert!(u.utterance(&utterance("c1", Leg::Customer, 1.0, "我要投诉"), &registry).is_empty());
+    let now = std::time::SystemTime::now();
+    assert!(u.tick(&registry, now).is_empty(), "live");
+    drop(guard); // hang-up: the call leaves the registry, ASR is still finishing the leg
+    assert!(u.tick(&registry, now).is_empty(), "waits for the leg's last utterance");
+    let late = u.utterance(&utterance("c1", Leg::Customer, 3.0, "我还要投诉"), &registry);
+    assert_eq!(late.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["x_alert"], "counted in the same call");
+    u.leg_ended("c1", Leg::Customer);
+    assert_eq!(u.tick(&registry, now), ["c1"]);
+    // A call whose leg never reports its end is finished after the grace period.
+    let guard = registry.open("c2", Leg::Agent, "test").unwrap();
+    u.utterance(&utterance("c2", Leg::Agent, 1.0, "您好"), &registry);
+    drop(guard);
+    assert!(u.tick(&registry, now).is_empty());
+    let later = now + callbox::understanding::live::FINISH_GRACE;
+    assert_eq!(u.tick(&registry, later), ["c2"]);
+}

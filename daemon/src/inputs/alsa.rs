@@ -263,10 +263,12 @@ impl Capture {
             }
             for (ch, samples) in split.iter().enumerate() {
                 let ring = &mut preroll[ch];
-                if ring.len() == preroll_periods {
-                    ring.pop_front();
-                }
-                ring.push_back(samples.clone());
+                // The oldest period's buffer is reused: no allocation per period once full.
+                let mut kept =
+                    if ring.len() == preroll_periods { ring.pop_front().unwrap_or_default() } else { Vec::new() };
+                kept.clear();
+                kept.extend_from_slice(samples);
+                ring.push_back(kept);
             }
             if changed {
                 self.health.set(COMPONENT, HealthState::Ok, self.describe(&tracker, overruns));

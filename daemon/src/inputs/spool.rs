@@ -190,6 +190,9 @@ fn transcribe_legs(
         let event = UtteranceEvent { call: call_id.to_owned(), leg: u.leg, utterance: u.utterance.clone() };
         service.publish(event, config.log_transcripts);
     }
+    for &(leg, _) in legs {
+        service.leg_ended(call_id, leg);
+    }
     Ok(out)
 }
 

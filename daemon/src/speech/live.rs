@@ -39,6 +39,14 @@ pub struct UtteranceEvent {
     pub utterance: Utterance,
 }
 
+/// What the speech path publishes: utterances as they finish, and the end of each leg
+/// (after its last utterance), so consumers know when a call's speech is complete.
+#[derive(Debug, Clone)]
+pub enum SpeechEvent {
+    Utterance(Box<UtteranceEvent>),
+    LegEnded { call: String, leg: Leg },
+}
+
 /// Counters for `status`.
 #[derive(Debug, Default)]
 pub struct SpeechStats {
@@ -56,7 +64,7 @@ pub struct SpeechStats {
 #[derive(Clone)]
 pub struct SpeechService {
     models: Arc<SpeechModels>,
-    bus: broadcast::Sender<Arc<UtteranceEvent>>,
+    bus: broadcast::Sender<Arc<SpeechEvent>>,
     pub stats: Arc<SpeechStats>,
 }
 
@@ -89,7 +97,7 @@ impl SpeechService {
     }
 
     /// Where utterances are published; every subscriber sees every utterance.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<UtteranceEvent>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SpeechEvent>> {
         self.bus.subscribe()
     }
 
@@ -99,8 +107,13 @@ impl SpeechService {
         self.stats.utterances.fetch_add(1, Ordering::Relaxed);
         let asr = &event.utterance.asr;
         self.stats.asr_ms.fetch_add((asr.encoder_ms + asr.decoder_ms) as u64, Ordering::Relaxed);
-        // No subscriber yet is fine: nobody is listening for call understanding.
-        let _ = self.bus.send(Arc::new(event));
+        // No subscriber is fine (speech without understanding, e.g. in tests).
+        let _ = self.bus.send(Arc::new(SpeechEvent::Utterance(Box::new(event))));
+    }
+
+    /// Says that a leg's last utterance has been published.
+    pub fn leg_ended(&self, call: &str, leg: Leg) {
+        let _ = self.bus.send(Arc::new(SpeechEvent::LegEnded { call: call.to_owned(), leg }));
     }
 
     /// Starts a worker for one leg whose audio arrives at `rate` Hz.
@@ -158,6 +171,7 @@ impl LegWorker {
         }
         stats.audio_ms.fetch_add(received * 1000 / u64::from(self.rate.max(1)), Ordering::Relaxed);
         stats.legs_open.fetch_sub(1, Ordering::Relaxed);
+        self.service.leg_ended(&self.call, self.leg);
     }
 
     /// Runs one pipeline step and publishes what it finished. False after an error.

@@ -3,13 +3,15 @@
 //! events are logged with structured fields and published on the event bus (the MQTT link
 //! will subscribe there).
 //!
-//! Once a second it ticks every call (required rules with a deadline) and ends the calls
-//! the call registry no longer has. Times are seconds from the call's start in the
+//! Once a second it ticks every call (required rules with a deadline). A call is finished
+//! when the registry no longer has it and every leg it had has said its speech ended (the
+//! last utterance of a leg can come a second or two after hang-up, when ASR finishes), or
+//! [`FINISH_GRACE`] after it left the registry, whichever is first. Times are seconds from the call's start in the
 //! registry; utterance times are from their leg's start, which for live inputs is the
 //! call's start within the legs' opening gap. The rule file is re-read when the running
 //! configuration changes; an invalid one is logged and the rules in use are kept.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,12 +28,14 @@ use crate::calls::CallRegistry;
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
 use crate::health::{HealthBoard, ShutdownSignal};
-use crate::speech::live::UtteranceEvent;
+use crate::speech::live::{SpeechEvent, UtteranceEvent};
 use crate::speech::{ModelSet, SpeechError};
 
 const COMPONENT: &str = "understanding";
 /// Events buffered for each subscriber; a slower one loses the oldest.
 const EVENT_BUS_CAPACITY: usize = 1024;
+/// Longest wait for a leg's last utterance after its call left the registry.
+pub const FINISH_GRACE: Duration = Duration::from_secs(30);
 
 /// An event of a live call, as published.
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +73,11 @@ struct LiveCall {
     understanding: CallUnderstanding,
     /// When the call started, from the registry (or the first utterance if already gone).
     started: SystemTime,
+    /// Legs the call had (from the registry and the utterances) and legs whose speech ended.
+    legs: BTreeSet<Leg>,
+    ended_legs: BTreeSet<Leg>,
+    /// When the registry was first seen without the call.
+    gone_since: Option<SystemTime>,
 }
 
 pub struct Understanding {
@@ -88,7 +97,8 @@ impl Understanding {
         self.events.subscribe()
     }
 
-    fn utterance(&mut self, u: &UtteranceEvent, registry: &CallRegistry) {
+    /// One finished utterance; returns the events it raised (also logged and published).
+    pub fn utterance(&mut self, u: &UtteranceEvent, registry: &CallRegistry) -> Vec<CallEvent> {
         let masked = pii::mask(&u.utterance.text).0;
         let intent = match u.leg {
             Leg::Customer => self.models.intent.classify(&masked).ok(),
@@ -101,7 +111,11 @@ impl Understanding {
         let call = self.calls.entry(u.call.clone()).or_insert_with(|| LiveCall {
             understanding: CallUnderstanding::new(rules),
             started: started_at(registry, &u.call).unwrap_or_else(SystemTime::now),
+            legs: BTreeSet::new(),
+            ended_legs: BTreeSet::new(),
+            gone_since: None,
         });
+        call.legs.insert(u.leg);
         let (start, end) = (u.utterance.start_secs, u.utterance.end_secs);
         let mut events = call.understanding.tick(start);
         events.extend(call.understanding.utterance(u.leg, start, end, &u.utterance.text, facts));
@@ -112,36 +126,53 @@ impl Understanding {
                 "{} utterance {}: intent {intent}, emotion {emotion}{}", u.leg.name(), view.index,
                 if view.rules.is_empty() { String::new() } else { format!(", rules {}", view.rules.join(", ")) });
         }
-        self.publish(&u.call, events);
+        self.publish(&u.call, &events);
+        events
     }
 
-    /// Ticks live calls and ends the ones the registry no longer has.
-    fn tick(&mut self, registry: &CallRegistry, now: SystemTime) {
+    /// A leg's speech is complete (its last utterance came before this).
+    pub fn leg_ended(&mut self, call: &str, leg: Leg) {
+        if let Some(c) = self.calls.get_mut(call) {
+            c.ended_legs.insert(leg);
+        }
+    }
+
+    /// Ticks live calls and finishes the ones whose speech is complete; returns those.
+    pub fn tick(&mut self, registry: &CallRegistry, now: SystemTime) -> Vec<String> {
         let mut ended = Vec::new();
         let mut out = Vec::new();
         for (id, call) in &mut self.calls {
             let secs = now.duration_since(call.started).unwrap_or(Duration::ZERO).as_secs_f64();
-            if registry.summary(id).is_some() {
-                out.push((id.clone(), call.understanding.tick(secs)));
-            } else {
-                out.push((id.clone(), call.understanding.end(secs)));
-                ended.push(id.clone());
+            match registry.summary(id) {
+                Some(summary) => {
+                    call.legs.extend(summary.legs.iter().map(|l| l.leg));
+                    out.push((id.clone(), call.understanding.tick(secs)));
+                }
+                None => {
+                    let gone = *call.gone_since.get_or_insert(now);
+                    let speech_done = call.legs.is_subset(&call.ended_legs);
+                    if speech_done || now.duration_since(gone).unwrap_or(Duration::ZERO) >= FINISH_GRACE {
+                        out.push((id.clone(), call.understanding.end(secs)));
+                        ended.push(id.clone());
+                    }
+                }
             }
         }
         for (id, events) in out {
-            self.publish(&id, events);
+            self.publish(&id, &events);
         }
-        for id in ended {
-            if let Some(call) = self.calls.remove(&id) {
+        for id in &ended {
+            if let Some(call) = self.calls.remove(id) {
                 let u = &call.understanding;
                 log::info!(component = COMPONENT, call_id = id.as_str();
                     "call understood: {} utterances, {} rule hits, {} events", u.utterances.len(), u.hits.len(), u.events.len());
             }
         }
+        ended
     }
 
-    fn publish(&self, call: &str, events: Vec<CallEvent>) {
-        for event in events {
+    fn publish(&self, call: &str, events: &[CallEvent]) {
+        for event in events.iter().cloned() {
             log::warn!(component = COMPONENT, call_id = call, event = event.kind.as_str(), rule = event.rule.as_str();
                 "EVENT {} at {:.1} s: {} (utterances {:?})", event.kind, event.at_secs, event.reason, event.utterances);
             // Nobody subscribed yet is fine: the headquarters link will.
@@ -157,7 +188,7 @@ fn started_at(registry: &CallRegistry, call: &str) -> Option<SystemTime> {
 /// Runs until shutdown: utterances in, events out, a tick a second.
 pub async fn run(
     mut understanding: Understanding,
-    mut utterances: broadcast::Receiver<Arc<UtteranceEvent>>,
+    mut speech: broadcast::Receiver<Arc<SpeechEvent>>,
     mut config: watch::Receiver<Arc<RunningConfig>>,
     registry: CallRegistry,
     health: HealthBoard,
@@ -170,8 +201,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
-            received = utterances.recv() => match received {
-                Ok(u) => understanding.utterance(&u, &registry),
+            received = speech.recv() => match received {
+                Ok(event) => match event.as_ref() {
+                    SpeechEvent::Utterance(u) => {
+                        understanding.utterance(u, &registry);
+                    }
+                    SpeechEvent::LegEnded { call, leg } => understanding.leg_ended(call, *leg),
+                },
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     log::error!(component = COMPONENT; "fell behind the speech path: {n} utterances not analysed");
                     health.set(COMPONENT, HealthState::Degraded, format!("{n} utterances not analysed (fell behind)"));
@@ -179,7 +215,7 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = ticker.tick() => {
-                understanding.tick(&registry, SystemTime::now());
+                let _finished = understanding.tick(&registry, SystemTime::now());
                 health.set(COMPONENT, HealthState::Ok, describe(&understanding));
             }
             Ok(()) = config.changed() => {
@@ -206,7 +242,7 @@ pub async fn run(
         if let Some(mut call) = understanding.calls.remove(&id) {
             let secs = SystemTime::now().duration_since(call.started).unwrap_or(Duration::ZERO).as_secs_f64();
             let events = call.understanding.end(secs);
-            understanding.publish(&id, events);
+            understanding.publish(&id, &events);
         }
     }
     health.set(COMPONENT, HealthState::Stopped, "stopped");
