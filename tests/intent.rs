@@ -181,6 +181,10 @@ fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
         .map(|e| (e["kind"].as_str().unwrap(), e["utterances"][0].as_u64().unwrap()))
         .collect();
     assert_eq!(events, [("supervisor_alert", 1), ("dnc_request", 3), ("transfer_to_human", 4)], "{report}");
+    assert_eq!(report["state"]["phase"], "closing", "{report}");
+    let tags: Vec<&str> = report["state"]["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tags, ["complaint_risk", "do_not_call"], "{report}");
+    assert_eq!(report["utterances"][2]["phase"], "needs_discovery", "a price question: {report}");
     let stored = report["utterances"][3]["text"].as_str().unwrap();
     assert!(stored.contains("[手机号]") && !stored.contains("139"), "{stored}");
     let hits: Vec<&str> = report["hits"].as_array().unwrap().iter().map(|h| h["rule"].as_str().unwrap()).collect();

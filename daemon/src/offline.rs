@@ -408,6 +408,8 @@ struct CallReport {
     utterances: Vec<crate::understanding::call::UtteranceView>,
     hits: Vec<crate::understanding::rules::RuleHit>,
     events: Vec<crate::understanding::call::CallEvent>,
+    /// Phase reached, context memory and the customer's tags.
+    state: crate::understanding::state::CallState,
     /// ASR time over audio duration (recordings only).
     asr_real_time_factor: Option<f64>,
     /// Slowest understanding step (masking, intent, rules) for one utterance.
@@ -547,6 +549,7 @@ pub fn analyze(
             utterances: call.utterances,
             hits: call.hits,
             events: call.events,
+            state: call.state,
             asr_real_time_factor: rtf,
             understanding_max_ms: slowest,
         };
@@ -601,6 +604,12 @@ fn render_call(r: &CallReport) -> String {
     for e in &r.events {
         out += &format!("  EVENT {} at {:.1} s: {} (utterances {:?})\n", e.kind, e.at_secs, e.reason, e.utterances);
     }
+    let tags: Vec<String> = r.state.tags.iter().map(|t| format!("{t:?}")).collect();
+    out += &format!(
+        "  phase reached {:?}; customer tags: {}\n",
+        r.state.phase,
+        if tags.is_empty() { "none".into() } else { tags.join(", ") }
+    );
     if let Some(rtf) = r.asr_real_time_factor {
         out += &format!("  asr real-time factor {rtf:.2}; ");
     } else {

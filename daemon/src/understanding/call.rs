@@ -14,6 +14,7 @@ use super::emotion::{self, Emotion, SpeakerBaseline};
 use super::intent::Classification;
 use super::pii::{self, PiiKind};
 use super::rules::{CallRules, RuleHit, RuleInput, RuleSet};
+use super::state::{CallState, Phase};
 use crate::audio::Leg;
 use crate::speech::prosody::Prosody;
 
@@ -46,6 +47,8 @@ pub struct UtteranceView {
     /// Customer utterances only: what the customer wants.
     pub intent: Option<Classification>,
     pub emotion: Option<Emotion>,
+    /// The call's phase after this utterance.
+    pub phase: Phase,
     /// Ids of the rules that fired on this utterance.
     pub rules: Vec<String>,
 }
@@ -65,6 +68,8 @@ pub struct CallUnderstanding {
     pub utterances: Vec<UtteranceView>,
     pub hits: Vec<RuleHit>,
     pub events: Vec<CallEvent>,
+    /// Phase, context memory and the customer's tags.
+    pub state: CallState,
     baselines: [SpeakerBaseline; 2],
     /// The customer's latest run of negative utterances (indices).
     negative_run: Vec<usize>,
@@ -78,6 +83,7 @@ impl CallUnderstanding {
             utterances: Vec::new(),
             hits: Vec::new(),
             events: Vec::new(),
+            state: CallState::default(),
             baselines: Default::default(),
             negative_run: Vec::new(),
             streak_alerted: false,
@@ -115,6 +121,8 @@ impl CallUnderstanding {
         if leg == Leg::Customer {
             hits.extend(self.negative_streak(index, emotion));
         }
+        let intent_label = intent.as_ref().map(|c| c.label.as_str());
+        self.state.utterance(index, leg, start_secs, &masked, intent_label, emotion);
         let fired_here: Vec<String> =
             hits.iter().filter(|h| h.utterances.contains(&index)).map(|h| h.rule.clone()).collect();
         self.utterances.push(UtteranceView {
@@ -126,6 +134,7 @@ impl CallUnderstanding {
             pii,
             intent,
             emotion,
+            phase: self.state.phase,
             rules: fired_here,
         });
         self.record(hits, end_secs)

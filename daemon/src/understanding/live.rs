@@ -164,8 +164,10 @@ impl Understanding {
         for id in &ended {
             if let Some(call) = self.calls.remove(id) {
                 let u = &call.understanding;
+                let tags: Vec<String> = u.state.tags.iter().map(|t| format!("{t:?}")).collect();
                 log::info!(component = COMPONENT, call_id = id.as_str();
-                    "call understood: {} utterances, {} rule hits, {} events", u.utterances.len(), u.hits.len(), u.events.len());
+                    "call understood: {} utterances, {} rule hits, {} events; phase {:?}; customer tags [{}]",
+                    u.utterances.len(), u.hits.len(), u.events.len(), u.state.phase, tags.join(", "));
             }
         }
         ended

@@ -7,3 +7,4 @@ pub mod intent;
 pub mod live;
 pub mod pii;
 pub mod rules;
+pub mod state;
