@@ -220,3 +220,44 @@ fn a_taken_port_fails_the_start_with_exit_71() {
         .unwrap()
         .contains(&format!("cannot listen for AudioSocket on 127.0.0.1:{port}")));
 }
+
+#[test]
+fn an_admitted_leg_gets_silence_back_at_the_pbx_rate() {
+    let (d, customer_addr, _) = daemon("audiosocket.idle_timeout_secs = 1");
+    let mut s = TcpStream::connect(&customer_addr).unwrap();
+    s.write_all(&uuid_frame(&CALL)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut header = [0u8; 3];
+    s.read_exact(&mut header).unwrap();
+    // 20 ms of 8 kHz signed linear: kind 0x10, 320 bytes of zeros.
+    assert_eq!(header, [0x10, 0x01, 0x40]);
+    let mut payload = vec![1u8; 320];
+    s.read_exact(&mut payload).unwrap();
+    assert!(payload.iter().all(|&b| b == 0));
+    // Keep-alive frames keep coming while the PBX sends nothing; and reading them does not
+    // stop the idle timeout (1 s here) from closing a leg that never sends audio.
+    let started = std::time::Instant::now();
+    let mut more = Vec::new();
+    let _ = s.read_to_end(&mut more);
+    assert!(more.len() >= 20 * 323, "{} bytes of keep-alive in {:?}", more.len(), started.elapsed());
+    assert!(wait_until(WAIT, || d.log_text().contains("no frame for 1 s")), "{}", d.log_text());
+    drop(d);
+
+    // At 16 kHz (kind 0x12) after the PBX's first 16-kHz frame.
+    let (d, customer_addr, _) = daemon("audiosocket.idle_timeout_secs = 5");
+    let mut s = TcpStream::connect(&customer_addr).unwrap();
+    let mut id = CALL;
+    id[15] = 0x43;
+    s.write_all(&[uuid_frame(&id), frame(0x12, &[0u8; 640])].concat()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let saw_16k = wait_until(WAIT, || {
+        let mut header = [0u8; 3];
+        s.read_exact(&mut header).unwrap();
+        let len = u16::from_be_bytes([header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        header[0] == 0x12 && len == 640
+    });
+    assert!(saw_16k);
+    drop(d);
+}

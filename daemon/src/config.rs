@@ -163,6 +163,9 @@ pub struct AudioSocketConfig {
     pub max_frame_bytes: usize,
     /// A leg that sends no frame for this long is closed.
     pub idle_timeout_secs: u64,
+    /// Send 20 ms of silence back every 20 ms once a call is admitted: Asterisk's
+    /// AudioSocket ends a socket that never sends audio towards it.
+    pub send_silence: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +184,7 @@ impl Default for AudioSocketConfig {
             allowed_peers: vec![],
             max_frame_bytes: crate::audio::audiosocket::DEFAULT_MAX_PAYLOAD,
             idle_timeout_secs: 10,
+            send_silence: true,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the socket side. A bad connection is closed with its reason logged and
 //! never affects another.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +150,13 @@ async fn handle_stream(
     let mut guard = None;
     // Opened at the first audio frame, whose kind gives the rate; (feed, rate).
     let mut feed: Option<(LegFeed, u32)> = None;
+    // Asterisk's AudioSocket expects audio back and ends a socket that stays silent
+    // towards it: once the call is admitted, 20 ms of silence goes back every 20 ms, at
+    // the rate the PBX sends (8 kHz until its first audio frame).
+    let mut keepalive = tokio::time::interval(SILENCE_EVERY);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut silence_rate, mut silence) = (8000, silence_frame(8000));
+    let mut last_read = tokio::time::Instant::now();
     let end = loop {
         // Take every whole frame already received before reading more.
         let frame = match decoder.next_frame() {
@@ -156,10 +164,28 @@ async fn handle_stream(
             Ok(None) => {
                 let read = tokio::select! {
                     _ = shutdown.wait() => break End::Reason("callbox is shutting down".into()),
-                    read = tokio::time::timeout(idle, stream.read(&mut buf)) => read,
+                    _ = keepalive.tick(), if settings.send_silence && guard.is_some() => {
+                        match tokio::time::timeout(SILENCE_WRITE_TIMEOUT, stream.write_all(&silence)).await {
+                            Ok(Ok(())) => continue,
+                            // The PBX closed its end: the same as reading EOF.
+                            Ok(Err(e)) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
+                                break End::Reason("connection closed".into())
+                            }
+                            Ok(Err(e)) => break End::Fault(format!("write error: {e}")),
+                            Err(_) => break End::Fault("the PBX does not read the audio sent back".into()),
+                        }
+                    }
+                    read = tokio::time::timeout_at(last_read + idle, stream.read(&mut buf)) => read,
                 };
                 match read {
                     Err(_) => break End::Fault(format!("no frame for {} s", idle.as_secs())),
+                    // A reset is how a peer that had unread audio from us closes (RST, not FIN).
+                    Ok(Err(e))
+                        if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted)
+                            && decoder.pending() == 0 =>
+                    {
+                        break End::Reason("connection closed".into())
+                    }
                     Ok(Err(e)) => break End::Fault(format!("read error: {e}")),
                     Ok(Ok(0)) if decoder.pending() > 0 => {
                         break End::Fault(format!(
@@ -170,6 +196,7 @@ async fn handle_stream(
                     Ok(Ok(0)) => break End::Reason("connection closed".into()),
                     Ok(Ok(n)) => {
                         decoder.push(&buf[..n]);
+                        last_read = tokio::time::Instant::now();
                         continue;
                     }
                 }
@@ -188,6 +215,9 @@ async fn handle_stream(
             (_, None) => break End::Fault("the first frame was not the call UUID".into()),
             (Frame::Audio { sample_rate, samples }, Some(g)) => {
                 g.audio(samples.len() as u64, sample_rate);
+                if sample_rate != silence_rate {
+                    (silence_rate, silence) = (sample_rate, silence_frame(sample_rate));
+                }
                 if let Some(reason) = feed_speech(&mut feed, speech.as_ref(), g, sample_rate, samples).await {
                     break End::Fault(reason);
                 }
@@ -216,6 +246,16 @@ async fn handle_stream(
             }
         }
     }
+}
+
+/// How often, and how much, silence goes back to the PBX.
+const SILENCE_EVERY: Duration = Duration::from_millis(20);
+/// A PBX that does not take 20 ms of audio within this is not reading: the stream ends.
+const SILENCE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One encoded frame of 20 ms of silence at `rate`.
+fn silence_frame(rate: u32) -> Vec<u8> {
+    encode(&Frame::Audio { sample_rate: rate, samples: vec![0; (rate / 50) as usize] })
 }
 
 /// Passes a frame's audio to the leg's speech worker, opening it at the first frame.
