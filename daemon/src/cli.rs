@@ -402,21 +402,7 @@ fn render_status(r: &StatusReport) -> String {
 }
 
 fn rules_check(file: &Path) -> u8 {
-    use crate::understanding::rules::{RuleSet, MAX_RULES_BYTES};
-    let text = match std::fs::metadata(file) {
-        Ok(m) if m.len() > MAX_RULES_BYTES as u64 => {
-            eprintln!("callbox: {}: larger than {MAX_RULES_BYTES} bytes", file.display());
-            return exit::CONFIG;
-        }
-        _ => match std::fs::read_to_string(file) {
-            Ok(text) => text,
-            Err(e) => {
-                eprintln!("callbox: cannot read {}: {e}", file.display());
-                return exit::CONFIG;
-            }
-        },
-    };
-    match RuleSet::parse(&text) {
+    match crate::understanding::live::load_rules(Some(file)) {
         Ok(set) => {
             println!("{}: {} rules, valid", file.display(), set.len());
             exit::OK

@@ -261,7 +261,7 @@ async fn load_understanding(cfg: &config::Config, speech: &SpeechService) -> Res
             return Err(exit::UNAVAILABLE);
         }
     };
-    match load_rules(cfg.understanding.rules_file.as_ref()) {
+    match load_rules(cfg.understanding.rules_file.as_deref()) {
         Ok(rules) => Ok(Understanding::new(models, rules)),
         Err(problems) => {
             for p in problems {

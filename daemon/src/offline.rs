@@ -445,31 +445,22 @@ pub fn analyze(
     models_dir: Option<&Path>,
     rules_file: Option<&Path>,
 ) -> u8 {
-    use crate::understanding::call::{CallUnderstanding, UtteranceFacts, DEFAULT_RULES};
-    use crate::understanding::rules::RuleSet;
-    let (config, intent) = match load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m))) {
-        Ok(loaded) => loaded,
+    use crate::understanding::call::CallUnderstanding;
+    use crate::understanding::live::{load_rules, UnderstandingModels};
+    let config = match load_config(config_path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
     let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
-    let sentiment = match crate::speech::ModelSet::open(&dir).and_then(|set| IntentModel::load_sentiment(&set)) {
+    let text_models = match UnderstandingModels::load(&dir) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("callbox: cannot load the sentiment model: {e}; rebuild with `bash models/build.sh`");
+            eprintln!("callbox: cannot load the intent/sentiment models: {e}");
+            eprintln!("callbox: build them with `bash models/build.sh` (models/cache) or set speech.models_dir");
             return exit::UNAVAILABLE;
         }
     };
-    let rules_text = match rules_file {
-        None => DEFAULT_RULES.to_owned(),
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                eprintln!("callbox: cannot read {}: {e}", path.display());
-                return exit::CONFIG;
-            }
-        },
-    };
-    let rules = match RuleSet::parse(&rules_text) {
+    let rules = match load_rules(rules_file) {
         Ok(set) => std::sync::Arc::new(set),
         Err(problems) => {
             eprintln!("callbox: the rule file has {} problem(s):", problems.len());
@@ -525,20 +516,13 @@ pub fn analyze(
         let mut last_end: f64 = 0.0;
         for (leg, start, end, text, prosody) in utterances {
             let started = Instant::now();
-            // The models read the masked text, as it is stored; intent is the customer's.
-            let masked = crate::understanding::pii::mask(&text).0;
-            let customer = leg == crate::audio::Leg::Customer;
-            let classified = (customer.then(|| intent.classify(&masked)).transpose())
-                .and_then(|i| sentiment.classify(&masked).map(|s| (i, s.top3[0].label.clone())));
-            let (intent_of, sentiment_of) = match classified {
-                Ok(both) => both,
+            let facts = match text_models.facts(leg, &text, prosody) {
+                Ok(facts) => facts,
                 Err(e) => {
                     eprintln!("callbox: {e}");
                     return exit::FAILURE;
                 }
             };
-            let facts = UtteranceFacts { intent: intent_of, sentiment: Some(sentiment_of), prosody };
-            call.tick(start);
             call.utterance(leg, start, end, &text, facts);
             slowest = slowest.max(started.elapsed().as_secs_f64() * 1000.0);
             last_end = last_end.max(end);

@@ -25,61 +25,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import evaluate  # noqa: E402  (OrtWhisper's sessions, paths, clip loader)
-import reference  # noqa: E402
-
-
-class TimedOrt(evaluate.OrtWhisper):
-    """The evaluation decoder with callbox's exact greedy rules, timed per stage."""
-
-    def run(self, audio, secs, lang, max_tokens_per_sec=12.0):
-        n = int(secs * 16000)
-        audio = audio[:n]
-        t0 = time.perf_counter()
-        mel = reference.log_mel(audio, self.filters, padding=n - len(audio))
-        ck, cv = self.enc.run(None, {"mel": mel[None]})
-        t1 = time.perf_counter()
-        ctx = 448
-        sk = np.zeros((6, 1, ctx, 512), np.float32)
-        sv = np.zeros_like(sk)
-        mask = np.full((1, ctx + 1), -1e9, np.float32)
-        mask[0, ctx] = 0
-        prompt = [self.ids["<|startoftranscript|>"], self.ids[f"<|{lang}|>"], self.ids["<|transcribe|>"],
-                  self.ids["<|notimestamps|>"]]
-        eot = self.ids["<|endoftext|>"]
-        blank = self.ids.get("Ġ")
-        budget = min(int(np.ceil(len(audio) / 16000 * max_tokens_per_sec)) + 4, ctx - len(prompt) - 1)
-        out, toks = [], list(prompt)
-        for pos in range(ctx - 1):
-            lg, nk, nv = self.dec.run(None, {
-                "token": np.array([[toks[pos]]], np.int64), "position": np.array([pos], np.int64),
-                "self_k": sk, "self_v": sv, "self_mask": mask, "cross_k": ck, "cross_v": cv})
-            sk[:, :, pos] = nk[:, :, 0]
-            sv[:, :, pos] = nv[:, :, 0]
-            mask[0, pos] = 0
-            if pos + 1 < len(toks):
-                continue
-            logits = lg[0, 0].copy()
-            logits[eot + 1:] = -np.inf
-            if not out:
-                logits[eot] = -np.inf
-                if blank is not None:
-                    logits[blank] = -np.inf
-            nxt = int(logits.argmax())
-            if nxt == eot:
-                break
-            toks.append(nxt)
-            out.append(nxt)
-            if len(out) >= budget:
-                break
-        t2 = time.perf_counter()
-        return out, (t1 - t0) * 1000, (t2 - t1) * 1000
 
 
 def tract_run(callbox, models, path, lang):
@@ -110,7 +61,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(HERE, "make_mel_reference.py")], check=True)
     with tarfile.open(sdist) as tar:
         npz = tar.extractfile("openai_whisper-20250625/whisper/assets/mel_filters.npz").read()
-    ort_model = TimedOrt(np.load(io.BytesIO(npz))["mel_80"])
+    ort_model = evaluate.OrtWhisper(np.load(io.BytesIO(npz))["mel_80"])
     rows, mismatched = [], 0
     with open(os.path.join(evaluate.SPEECH, "transcripts.tsv"), encoding="utf-8") as f:
         clips = [(r["file"], r["lang"]) for r in csv.DictReader(f, delimiter="\t")]
@@ -120,7 +71,8 @@ def main():
         secs = bucket_for(len(audio), buckets)
         o_enc, o_dec, t_enc, t_dec = [], [], [], []
         for _ in range(args.rounds):
-            o_tokens, enc, dec = ort_model.run(audio, secs, lang)
+            # callbox's greedy rules: no special token but end-of-text, no blank or end first.
+            o_tokens, enc, dec = ort_model.decode(audio, secs, lang, suppress_blank=True)
             o_enc.append(enc)
             o_dec.append(dec)
             t_tokens, enc, dec = tract_run(args.callbox, evaluate.CACHE, path, lang)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tempfile
 import unicodedata
 import wave
@@ -73,11 +74,15 @@ class OrtWhisper:
         self.ids = {t: i for i, t in enumerate(self.vocab)}
         self.filters = filters
 
-    def transcribe(self, audio, secs, lang, max_tokens_per_sec=12.0):
+    def decode(self, audio, secs, lang, max_tokens_per_sec=12.0, suppress_blank=False):
+        """Greedy decoding on a `secs` window; returns (token ids, encoder ms, decoder ms).
+        `suppress_blank` also bans a blank first token, as callbox does."""
         n = int(secs * 16000)
         audio = audio[:n]
+        t0 = time.perf_counter()
         mel = reference.log_mel(audio, self.filters, padding=n - len(audio))
         ck, cv = self.enc.run(None, {"mel": mel[None]})
+        t1 = time.perf_counter()
         ctx = 448
         sk = np.zeros((6, 1, ctx, 512), np.float32)
         sv = np.zeros_like(sk)
@@ -86,7 +91,8 @@ class OrtWhisper:
         prompt = [self.ids["<|startoftranscript|>"], self.ids[f"<|{lang}|>"], self.ids["<|transcribe|>"],
                   self.ids["<|notimestamps|>"]]
         eot = self.ids["<|endoftext|>"]
-        budget = int(np.ceil(len(audio) / 16000 * max_tokens_per_sec)) + 4
+        blank = self.ids.get("Ġ") if suppress_blank else None
+        budget = min(int(np.ceil(len(audio) / 16000 * max_tokens_per_sec)) + 4, ctx - len(prompt) - 1)
         out, toks = [], list(prompt)
         for pos in range(ctx - 1):
             lg, nk, nv = self.dec.run(None, {
@@ -101,12 +107,17 @@ class OrtWhisper:
             logits[eot + 1:] = -np.inf
             if not out:
                 logits[eot] = -np.inf
+                if blank is not None:
+                    logits[blank] = -np.inf
             nxt = int(logits.argmax())
             if nxt == eot or len(out) >= budget:
                 break
             toks.append(nxt)
             out.append(nxt)
-        return reference.detokenize(self.vocab, out)
+        return out, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+    def transcribe(self, audio, secs, lang, max_tokens_per_sec=12.0):
+        return reference.detokenize(self.vocab, self.decode(audio, secs, lang, max_tokens_per_sec)[0])
 
 
 def main():

@@ -12,7 +12,7 @@
 //! configuration changes; an invalid one is logged and the rules in use are kept.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,13 +22,14 @@ use tokio::sync::{broadcast, watch};
 use super::call::{CallEvent, CallUnderstanding, UtteranceFacts, DEFAULT_RULES};
 use super::intent::TextClassifier;
 use super::pii;
-use super::rules::RuleSet;
+use super::rules::{RuleSet, MAX_RULES_BYTES};
 use crate::audio::Leg;
 use crate::calls::CallRegistry;
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
 use crate::health::{HealthBoard, ShutdownSignal};
 use crate::speech::live::{SpeechEvent, UtteranceEvent};
+use crate::speech::prosody::Prosody;
 use crate::speech::{ModelSet, SpeechError};
 
 const COMPONENT: &str = "understanding";
@@ -56,17 +57,33 @@ impl UnderstandingModels {
         let set = ModelSet::open(dir)?;
         Ok(Self { intent: TextClassifier::load(&set)?, sentiment: TextClassifier::load_sentiment(&set)? })
     }
+
+    /// The models' view of one utterance: intent (customers only) and text sentiment, both
+    /// read from the masked text, as it is stored.
+    pub fn facts(&self, leg: Leg, text: &str, prosody: Option<Prosody>) -> Result<UtteranceFacts, SpeechError> {
+        let masked = pii::mask(text).0;
+        let intent = match leg {
+            Leg::Customer => Some(self.intent.classify(&masked)?),
+            Leg::Agent => None,
+        };
+        let sentiment = self.sentiment.classify(&masked)?.top3.first().map(|s| s.label.clone());
+        Ok(UtteranceFacts { intent, sentiment, prosody })
+    }
 }
 
-/// Reads the configured rule file, or the shipped rules.
-pub fn load_rules(file: Option<&PathBuf>) -> Result<RuleSet, Vec<String>> {
-    let text = match file {
-        None => DEFAULT_RULES.to_owned(),
-        Some(path) => {
-            std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?
-        }
-    };
-    RuleSet::parse(&text)
+/// Reads a rule file (size-bounded before it is read), or the shipped rules when `None`.
+/// Every problem comes back at once, each naming its rule.
+pub fn load_rules(file: Option<&Path>) -> Result<RuleSet, Vec<String>> {
+    let Some(path) = file else { return RuleSet::parse(DEFAULT_RULES) };
+    let cannot = |e: std::io::Error| vec![format!("cannot read {}: {e}", path.display())];
+    let size = std::fs::metadata(path).map_err(cannot)?.len();
+    if size > MAX_RULES_BYTES as u64 {
+        return Err(vec![format!(
+            "{}: {size} bytes, more than the {MAX_RULES_BYTES} a rule file may have",
+            path.display()
+        )]);
+    }
+    RuleSet::parse(&std::fs::read_to_string(path).map_err(cannot)?)
 }
 
 struct LiveCall {
@@ -99,14 +116,12 @@ impl Understanding {
 
     /// One finished utterance; returns the events it raised (also logged and published).
     pub fn utterance(&mut self, u: &UtteranceEvent, registry: &CallRegistry) -> Vec<CallEvent> {
-        let masked = pii::mask(&u.utterance.text).0;
-        let intent = match u.leg {
-            Leg::Customer => self.models.intent.classify(&masked).ok(),
-            Leg::Agent => None,
-        };
-        let sentiment =
-            self.models.sentiment.classify(&masked).ok().and_then(|c| c.top3.first().map(|s| s.label.clone()));
-        let facts = UtteranceFacts { intent, sentiment, prosody: Some(u.utterance.prosody.clone()) };
+        let prosody = Some(u.utterance.prosody.clone());
+        let facts = self.models.facts(u.leg, &u.utterance.text, prosody.clone()).unwrap_or_else(|e| {
+            // The rules still run on the text; only intent and emotion are missing.
+            log::error!(component = COMPONENT, call_id = u.call.as_str(); "text models failed: {e}");
+            UtteranceFacts { prosody, ..Default::default() }
+        });
         let rules = self.rules.clone();
         let call = self.calls.entry(u.call.clone()).or_insert_with(|| LiveCall {
             understanding: CallUnderstanding::new(rules),
@@ -117,8 +132,7 @@ impl Understanding {
         });
         call.legs.insert(u.leg);
         let (start, end) = (u.utterance.start_secs, u.utterance.end_secs);
-        let mut events = call.understanding.tick(start);
-        events.extend(call.understanding.utterance(u.leg, start, end, &u.utterance.text, facts));
+        let events = call.understanding.utterance(u.leg, start, end, &u.utterance.text, facts);
         if let Some(view) = call.understanding.utterances.last() {
             let intent = view.intent.as_ref().map(|c| c.label.as_str()).unwrap_or("-");
             let emotion = view.emotion.map(|e| e.name()).unwrap_or("-");
@@ -217,12 +231,12 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Closed) => break,
             },
             _ = ticker.tick() => {
-                let _finished = understanding.tick(&registry, SystemTime::now());
+                understanding.tick(&registry, SystemTime::now());
                 health.set(COMPONENT, HealthState::Ok, describe(&understanding));
             }
             Ok(()) = config.changed() => {
                 let wanted = config.borrow().config.understanding.rules_file.clone();
-                match load_rules(wanted.as_ref()) {
+                match load_rules(wanted.as_deref()) {
                     Ok(rules) => {
                         log::info!(component = COMPONENT; "rules reloaded: {} rules (new calls use them)", rules.len());
                         understanding.rules = Arc::new(rules);

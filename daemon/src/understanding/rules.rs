@@ -488,6 +488,7 @@ mod tests {
             ("{ talk_over = true }", vec![say(0, A, 0.0, 5.0, "a"), say(1, C, 4.0, 6.0, "b")], true),
             ("{ talk_over = true }", vec![say(0, A, 0.0, 5.0, "a"), say(1, C, 5.5, 6.0, "b")], false),
             ("{ within_first_secs = 30 }", vec![say(0, A, 40.0, 41.0, "a")], false),
+            ("{ within_first_secs = 30 }", vec![say(0, A, 20.0, 21.0, "a")], true),
         ];
         for (when, utterances, expected) in cases {
             let got = !fired(&one_rule(when), utterances).is_empty();
