@@ -16,7 +16,7 @@ target="$CALLBOX_CROSS_TARGET"
 # The speech unit tests (front end against the reference, segmenter, guards, prosody) do
 # run here; model inference on arm64 needs arm64 hardware to be measured meaningfully.
 "$CARGO" test --release --locked --target "$target" --no-fail-fast --lib --bins \
-    --test daemon_lifecycle --test control_access --test config_cli --test audiosocket --test spool --test alsa --test intent
+    --test daemon_lifecycle --test control_access --test config_cli --test audiosocket --test spool --test alsa --test intent --test customers
 "$CARGO" build --release --locked --target "$target" -p callbox
 file "target/$target/release/callbox"
 bash packaging/build-deb.sh "$target"

@@ -51,6 +51,29 @@ fn a_bad_config_lists_every_problem_and_exits_78() {
 }
 
 #[test]
+fn config_check_refuses_a_broken_rule_file_it_points_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nid = \"a\"\nseverity = \"info\"\nwhen = { regex = \"(\" }\n\n\
+         [[rule]]\nid = \"b\"\nseverity = \"info\"\nwhen = { keywords_any = [\"@nowhere\"] }\n",
+    )
+    .unwrap();
+    let config = dir.path().join("callbox.toml");
+    std::fs::write(&config, format!("[log]\nlevel = \"info\"\n\n[understanding]\nrules_file = {rules:?}\n")).unwrap();
+    let out = run_cli(&["config", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(err.contains("line 5: understanding.rules_file") && err.contains("rule a"), "{err}");
+    assert!(err.contains("rule b") && err.contains("nowhere"), "both problems at once: {err}");
+
+    std::fs::write(&rules, "[[rule]]\nid = \"a\"\nseverity = \"info\"\nwhen = { regex = \"保本\" }\n").unwrap();
+    let out = run_cli(&["config", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+}
+
+#[test]
 fn a_missing_or_empty_config_means_built_in_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("absent.toml");

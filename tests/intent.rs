@@ -241,7 +241,7 @@ fn a_live_call_stays_open_for_its_last_utterance_after_hang_up() {
         "[[rule]]\nid = \"twice\"\nseverity = \"info\"\nevent = \"x_alert\"\nmin_count = 2\nwhen = { keywords_any = [\"投诉\"] }\n",
     )
     .unwrap();
-    let mut u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules);
+    let mut u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules, None);
     let registry = callbox::calls::CallRegistry::new(4);
     let guard = registry.open("c1", Leg::Customer, "test").unwrap();
     assert!(u.utterance(&utterance("c1", Leg::Customer, 1.0, "我要投诉"), &registry).is_empty());

@@ -433,5 +433,73 @@ fn an_invalid_rule_file_stops_the_start_with_every_problem() {
     }));
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.unwrap().code(), Some(78), "{text}");
-    assert!(text.contains("rule a: regex") && text.contains("callbox rules check"), "{text}");
+    assert!(text.contains("understanding.rules_file") && text.contains("rule a: regex"), "{text}");
+}
+
+/// The sample call `models/build.sh` speaks with espeak-ng (English: see models/demo).
+fn demo_call() -> String {
+    let call = format!("{}/demo/call.wav", models());
+    assert!(Path::new(&call).exists(), "no {call}: install espeak-ng and run `bash models/build.sh`");
+    call
+}
+
+#[test]
+fn the_demo_streams_a_two_leg_call_through_the_daemon_and_shows_what_it_understood() {
+    let out = run_cli(&["demo", "--json", "--models", models()]);
+    assert!(out.status.success(), "exit {:?}\n{}", out.status.code(), stderr_of(&out));
+    let items: Vec<serde_json::Value> =
+        stdout_of(&out).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let of = |t: &'static str| items.iter().filter(move |i| i["type"] == t);
+    let events: Vec<&str> = of("event").map(|e| e["kind"].as_str().unwrap()).collect();
+    for kind in ["supervisor_alert", "high_value_lead", "dnc_request", "transfer_to_human"] {
+        assert!(events.contains(&kind), "{kind} missing from {events:?}");
+    }
+    assert_eq!(events.len(), 4, "{events:?}");
+    let alert = of("event").find(|e| e["kind"] == "supervisor_alert").unwrap();
+    assert_eq!(alert["rule"], "agent_forbidden_promise");
+    // The evidence is the agent's promise.
+    let evidence = alert["utterances"][0].as_u64().unwrap();
+    let promise = of("utterance").find(|u| u["index"].as_u64() == Some(evidence)).unwrap();
+    assert_eq!(promise["leg"], "agent");
+    assert!(promise["text"].as_str().unwrap().to_lowercase().contains("no risk"), "{promise}");
+    // Both legs transcribed while the call ran; the customer's price question understood.
+    assert!(of("utterance").any(|u| u["leg"] == "agent" && u["text"].as_str().unwrap().contains("recorded")));
+    assert!(of("utterance").any(|u| u["intent"]["label"] == "price_inquiry"), "{items:?}");
+    assert!(of("utterance").all(|u| u["latency_secs"].as_f64().is_some_and(|l| l > 0.0)));
+    let finished = of("call_finished").next().expect("the call finished");
+    assert_eq!(finished["events"], 4);
+    assert_eq!(finished["phase"], "closing");
+    assert_eq!(finished["customer"]["calls"], 1, "the demo names its caller: {finished}");
+}
+
+#[test]
+fn customer_tags_raised_by_understanding_accumulate_across_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let settings =
+        format!("speech.language = \"en\"\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
+    let d = support::TestDaemon::start_in(dir, &settings, &[("CALLBOX_MODELS_DIR", models())]);
+    for (name, number) in [("monday", "138 0013 8000"), ("friday", "+8613800138000")] {
+        std::fs::write(spool.join(format!("{name}.json")), format!(r#"{{"caller_number":"{number}"}}"#)).unwrap();
+        std::fs::copy(demo_call(), spool.join(format!("{name}.wav"))).unwrap();
+    }
+    let done = |n: &str| spool.join(format!("done/{n}.result.json")).exists();
+    assert!(support::wait_until(LONG, || done("monday") && done("friday")), "log:\n{}", d.log_text());
+    // Tags come as the understanding component reads each call; wait for both calls' ends.
+    let customer = || {
+        let out = d.cli(&["customer", "13800138000", "--json"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["customer"].clone()
+    };
+    let calls_of = |c: &serde_json::Value, tag: &str| {
+        c["tags"].as_array().unwrap().iter().find(|t| t["tag"] == tag).map(|t| t["calls"].as_i64().unwrap())
+    };
+    assert!(
+        support::wait_until(LONG, || calls_of(&customer(), "feature_oriented") == Some(2)),
+        "{}\nlog:\n{}",
+        customer(),
+        d.log_text()
+    );
+    assert_eq!(customer()["calls"], 2);
+    assert!(d.log_text().contains("customer tags [feature_oriented"), "{}", d.log_text());
 }

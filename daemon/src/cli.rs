@@ -42,6 +42,38 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon in the foreground (systemd: Type=notify).
     Run,
+    /// Show the main job on a sample call: a private daemon takes a two-leg call over
+    /// AudioSocket in real time and prints what it understood, live.
+    Demo {
+        /// Stereo WAV to stream (agent left, customer right; default: the sample call
+        /// `models/build.sh` makes beside the models).
+        #[arg(long, value_name = "FILE")]
+        call: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+        /// Language the sample is spoken in ("auto" to detect).
+        #[arg(long, value_name = "LANG", default_value = "en")]
+        lang: String,
+        /// AudioSocket sample rate: 16000 (slin16) or 8000 (narrowband telephone).
+        #[arg(long, value_name = "HZ", default_value_t = 16000)]
+        rate: u32,
+        /// One JSON object per line: the daemon's monitor items with latency_secs.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the running daemon's calls: utterances (masked), intents, events, call ends.
+    Watch {
+        /// The monitor items as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A customer's tags across calls, looked up by caller number (kept only as a keyed hash).
+    Customer {
+        #[arg(value_name = "NUMBER")]
+        number: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show version, uptime, configuration and component health of the running daemon.
     Status {
         /// Print the daemon's report as JSON.
@@ -54,7 +86,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Start or stop a call on an ALSA capture line (for PBX hooks and technicians).
+    /// Start or stop a call on an ALSA capture line, or tell the daemon a call's caller and
+    /// outcome (for PBX hooks and technicians).
     #[command(subcommand)]
     Call(CallCommand),
     /// Validate or show the configuration.
@@ -178,6 +211,19 @@ pub enum CallCommand {
         #[arg(long)]
         json: bool,
     },
+    /// For the PBX/CRM sidecar: who the caller of CALL (its id) is, and whether it converted.
+    Info {
+        #[arg(value_name = "CALL")]
+        call: String,
+        /// The caller number; the daemon keeps only its keyed hash.
+        #[arg(long, value_name = "NUMBER")]
+        caller: Option<String>,
+        /// The call ended in a sale (tags the customer `converted`).
+        #[arg(long)]
+        converted: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +270,19 @@ pub fn main() -> u8 {
     };
     match cli.command {
         Command::Run => crate::daemon::run(&cli.config),
+        Command::Demo { ref call, ref models, ref lang, rate, json } => crate::demo::run(
+            &cli.config,
+            crate::demo::DemoOptions { call: call.clone(), models: models.clone(), language: lang.clone(), rate, json },
+        ),
+        Command::Watch { json } => watch(&socket_for(&cli), json),
+        Command::Customer { ref number, json } => {
+            customer_request(&socket_for(&cli), Request::Customer { caller: number.clone() }, json)
+        }
+        Command::Call(CallCommand::Info { ref call, ref caller, converted, json }) => customer_request(
+            &socket_for(&cli),
+            Request::CallInfo { call: call.clone(), caller: caller.clone(), converted: converted.then_some(true) },
+            json,
+        ),
         Command::Status { json } => status(&socket_for(&cli), json),
         Command::Reload { json } => reload(&socket_for(&cli), json),
         Command::Call(CallCommand::Start { ref line, json }) => {
@@ -430,6 +489,65 @@ fn call_request(socket: &Path, request: Request, json: bool) -> u8 {
         }
         Ok(Response::Error(e)) => refused(e.code, &e.message),
         Ok(other) => unexpected(&other),
+        Err(e) => fail(&e),
+    }
+}
+
+fn customer_request(socket: &Path, request: Request, json: bool) -> u8 {
+    match client::request(socket, request) {
+        Ok(Response::Customer(reply)) => {
+            if json {
+                print_json(&reply);
+                return exit::OK;
+            }
+            match reply.customer {
+                None => println!("no customer known"),
+                Some(c) => {
+                    println!(
+                        "customer {} ({} calls; first {}, last {})",
+                        c.customer,
+                        c.calls,
+                        crate::logging::utc_timestamp(unix_ms(c.first_unix_ms)),
+                        crate::logging::utc_timestamp(unix_ms(c.last_unix_ms))
+                    );
+                    for t in c.tags {
+                        println!(
+                            "  {:<18} {} calls, last {}",
+                            t.tag,
+                            t.calls,
+                            crate::logging::utc_timestamp(unix_ms(t.last_unix_ms))
+                        );
+                    }
+                }
+            }
+            exit::OK
+        }
+        Ok(Response::Error(e)) => refused(e.code, &e.message),
+        Ok(other) => unexpected(&other),
+        Err(e) => fail(&e),
+    }
+}
+
+fn unix_ms(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn watch(socket: &Path, json: bool) -> u8 {
+    let printed = client::watch(socket, |item| {
+        if json {
+            println!("{item}");
+        } else {
+            println!("{}", crate::demo::render(&item, None));
+        }
+        true
+    });
+    match printed {
+        Ok(Ok(())) => {
+            eprintln!("callbox: the daemon closed the stream");
+            exit::OK
+        }
+        Ok(Err(Response::Error(e))) => refused(e.code, &e.message),
+        Ok(Err(other)) => unexpected(&other),
         Err(e) => fail(&e),
     }
 }

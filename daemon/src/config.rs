@@ -457,11 +457,30 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
             source: ConfigSource::Defaults { path: path.to_owned(), reason: "is empty".into() },
         });
     }
-    let (config, problems) = parse_best_effort(&text);
+    let (config, mut problems) = parse_best_effort(&text);
+    problems.extend(referenced_file_problems(&config, &text));
     if !problems.is_empty() {
         return Err(ConfigError::Invalid { path: path.to_owned(), problems, best_effort: Box::new(config) });
     }
     Ok(LoadedConfig { config, source: ConfigSource::File { path: path.to_owned() } })
+}
+
+/// Files the config points at that must be valid for it to be: the rule file. So
+/// `config check` and `reload` refuse a broken rule file as they refuse a broken key.
+fn referenced_file_problems(config: &Config, text: &str) -> Vec<Problem> {
+    let Some(rules) = config.understanding.rules_file.as_deref().filter(|p| p.is_absolute()) else {
+        return vec![];
+    };
+    let line = DeTable::parse(text)
+        .ok()
+        .and_then(|t| span_of_path(t.get_ref(), "understanding.rules_file"))
+        .map(|at| line_of(text, at));
+    match crate::understanding::live::load_rules(Some(rules)) {
+        Ok(_) => vec![],
+        Err(found) => {
+            found.into_iter().map(|message| Problem { key: "understanding.rules_file".into(), line, message }).collect()
+        }
+    }
 }
 
 /// The configuration a CLI should act on: the valid file, or its valid keys if it

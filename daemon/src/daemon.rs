@@ -99,12 +99,20 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             return exit::OS_ERROR;
         }
     }
+    // Customer tags across calls: the key and the database live in the data directory.
+    let customers = match crate::customers::Customers::open(&data_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!(component = COMPONENT; "{e}");
+            return exit::OS_ERROR;
+        }
+    };
     let speech = match load_speech(cfg).await {
         Ok(speech) => speech,
         Err(code) => return code,
     };
     let understanding = match &speech {
-        Some(service) => match load_understanding(cfg, service).await {
+        Some(service) => match load_understanding(cfg, service, customers.clone()).await {
             Ok(u) => Some(u),
             Err(code) => return code,
         },
@@ -148,6 +156,8 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         audiosocket_listeners,
         line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
         speech: speech.clone(),
+        customers: customers.clone(),
+        monitor: understanding.as_ref().map(Understanding::bus),
         reload_tx,
     };
     let mut components = vec![
@@ -170,7 +180,9 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
     }
     if let Some(spool) = cfg.spool.dir.clone() {
         let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
-        let watch = crate::inputs::spool::watch(spool, config, calls, speech, health.clone(), shutdown.clone());
+        let customers = Some(customers.clone());
+        let watch =
+            crate::inputs::spool::watch(spool, config, calls, customers, speech, health.clone(), shutdown.clone());
         components.push(Component::new("spool", watch));
     }
     if let (Some(understanding), Some(service)) = (understanding, &speech) {
@@ -248,7 +260,11 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
 
 /// The intent and sentiment models (beside the speech models) and the rules; exit 69 for
 /// missing models, 78 for an invalid rule file.
-async fn load_understanding(cfg: &config::Config, speech: &SpeechService) -> Result<Understanding, u8> {
+async fn load_understanding(
+    cfg: &config::Config,
+    speech: &SpeechService,
+    customers: crate::customers::Customers,
+) -> Result<Understanding, u8> {
     let dir = speech.models().dir.clone();
     let models = match tokio::task::spawn_blocking(move || UnderstandingModels::load(&dir)).await {
         Ok(Ok(models)) => models,
@@ -262,7 +278,7 @@ async fn load_understanding(cfg: &config::Config, speech: &SpeechService) -> Res
         }
     };
     match load_rules(cfg.understanding.rules_file.as_deref()) {
-        Ok(rules) => Ok(Understanding::new(models, rules)),
+        Ok(rules) => Ok(Understanding::new(models, rules, Some(customers))),
         Err(problems) => {
             for p in problems {
                 log::error!(component = "understanding"; "rules: {p}");

@@ -37,37 +37,101 @@ impl ClientError {
     }
 }
 
-/// Sends one request and returns the daemon's response (which may be an error reply).
-pub fn request(socket: &Path, request: Request) -> Result<Response, ClientError> {
-    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
+fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => ClientError::NotRunning(socket.to_owned()),
         io::ErrorKind::ConnectionRefused => ClientError::Stale(socket.to_owned()),
         io::ErrorKind::PermissionDenied => ClientError::Permission(socket.to_owned()),
-        _ => io_err(e),
+        _ => ClientError::Io { path: socket.to_owned(), source: e },
     })?;
+    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
-    (&stream).write_all(&encode_line(&request.frame())).map_err(io_err)?;
+    Ok(stream)
+}
 
-    let mut reader = BufReader::new(&stream);
+/// The next line from the daemon, bounded; None at end of stream.
+fn read_line(reader: &mut BufReader<&UnixStream>, socket: &Path) -> Result<Option<Vec<u8>>, ClientError> {
     let mut framer = LineFramer::new(MAX_RESPONSE_BYTES);
-    let protocol = |detail: String| ClientError::Protocol { path: socket.to_owned(), detail };
-    let line = loop {
-        let chunk = reader.fill_buf().map_err(io_err)?;
+    loop {
+        let chunk = reader.fill_buf().map_err(|source| ClientError::Io { path: socket.to_owned(), source })?;
         if chunk.is_empty() {
-            return Err(protocol("connection closed before a response".into()));
+            return Ok(None);
         }
         let len = chunk.len();
         match framer.push(chunk) {
             Framed::NeedMore => reader.consume(len),
-            Framed::Line { line, .. } => break line,
-            Framed::TooLong => return Err(protocol(format!("response exceeds {MAX_RESPONSE_BYTES} bytes"))),
+            Framed::Line { line, consumed } => {
+                reader.consume(consumed);
+                return Ok(Some(line));
+            }
+            Framed::TooLong => {
+                return Err(ClientError::Protocol {
+                    path: socket.to_owned(),
+                    detail: format!("response exceeds {MAX_RESPONSE_BYTES} bytes"),
+                })
+            }
         }
-    };
-    let frame: ResponseFrame = serde_json::from_slice(&line).map_err(|e| protocol(e.to_string()))?;
+    }
+}
+
+fn parse_response(line: &[u8], socket: &Path) -> Result<Response, ClientError> {
+    let protocol = |detail: String| ClientError::Protocol { path: socket.to_owned(), detail };
+    let frame: ResponseFrame = serde_json::from_slice(line).map_err(|e| protocol(e.to_string()))?;
     if frame.v != PROTOCOL_VERSION {
         return Err(protocol(format!("protocol version {} (this CLI speaks {PROTOCOL_VERSION})", frame.v)));
     }
     Ok(frame.response)
+}
+
+/// Sends one request and returns the daemon's response (which may be an error reply).
+pub fn request(socket: &Path, request: Request) -> Result<Response, ClientError> {
+    let stream = connect(socket)?;
+    (&stream)
+        .write_all(&encode_line(&request.frame()))
+        .map_err(|source| ClientError::Io { path: socket.to_owned(), source })?;
+    let mut reader = BufReader::new(&stream);
+    match read_line(&mut reader, socket)? {
+        Some(line) => parse_response(&line, socket),
+        None => {
+            Err(ClientError::Protocol { path: socket.to_owned(), detail: "connection closed before a response".into() })
+        }
+    }
+}
+
+/// Follows the daemon's understanding bus: `on_item` gets each `monitor` object (or an
+/// error reply the daemon sends mid-stream) until it returns false or the daemon closes.
+/// Err(reply) if the daemon refused to stream.
+pub fn watch(
+    socket: &Path,
+    mut on_item: impl FnMut(serde_json::Value) -> bool,
+) -> Result<Result<(), Response>, ClientError> {
+    let stream = connect(socket)?;
+    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
+    (&stream).write_all(&encode_line(&Request::Watch {}.frame())).map_err(io_err)?;
+    let mut reader = BufReader::new(&stream);
+    let Some(first) = read_line(&mut reader, socket)? else {
+        return Err(ClientError::Protocol {
+            path: socket.to_owned(),
+            detail: "connection closed before a response".into(),
+        });
+    };
+    match parse_response(&first, socket)? {
+        Response::Watching => {}
+        other => return Ok(Err(other)),
+    }
+    // Items come when calls do: no read timeout from here on.
+    stream.set_read_timeout(None).map_err(io_err)?;
+    while let Some(line) = read_line(&mut reader, socket)? {
+        let value: serde_json::Value = serde_json::from_slice(&line)
+            .map_err(|e| ClientError::Protocol { path: socket.to_owned(), detail: e.to_string() })?;
+        let item = match value.get("monitor") {
+            Some(m) => m.clone(),
+            None => value.get("response").cloned().unwrap_or(value),
+        };
+        if !on_item(item) {
+            break;
+        }
+    }
+    Ok(Ok(()))
 }

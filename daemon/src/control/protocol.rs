@@ -5,6 +5,10 @@
 //!
 //! The set of requests and responses is closed (unknown ops and fields are
 //! refused). A new field or op that old peers cannot ignore bumps `v`.
+//!
+//! `{"op":"watch"}` turns the connection into a stream: one `watching` response, then one
+//! `{"v":1,"monitor":{"type":"utterance"|"event"|"call_finished",...}}` line per item of
+//! the understanding bus, until either side closes.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +40,20 @@ pub enum Request {
     CallStart { line: String },
     /// End the call on an ALSA capture line.
     CallStop { line: String },
+    /// From the PBX/CRM sidecar or a technician: whose call this is (`caller`, kept only as
+    /// a keyed hash) and whether it ended in a sale (`converted`). Without either, reports
+    /// the call's customer.
+    CallInfo {
+        call: String,
+        #[serde(default)]
+        caller: Option<String>,
+        #[serde(default)]
+        converted: Option<bool>,
+    },
+    /// A customer's tags across calls, looked up by caller number.
+    Customer { caller: String },
+    /// Follow understood utterances, events and finished calls as they happen.
+    Watch {},
 }
 
 /// Longest line name a request may carry (config allows 32 characters).
@@ -52,7 +70,13 @@ pub enum Role {
 impl Request {
     pub fn required_role(&self) -> Role {
         match self {
-            Self::Ping {} | Self::Status {} | Self::CallStart { .. } | Self::CallStop { .. } => Role::Technician,
+            Self::Ping {}
+            | Self::Status {}
+            | Self::CallStart { .. }
+            | Self::CallStop { .. }
+            | Self::CallInfo { .. }
+            | Self::Customer { .. }
+            | Self::Watch {} => Role::Technician,
             Self::Reload {} => Role::Admin,
         }
     }
@@ -77,6 +101,11 @@ pub enum Response {
     Reload(ReloadReport),
     /// A call started or stopped on a capture line.
     Call(CallReply),
+    /// A call's customer (after `call_info`), or a customer looked up by number; None when
+    /// unknown.
+    Customer(CustomerReply),
+    /// The stream of `monitor` lines follows.
+    Watching,
     Error(ErrorReply),
 }
 
@@ -85,6 +114,11 @@ pub struct CallReply {
     pub line: String,
     pub call: String,
     pub started: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerReply {
+    pub customer: Option<crate::customers::CustomerRecord>,
 }
 
 impl Response {

@@ -84,6 +84,9 @@ pub struct ControlContext {
     /// Start/stop requests for ALSA capture lines; None when capture is off.
     pub line_requests: Option<crate::inputs::alsa::LineRequests>,
     pub speech: Option<crate::speech::live::SpeechService>,
+    pub customers: crate::customers::Customers,
+    /// The understanding bus, for `watch`; None when speech is off.
+    pub monitor: Option<tokio::sync::broadcast::Sender<Arc<crate::understanding::live::Monitor>>>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
     pub reload_tx: mpsc::Sender<ReloadReply>,
 }
@@ -270,16 +273,16 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
                 }
             }
         };
-        let (response, keep_open) = match next {
+        let (response, after) = match next {
             Next::Closed => return,
             Next::TimedOut => {
                 let limit = control.request_timeout_secs;
-                (Response::error(ErrorCode::Timeout, format!("no complete request within {limit}s")), false)
+                (Response::error(ErrorCode::Timeout, format!("no complete request within {limit}s")), After::Close)
             }
             Next::TooLong => {
                 log::warn!(component = COMPONENT; "refused request over {} bytes from {who}", control.max_request_bytes);
                 let message = format!("request exceeds {} bytes", control.max_request_bytes);
-                (Response::error(ErrorCode::RequestTooLarge, message), false)
+                (Response::error(ErrorCode::RequestTooLarge, message), After::Close)
             }
             Next::Line(line) => {
                 respond(&line, role, Caller { uid: peer.uid, who: &who }, &running, &ctx, &shutdown).await
@@ -287,10 +290,68 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
         };
         let bytes = encode_line(&response.frame());
         let written = tokio::time::timeout(WRITE_TIMEOUT, write_half.write_all(&bytes)).await;
-        if !matches!(written, Ok(Ok(()))) || !keep_open {
+        if !matches!(written, Ok(Ok(()))) {
             return;
         }
+        match after {
+            After::KeepOpen => {}
+            After::Close => return,
+            After::Watch(rx) => return stream_monitor(rx, reader, write_half, &who, shutdown).await,
+        }
     }
+}
+
+/// What happens to a connection after its response.
+enum After {
+    KeepOpen,
+    Close,
+    /// Stream the understanding bus until the client or the daemon goes.
+    Watch(tokio::sync::broadcast::Receiver<Arc<crate::understanding::live::Monitor>>),
+}
+
+#[derive(serde::Serialize)]
+struct MonitorLine<'a> {
+    v: u32,
+    monitor: &'a crate::understanding::live::Monitor,
+}
+
+/// Writes every bus item as a line. A client that stops reading for [`WRITE_TIMEOUT`] is
+/// dropped; one that falls behind the bus is told how much it missed. Either way the bus
+/// itself never waits for a watcher.
+async fn stream_monitor(
+    mut rx: tokio::sync::broadcast::Receiver<Arc<crate::understanding::live::Monitor>>,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    who: &str,
+    mut shutdown: ShutdownSignal,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // Transcripts are personal data, masked or not: say who followed them.
+    log::info!(component = COMPONENT; "{who} is watching live call understanding");
+    let mut sink = [0u8; 256];
+    loop {
+        let line = tokio::select! {
+            _ = shutdown.wait() => break,
+            // Anything the client sends is ignored; end of file means it left.
+            read = tokio::io::AsyncReadExt::read(&mut reader, &mut sink) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            },
+            item = rx.recv() => match item {
+                Ok(item) => encode_line(&MonitorLine { v: crate::control::protocol::PROTOCOL_VERSION, monitor: &item }),
+                Err(RecvError::Lagged(n)) => encode_line(&Response::error(
+                    ErrorCode::Internal,
+                    format!("this watcher fell behind: {n} items were skipped"),
+                ).frame()),
+                Err(RecvError::Closed) => break,
+            },
+        };
+        let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&line)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            break;
+        }
+    }
+    log::info!(component = COMPONENT; "{who} stopped watching");
 }
 
 struct Caller<'a> {
@@ -299,7 +360,7 @@ struct Caller<'a> {
     who: &'a str,
 }
 
-/// Decides the response to one request line; the bool says whether to keep the connection.
+/// Decides the response to one request line and what becomes of the connection.
 async fn respond(
     line: &[u8],
     role: Option<Role>,
@@ -307,10 +368,10 @@ async fn respond(
     running: &RunningConfig,
     ctx: &ControlContext,
     shutdown: &ShutdownSignal,
-) -> (Response, bool) {
+) -> (Response, After) {
     let request = match decode_request(line) {
         Ok(request) => request,
-        Err(reply) => return (Response::Error(reply), true),
+        Err(reply) => return (Response::Error(reply), After::KeepOpen),
     };
     let control = &running.config.control;
     let Some(role) = role else {
@@ -319,14 +380,14 @@ async fn respond(
             "{} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
             caller.who, control.technician_group, control.admin_group
         );
-        return (Response::error(ErrorCode::Forbidden, message), false);
+        return (Response::error(ErrorCode::Forbidden, message), After::Close);
     };
     if role < request.required_role() {
         let message = format!(
             "{request:?} needs the admin role: root or a member of '{}'; {} is a technician",
             control.admin_group, caller.who
         );
-        return (Response::error(ErrorCode::Forbidden, message), true);
+        return (Response::error(ErrorCode::Forbidden, message), After::KeepOpen);
     }
     log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", caller.who);
     let response = match request {
@@ -337,8 +398,70 @@ async fn respond(
         Request::Reload {} => reload(ctx).await,
         Request::CallStart { line } => line_request(ctx, &line, true, caller.who).await,
         Request::CallStop { line } => line_request(ctx, &line, false, caller.who).await,
+        Request::CallInfo { call, caller: number, converted } => {
+            call_info(ctx, call, number, converted, caller.who).await
+        }
+        Request::Customer { caller: number } => customer_lookup(ctx, number, caller.who).await,
+        Request::Watch {} => match &ctx.monitor {
+            Some(bus) => return (Response::Watching, After::Watch(bus.subscribe())),
+            None => {
+                Response::error(ErrorCode::Rejected, "call understanding is off (no input, or speech.enabled = false)")
+            }
+        },
     };
-    (response, true)
+    (response, After::KeepOpen)
+}
+
+async fn call_info(
+    ctx: &ControlContext,
+    call: String,
+    number: Option<String>,
+    converted: Option<bool>,
+    who: &str,
+) -> Response {
+    let customers = ctx.customers.clone();
+    let said_number = number.is_some();
+    // SQLite writes fsync: off the async workers.
+    let done = tokio::task::spawn_blocking(move || {
+        if let Some(number) = number {
+            customers.link_call(&call, &number)?;
+        }
+        if converted == Some(true) {
+            customers.mark_converted(&call)?;
+        }
+        customers.of_call(&call).map(|c| (call, c))
+    })
+    .await;
+    match done {
+        Ok(Ok((call, customer))) => {
+            if said_number || converted == Some(true) {
+                log::info!(component = COMPONENT, call_id = call.as_str();
+                    "call info from {who}:{}{}", if said_number { " caller number" } else { "" },
+                    if converted == Some(true) { " converted" } else { "" });
+            }
+            Response::Customer(crate::control::protocol::CustomerReply { customer })
+        }
+        Ok(Err(crate::customers::CustomerError::BadInput(message))) => Response::error(ErrorCode::Rejected, message),
+        Ok(Err(e)) => {
+            log::error!(component = COMPONENT; "customer store: {e}");
+            Response::error(ErrorCode::Internal, format!("customer store: {e}"))
+        }
+        Err(e) => Response::error(ErrorCode::Internal, format!("customer store task failed: {e}")),
+    }
+}
+
+async fn customer_lookup(ctx: &ControlContext, number: String, who: &str) -> Response {
+    let customers = ctx.customers.clone();
+    match tokio::task::spawn_blocking(move || customers.by_caller(&number)).await {
+        Ok(Ok(customer)) => {
+            log::info!(component = COMPONENT; "{who} looked up customer {}",
+                customer.as_ref().map_or("(unknown)", |c| c.customer.as_str()));
+            Response::Customer(crate::control::protocol::CustomerReply { customer })
+        }
+        Ok(Err(crate::customers::CustomerError::BadInput(message))) => Response::error(ErrorCode::Rejected, message),
+        Ok(Err(e)) => Response::error(ErrorCode::Internal, format!("customer store: {e}")),
+        Err(e) => Response::error(ErrorCode::Internal, format!("customer store task failed: {e}")),
+    }
 }
 
 async fn line_request(ctx: &ControlContext, line: &str, start: bool, who: &str) -> Response {

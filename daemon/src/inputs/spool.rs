@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::calls::{CallRegistry, CallSummary};
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
+use crate::customers::Customers;
 use crate::health::{HealthBoard, ShutdownSignal};
 use crate::speech::live::{SpeechService, UtteranceEvent};
 use crate::transcribe::LegUtterance;
@@ -45,7 +46,11 @@ pub struct SpoolResult {
     pub sample_rate: u32,
     pub encoding: String,
     pub duration_ms: u64,
+    /// The sidecar, without the caller number: that is kept only as `customer`.
     pub metadata: Sidecar,
+    /// The caller's customer id (keyed hash of the number), when the sidecar gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
     pub call: Option<CallSummary>,
     /// Both legs' utterances in time order; absent when speech is off.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,7 +105,13 @@ fn is_recording_name(path: &Path) -> bool {
 /// The speech service and the settings it runs with, when speech is on.
 type Speech<'a> = Option<(&'a SpeechService, &'a crate::config::SpeechConfig)>;
 
-fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegistry, speech: Speech) -> FileOutcome {
+fn process(
+    path: &Path,
+    settings: &crate::config::SpoolConfig,
+    calls: &CallRegistry,
+    customers: Option<&Customers>,
+    speech: Speech,
+) -> FileOutcome {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_owned();
     let sidecar_path = path.with_extension("json");
     let metadata = match std::fs::metadata(&sidecar_path) {
@@ -124,6 +135,17 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
     if legs.is_empty() {
         return FileOutcome::Failed("unexpected channel layout".into());
     }
+    // Linked before the speech runs, so the tags it raises are the customer's at once.
+    let customer = match (customers, metadata.caller_number.as_deref()) {
+        (Some(customers), Some(number)) => match customers.link_call(&call_id, number) {
+            Ok(record) => Some(record.customer),
+            Err(e) => {
+                log::warn!(component = COMPONENT, call_id = call_id.as_str(); "{name}: caller_number not used: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let mut guards = Vec::new();
     for (leg, samples) in &legs {
         match calls.open(&call_id, *leg, &format!("spool {name}")) {
@@ -159,7 +181,8 @@ fn process(path: &Path, settings: &crate::config::SpoolConfig, calls: &CallRegis
         sample_rate: recording.sample_rate,
         encoding: format!("{:?}", recording.encoding).to_lowercase(),
         duration_ms: (duration_secs * 1000.0).round() as u64,
-        metadata,
+        metadata: Sidecar { caller_number: None, ..metadata },
+        customer,
         call,
         utterances,
         real_time_factor,
@@ -255,6 +278,7 @@ pub async fn watch(
     dir: PathBuf,
     config: watch::Receiver<Arc<RunningConfig>>,
     calls: CallRegistry,
+    customers: Option<Customers>,
     speech: Option<SpeechService>,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
@@ -273,10 +297,10 @@ pub async fn watch(
                 break;
             }
             let (p, s, c, d) = (path.clone(), settings.clone(), calls.clone(), dir.clone());
-            let (service, sc) = (speech.clone(), speech_config.clone());
+            let (service, sc, cu) = (speech.clone(), speech_config.clone(), customers.clone());
             let first_time = !postponed.contains(&path);
             let settled = tokio::task::spawn_blocking(move || {
-                let outcome = process(&p, &s, &c, service.as_ref().map(|service| (service, &sc)));
+                let outcome = process(&p, &s, &c, cu.as_ref(), service.as_ref().map(|service| (service, &sc)));
                 settle(&p, &d, outcome, first_time)
             })
             .await;

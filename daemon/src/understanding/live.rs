@@ -19,14 +19,16 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
-use super::call::{CallEvent, CallUnderstanding, UtteranceFacts, DEFAULT_RULES};
+use super::call::{CallEvent, CallUnderstanding, UtteranceFacts, UtteranceView, DEFAULT_RULES};
 use super::intent::TextClassifier;
 use super::pii;
 use super::rules::{RuleSet, MAX_RULES_BYTES};
+use super::state::{Phase, Tag};
 use crate::audio::Leg;
 use crate::calls::CallRegistry;
 use crate::control::protocol::HealthState;
 use crate::control::server::RunningConfig;
+use crate::customers::{CustomerRecord, Customers};
 use crate::health::{HealthBoard, ShutdownSignal};
 use crate::speech::live::{SpeechEvent, UtteranceEvent};
 use crate::speech::prosody::Prosody;
@@ -44,6 +46,32 @@ pub struct LiveEvent {
     pub call: String,
     #[serde(flatten)]
     pub event: CallEvent,
+}
+
+/// What the component publishes on its bus: every understood utterance (masked), every
+/// event, and each call's end. `callbox watch` and the demo follow it through the control
+/// socket; the headquarters link will take the events and the call ends from it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Monitor {
+    Utterance {
+        call: String,
+        #[serde(flatten)]
+        utterance: UtteranceView,
+    },
+    Event(LiveEvent),
+    CallFinished {
+        call: String,
+        utterances: usize,
+        rule_hits: usize,
+        events: usize,
+        phase: Phase,
+        /// The customer's tags from this call.
+        tags: Vec<Tag>,
+        /// The customer across calls, when the call has a caller number.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        customer: Option<CustomerRecord>,
+    },
 }
 
 /// The models the component needs, loaded at start-up beside the speech models.
@@ -101,17 +129,20 @@ pub struct Understanding {
     models: UnderstandingModels,
     rules: Arc<RuleSet>,
     calls: HashMap<String, LiveCall>,
-    events: broadcast::Sender<Arc<LiveEvent>>,
+    bus: broadcast::Sender<Arc<Monitor>>,
+    /// Customer tags across calls; None in offline tools.
+    customers: Option<Customers>,
 }
 
 impl Understanding {
-    pub fn new(models: UnderstandingModels, rules: RuleSet) -> Self {
-        let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
-        Self { models, rules: Arc::new(rules), calls: HashMap::new(), events }
+    pub fn new(models: UnderstandingModels, rules: RuleSet, customers: Option<Customers>) -> Self {
+        let (bus, _) = broadcast::channel(EVENT_BUS_CAPACITY);
+        Self { models, rules: Arc::new(rules), calls: HashMap::new(), bus, customers }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
-        self.events.subscribe()
+    /// The bus, for subscribers that come and go (control-socket watchers).
+    pub fn bus(&self) -> broadcast::Sender<Arc<Monitor>> {
+        self.bus.clone()
     }
 
     /// One finished utterance; returns the events it raised (also logged and published).
@@ -132,16 +163,33 @@ impl Understanding {
         });
         call.legs.insert(u.leg);
         let (start, end) = (u.utterance.start_secs, u.utterance.end_secs);
+        let tags_before = call.understanding.state.tags.clone();
         let events = call.understanding.utterance(u.leg, start, end, &u.utterance.text, facts);
+        let new_tags: Vec<Tag> = call.understanding.state.tags.difference(&tags_before).copied().collect();
         if let Some(view) = call.understanding.utterances.last() {
             let intent = view.intent.as_ref().map(|c| c.label.as_str()).unwrap_or("-");
             let emotion = view.emotion.map(|e| e.name()).unwrap_or("-");
             log::info!(component = COMPONENT, call_id = u.call.as_str(), leg = u.leg.name();
                 "{} utterance {}: intent {intent}, emotion {emotion}{}", u.leg.name(), view.index,
                 if view.rules.is_empty() { String::new() } else { format!(", rules {}", view.rules.join(", ")) });
+            let _ = self.bus.send(Arc::new(Monitor::Utterance { call: u.call.clone(), utterance: view.clone() }));
         }
+        self.record_tags(&u.call, &new_tags);
         self.publish(&u.call, &events);
         events
+    }
+
+    /// Keeps the tags a call raised (and so its customer's, once the caller is known). A
+    /// store that cannot write is logged; the call goes on.
+    fn record_tags(&self, call: &str, tags: &[Tag]) {
+        let Some(customers) = &self.customers else { return };
+        if tags.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = tags.iter().map(|t| t.name()).collect();
+        if let Err(e) = customers.add_call_tags(call, &names) {
+            log::error!(component = COMPONENT, call_id = call; "customer tags {names:?} not kept: {e}");
+        }
     }
 
     /// A leg's speech is complete (its last utterance came before this).
@@ -177,14 +225,33 @@ impl Understanding {
         }
         for id in &ended {
             if let Some(call) = self.calls.remove(id) {
-                let u = &call.understanding;
-                let tags: Vec<String> = u.state.tags.iter().map(|t| format!("{t:?}")).collect();
-                log::info!(component = COMPONENT, call_id = id.as_str();
-                    "call understood: {} utterances, {} rule hits, {} events; phase {:?}; customer tags [{}]",
-                    u.utterances.len(), u.hits.len(), u.events.len(), u.state.phase, tags.join(", "));
+                self.finished(id, &call.understanding);
             }
         }
         ended
+    }
+
+    fn finished(&self, id: &str, u: &CallUnderstanding) {
+        let tags: Vec<&str> = u.state.tags.iter().map(|t| t.name()).collect();
+        let customer = self.customers.as_ref().and_then(|c| {
+            c.of_call(id)
+                .map_err(|e| log::error!(component = COMPONENT, call_id = id; "customer lookup failed: {e}"))
+                .ok()
+                .flatten()
+        });
+        log::info!(component = COMPONENT, call_id = id;
+            "call understood: {} utterances, {} rule hits, {} events; phase {:?}; customer tags [{}]{}",
+            u.utterances.len(), u.hits.len(), u.events.len(), u.state.phase, tags.join(", "),
+            customer.as_ref().map_or(String::new(), |c| format!("; customer {} on call {}", c.customer, c.calls)));
+        let _ = self.bus.send(Arc::new(Monitor::CallFinished {
+            call: id.to_owned(),
+            utterances: u.utterances.len(),
+            rule_hits: u.hits.len(),
+            events: u.events.len(),
+            phase: u.state.phase,
+            tags: u.state.tags.iter().copied().collect(),
+            customer,
+        }));
     }
 
     fn publish(&self, call: &str, events: &[CallEvent]) {
@@ -192,7 +259,7 @@ impl Understanding {
             log::warn!(component = COMPONENT, call_id = call, event = event.kind.as_str(), rule = event.rule.as_str();
                 "EVENT {} at {:.1} s: {} (utterances {:?})", event.kind, event.at_secs, event.reason, event.utterances);
             // Nobody subscribed yet is fine: the headquarters link will.
-            let _ = self.events.send(Arc::new(LiveEvent { call: call.to_owned(), event }));
+            let _ = self.bus.send(Arc::new(Monitor::Event(LiveEvent { call: call.to_owned(), event })));
         }
     }
 }
@@ -259,6 +326,7 @@ pub async fn run(
             let secs = SystemTime::now().duration_since(call.started).unwrap_or(Duration::ZERO).as_secs_f64();
             let events = call.understanding.end(secs);
             understanding.publish(&id, &events);
+            understanding.finished(&id, &call.understanding);
         }
     }
     health.set(COMPONENT, HealthState::Stopped, "stopped");

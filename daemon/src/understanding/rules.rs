@@ -284,8 +284,9 @@ fn compile_cond(c: &Cond, syn: &BTreeMap<String, Vec<String>>, errs: &mut Vec<St
 }
 
 /// Lower-case, without spaces and punctuation: ASR spaces and commas words at random.
+/// `%` stays: without it "100%" would match "$1.00".
 fn normalise(text: &str) -> String {
-    text.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
+    text.chars().filter(|c| c.is_alphanumeric() || *c == '%').flat_map(char::to_lowercase).collect()
 }
 
 /// What a condition sees besides the utterance.
@@ -458,6 +459,13 @@ mod tests {
 
     fn one_rule(when: &str) -> Arc<RuleSet> {
         rules(&format!("[[rule]]\nid = \"r\"\nseverity = \"warning\"\nwhen = {when}\n"))
+    }
+
+    #[test]
+    fn a_percent_sign_is_part_of_a_keyword() {
+        assert_eq!(normalise("保证 100 %收益, OK"), "保证100%收益ok");
+        assert_eq!(normalise("It is $1.00 million"), "itis100million");
+        assert!(!normalise("It is $1.00 million").contains(&normalise("100%")));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Phases only move forward: opening → needs discovery (the customer asks about price,
 //! product or customisation, or 30 s have passed) → objection handling (budget,
 //! competitor, hesitation, refusal, complaint) → closing (purchase, callback, do-not-call,
-//! or the agent's goodbye). Tags are the customer's, from this call; keeping them across
-//! calls is the call store's job (keyed by a hash of the caller number).
+//! or the agent's goodbye). Tags are the customer's, from this call; `crate::customers` keeps
+//! them across calls (keyed by a hash of the caller number).
 
 use std::collections::BTreeSet;
 
@@ -33,6 +33,21 @@ pub enum Tag {
     ComplaintRisk,
     LongTermWatcher,
     DoNotCall,
+}
+
+impl Tag {
+    /// The tag's name as stored and published.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PriceSensitive => "price_sensitive",
+            Self::FeatureOriented => "feature_oriented",
+            Self::HighIntent => "high_intent",
+            Self::HighValue => "high_value",
+            Self::ComplaintRisk => "complaint_risk",
+            Self::LongTermWatcher => "long_term_watcher",
+            Self::DoNotCall => "do_not_call",
+        }
+    }
 }
 
 /// What the call has established so far (utterance indices as evidence).

@@ -1,0 +1,469 @@
+//! Customers across calls: tags kept per customer, where a customer is a keyed hash of the
+//! caller number (HMAC-SHA256 with a per-box secret), never the number itself.
+//!
+//! The store is SQLite in the data directory (`customers.sqlite`, 0600, WAL,
+//! `synchronous = FULL`: a tag written is a tag kept across a kill -9 or a power cut).
+//! Tags are recorded per call as the call raises them; once the call is linked to a caller
+//! (spool sidecar, `callbox call info`, the PBX sidecar) the call's tags, earlier and later,
+//! are the customer's. `converted` comes only from the PBX/CRM sidecar, possibly hours after
+//! the call, by call id.
+//!
+//! The secret (`keys/caller-hash.key`, 32 random bytes, 0600) is what makes a hash useless to
+//! anyone who copies the database: the space of phone numbers is small enough to hash whole.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ring::hmac;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+pub const DATABASE_FILE: &str = "customers.sqlite";
+pub const KEY_FILE: &str = "keys/caller-hash.key";
+const KEY_BYTES: usize = 32;
+/// Longest caller number accepted, separators included (E.164 is at most 15 digits).
+pub const MAX_CALLER_CHARS: usize = 32;
+/// Longest call id accepted from a sidecar or the control socket.
+pub const MAX_CALL_ID_CHARS: usize = 128;
+/// The tag only the PBX/CRM sidecar sets.
+pub const CONVERTED: &str = "converted";
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CustomerError {
+    #[error("cannot create {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("caller-hash key {path}: {source}")]
+    Key { path: PathBuf, source: std::io::Error },
+    #[error("caller-hash key {path} has {len} bytes, not {KEY_BYTES}: restore it from backup (a new key would split every customer's history)")]
+    KeyLength { path: PathBuf, len: usize },
+    #[error("cannot make {path} private: {source}")]
+    Permissions { path: PathBuf, source: std::io::Error },
+    #[error("customer database {path}: {source}")]
+    Database { path: PathBuf, source: rusqlite::Error },
+    #[error("customer database {path} has schema version {found}; this callbox knows {SCHEMA_VERSION}")]
+    Schema { path: PathBuf, found: i64 },
+    #[error("customer database: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("{0}")]
+    BadInput(String),
+}
+
+/// Digits of a caller number as the PBX gives it, with the China country prefix removed so
+/// that `+86 138…`, `0086138…` and `138…` are one customer. None if it is not a number.
+pub fn normalize_number(raw: &str) -> Option<String> {
+    if raw.chars().count() > MAX_CALLER_CHARS {
+        return None;
+    }
+    let mut digits = String::new();
+    for (i, c) in raw.trim().chars().enumerate() {
+        match c {
+            '0'..='9' => digits.push(c),
+            '+' if i == 0 => {}
+            ' ' | '-' | '(' | ')' | '.' => {}
+            _ => return None,
+        }
+    }
+    let national = if let Some(rest) = digits.strip_prefix("0086") {
+        rest
+    } else if digits.len() == 13 && digits.starts_with("861") {
+        &digits[2..]
+    } else {
+        &digits
+    };
+    (national.len() >= 3).then(|| national.to_owned())
+}
+
+/// Turns caller numbers into customer ids.
+pub struct CallerHasher {
+    key: hmac::Key,
+}
+
+impl CallerHasher {
+    pub fn from_secret(secret: &[u8]) -> Self {
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
+    }
+
+    /// Reads the box's secret, creating it (0600, in a 0700 folder) on first start.
+    pub fn load_or_create(path: &Path) -> Result<Self, CustomerError> {
+        let key_err = |source| CustomerError::Key { path: path.to_owned(), source };
+        match std::fs::read(path) {
+            Ok(bytes) if bytes.len() == KEY_BYTES => return Ok(Self::from_secret(&bytes)),
+            Ok(bytes) => return Err(CustomerError::KeyLength { path: path.to_owned(), len: bytes.len() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(key_err(e)),
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| CustomerError::CreateDir { path: dir.to_owned(), source })?;
+        }
+        let mut secret = [0u8; KEY_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| key_err(std::io::Error::other("the system random source failed")))?;
+        // create_new: two daemons racing must not each write a different key.
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(key_err)?;
+        file.write_all(&secret).and_then(|()| file.sync_all()).map_err(key_err)?;
+        std::fs::hard_link(&tmp, path).map_err(key_err)?;
+        let _ = std::fs::remove_file(&tmp);
+        Ok(Self::from_secret(&secret))
+    }
+
+    /// The customer id of a caller number: 128 bits of HMAC-SHA256 over the normalized digits.
+    pub fn customer_id(&self, caller: &str) -> Result<String, CustomerError> {
+        let digits = normalize_number(caller).ok_or_else(|| {
+            CustomerError::BadInput(format!(
+                "not a caller number (digits, spaces, -, (), a leading +; at most {MAX_CALLER_CHARS} characters)"
+            ))
+        })?;
+        let tag = hmac::sign(&self.key, digits.as_bytes());
+        Ok(tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub tag: String,
+    pub first_unix_ms: i64,
+    pub last_unix_ms: i64,
+    /// Calls that raised the tag.
+    pub calls: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    pub customer: String,
+    pub first_unix_ms: i64,
+    pub last_unix_ms: i64,
+    pub calls: i64,
+    pub tags: Vec<TagRecord>,
+}
+
+/// The SQLite side. Every change is one transaction.
+pub struct CustomerStore {
+    conn: Connection,
+}
+
+impl CustomerStore {
+    pub fn open(path: &Path) -> Result<Self, CustomerError> {
+        let db_err = |source| CustomerError::Database { path: path.to_owned(), source };
+        let conn = Connection::open(path).map_err(db_err)?;
+        // SQLite creates files with the process umask (0077 under the unit); a manual run
+        // may have a laxer one, so the database itself is made private here.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| CustomerError::Permissions { path: path.to_owned(), source })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(db_err)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
+        match version {
+            0 => {
+                conn.execute_batch(
+                    "BEGIN;
+                     CREATE TABLE customer (
+                         id TEXT PRIMARY KEY, first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+                         calls INTEGER NOT NULL);
+                     CREATE TABLE customer_tag (
+                         customer TEXT NOT NULL REFERENCES customer(id), tag TEXT NOT NULL,
+                         first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, calls INTEGER NOT NULL,
+                         PRIMARY KEY (customer, tag));
+                     CREATE TABLE call (
+                         id TEXT PRIMARY KEY, customer TEXT REFERENCES customer(id), at_ms INTEGER NOT NULL);
+                     CREATE TABLE call_tag (
+                         call TEXT NOT NULL REFERENCES call(id), tag TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                         PRIMARY KEY (call, tag));
+                     PRAGMA user_version = 1;
+                     COMMIT;",
+                )
+                .map_err(db_err)?;
+            }
+            SCHEMA_VERSION => {}
+            found => return Err(CustomerError::Schema { path: path.to_owned(), found }),
+        }
+        Ok(Self { conn })
+    }
+
+    /// Tags a call raised. Kept with the call, and the customer's too once the call is linked.
+    /// Returns the tags that were new for this call.
+    pub fn add_call_tags(&mut self, call: &str, tags: &[&str], now_ms: i64) -> Result<Vec<String>, CustomerError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("INSERT OR IGNORE INTO call (id, customer, at_ms) VALUES (?1, NULL, ?2)", params![call, now_ms])?;
+        let mut new = Vec::new();
+        for tag in tags {
+            if tx.execute(
+                "INSERT OR IGNORE INTO call_tag (call, tag, at_ms) VALUES (?1, ?2, ?3)",
+                params![call, tag, now_ms],
+            )? == 1
+            {
+                new.push((*tag).to_owned());
+            }
+        }
+        let customer: Option<String> =
+            tx.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?.flatten();
+        if let Some(customer) = customer {
+            for tag in &new {
+                upsert_customer_tag(&tx, &customer, tag, now_ms)?;
+            }
+            touch_customer(&tx, &customer, now_ms, 0)?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Says whose call this is. The call's tags so far become the customer's; relinking a
+    /// call to the same customer changes nothing, to another one is refused.
+    pub fn link_call(&mut self, call: &str, customer: &str, now_ms: i64) -> Result<CustomerRecord, CustomerError> {
+        let tx = self.conn.transaction()?;
+        let existing: Option<Option<String>> =
+            tx.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
+        match existing {
+            Some(Some(c)) if c == customer => {}
+            Some(Some(_)) => {
+                return Err(CustomerError::BadInput(format!("call {call} is already linked to another caller")))
+            }
+            linked => {
+                let first_call =
+                    tx.query_row("SELECT 1 FROM customer WHERE id = ?1", [customer], |_| Ok(())).optional()?.is_none();
+                if first_call {
+                    tx.execute(
+                        "INSERT INTO customer (id, first_ms, last_ms, calls) VALUES (?1, ?2, ?2, 0)",
+                        params![customer, now_ms],
+                    )?;
+                }
+                touch_customer(&tx, customer, now_ms, 1)?;
+                if linked.is_some() {
+                    tx.execute("UPDATE call SET customer = ?2 WHERE id = ?1", params![call, customer])?;
+                } else {
+                    tx.execute(
+                        "INSERT INTO call (id, customer, at_ms) VALUES (?1, ?2, ?3)",
+                        params![call, customer, now_ms],
+                    )?;
+                }
+                let tags: Vec<(String, i64)> = tx
+                    .prepare("SELECT tag, at_ms FROM call_tag WHERE call = ?1")?
+                    .query_map([call], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (tag, at_ms) in tags {
+                    upsert_customer_tag(&tx, customer, &tag, at_ms)?;
+                }
+            }
+        }
+        tx.commit()?;
+        self.customer(customer)?.ok_or_else(|| CustomerError::BadInput(format!("customer of call {call} vanished")))
+    }
+
+    /// The PBX/CRM says the call ended in a sale. Err if the call is unknown or not linked.
+    pub fn mark_converted(&mut self, call: &str, now_ms: i64) -> Result<CustomerRecord, CustomerError> {
+        let customer: Option<Option<String>> =
+            self.conn.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
+        match customer {
+            None => Err(CustomerError::BadInput(format!("no call {call} is known here"))),
+            Some(None) => Err(CustomerError::BadInput(format!(
+                "call {call} has no caller number yet: give it with --caller first"
+            ))),
+            Some(Some(customer)) => {
+                self.add_call_tags(call, &[CONVERTED], now_ms)?;
+                self.customer(&customer)?
+                    .ok_or_else(|| CustomerError::BadInput(format!("customer of call {call} vanished")))
+            }
+        }
+    }
+
+    pub fn customer(&self, customer: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        let head = self
+            .conn
+            .query_row("SELECT first_ms, last_ms, calls FROM customer WHERE id = ?1", [customer], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let Some((first_unix_ms, last_unix_ms, calls)) = head else { return Ok(None) };
+        let tags = self
+            .conn
+            .prepare("SELECT tag, first_ms, last_ms, calls FROM customer_tag WHERE customer = ?1 ORDER BY tag")?
+            .query_map([customer], |r| {
+                Ok(TagRecord { tag: r.get(0)?, first_unix_ms: r.get(1)?, last_unix_ms: r.get(2)?, calls: r.get(3)? })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(CustomerRecord { customer: customer.to_owned(), first_unix_ms, last_unix_ms, calls, tags }))
+    }
+
+    /// The customer a call is linked to, if any.
+    pub fn customer_of_call(&self, call: &str) -> Result<Option<String>, CustomerError> {
+        Ok(self.conn.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?.flatten())
+    }
+
+    pub fn customer_count(&self) -> Result<i64, CustomerError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM customer", [], |r| r.get(0))?)
+    }
+}
+
+fn upsert_customer_tag(tx: &Connection, customer: &str, tag: &str, at_ms: i64) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO customer_tag (customer, tag, first_ms, last_ms, calls) VALUES (?1, ?2, ?3, ?3, 1)
+         ON CONFLICT (customer, tag) DO UPDATE SET
+             last_ms = max(last_ms, excluded.last_ms), calls = calls + 1",
+        params![customer, tag, at_ms],
+    )
+}
+
+fn touch_customer(tx: &Connection, customer: &str, now_ms: i64, more_calls: i64) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE customer SET last_ms = max(last_ms, ?2), calls = calls + ?3 WHERE id = ?1",
+        params![customer, now_ms, more_calls],
+    )
+}
+
+/// The shared handle: the hasher and the store, used by the understanding component, the
+/// spool and the control socket. SQLite calls are short (a few rows, one fsync); they run
+/// on the caller's thread under the lock.
+#[derive(Clone)]
+pub struct Customers {
+    hasher: Arc<CallerHasher>,
+    store: Arc<Mutex<CustomerStore>>,
+}
+
+impl Customers {
+    /// Opens (creating on first start) the key and the database under the data directory.
+    pub fn open(data_dir: &Path) -> Result<Self, CustomerError> {
+        let hasher = CallerHasher::load_or_create(&data_dir.join(KEY_FILE))?;
+        let store = CustomerStore::open(&data_dir.join(DATABASE_FILE))?;
+        Ok(Self { hasher: Arc::new(hasher), store: Arc::new(Mutex::new(store)) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError>) -> Result<T, CustomerError> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut store)
+    }
+
+    pub fn customer_id(&self, caller: &str) -> Result<String, CustomerError> {
+        self.hasher.customer_id(caller)
+    }
+
+    pub fn add_call_tags(&self, call: &str, tags: &[&str]) -> Result<Vec<String>, CustomerError> {
+        self.with(|s| s.add_call_tags(call, tags, now_ms()))
+    }
+
+    pub fn link_call(&self, call: &str, caller: &str) -> Result<CustomerRecord, CustomerError> {
+        check_call_id(call)?;
+        let customer = self.hasher.customer_id(caller)?;
+        self.with(|s| s.link_call(call, &customer, now_ms()))
+    }
+
+    pub fn mark_converted(&self, call: &str) -> Result<CustomerRecord, CustomerError> {
+        check_call_id(call)?;
+        self.with(|s| s.mark_converted(call, now_ms()))
+    }
+
+    pub fn by_caller(&self, caller: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        let customer = self.hasher.customer_id(caller)?;
+        self.with(|s| s.customer(&customer))
+    }
+
+    pub fn of_call(&self, call: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        self.with(|s| match s.customer_of_call(call)? {
+            Some(c) => s.customer(&c),
+            None => Ok(None),
+        })
+    }
+
+    pub fn count(&self) -> Result<i64, CustomerError> {
+        self.with(|s| s.customer_count())
+    }
+}
+
+fn check_call_id(call: &str) -> Result<(), CustomerError> {
+    if call.is_empty() || call.chars().count() > MAX_CALL_ID_CHARS || call.chars().any(char::is_control) {
+        return Err(CustomerError::BadInput(format!("a call id has 1–{MAX_CALL_ID_CHARS} printable characters")));
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(r: &CustomerRecord) -> Vec<(&str, i64)> {
+        r.tags.iter().map(|t| (t.tag.as_str(), t.calls)).collect()
+    }
+
+    #[test]
+    fn one_customer_whatever_the_number_looks_like_and_different_keys_differ() {
+        let h = CallerHasher::from_secret(b"0123456789abcdef0123456789abcdef");
+        let id = h.customer_id("138 0013 8000").unwrap();
+        assert_eq!(id.len(), 32);
+        for same in ["13800138000", "+86 138-0013-8000", "008613800138000", "8613800138000"] {
+            assert_eq!(h.customer_id(same).unwrap(), id, "{same}");
+        }
+        assert_ne!(h.customer_id("13800138001").unwrap(), id);
+        assert!(!id.contains("138"), "the id must not carry the number");
+        let other = CallerHasher::from_secret(b"another secret of thirty-two byt");
+        assert_ne!(other.customer_id("13800138000").unwrap(), id);
+        for bad in ["", "12", "anonymous", "138 0013 8000 ext 5", &"1".repeat(40)] {
+            assert!(h.customer_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_created_private_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let a = CallerHasher::load_or_create(&path).unwrap().customer_id("13800138000").unwrap();
+        let b = CallerHasher::load_or_create(&path).unwrap().customer_id("13800138000").unwrap();
+        assert_eq!(a, b);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777, 0o700);
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(CallerHasher::load_or_create(&path), Err(CustomerError::KeyLength { len: 5, .. })));
+    }
+
+    #[test]
+    fn tags_follow_the_customer_across_calls_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATABASE_FILE);
+        let mut s = CustomerStore::open(&path).unwrap();
+        // Call 1: tags before and after the caller is known.
+        assert_eq!(s.add_call_tags("c1", &["price_sensitive"], 1_000).unwrap(), ["price_sensitive"]);
+        let r = s.link_call("c1", "cust", 2_000).unwrap();
+        assert_eq!((r.calls, names(&r)), (1, vec![("price_sensitive", 1)]));
+        assert_eq!(s.add_call_tags("c1", &["price_sensitive", "high_intent"], 3_000).unwrap(), ["high_intent"]);
+        // Call 2 raises price_sensitive again and complaint_risk.
+        s.link_call("c2", "cust", 10_000).unwrap();
+        s.add_call_tags("c2", &["price_sensitive", "complaint_risk"], 11_000).unwrap();
+        // An unlinked call's tags are nobody's.
+        s.add_call_tags("c3", &["do_not_call"], 12_000).unwrap();
+        drop(s);
+        let mut s = CustomerStore::open(&path).unwrap();
+        let r = s.customer("cust").unwrap().unwrap();
+        assert_eq!(r.calls, 2);
+        assert_eq!(names(&r), [("complaint_risk", 1), ("high_intent", 1), ("price_sensitive", 2)]);
+        let price = &r.tags[2];
+        assert_eq!((price.first_unix_ms, price.last_unix_ms), (1_000, 11_000));
+        assert_eq!(s.customer_count().unwrap(), 1);
+        // Linking again is idempotent; to someone else is refused.
+        assert_eq!(s.link_call("c1", "cust", 20_000).unwrap().calls, 2);
+        assert!(s.link_call("c1", "other", 20_000).is_err());
+        // converted comes by call id, after the call.
+        assert!(s.mark_converted("c3", 30_000).is_err(), "c3 has no caller");
+        assert!(s.mark_converted("nope", 30_000).is_err());
+        let r = s.mark_converted("c2", 30_000).unwrap();
+        assert!(r.tags.iter().any(|t| t.tag == CONVERTED));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+}
