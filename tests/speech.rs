@@ -256,13 +256,22 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     )
     .unwrap();
     let settings = format!(
-        "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\nunderstanding.rules_file = \"{}\"",
+        "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, \
+         {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\nunderstanding.rules_file = \"{}\"",
         rules.display()
     );
     let d = speech_daemon(dir, &settings, &[]);
-    let addr = d.status_json()["audiosocket_listeners"][0].as_str().unwrap().split(' ').next().unwrap().to_owned();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let listener = |leg: &str| {
+        let listeners = d.status_json()["audiosocket_listeners"].clone();
+        let found = listeners.as_array().unwrap().iter().find(|l| l.as_str().unwrap().ends_with(&format!("({leg})")));
+        found.unwrap().as_str().unwrap().split(' ').next().unwrap().to_owned()
+    };
     let id = [0x5e, 0xec, 0x40, 0x11, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 7];
+    // The agent's leg opens the call; the customer's joins 2 s later.
+    let mut agent = std::net::TcpStream::connect(listener("agent")).unwrap();
+    agent.write_all(&[&[0x01, 0, 16][..], &id, &[0x10, 1, 64], &[0u8; 320]].concat()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut stream = std::net::TcpStream::connect(listener("customer")).unwrap();
     stream.write_all(&[&[0x01, 0, 16][..], &id].concat()).unwrap();
     // 20 ms frames: 0.5 s of silence, the clip, 1 s of silence; the call stays open.
     let mut audio = vec![0i16; 4000];
@@ -281,6 +290,10 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     for word in KEY_WORDS {
         assert!(line.contains(word), "{word} not in {line}");
     }
+    // Times are the call's: the customer's speech began ≥ 2.5 s after the agent's leg opened.
+    let start: f64 = line.split("utterance ").nth(1).and_then(|t| t.split('–').next()).unwrap().parse().unwrap();
+    assert!(start >= 2.4, "customer utterance at {start} s of the call: {line}");
+    drop(agent);
     // Understood live: intent and emotion logged, the rule's event raised for this call.
     let event = support::wait_until(LONG, || {
         d.log_text()

@@ -360,6 +360,13 @@ impl LegGuard {
         self.registry.with(|t| t.add_audio(&self.call, self.leg, samples, sample_rate));
     }
 
+    /// Seconds since the leg's call started (its first leg opened).
+    pub fn secs_into_call(&self) -> f64 {
+        let started = self.registry.summary(&self.call).map(|s| s.started_at_unix_ms);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        started.map_or(0.0, |s| now.saturating_sub(s) as f64 / 1000.0)
+    }
+
     pub fn dtmf(&self, digit: char) {
         self.registry.with(|t| t.add_dtmf(&self.call, self.leg, digit));
     }

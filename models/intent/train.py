@@ -3,13 +3,16 @@
 Data (see README.md beside this file, the data card):
   * templates.py — hand-written domain examples, expanded with slot fillers and ASR-style
     noise (fillers, dropped characters, homophones, commas); templates at positions
-    4, 9, 14, … of each label are evaluation-only;
+    4, 9, 14, … of each label are evaluation-only, at 2, 7, 12, … validation-only;
   * ../shared/data/text/cped/valid_split.csv — Chinese TV dialogue as `other` (utterances
-    with domain words left out), split by dialogue;
+    with domain words left out), split by dialogue (2 of 10 buckets eval, 1 validation);
   * ../shared/data/text/clinc150/train_val.json — English: are_you_a_bot → human_request,
-    maybe → hesitation, the other intents and out-of-scope → `other`; train → train, val → eval.
+    maybe → hesitation, the other intents and out-of-scope → `other`; train → train
+    (a tenth of it, by text hash, validation), val → eval.
 Model: multinomial logistic regression over featurize.py's hashed character n-grams
-(class-balanced, L2), full-batch Adam in numpy, seeded. Export: features[1, DIMS] → MatMul →
+(class-balanced, L2), full-batch Adam in numpy, seeded. L2 and the confidence threshold are
+chosen on the validation split (mean of zh and en macro-F1); the chosen model is retrained
+on train + validation and evaluated once on the evaluation split. Export: features[1, DIMS] → MatMul →
 Add → Softmax. Writes intent/intent.onnx, intent/eval.tsv, intent/parity.tsv and returns
 the manifest entry with labels, featurizer, threshold and held-out metrics.
 """
@@ -28,8 +31,10 @@ import templates
 LABELS = ["price_inquiry", "product_question", "purchase_intent", "callback_request", "hesitation", "refusal",
           "complaint", "human_request", "budget_concern", "competitor_comparison", "customization_request",
           "do_not_call", "other"]
-THRESHOLD = 0.3
+L2_GRID = [3e-4, 1e-4, 3e-5]
+THRESHOLD_GRID = [0.0, 0.15, 0.3]
 HELD_OUT_EVERY = 5
+VALIDATION_AT = 2  # template position (mod HELD_OUT_EVERY) kept for choosing L2 and threshold
 DOMAIN_WORDS = ["钱", "贵", "便宜", "买", "卖", "办", "投诉", "骗", "人工", "机器", "电话", "号码", "考虑", "不需要",
                 "不用", "忙", "开车", "定制", "价格", "优惠", "预算", "滚"]
 
@@ -93,28 +98,30 @@ def noisy(text, rng, lang):
 
 
 def domain_examples(rng, variants):
-    train, held = [], []
+    train, val, held = [], [], []
     for lang, table in (("zh", templates.ZH), ("en", templates.EN)):
         for label, rows in table.items():
             for i, template in enumerate(rows):
-                target = held if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train
+                position = i % HELD_OUT_EVERY
+                target = held if position == HELD_OUT_EVERY - 1 else val if position == VALIDATION_AT else train
                 n = variants if target is train else max(3, variants // 4)
                 for _ in range(n):
                     target.append((noisy(fill(template, rng, lang), rng, lang), label, lang))
-    return train, held
+    return train, val, held
 
 
 def cped_other(shared, rng):
-    train, held = [], []
+    train, val, held = [], [], []
     with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             text = row["Utterance"].strip()
             if not text or any(w in text for w in DOMAIN_WORDS):
                 continue
-            target = held if hash_bucket(row["Dialogue_ID"]) < 2 else train
+            bucket = hash_bucket(row["Dialogue_ID"])
+            target = held if bucket < 2 else val if bucket == 2 else train
             target.append((text, "other", "zh"))
     rng.shuffle(train)
-    return train[:3000], held[:600]
+    return train[:3000], val[:300], held[:600]
 
 
 def clinc(shared, rng):
@@ -131,8 +138,10 @@ def clinc(shared, rng):
         return out
 
     train = convert(data["train"], 0.15) + [(t, "other", "en") for t, _ in data["oos_train"]]
+    val = [row for row in train if hash_bucket(row[0]) == 0]
+    train = [row for row in train if hash_bucket(row[0]) != 0]
     held = convert(data["val"], 0.15) + [(t, "other", "en") for t, _ in data["oos_val"]]
-    return train, held
+    return train, val, held
 
 
 def hash_bucket(key, buckets=10):
@@ -194,10 +203,35 @@ def train_model(texts, labels, epochs=150, lr=0.1, l2=1e-4, seed=7, names=None):
     return W, b
 
 
-def predict(W, b, texts):
+def predict(W, b, texts, threshold):
     probs = softmax(logits_of(W, b, to_sparse(texts), len(texts)))
     best = probs.argmax(axis=1)
-    return [LABELS[i] if probs[r, i] >= THRESHOLD else "other" for r, i in enumerate(best)]
+    return [LABELS[i] if probs[r, i] >= threshold else "other" for r, i in enumerate(best)]
+
+
+def per_language(rows, pred):
+    """Metrics per language of (text, gold, lang) rows against predictions."""
+    report = {}
+    for lang in ("zh", "en"):
+        pairs = [(g, p, t) for (t, g, la), p in zip(rows, pred) if la == lang]
+        report[lang] = metrics([g for g, _, _ in pairs], [p for _, p, _ in pairs])
+        report[lang]["keyword_baseline"] = metrics([g for g, _, _ in pairs], [keyword_baseline(t) for _, _, t in pairs])
+    return report
+
+
+def select(train, val):
+    """Every (L2, threshold) of the grid trained on train and scored on validation only."""
+    tried = []
+    for l2 in L2_GRID:
+        W, b = train_model([t for t, _, _ in train], [label for _, label, _ in train], l2=l2)
+        for threshold in THRESHOLD_GRID:
+            report = per_language(val, predict(W, b, [t for t, _, _ in val], threshold))
+            score = (report["zh"]["macro_f1"] + report["en"]["macro_f1"]) / 2
+            tried.append({"l2": l2, "threshold": threshold, "val_macro_f1_zh": report["zh"]["macro_f1"],
+                          "val_macro_f1_en": report["en"]["macro_f1"], "score": round(score, 4)})
+    # On a tie the higher threshold wins: an unsure answer should rather be `other`.
+    best = max(tried, key=lambda r: (r["score"], r["threshold"]))
+    return best, tried
 
 
 def metrics(gold, pred):
@@ -234,19 +268,22 @@ def build(out, shared):
     """Trains, evaluates, exports; returns (manifest fields, files written)."""
     started = time.time()
     rng = random.Random(20261122)
-    dom_train, dom_held = domain_examples(rng, variants=12)
-    cped_train, cped_held = cped_other(shared, rng)
-    clinc_train, clinc_held = clinc(shared, rng)
+    dom_train, dom_val, dom_held = domain_examples(rng, variants=12)
+    cped_train, cped_val, cped_held = cped_other(shared, rng)
+    clinc_train, clinc_val, clinc_held = clinc(shared, rng)
     train = dom_train + cped_train + clinc_train
+    val = dom_val + cped_val + clinc_val
     held = dom_held + cped_held + clinc_held
     rng.shuffle(train)
-    W, b = train_model([t for t, _, _ in train], [label for _, label, _ in train])
-    pred = predict(W, b, [t for t, _, _ in held])
-    report = {}
-    for lang in ("zh", "en"):
-        pairs = [(g, p, t) for (t, g, la), p in zip(held, pred) if la == lang]
-        report[lang] = metrics([g for g, _, _ in pairs], [p for _, p, _ in pairs])
-        report[lang]["keyword_baseline"] = metrics([g for g, _, _ in pairs], [keyword_baseline(t) for _, _, t in pairs])
+    chosen, tried = select(train, val)
+    for row in tried:
+        print(f"  intent: l2 {row['l2']:g} threshold {row['threshold']}: validation macro-F1 "
+              f"zh {row['val_macro_f1_zh']:.3f} en {row['val_macro_f1_en']:.3f}")
+    print(f"  intent: chosen l2 {chosen['l2']:g} threshold {chosen['threshold']}; retrained on train + validation")
+    train = train + val
+    W, b = train_model([t for t, _, _ in train], [label for _, label, _ in train], l2=chosen["l2"])
+    threshold = chosen["threshold"]
+    report = per_language(held, predict(W, b, [t for t, _, _ in held], threshold))
     folder = os.path.join(out, "intent")
     os.makedirs(folder, exist_ok=True)
     export_onnx(W, b, os.path.join(folder, "intent.onnx"))
@@ -265,7 +302,8 @@ def build(out, shared):
         counts[lang][label] += 1
     fields = {
         "labels": LABELS,
-        "threshold": THRESHOLD,
+        "threshold": threshold,
+        "selection": {"chosen": chosen, "tried": tried},
         "featurizer": {"version": featurize.VERSION, "dims": featurize.DIMS, "n_min": featurize.N_MIN,
                        "n_max": featurize.N_MAX},
         "metrics": report,

@@ -313,7 +313,8 @@ impl Capture {
                         }
                     };
                     let feed = self.speech.as_ref().and_then(|s| {
-                        s.open_leg(&call, leg, self.config.sample_rate, &speech_config)
+                        // A line's legs are channels of one device: they start together.
+                        s.open_leg(&call, leg, self.config.sample_rate, 0.0, &speech_config)
                             .map_err(|e| log::error!(component = COMPONENT, call_id = call.as_str(); "{e}"))
                             .ok()
                     });

@@ -269,7 +269,9 @@ async fn feed_speech(
 ) -> Option<String> {
     let (service, config) = speech?;
     if feed.is_none() {
-        match service.open_leg(guard.call(), guard.leg(), sample_rate, config) {
+        // This frame's audio began a frame's length ago.
+        let offset = guard.secs_into_call() - samples.len() as f64 / f64::from(sample_rate.max(1));
+        match service.open_leg(guard.call(), guard.leg(), sample_rate, offset, config) {
             Ok(f) => *feed = Some((f, sample_rate)),
             Err(e) => {
                 log::error!(component = COMPONENT, call_id = guard.call(); "no speech for this leg: {e}");

@@ -116,8 +116,17 @@ impl SpeechService {
         let _ = self.bus.send(Arc::new(SpeechEvent::LegEnded { call: call.to_owned(), leg }));
     }
 
-    /// Starts a worker for one leg whose audio arrives at `rate` Hz.
-    pub fn open_leg(&self, call: &str, leg: Leg, rate: u32, config: &SpeechConfig) -> Result<LegFeed, String> {
+    /// Starts a worker for one leg whose audio arrives at `rate` Hz and whose first sample
+    /// is `offset_secs` into the call: utterance times are published from the call's start,
+    /// so both legs of a call share one time base.
+    pub fn open_leg(
+        &self,
+        call: &str,
+        leg: Leg,
+        rate: u32,
+        offset_secs: f64,
+        config: &SpeechConfig,
+    ) -> Result<LegFeed, String> {
         let resampler = StreamResampler::new(rate, 16_000).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
         let worker = LegWorker {
@@ -125,6 +134,7 @@ impl SpeechService {
             call: call.to_owned(),
             leg,
             rate,
+            offset_secs: offset_secs.max(0.0),
             resampler,
             pipeline: LegPipeline::new(&self.models, config.vad_params(), config.decode_options()),
             log_text: config.log_transcripts,
@@ -143,6 +153,7 @@ struct LegWorker {
     call: String,
     leg: Leg,
     rate: u32,
+    offset_secs: f64,
     resampler: StreamResampler,
     pipeline: LegPipeline,
     log_text: bool,
@@ -178,7 +189,9 @@ impl LegWorker {
     fn step(&mut self, f: impl FnOnce(&mut LegPipeline) -> Result<Vec<Utterance>, super::SpeechError>) -> bool {
         match f(&mut self.pipeline) {
             Ok(utterances) => {
-                for utterance in utterances {
+                for mut utterance in utterances {
+                    utterance.start_secs += self.offset_secs;
+                    utterance.end_secs += self.offset_secs;
                     let event = UtteranceEvent { call: self.call.clone(), leg: self.leg, utterance };
                     self.service.publish(event, self.log_text);
                 }

@@ -6,9 +6,9 @@
 //! Once a second it ticks every call (required rules with a deadline). A call is finished
 //! when the registry no longer has it and every leg it had has said its speech ended (the
 //! last utterance of a leg can come a second or two after hang-up, when ASR finishes), or
-//! [`FINISH_GRACE`] after it left the registry, whichever is first. Times are seconds from the call's start in the
-//! registry; utterance times are from their leg's start, which for live inputs is the
-//! call's start within the legs' opening gap. The rule file is re-read when the running
+//! [`FINISH_GRACE`] after it left the registry, whichever is first. Times are seconds from
+//! the call's start in the registry; the speech path puts utterances on the same time base
+//! (a leg that opens later is offset by when its first audio came). The rule file is re-read when the running
 //! configuration changes; an invalid one is logged and the rules in use are kept.
 
 use std::collections::{BTreeSet, HashMap};

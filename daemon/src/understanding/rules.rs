@@ -6,7 +6,7 @@
 //! `role`; `keywords_any` / `keywords_all` / `keywords_none` (an entry `@name` stands for
 //! the synonym list `name`); `regex`; `near` (two words within N characters);
 //! `silence_over_secs` (the gap before this utterance, either leg); `rate_over_cpm`
-//! (characters per minute); `talk_over` (starts before the other leg's last utterance
+//! (Chinese characters, or words of other scripts, per minute); `talk_over` (starts before the other leg's last utterance
 //! ended); `emotion`, `intent` (any of); `within_first_secs` (from the call's first
 //! utterance). A rule fires when its condition has held on `min_count` utterances (default
 //! 1), once per call. A `required` rule instead fires when no matching utterance has come
@@ -315,7 +315,9 @@ fn holds(check: &Check, cx: &Context) -> bool {
         Check::SilenceOver(secs) => cx.gap.is_some_and(|g| g > *secs),
         Check::RateOver(cpm) => {
             let minutes = (cx.input.end_secs - cx.input.start_secs) / 60.0;
-            minutes > 0.0 && cx.text.chars().count() as f64 / minutes > *cpm
+            // The units prosody reports: a Chinese character or a word of another script.
+            let units = crate::speech::prosody::spoken_units(&cx.input.text) as f64;
+            minutes > 0.0 && units / minutes > *cpm
         }
         Check::TalkOver(want) => cx.other_end.is_some_and(|end| cx.input.start_secs < end) == *want,
         Check::Emotion(es) => cx.input.emotion.as_ref().is_some_and(|e| es.contains(e)),
@@ -493,6 +495,18 @@ mod tests {
             // 30 characters in 6 s = 300 per minute.
             ("{ rate_over_cpm = 250 }", vec![say(0, A, 0.0, 6.0, &"快".repeat(30))], true),
             ("{ rate_over_cpm = 350 }", vec![say(0, A, 0.0, 6.0, &"快".repeat(30))], false),
+            // 14 words in 6 s is 140 a minute however many letters they have.
+            (
+                "{ rate_over_cpm = 250 }",
+                vec![say(
+                    0,
+                    A,
+                    0.0,
+                    6.0,
+                    "Hello, this is Lisa from Sunrise. This call is recorded for quality purposes.",
+                )],
+                false,
+            ),
             ("{ talk_over = true }", vec![say(0, A, 0.0, 5.0, "a"), say(1, C, 4.0, 6.0, "b")], true),
             ("{ talk_over = true }", vec![say(0, A, 0.0, 5.0, "a"), say(1, C, 5.5, 6.0, "b")], false),
             ("{ within_first_secs = 30 }", vec![say(0, A, 40.0, 41.0, "a")], false),
