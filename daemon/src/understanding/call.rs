@@ -20,6 +20,11 @@ use crate::speech::prosody::Prosody;
 
 /// Consecutive negative customer utterances that raise a supervisor alert.
 pub const NEGATIVE_STREAK: usize = 3;
+/// Times the customer asks the same question, each after the agent has spoken, before the
+/// call goes to a human: the answers are not landing.
+pub const REPEATED_QUESTION: usize = 3;
+/// The intents that are questions the agent should answer.
+const QUESTION_INTENTS: [&str; 2] = ["price_inquiry", "product_question"];
 
 /// What the caller knows about an utterance besides its text: the models' outputs (run
 /// outside this pure core) and the prosody.
@@ -74,6 +79,9 @@ pub struct CallUnderstanding {
     /// The customer's latest run of negative utterances (indices).
     negative_run: Vec<usize>,
     streak_alerted: bool,
+    /// Per question intent: the turns it was asked in, and whether the agent spoke since.
+    questions: std::collections::BTreeMap<String, (Vec<usize>, bool)>,
+    repeat_alerted: bool,
 }
 
 impl CallUnderstanding {
@@ -87,6 +95,8 @@ impl CallUnderstanding {
             baselines: Default::default(),
             negative_run: Vec::new(),
             streak_alerted: false,
+            questions: std::collections::BTreeMap::new(),
+            repeat_alerted: false,
         }
     }
 
@@ -121,6 +131,7 @@ impl CallUnderstanding {
         if leg == Leg::Customer {
             hits.extend(self.negative_streak(index, emotion));
         }
+        hits.extend(self.repeated_question(index, leg, input_intent(&intent)));
         let intent_label = intent.as_ref().map(|c| c.label.as_str());
         self.state.utterance(index, leg, start_secs, &masked, intent_label, emotion);
         let fired_here: Vec<String> =
@@ -160,6 +171,36 @@ impl CallUnderstanding {
         })
     }
 
+    /// The customer asks the same question again after the agent answered, a third time:
+    /// transfer to a human (once). Asks within one customer turn count once.
+    fn repeated_question(&mut self, index: usize, leg: Leg, intent: Option<&str>) -> Option<RuleHit> {
+        if leg == Leg::Agent {
+            self.questions.values_mut().for_each(|(_, agent_spoke)| *agent_spoke = true);
+            return None;
+        }
+        let intent = intent.filter(|i| QUESTION_INTENTS.contains(i))?;
+        let (turns, agent_spoke) = self.questions.entry(intent.to_owned()).or_insert((Vec::new(), true));
+        if !*agent_spoke {
+            return None;
+        }
+        turns.push(index);
+        *agent_spoke = false;
+        if turns.len() < REPEATED_QUESTION || self.repeat_alerted {
+            return None;
+        }
+        self.repeat_alerted = true;
+        Some(RuleHit {
+            rule: "customer_repeats_question".into(),
+            severity: super::rules::Severity::Warning,
+            event: Some("transfer_to_human".into()),
+            reason: format!(
+                "customer asked the same question ({intent}) {} times after the agent's answers",
+                turns.len()
+            ),
+            utterances: turns.clone(),
+        })
+    }
+
     /// Time passes without speech (seconds from the call's start).
     pub fn tick(&mut self, now_secs: f64) -> Vec<CallEvent> {
         let hits = self.rules.tick(now_secs);
@@ -189,6 +230,10 @@ impl CallUnderstanding {
         self.events.extend(events.iter().cloned());
         events
     }
+}
+
+fn input_intent(intent: &Option<Classification>) -> Option<&str> {
+    intent.as_ref().map(|c| c.label.as_str())
 }
 
 #[cfg(test)]
@@ -222,6 +267,26 @@ mod tests {
         assert_eq!((alert[0].kind.as_str(), alert[0].utterances.as_slice()), ("supervisor_alert", &[4, 5, 6][..]));
         assert!(say(&mut call, Leg::Customer, 12.0, negative()).is_empty(), "once per call");
         assert_eq!(call.utterances[6].emotion, Some(Emotion::Negative));
+    }
+
+    #[test]
+    fn a_question_asked_again_after_three_answers_goes_to_a_human() {
+        let mut call = CallUnderstanding::new(Arc::new(RuleSet::parse("").unwrap()));
+        let mut say = |leg, facts| call.utterance(leg, 0.0, 1.0, "…", facts);
+        assert!(say(Leg::Customer, classified("price_inquiry")).is_empty());
+        assert!(say(Leg::Customer, classified("price_inquiry")).is_empty(), "same turn: one ask");
+        assert!(say(Leg::Agent, none()).is_empty());
+        assert!(say(Leg::Customer, classified("product_question")).is_empty(), "another question");
+        assert!(say(Leg::Customer, classified("price_inquiry")).is_empty());
+        assert!(say(Leg::Agent, none()).is_empty());
+        let transfer = say(Leg::Customer, classified("price_inquiry"));
+        assert_eq!(transfer.len(), 1);
+        assert_eq!(
+            (transfer[0].kind.as_str(), transfer[0].rule.as_str(), transfer[0].utterances.as_slice()),
+            ("transfer_to_human", "customer_repeats_question", &[0, 4, 6][..])
+        );
+        assert!(say(Leg::Agent, none()).is_empty());
+        assert!(say(Leg::Customer, classified("price_inquiry")).is_empty(), "once per call");
     }
 
     #[test]
