@@ -43,12 +43,14 @@ pub enum CustomerError {
     Permissions { path: PathBuf, source: std::io::Error },
     #[error("customer database {path}: {source}")]
     Database { path: PathBuf, source: rusqlite::Error },
-    #[error("customer database {path} has schema version {found}; this callbox knows {SCHEMA_VERSION}")]
+    #[error("customer database {path} has schema version {found}; this callbox knows {SCHEMA_VERSION}: a newer callbox wrote it, so install that version again (or restore the file from a backup)")]
     Schema { path: PathBuf, found: i64 },
     #[error("customer database: {0}")]
     Query(#[from] rusqlite::Error),
     #[error("{0}")]
     BadInput(String),
+    #[error("the customer store task failed: {0}")]
+    Task(String),
 }
 
 /// Digits of a caller number as the PBX gives it, with the China country prefix removed so

@@ -281,7 +281,9 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         Request::CallInfo { call: call_id.clone(), caller: Some(DEMO_CALLER.into()), converted: None },
     ) {
         Ok(Response::Customer(_)) => {}
-        other => return Err(format!("call_info was not accepted: {other:?}")),
+        Ok(Response::Error(e)) => return Err(format!("the daemon refused the caller number: {}", e.message)),
+        Ok(other) => return Err(format!("unexpected reply to call_info: {other:?}")),
+        Err(e) => return Err(format!("cannot reach the demo daemon: {e}; its log:\n{}", tail(&log_path))),
     }
 
     // The watcher runs on its own thread; items come back through a channel.

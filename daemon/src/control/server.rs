@@ -419,10 +419,8 @@ async fn call_info(
     converted: Option<bool>,
     who: &str,
 ) -> Response {
-    let customers = ctx.customers.clone();
     let said_number = number.is_some();
-    // SQLite writes fsync: off the async workers.
-    let done = tokio::task::spawn_blocking(move || {
+    let done = on_customers(ctx, move |customers| {
         if let Some(number) = number {
             customers.link_call(&call, &number)?;
         }
@@ -432,35 +430,47 @@ async fn call_info(
         customers.of_call(&call).map(|c| (call, c))
     })
     .await;
-    match done {
-        Ok(Ok((call, customer))) => {
-            if said_number || converted == Some(true) {
-                log::info!(component = COMPONENT, call_id = call.as_str();
-                    "call info from {who}:{}{}", if said_number { " caller number" } else { "" },
-                    if converted == Some(true) { " converted" } else { "" });
-            }
-            Response::Customer(crate::control::protocol::CustomerReply { customer })
+    customer_reply(done.map(|(call, customer)| {
+        if said_number || converted == Some(true) {
+            log::info!(component = COMPONENT, call_id = call.as_str();
+                "call info from {who}:{}{}", if said_number { " caller number" } else { "" },
+                if converted == Some(true) { " converted" } else { "" });
         }
-        Ok(Err(crate::customers::CustomerError::BadInput(message))) => Response::error(ErrorCode::Rejected, message),
-        Ok(Err(e)) => {
-            log::error!(component = COMPONENT; "customer store: {e}");
-            Response::error(ErrorCode::Internal, format!("customer store: {e}"))
-        }
-        Err(e) => Response::error(ErrorCode::Internal, format!("customer store task failed: {e}")),
-    }
+        customer
+    }))
 }
 
 async fn customer_lookup(ctx: &ControlContext, number: String, who: &str) -> Response {
+    let found = on_customers(ctx, move |customers| customers.by_caller(&number)).await;
+    customer_reply(found.inspect(|customer| {
+        log::info!(component = COMPONENT; "{who} looked up customer {}",
+            customer.as_ref().map_or("(unknown)", |c| c.customer.as_str()));
+    }))
+}
+
+/// Runs a customer-store operation off the async workers (SQLite writes fsync).
+async fn on_customers<T: Send + 'static>(
+    ctx: &ControlContext,
+    f: impl FnOnce(&crate::customers::Customers) -> Result<T, crate::customers::CustomerError> + Send + 'static,
+) -> Result<T, crate::customers::CustomerError> {
     let customers = ctx.customers.clone();
-    match tokio::task::spawn_blocking(move || customers.by_caller(&number)).await {
-        Ok(Ok(customer)) => {
-            log::info!(component = COMPONENT; "{who} looked up customer {}",
-                customer.as_ref().map_or("(unknown)", |c| c.customer.as_str()));
-            Response::Customer(crate::control::protocol::CustomerReply { customer })
+    tokio::task::spawn_blocking(move || f(&customers))
+        .await
+        .unwrap_or_else(|e| Err(crate::customers::CustomerError::Task(e.to_string())))
+}
+
+/// The reply to a customer-store request: bad input is the caller's to fix (rejected with
+/// the reason); anything else is the store's fault, logged here.
+fn customer_reply(
+    result: Result<Option<crate::customers::CustomerRecord>, crate::customers::CustomerError>,
+) -> Response {
+    match result {
+        Ok(customer) => Response::Customer(crate::control::protocol::CustomerReply { customer }),
+        Err(crate::customers::CustomerError::BadInput(message)) => Response::error(ErrorCode::Rejected, message),
+        Err(e) => {
+            log::error!(component = COMPONENT; "customer store: {e}");
+            Response::error(ErrorCode::Internal, format!("customer store: {e}; see `callbox doctor` and the log"))
         }
-        Ok(Err(crate::customers::CustomerError::BadInput(message))) => Response::error(ErrorCode::Rejected, message),
-        Ok(Err(e)) => Response::error(ErrorCode::Internal, format!("customer store: {e}")),
-        Err(e) => Response::error(ErrorCode::Internal, format!("customer store task failed: {e}")),
     }
 }
 
