@@ -2,12 +2,10 @@
 //! raw file (tests/fixtures/asound-file.conf). Speech is off here; tests/speech.rs sends a
 //! real clip through the same path.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{run_cli, stderr_of, stdout_of, wait_until, TestDaemon};
+use crate::support::{run_cli, stderr_of, stdout_of, wait_until, TestDaemon};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ALSA_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/asound-file.conf");

@@ -1,12 +1,10 @@
 //! AudioSocket streams from a stand-in PBX over real TCP into the daemon.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{wait_until, TestDaemon};
+use crate::support::{wait_until, TestDaemon};
 
 const WAIT: Duration = Duration::from_secs(20);
 const CALL: [u8; 16] = [0xa1, 0xb2, 0xc3, 0xd4, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 0x42];

@@ -1,8 +1,6 @@
 //! The CLI without a daemon: config checking, exit codes, help, generated docs.
 
-mod support;
-
-use support::{run_cli, stderr_of, stdout_of, TestDaemon};
+use crate::support::{run_cli, stderr_of, stdout_of, TestDaemon};
 
 const BAD: &str = "\
 [daemon]

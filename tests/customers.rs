@@ -2,19 +2,17 @@
 //! per customer, kept across restarts. Speech is off here (fast, and runs under qemu);
 //! tests/speech.rs has tags raised by real understanding.
 
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use support::{stderr_of, wait_until, TestDaemon};
+use crate::support::{stderr_of, wait_until, TestDaemon};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech/zh/IT0011W0001.wav");
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(out.status.success(), "exit {:?}: {}", out.status.code(), stderr_of(out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", support::stdout_of(out)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", crate::support::stdout_of(out)))
 }
 
 fn settings(spool: &std::path::Path) -> String {
@@ -80,11 +78,18 @@ fn callers_are_customers_by_keyed_hash_kept_across_calls_and_restarts() {
     assert!(d.wait_exit(WAIT).is_some_and(|s| s.success()), "log:\n{}", d.log_text());
     let log = d.dir.path().join("daemon2.log");
     let mut child = TestDaemon::spawn(&config, &log, &[]);
-    assert!(wait_until(WAIT, || support::ping(&socket)), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        wait_until(WAIT, || crate::support::ping(&socket)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let c = json(&d.cli(&["customer", "138 0013 8000", "--json"]))["customer"].clone();
     assert_eq!((&c["customer"], c["calls"].as_i64(), &c["tags"][0]["tag"]), (&id, Some(2), &"converted".into()));
     let human = d.cli(&["customer", "13800138000"]);
-    assert!(support::stdout_of(&human).contains("converted") && support::stdout_of(&human).contains("2 calls"));
+    assert!(
+        crate::support::stdout_of(&human).contains("converted")
+            && crate::support::stdout_of(&human).contains("2 calls")
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

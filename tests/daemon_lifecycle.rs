@@ -1,13 +1,11 @@
 //! The daemon as systemd runs it: notifications, signals, reload, supervision.
 
-mod support;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use crate::support::{wait_until, NotifyListener, TestDaemon};
 use nix::sys::signal::Signal;
-use support::{wait_until, NotifyListener, TestDaemon};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -41,6 +39,25 @@ fn notifies_ready_watchdog_stopping_and_exits_zero_on_sigterm() {
     // The default deadline is 10 s; with nothing in flight it must be far quicker.
     assert!(stop_sent.elapsed() < Duration::from_secs(10), "took {:?}", stop_sent.elapsed());
     assert!(!daemon.socket.exists(), "socket file left behind");
+}
+
+/// A stop request the moment READY=1 is sent is handled, never the default action (the
+/// handlers exist from the first moment of `run`, before READY).
+#[test]
+fn sigterm_right_after_ready_is_a_clean_stop() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut notify = NotifyListener::bind_path(dir.path());
+        let config = dir.path().join("callbox.toml");
+        std::fs::write(&config, TestDaemon::config_text(dir.path(), "")).unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut child = TestDaemon::spawn(&config, &log, &[("NOTIFY_SOCKET", &notify.address.clone())]);
+        notify.wait_for("READY=1", 0, WAIT).expect("READY=1");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "{status:?}; log:\n{text}");
+    }
 }
 
 #[test]
@@ -103,8 +120,8 @@ fn reload_through_the_cli_reports_problems_and_exits_78() {
     let daemon = TestDaemon::start("", &[]);
     std::fs::write(&daemon.config, "[daemon]\nshutdown_timeout_secs = 0\n").unwrap();
     let out = daemon.cli(&["reload"]);
-    assert_eq!(out.status.code(), Some(78), "{}", support::stderr_of(&out));
-    let text = support::stdout_of(&out);
+    assert_eq!(out.status.code(), Some(78), "{}", crate::support::stderr_of(&out));
+    let text = crate::support::stdout_of(&out);
     assert!(text.contains("daemon.shutdown_timeout_secs"), "{text}");
     assert_eq!(daemon.status_json()["config_generation"], 1);
 }
@@ -189,7 +206,7 @@ fn a_stale_socket_from_a_killed_daemon_is_replaced() {
     let log = first.dir.path().join("restart.log");
     first.child = TestDaemon::spawn(&first.config, &log, &[]);
     let socket = first.socket.clone();
-    assert!(wait_until(WAIT, || support::ping(&socket)), "restarted daemon did not take over the stale socket");
+    assert!(wait_until(WAIT, || crate::support::ping(&socket)), "restarted daemon did not take over the stale socket");
     assert_eq!(first.status_json()["state"], "running");
 }
 
@@ -226,7 +243,7 @@ fn under_journald_logs_go_to_the_journal_with_structured_fields() {
     let stream = format!("{}:{}", meta.dev(), meta.ino());
     let mut child = {
         let file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        let mut cmd = support::callbox();
+        let mut cmd = crate::support::callbox();
         cmd.arg("run").arg("--config").arg(dir.path().join("callbox.toml"));
         cmd.env("JOURNAL_STREAM", &stream).stdin(std::process::Stdio::null()).stderr(file);
         cmd.spawn().unwrap()

@@ -2,13 +2,11 @@
 //! the Python twin, held-out quality against a keyword baseline, the CLI, and refusal of
 //! a model trained with another featurizer.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use crate::support::{run_cli, stderr_of, stdout_of};
 use callbox::understanding::intent::{features, IntentModel};
-use support::{run_cli, stderr_of, stdout_of};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
 
@@ -233,31 +231,84 @@ fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> ca
     callbox::speech::live::UtteranceEvent { call: call.into(), leg, utterance }
 }
 
+/// The next monitor item, or None after 5 s or once the bus has closed.
+async fn next(
+    rx: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<callbox::understanding::live::Monitor>>,
+) -> Option<std::sync::Arc<callbox::understanding::live::Monitor>> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.ok().and_then(Result::ok)
+}
+
+/// The understanding component as the daemon runs it (real models, its own task), fed
+/// through the speech bus: a hung-up call waits for its leg's last utterance, and a stop
+/// finishes the calls still open. The timing rules themselves are the core's table tests.
 #[test]
 fn a_live_call_stays_open_for_its_last_utterance_after_hang_up() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use callbox::audio::Leg;
-    use callbox::understanding::live::{Understanding, UnderstandingModels};
+    use callbox::health::{HealthBoard, Stage, StagedShutdown};
+    use callbox::speech::live::SpeechEvent;
+    use callbox::understanding::live::{Monitor, Understanding, UnderstandingModels};
+    use tokio::sync::broadcast;
+
     let rules = callbox::understanding::rules::RuleSet::parse(
         "[[rule]]\nid = \"twice\"\nseverity = \"info\"\nevent = \"x_alert\"\nmin_count = 2\nwhen = { keywords_any = [\"投诉\"] }\n",
     )
     .unwrap();
-    let mut u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules, None);
-    let registry = callbox::calls::CallRegistry::new(4);
-    let guard = registry.open("c1", Leg::Customer, "test").unwrap();
-    assert!(u.utterance(&utterance("c1", Leg::Customer, 1.0, "我要投诉"), &registry).is_empty());
-    let now = std::time::SystemTime::now();
-    assert!(u.tick(&registry, now).is_empty(), "live");
-    drop(guard); // hang-up: the call leaves the registry, ASR is still finishing the leg
-    assert!(u.tick(&registry, now).is_empty(), "waits for the leg's last utterance");
-    let late = u.utterance(&utterance("c1", Leg::Customer, 3.0, "我还要投诉"), &registry);
-    assert_eq!(late.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["x_alert"], "counted in the same call");
-    u.leg_ended("c1", Leg::Customer);
-    assert_eq!(u.tick(&registry, now), ["c1"]);
-    // A call whose leg never reports its end is finished after the grace period.
-    let guard = registry.open("c2", Leg::Agent, "test").unwrap();
-    u.utterance(&utterance("c2", Leg::Agent, 1.0, "您好"), &registry);
-    drop(guard);
-    assert!(u.tick(&registry, now).is_empty());
-    let later = now + callbox::understanding::live::FINISH_GRACE;
-    assert_eq!(u.tick(&registry, later), ["c2"]);
+    let u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules, None);
+    let mut monitor = u.bus().subscribe();
+    let registry = callbox::calls::registry::CallRegistry::new(4);
+    let running = callbox::config::RunningConfig {
+        config: callbox::config::Config::default(),
+        source: callbox::config::ConfigSource::File { path: "test.toml".into() },
+        generation: 1,
+        last_reload: None,
+    };
+    let (_config_tx, config) = tokio::sync::watch::channel(Arc::new(running));
+    let (speech, speech_rx) = broadcast::channel::<Arc<SpeechEvent>>(16);
+    let stages = StagedShutdown::default();
+    let said = |call: &str, leg, at, text: &str| {
+        speech.send(Arc::new(SpeechEvent::Utterance(Box::new(utterance(call, leg, at, text))))).unwrap();
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let task = tokio::spawn(callbox::understanding::live::run(
+            u,
+            speech_rx,
+            config,
+            registry.clone(),
+            HealthBoard::default(),
+            stages.signal(Stage::Understanding),
+        ));
+        let guard = registry.open("c1", Leg::Customer, "test").unwrap();
+        said("c1", Leg::Customer, 1.0, "我要投诉");
+        assert!(matches!(next(&mut monitor).await.as_deref(), Some(Monitor::Utterance { call, .. }) if call == "c1"));
+        drop(guard); // hang-up: the call leaves the registry, ASR is still finishing the leg
+        let waited = tokio::time::timeout(Duration::from_millis(2500), monitor.recv()).await;
+        assert!(waited.is_err(), "finished before its leg's last utterance: {waited:?}");
+        said("c1", Leg::Customer, 3.0, "我还要投诉");
+        assert!(matches!(next(&mut monitor).await.as_deref(), Some(Monitor::Utterance { .. })));
+        let event = next(&mut monitor).await;
+        assert!(matches!(event.as_deref(), Some(Monitor::Event(e)) if e.event.kind == "x_alert"), "{event:?}");
+        speech.send(Arc::new(SpeechEvent::LegEnded { call: "c1".into(), leg: Leg::Customer })).unwrap();
+        let finished = next(&mut monitor).await;
+        let ok = matches!(finished.as_deref(), Some(Monitor::CallFinished { call, utterances: 2, events: 1, .. }) if call == "c1");
+        assert!(ok, "{finished:?}");
+        // A call still open when the daemon stops is finished by the stop, after what the
+        // speech path had already published.
+        let _guard = registry.open("c2", Leg::Agent, "test").unwrap();
+        said("c2", Leg::Agent, 1.0, "您好");
+        stages.trigger(Stage::Understanding);
+        let mut seen = Vec::new();
+        while let Some(item) = next(&mut monitor).await {
+            seen.push(item);
+        }
+        assert!(
+            matches!(seen.as_slice(), [u, f] if matches!(u.as_ref(), Monitor::Utterance { call, .. } if call == "c2")
+                && matches!(f.as_ref(), Monitor::CallFinished { call, utterances: 1, .. } if call == "c2")),
+            "{seen:?}"
+        );
+        task.await.unwrap().unwrap();
+    });
 }

@@ -1,12 +1,10 @@
 //! The speech path end to end through `callbox transcribe`, on the real models built by
 //! models/build.sh (models/cache) and the real recordings in ../shared/data/speech.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::{run_cli, stderr_of, stdout_of};
+use crate::support::{run_cli, stderr_of, stdout_of};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
 const SPEECH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech");
@@ -210,11 +208,11 @@ fn missing_models_and_bad_recordings_get_clear_errors() {
 const KEY_WORDS: [&str; 3] = ["出现", "交易", "情况"];
 
 /// A daemon with the real models, one encoder bucket, transcripts in the log.
-fn speech_daemon(dir: tempfile::TempDir, settings: &str, envs: &[(&str, &str)]) -> support::TestDaemon {
+fn speech_daemon(dir: tempfile::TempDir, settings: &str, envs: &[(&str, &str)]) -> crate::support::TestDaemon {
     let settings = format!("speech.encoder_buckets_secs = [8]\nspeech.log_transcripts = true\n{settings}");
     let mut all = vec![("CALLBOX_MODELS_DIR", models())];
     all.extend_from_slice(envs);
-    support::TestDaemon::start_in(dir, &settings, &all)
+    crate::support::TestDaemon::start_in(dir, &settings, &all)
 }
 
 /// The clip as 8 kHz 16-bit mono samples, as a phone line carries it.
@@ -283,7 +281,7 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     }
     // The utterance ends on the silence after it: transcribed while the call is live.
     let call = "5eec4011-0001-4002-8003-000000000007";
-    let heard = support::wait_until(LONG, || !utterance_lines(&d.log_text(), call).is_empty());
+    let heard = crate::support::wait_until(LONG, || !utterance_lines(&d.log_text(), call).is_empty());
     assert!(heard, "no utterance logged; log:\n{}", d.log_text());
     assert_eq!(d.status_json()["calls"]["active"][0]["call"], call, "the call is still live");
     let line = utterance_lines(&d.log_text(), call).join("\n");
@@ -295,7 +293,7 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     assert!(start >= 2.4, "customer utterance at {start} s of the call: {line}");
     drop(agent);
     // Understood live: intent and emotion logged, the rule's event raised for this call.
-    let event = support::wait_until(LONG, || {
+    let event = crate::support::wait_until(LONG, || {
         d.log_text()
             .lines()
             .any(|l| l.contains("EVENT supervisor_alert") && l.contains(call) && l.contains("trade_words"))
@@ -307,10 +305,10 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
         d.log_text()
     );
     stream.write_all(&[0x00, 0, 0]).unwrap();
-    assert!(support::wait_until(LONG, || d
+    assert!(crate::support::wait_until(LONG, || d
         .log_text()
         .contains("call understood: 1 utterances, 1 rule hits, 1 events")));
-    assert!(support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
+    assert!(crate::support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
     let speech = d.status_json()["speech"].clone();
     assert_eq!(speech["utterances"], 1, "{speech}");
     let audio_secs = speech["audio_secs"].as_f64().unwrap();
@@ -330,7 +328,7 @@ fn a_spooled_stereo_recording_gets_both_legs_transcribed_in_its_result() {
     std::fs::copy(&stereo, spool.join(".incoming")).unwrap();
     std::fs::rename(spool.join(".incoming"), spool.join("call-7.wav")).unwrap();
     let result = spool.join("done/call-7.result.json");
-    assert!(support::wait_until(LONG, || result.exists()), "log:\n{}", d.log_text());
+    assert!(crate::support::wait_until(LONG, || result.exists()), "log:\n{}", d.log_text());
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
     let us = v["utterances"].as_array().unwrap();
     assert_eq!(us.len(), 1, "silence on the customer leg gives nothing: {us:?}");
@@ -362,14 +360,14 @@ fn alsa_capture_is_transcribed_per_line_and_leg() {
         alsa.map = [{ channel = 0, line = \"1\", leg = \"agent\" }, { channel = 1, line = \"1\", leg = \"customer\" }]";
     let input = input.to_str().unwrap().to_owned();
     let d = speech_daemon(dir, settings, &[("ALSA_CONFIG_PATH", conf), ("CALLBOX_TEST_INFILE", &input)]);
-    let heard = support::wait_until(LONG, || !utterance_lines(&d.log_text(), "alsa:1:").is_empty());
+    let heard = crate::support::wait_until(LONG, || !utterance_lines(&d.log_text(), "alsa:1:").is_empty());
     let log = d.log_text();
     assert!(heard, "no utterance logged; log:\n{log}");
     let line = utterance_lines(&log, "alsa:1:").join("\n");
     for word in KEY_WORDS {
         assert!(line.contains(word), "{word} not in {line}");
     }
-    assert!(support::wait_until(LONG, || d.log_text().contains("ended: silence timeout")), "{}", d.log_text());
+    assert!(crate::support::wait_until(LONG, || d.log_text().contains("ended: silence timeout")), "{}", d.log_text());
     assert!(!d.log_text().contains("agent utterance"), "the silent leg said nothing");
 }
 
@@ -436,11 +434,11 @@ fn an_invalid_rule_file_stops_the_start_with_every_problem() {
         rules.display()
     );
     let config = dir.path().join("callbox.toml");
-    std::fs::write(&config, support::TestDaemon::config_text(dir.path(), &settings)).unwrap();
+    std::fs::write(&config, crate::support::TestDaemon::config_text(dir.path(), &settings)).unwrap();
     let log = dir.path().join("daemon.log");
-    let mut child = support::TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", models())]);
+    let mut child = crate::support::TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", models())]);
     let mut status = None;
-    assert!(support::wait_until(LONG, || {
+    assert!(crate::support::wait_until(LONG, || {
         status = child.try_wait().unwrap();
         status.is_some()
     }));
@@ -491,13 +489,13 @@ fn customer_tags_raised_by_understanding_accumulate_across_calls() {
     let spool = dir.path().join("spool");
     let settings =
         format!("speech.language = \"en\"\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
-    let d = support::TestDaemon::start_in(dir, &settings, &[("CALLBOX_MODELS_DIR", models())]);
+    let d = crate::support::TestDaemon::start_in(dir, &settings, &[("CALLBOX_MODELS_DIR", models())]);
     for (name, number) in [("monday", "138 0013 8000"), ("friday", "+8613800138000")] {
         std::fs::write(spool.join(format!("{name}.json")), format!(r#"{{"caller_number":"{number}"}}"#)).unwrap();
         std::fs::copy(demo_call(), spool.join(format!("{name}.wav"))).unwrap();
     }
     let done = |n: &str| spool.join(format!("done/{n}.result.json")).exists();
-    assert!(support::wait_until(LONG, || done("monday") && done("friday")), "log:\n{}", d.log_text());
+    assert!(crate::support::wait_until(LONG, || done("monday") && done("friday")), "log:\n{}", d.log_text());
     // Tags come as the understanding component reads each call; wait for both calls' ends.
     let customer = || {
         let out = d.cli(&["customer", "13800138000", "--json"]);
@@ -508,11 +506,81 @@ fn customer_tags_raised_by_understanding_accumulate_across_calls() {
         c["tags"].as_array().unwrap().iter().find(|t| t["tag"] == tag).map(|t| t["calls"].as_i64().unwrap())
     };
     assert!(
-        support::wait_until(LONG, || calls_of(&customer(), "feature_oriented") == Some(2)),
+        crate::support::wait_until(LONG, || calls_of(&customer(), "feature_oriented") == Some(2)),
         "{}\nlog:\n{}",
         customer(),
         d.log_text()
     );
     assert_eq!(customer()["calls"], 2);
     assert!(d.log_text().contains("customer tags [feature_oriented"), "{}", d.log_text());
+}
+
+// ---- Shutdown loses no utterance: inputs stop → speech flushes → understanding drains. ----
+
+#[test]
+fn stopping_mid_utterance_keeps_the_utterance_and_finishes_the_call() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let samples = clip_at_8k(dir.path());
+    let settings = "audiosocket.listeners = [{ address = \"127.0.0.1:0\", leg = \"customer\" }]\n\
+                    daemon.shutdown_timeout_secs = 60";
+    let mut d = speech_daemon(dir, settings, &[]);
+    let listeners = d.status_json()["audiosocket_listeners"].clone();
+    let address = listeners[0].as_str().unwrap().split(' ').next().unwrap().to_owned();
+    let id = [0x5e, 0xec, 0x40, 0x11, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, 9];
+    let call = "5eec4011-0001-4002-8003-000000000009";
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(&[&[0x01, 0, 16][..], &id].concat()).unwrap();
+    // 0.5 s of silence, then the first 3 s of speech, and no silence after it: the
+    // utterance is still open (VAD waits for its trailing silence) when the stop comes.
+    let mut audio = vec![0i16; 4000];
+    audio.extend(&samples[..24_000]);
+    for frame in audio.chunks(160) {
+        let payload: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+        stream.write_all(&[&[0x10][..], &(payload.len() as u16).to_be_bytes(), &payload].concat()).unwrap();
+    }
+    // Every frame has reached the call (audio counted), none of it transcribed yet.
+    let fed = crate::support::wait_until(LONG, || {
+        let status = d.status_json();
+        status["calls"]["active"][0]["legs"][0]["audio_ms"].as_u64().unwrap_or(0) >= 3400
+    });
+    assert!(fed, "the audio did not arrive; log:\n{}", d.log_text());
+    assert!(utterance_lines(&d.log_text(), call).is_empty(), "the utterance ended early:\n{}", d.log_text());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.wait_exit(LONG);
+    let log = d.log_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "log:\n{log}");
+    // The speech path flushed the open utterance with text, understanding took it, and
+    // the call was finished with it: nothing was dropped between the stages.
+    let heard = utterance_lines(&log, call);
+    assert!(heard.iter().any(|l| l.contains("[speech]") && l.contains("chars")), "{log}");
+    let understood =
+        log.lines().any(|l| l.contains("[understanding] customer utterance 0: intent ") && l.contains(call));
+    assert!(understood, "the utterance was not understood before exit:\n{log}");
+    let finished = log.lines().any(|l| l.contains("call understood: 1 utterances") && l.contains(call));
+    assert!(finished, "no finished-call record:\n{log}");
+    // In that order: speech before understanding before the store closed.
+    let at = |needle: &str| log.find(needle).unwrap_or_else(|| panic!("{needle} not in {log}"));
+    assert!(at("[understanding] customer utterance 0") < at("call understood: 1 utterances"));
+    drop(stream);
+}
+
+#[test]
+fn a_stop_during_model_loading_ends_the_start_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = "[audiosocket]\nlisteners = [{ address = \"127.0.0.1:0\", leg = \"customer\" }]\n";
+    let config = dir.path().join("callbox.toml");
+    let text = crate::support::TestDaemon::config_text(dir.path(), "") + settings;
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = crate::support::TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", models())]);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let loading = crate::support::wait_until(LONG, || read_log().contains("loading the speech models"));
+    assert!(loading, "{}", read_log());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "killed by a signal or failed: {status:?}\n{}", read_log());
+    assert!(read_log().contains("while starting"), "{}", read_log());
+    // Nothing half-made: no control socket left behind; the store opened whole.
+    assert!(!dir.path().join("control.sock").exists());
 }

@@ -1,11 +1,9 @@
 //! The spool folder with real recordings: pickup, done/, failed/, postponement.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use support::{wait_until, TestDaemon};
+use crate::support::{wait_until, TestDaemon};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech/zh/BAC009S0764W0121.wav");

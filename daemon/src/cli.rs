@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use crate::config::{self, ConfigSource};
 use crate::control::client::{self, ClientError};
-use crate::control::protocol::{ReloadReport, Request, Response, StatusReport};
+use crate::control::protocol::{ErrorReply, ReloadReport, Request, Response, StatusReport};
 use crate::doctor::{self, Verdict};
-use crate::exit;
+use crate::exit::{self, Failure};
 use crate::paths::{PathEnv, DEFAULT_CONFIG_PATH};
 
 #[derive(Debug, Parser)]
@@ -274,22 +274,26 @@ pub fn main() -> u8 {
             &cli.config,
             crate::demo::DemoOptions { call: call.clone(), models: models.clone(), language: lang.clone(), rate, json },
         ),
-        Command::Watch { json } => watch(&socket_for(&cli), json),
+        Command::Watch { json } => watch(&socket_for(&cli), json).unwrap_or_else(Failure::report),
         Command::Customer { ref number, json } => {
             customer_request(&socket_for(&cli), Request::Customer { caller: number.clone() }, json)
+                .unwrap_or_else(Failure::report)
         }
         Command::Call(CallCommand::Info { ref call, ref caller, converted, json }) => customer_request(
             &socket_for(&cli),
             Request::CallInfo { call: call.clone(), caller: caller.clone(), converted: converted.then_some(true) },
             json,
-        ),
-        Command::Status { json } => status(&socket_for(&cli), json),
-        Command::Reload { json } => reload(&socket_for(&cli), json),
+        )
+        .unwrap_or_else(Failure::report),
+        Command::Status { json } => status(&socket_for(&cli), json).unwrap_or_else(Failure::report),
+        Command::Reload { json } => reload(&socket_for(&cli), json).unwrap_or_else(Failure::report),
         Command::Call(CallCommand::Start { ref line, json }) => {
             call_request(&socket_for(&cli), Request::CallStart { line: line.clone() }, json)
+                .unwrap_or_else(Failure::report)
         }
         Command::Call(CallCommand::Stop { ref line, json }) => {
             call_request(&socket_for(&cli), Request::CallStop { line: line.clone() }, json)
+                .unwrap_or_else(Failure::report)
         }
         Command::Config(ConfigCommand::Check { json }) => config_check(&cli.config, json),
         Command::Rules(RulesCommand::Check { ref file }) => rules_check(file),
@@ -297,18 +301,23 @@ pub fn main() -> u8 {
         Command::Doctor { json } => doctor(&cli, json),
         Command::Transcribe { ref files, json, ref lang, ref models } => {
             crate::offline::transcribe(&cli.config, files, json, lang.as_deref(), models.as_deref())
+                .unwrap_or_else(Failure::report)
         }
         Command::Analyze { ref files, json, ref models, ref rules } => {
             crate::offline::analyze(&cli.config, files, json, models.as_deref(), rules.as_deref())
+                .unwrap_or_else(Failure::report)
         }
         Command::Classify { ref text, ref file, json, ref models } => {
             crate::offline::classify(&cli.config, text, file.as_deref(), json, models.as_deref())
+                .unwrap_or_else(Failure::report)
         }
         Command::Bench(BenchCommand::Intent { ref file, runs, json, ref models }) => {
             crate::offline::bench_intent(&cli.config, file.as_deref(), runs, json, models.as_deref())
+                .unwrap_or_else(Failure::report)
         }
         Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole }) => {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
+                .unwrap_or_else(Failure::report)
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
@@ -345,19 +354,33 @@ fn socket_for(cli: &Cli) -> PathBuf {
     candidates.iter().find(|p| p.exists()).unwrap_or(&candidates[0]).clone()
 }
 
-fn fail(e: &ClientError) -> u8 {
-    eprintln!("callbox: {e}");
-    e.exit_code()
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::new(e.exit_code(), e.to_string())
+    }
 }
 
-fn refused(code: crate::control::protocol::ErrorCode, message: &str) -> u8 {
+/// The daemon said no: its reason, and the exit code for the kind of refusal.
+fn refused(reply: ErrorReply) -> Failure {
     use crate::control::protocol::ErrorCode::*;
-    eprintln!("callbox: the daemon refused: {message}");
-    match code {
+    let code = match reply.code {
         Forbidden => exit::NO_PERMISSION,
         UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
         ShuttingDown => exit::UNAVAILABLE,
         Rejected | Timeout | Internal => exit::FAILURE,
+    };
+    Failure::new(code, format!("the daemon refused: {}", reply.message))
+}
+
+fn unexpected(response: &Response) -> Failure {
+    Failure::new(exit::PROTOCOL, format!("unexpected response from the daemon: {response:?}"))
+}
+
+/// Sends one request; a refusal or a transport failure is the command's failure.
+fn ask(socket: &Path, request: Request) -> Result<Response, Failure> {
+    match client::request(socket, request)? {
+        Response::Error(reply) => Err(refused(reply)),
+        response => Ok(response),
     }
 }
 
@@ -368,25 +391,22 @@ fn print_json<T: Serialize>(value: &T) {
     }
 }
 
-fn status(socket: &Path, json: bool) -> u8 {
-    match client::request(socket, Request::Status {}) {
-        Ok(Response::Status(report)) => {
-            if json {
-                print_json(&report);
-            } else {
-                print!("{}", render_status(&report));
-            }
-            exit::OK
-        }
-        Ok(Response::Error(e)) => refused(e.code, &e.message),
-        Ok(other) => unexpected(&other),
-        Err(e) => fail(&e),
+/// Prints a reply: pretty JSON with `--json`, else its rendering for people.
+fn show<T: Serialize>(reply: &T, json: bool, human: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(reply);
+    } else {
+        print!("{}", human(reply));
     }
 }
 
-fn unexpected(response: &Response) -> u8 {
-    eprintln!("callbox: unexpected response from the daemon: {response:?}");
-    exit::PROTOCOL
+fn status(socket: &Path, json: bool) -> Result<u8, Failure> {
+    let report = match ask(socket, Request::Status {})? {
+        Response::Status(report) => report,
+        other => return Err(unexpected(&other)),
+    };
+    show(&report, json, |r| render_status(r));
+    Ok(exit::OK)
 }
 
 fn render_status(r: &StatusReport) -> String {
@@ -461,7 +481,7 @@ fn render_status(r: &StatusReport) -> String {
 }
 
 fn rules_check(file: &Path) -> u8 {
-    match crate::understanding::live::load_rules(Some(file)) {
+    match crate::understanding::rules::load_rules(Some(file)) {
         Ok(set) => {
             println!("{}: {} rules, valid", file.display(), set.len());
             exit::OK
@@ -476,100 +496,75 @@ fn rules_check(file: &Path) -> u8 {
     }
 }
 
-fn call_request(socket: &Path, request: Request, json: bool) -> u8 {
-    match client::request(socket, request) {
-        Ok(Response::Call(reply)) => {
-            if json {
-                print_json(&reply);
-            } else {
-                let verb = if reply.started { "started" } else { "ended" };
-                println!("call {} {verb} on line {}", reply.call, reply.line);
-            }
-            exit::OK
-        }
-        Ok(Response::Error(e)) => refused(e.code, &e.message),
-        Ok(other) => unexpected(&other),
-        Err(e) => fail(&e),
-    }
+fn call_request(socket: &Path, request: Request, json: bool) -> Result<u8, Failure> {
+    let reply = match ask(socket, request)? {
+        Response::Call(reply) => reply,
+        other => return Err(unexpected(&other)),
+    };
+    show(&reply, json, |r| {
+        format!("call {} {} on line {}\n", r.call, if r.started { "started" } else { "ended" }, r.line)
+    });
+    Ok(exit::OK)
 }
 
-fn customer_request(socket: &Path, request: Request, json: bool) -> u8 {
-    match client::request(socket, request) {
-        Ok(Response::Customer(reply)) => {
-            if json {
-                print_json(&reply);
-                return exit::OK;
-            }
-            match reply.customer {
-                None => println!("no customer known"),
-                Some(c) => {
-                    println!(
-                        "customer {} ({} calls; first {}, last {})",
-                        c.customer,
-                        c.calls,
-                        crate::logging::utc_timestamp(unix_ms(c.first_unix_ms)),
-                        crate::logging::utc_timestamp(unix_ms(c.last_unix_ms))
-                    );
-                    for t in c.tags {
-                        println!(
-                            "  {:<18} {} calls, last {}",
-                            t.tag,
-                            t.calls,
-                            crate::logging::utc_timestamp(unix_ms(t.last_unix_ms))
-                        );
-                    }
-                }
-            }
-            exit::OK
-        }
-        Ok(Response::Error(e)) => refused(e.code, &e.message),
-        Ok(other) => unexpected(&other),
-        Err(e) => fail(&e),
+fn customer_request(socket: &Path, request: Request, json: bool) -> Result<u8, Failure> {
+    let reply = match ask(socket, request)? {
+        Response::Customer(reply) => reply,
+        other => return Err(unexpected(&other)),
+    };
+    show(&reply, json, |r| render_customer(r.customer.as_ref()));
+    Ok(exit::OK)
+}
+
+fn render_customer(customer: Option<&crate::control::protocol::CustomerRecord>) -> String {
+    let stamp = |ms| crate::logging::utc_timestamp(unix_ms(ms));
+    let Some(c) = customer else { return "no customer known\n".into() };
+    let mut out = format!(
+        "customer {} ({} calls; first {}, last {})\n",
+        c.customer,
+        c.calls,
+        stamp(c.first_unix_ms),
+        stamp(c.last_unix_ms)
+    );
+    for t in &c.tags {
+        out += &format!("  {:<18} {} calls, last {}\n", t.tag, t.calls, stamp(t.last_unix_ms));
     }
+    out
 }
 
 fn unix_ms(ms: i64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
-fn watch(socket: &Path, json: bool) -> u8 {
-    let printed = client::watch(socket, |item| {
-        if json {
-            println!("{item}");
-        } else {
-            println!("{}", crate::demo::render(&item, None));
+fn watch(socket: &Path, json: bool) -> Result<u8, Failure> {
+    let printed = client::watch(socket, |line| {
+        match line {
+            client::WatchLine::Item(item) if json => match serde_json::to_string(&item) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
+            },
+            client::WatchLine::Item(item) => println!("{}", crate::render::monitor_item(&item, None)),
+            client::WatchLine::Error(e) => eprintln!("callbox: {}", e.message),
         }
         true
     });
-    match printed {
-        Ok(Ok(())) => {
+    match printed? {
+        Ok(()) => {
             eprintln!("callbox: the daemon closed the stream");
-            exit::OK
+            Ok(exit::OK)
         }
-        Ok(Err(Response::Error(e))) => refused(e.code, &e.message),
-        Ok(Err(other)) => unexpected(&other),
-        Err(e) => fail(&e),
+        Err(Response::Error(reply)) => Err(refused(reply)),
+        Err(other) => Err(unexpected(&other)),
     }
 }
 
-fn reload(socket: &Path, json: bool) -> u8 {
-    match client::request(socket, Request::Reload {}) {
-        Ok(Response::Reload(report)) => {
-            if json {
-                print_json(&report);
-            } else {
-                print!("{}", render_reload(&report));
-            }
-            if report.ok {
-                exit::OK
-            } else {
-                exit::CONFIG
-            }
-        }
-        Ok(Response::Error(e)) => refused(e.code, &e.message),
-        Ok(other) => unexpected(&other),
-        Err(e) => fail(&e),
-    }
+fn reload(socket: &Path, json: bool) -> Result<u8, Failure> {
+    let report = match ask(socket, Request::Reload {})? {
+        Response::Reload(report) => report,
+        other => return Err(unexpected(&other)),
+    };
+    show(&report, json, render_reload);
+    Ok(if report.ok { exit::OK } else { exit::CONFIG })
 }
 
 fn render_reload(r: &ReloadReport) -> String {

@@ -394,6 +394,30 @@ impl ConfigError {
     }
 }
 
+/// The running configuration as components see it (through a `watch`): what is in force,
+/// where it came from, and how the last reload went.
+#[derive(Debug, Clone)]
+pub struct RunningConfig {
+    pub config: Config,
+    pub source: ConfigSource,
+    /// Starts at 1; each successful reload adds one.
+    pub generation: u64,
+    pub last_reload: Option<ReloadReport>,
+}
+
+/// The outcome of one reload attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// When it was attempted (UTC, RFC 3339).
+    pub at: String,
+    pub ok: bool,
+    /// The generation running after this reload attempt.
+    pub generation: u64,
+    pub problems: Vec<String>,
+    /// Keys that changed but take effect only after a restart.
+    pub restart_required: Vec<String>,
+}
+
 /// Where the running configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -475,7 +499,7 @@ fn referenced_file_problems(config: &Config, text: &str) -> Vec<Problem> {
         .ok()
         .and_then(|t| span_of_path(t.get_ref(), "understanding.rules_file"))
         .map(|at| line_of(text, at));
-    match crate::understanding::live::load_rules(Some(rules)) {
+    match crate::understanding::rules::load_rules(Some(rules)) {
         Ok(_) => vec![],
         Err(found) => {
             found.into_iter().map(|message| Problem { key: "understanding.rules_file".into(), line, message }).collect()

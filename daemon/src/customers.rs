@@ -14,11 +14,16 @@
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ring::hmac;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
+
+const COMPONENT: &str = "customers";
 
 pub const DATABASE_FILE: &str = "customers.sqlite";
 pub const KEY_FILE: &str = "keys/caller-hash.key";
@@ -302,6 +307,14 @@ impl CustomerStore {
         Ok(self.conn.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?.flatten())
     }
 
+    /// The customer of a call, if the call is linked.
+    pub fn of_call(&self, call: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        match self.customer_of_call(call)? {
+            Some(c) => self.customer(&c),
+            None => Ok(None),
+        }
+    }
+
     pub fn customer_count(&self) -> Result<i64, CustomerError> {
         Ok(self.conn.query_row("SELECT count(*) FROM customer", [], |r| r.get(0))?)
     }
@@ -323,62 +336,150 @@ fn touch_customer(tx: &Connection, customer: &str, now_ms: i64, more_calls: i64)
     )
 }
 
-/// The shared handle: the hasher and the store, used by the understanding component, the
-/// spool and the control socket. SQLite calls are short (a few rows, one fsync); they run
-/// on the caller's thread under the lock.
+/// Store requests waiting for the store thread; senders wait beyond this (a handful of
+/// rows per call: the queue is never long unless the disk has stalled).
+const STORE_QUEUE: usize = 256;
+
+/// One request for the store thread; `None` closes the store.
+type Job = Option<Box<dyn FnOnce(&mut CustomerStore) + Send>>;
+
+/// The shared handle: the caller hasher, and the queue of the one thread that owns the
+/// database connection. The understanding component, the spool and the control socket
+/// all go through it, so no SQLite call (each write is an fsync) runs on an async worker
+/// thread, and writes happen in the order they were sent.
 #[derive(Clone)]
 pub struct Customers {
     hasher: Arc<CallerHasher>,
-    store: Arc<Mutex<CustomerStore>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The store thread: owned by the `customers` component, which closes the store and
+/// joins the thread in the last stage of shutdown.
+pub struct StoreThread {
+    handle: Customers,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Customers {
-    /// Opens (creating on first start) the key and the database under the data directory.
-    pub fn open(data_dir: &Path) -> Result<Self, CustomerError> {
+    /// Opens (creating on first start) the key and the database under the data directory
+    /// and starts the store thread.
+    pub fn open(data_dir: &Path) -> Result<(Self, StoreThread), CustomerError> {
         let hasher = CallerHasher::load_or_create(&data_dir.join(KEY_FILE))?;
-        let store = CustomerStore::open(&data_dir.join(DATABASE_FILE))?;
-        Ok(Self { hasher: Arc::new(hasher), store: Arc::new(Mutex::new(store)) })
+        let mut store = CustomerStore::open(&data_dir.join(DATABASE_FILE))?;
+        let (jobs, mut queue) = mpsc::channel::<Job>(STORE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("customer-store".into())
+            .spawn(move || {
+                while let Some(Some(job)) = queue.blocking_recv() {
+                    job(&mut store);
+                }
+                // Dropping the store closes the connection (SQLite checkpoints the WAL).
+            })
+            .map_err(|e| CustomerError::Task(format!("cannot start the store thread: {e}")))?;
+        let handle = Self { hasher: Arc::new(hasher), jobs };
+        Ok((handle.clone(), StoreThread { handle, thread }))
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError>) -> Result<T, CustomerError> {
-        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
-        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut store)
+    fn job<T: Send + 'static>(
+        f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError> + Send + 'static,
+    ) -> (Job, oneshot::Receiver<Result<T, CustomerError>>) {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Some(Box::new(move |store: &mut CustomerStore| {
+            let _ = reply.send(f(store));
+        }));
+        (job, answer)
+    }
+
+    /// Runs `f` on the store thread and waits for its answer (async callers).
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError> + Send + 'static,
+    ) -> Result<T, CustomerError> {
+        let (job, answer) = Self::job(f);
+        self.jobs.send(job).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// The same from a plain thread (the spool's file processing); never from async code.
+    fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError> + Send + 'static,
+    ) -> Result<T, CustomerError> {
+        let (job, answer) = Self::job(f);
+        self.jobs.blocking_send(job).map_err(|_| closed())?;
+        answer.blocking_recv().map_err(|_| closed())?
     }
 
     pub fn customer_id(&self, caller: &str) -> Result<String, CustomerError> {
         self.hasher.customer_id(caller)
     }
 
-    pub fn add_call_tags(&self, call: &str, tags: &[&str]) -> Result<Vec<String>, CustomerError> {
-        self.with(|s| s.add_call_tags(call, tags, now_ms()))
+    /// Keeps the tags a call raised (and so its customer's, once the caller is known).
+    pub async fn add_call_tags(&self, call: &str, tags: &[&'static str]) -> Result<Vec<String>, CustomerError> {
+        let (call, tags) = (call.to_owned(), tags.to_vec());
+        self.run(move |s| s.add_call_tags(&call, &tags, now_ms())).await
     }
 
-    pub fn link_call(&self, call: &str, caller: &str) -> Result<CustomerRecord, CustomerError> {
+    /// Links a call to its caller (blocking; the spool's sidecar).
+    pub fn link_call_blocking(&self, call: &str, caller: &str) -> Result<CustomerRecord, CustomerError> {
         check_call_id(call)?;
         let customer = self.hasher.customer_id(caller)?;
-        self.with(|s| s.link_call(call, &customer, now_ms()))
+        let call = call.to_owned();
+        self.run_blocking(move |s| s.link_call(&call, &customer, now_ms()))
     }
 
-    pub fn mark_converted(&self, call: &str) -> Result<CustomerRecord, CustomerError> {
+    /// `callbox call info`: links the caller and/or marks the call converted, then says
+    /// whose call it is (None when unlinked).
+    pub async fn call_info(
+        &self,
+        call: &str,
+        caller: Option<&str>,
+        converted: bool,
+    ) -> Result<Option<CustomerRecord>, CustomerError> {
         check_call_id(call)?;
-        self.with(|s| s.mark_converted(call, now_ms()))
-    }
-
-    pub fn by_caller(&self, caller: &str) -> Result<Option<CustomerRecord>, CustomerError> {
-        let customer = self.hasher.customer_id(caller)?;
-        self.with(|s| s.customer(&customer))
-    }
-
-    pub fn of_call(&self, call: &str) -> Result<Option<CustomerRecord>, CustomerError> {
-        self.with(|s| match s.customer_of_call(call)? {
-            Some(c) => s.customer(&c),
-            None => Ok(None),
+        let customer = caller.map(|c| self.hasher.customer_id(c)).transpose()?;
+        let call = call.to_owned();
+        self.run(move |s| {
+            if let Some(customer) = customer {
+                s.link_call(&call, &customer, now_ms())?;
+            }
+            if converted {
+                s.mark_converted(&call, now_ms())?;
+            }
+            s.of_call(&call)
         })
+        .await
     }
 
-    pub fn count(&self) -> Result<i64, CustomerError> {
-        self.with(|s| s.customer_count())
+    pub async fn by_caller(&self, caller: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        let customer = self.hasher.customer_id(caller)?;
+        self.run(move |s| s.customer(&customer)).await
+    }
+
+    pub async fn of_call(&self, call: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        let call = call.to_owned();
+        self.run(move |s| s.of_call(&call)).await
+    }
+}
+
+fn closed() -> CustomerError {
+    CustomerError::Task("the customer store is closed (the daemon is stopping)".into())
+}
+
+/// The `customers` component: the store runs until the last stage of shutdown, when the
+/// writes already queued are done, the connection is closed and the thread joined.
+pub async fn run(store: StoreThread, health: HealthBoard, mut shutdown: ShutdownSignal) -> Result<(), CustomerError> {
+    health.set(COMPONENT, HealthState::Ok, "open");
+    shutdown.wait().await;
+    // Queued after every request sent before it: those are written first.
+    let _ = store.handle.jobs.send(None).await;
+    let StoreThread { handle, thread } = store;
+    drop(handle);
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    health.set(COMPONENT, HealthState::Stopped, "closed");
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(CustomerError::Task("the store thread panicked".into())),
     }
 }
 

@@ -1,8 +1,10 @@
 //! `callbox run`: start-up order, the components, and what a reload does.
 //!
-//! Start-up: logging → config (exit 78 on any problem) → runtime → systemd
-//! notifier → data directory → control socket (exit 71 on failure) → spawn
-//! components → READY=1. Everything after READY is the supervisor's.
+//! Start-up: logging → config (exit 78 on any problem) → runtime → signal handlers →
+//! systemd notifier → data directory → customer store → models → control socket (exit 71
+//! on failure) → spawn components → READY=1. Everything after READY is the supervisor's.
+//! SIGTERM/SIGINT are caught from the handlers' installation on: during start-up (model
+//! loading takes seconds) a stop request ends the start cleanly with exit 0.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,20 +12,20 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::calls::CallRegistry;
-use crate::config::{self, LoadedConfig};
-use crate::control::protocol::ReloadReport;
-use crate::control::server::{self, ControlContext, ReloadReply, RunningConfig};
+use crate::calls::registry::CallRegistry;
+use crate::config::{self, LoadedConfig, ReloadReport, RunningConfig};
+use crate::control::server::{self, ControlContext, ReloadReply};
 use crate::exit;
-use crate::health::{shutdown_channel, HealthBoard};
+use crate::health::{HealthBoard, Stage, StagedShutdown};
 use crate::logging::{self, utc_timestamp};
 use crate::notify::{self, Notification, Notifier};
 use crate::paths::PathEnv;
 use crate::speech::live::SpeechService;
 use crate::speech::SpeechModels;
 use crate::storage;
-use crate::supervisor::{self, Component, SupervisorHooks};
-use crate::understanding::live::{load_rules, Understanding, UnderstandingModels};
+use crate::supervisor::{self, Component, Signals, SupervisorHooks};
+use crate::understanding::live::{Understanding, UnderstandingModels};
+use crate::understanding::rules::load_rules;
 
 const COMPONENT: &str = "daemon";
 
@@ -65,11 +67,53 @@ pub fn run(config_path: &Path) -> u8 {
 }
 
 async fn run_async(loaded: LoadedConfig) -> u8 {
+    // First: from here on a stop request is ours to handle, never the default action.
+    let mut signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!(component = COMPONENT; "cannot install signal handlers: {e}");
+            return exit::OS_ERROR;
+        }
+    };
+    let started = tokio::select! {
+        started = start(loaded) => started,
+        sig = signals.stop_requested() => {
+            log::info!(component = COMPONENT; "received {} while starting; stopped before taking any call", sig.name());
+            return exit::OK;
+        }
+    };
+    match started {
+        Ok(started) => started.supervise(signals).await,
+        Err(code) => code,
+    }
+}
+
+/// Everything the supervisor needs, once start-up is done.
+struct Started {
+    components: Vec<Component>,
+    shutdown_timeout: Duration,
+    watchdog_interval: Option<Duration>,
+    stages: StagedShutdown,
+    reload_rx: mpsc::Receiver<ReloadReply>,
+    hooks: DaemonHooks,
+}
+
+impl Started {
+    async fn supervise(self, signals: Signals) -> u8 {
+        let Started { components, shutdown_timeout, watchdog_interval, stages, reload_rx, mut hooks } = self;
+        let signals = (signals, stages);
+        supervisor::supervise(components, shutdown_timeout, watchdog_interval, signals, reload_rx, &mut hooks).await
+    }
+}
+
+/// Start-up up to READY=1. Dropped half-way (a stop request), it leaves nothing
+/// half-written: the store is opened whole or not at all, and models are only read.
+async fn start(loaded: LoadedConfig) -> Result<Started, u8> {
     let notifier = match Notifier::from_env() {
         Ok(n) => n,
         Err(e) => {
             log::error!(component = COMPONENT; "{e}");
-            return exit::OS_ERROR;
+            return Err(exit::OS_ERROR);
         }
     };
     let watchdog_interval = notify::watchdog_interval(
@@ -84,37 +128,37 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
 
     if let Err(e) = storage::prepare(&data_dir) {
         log::error!(component = COMPONENT; "{e}");
-        return exit::OS_ERROR;
+        return Err(exit::OS_ERROR);
     }
     let audiosocket = match crate::inputs::audiosocket::bind(&cfg.audiosocket).await {
         Ok(listeners) => listeners,
         Err(e) => {
             log::error!(component = COMPONENT; "{e}");
-            return exit::OS_ERROR;
+            return Err(exit::OS_ERROR);
         }
     };
     if let Some(spool) = &cfg.spool.dir {
         if let Err(e) = crate::inputs::spool::prepare(spool) {
             log::error!(component = COMPONENT; "{e}");
-            return exit::OS_ERROR;
+            return Err(exit::OS_ERROR);
         }
     }
     // Customer tags across calls: the key and the database live in the data directory.
-    let customers = match crate::customers::Customers::open(&data_dir) {
-        Ok(c) => c,
+    let (customers, customer_store) = match crate::customers::Customers::open(&data_dir) {
+        Ok(opened) => opened,
         Err(e) => {
             log::error!(component = COMPONENT; "{e}");
-            return exit::OS_ERROR;
+            return Err(exit::OS_ERROR);
         }
     };
     let speech = match load_speech(cfg).await {
         Ok(speech) => speech,
-        Err(code) => return code,
+        Err(code) => return Err(code),
     };
     let understanding = match &speech {
         Some(service) => match load_understanding(cfg, service, customers.clone()).await {
             Ok(u) => Some(u),
-            Err(code) => return code,
+            Err(code) => return Err(code),
         },
         None => None,
     };
@@ -122,7 +166,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         Ok(bound) => bound,
         Err(e) => {
             log::error!(component = COMPONENT; "{e}");
-            return exit::OS_ERROR;
+            return Err(exit::OS_ERROR);
         }
     };
 
@@ -137,7 +181,8 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
     // Reload requests are rare; 8 pending is plenty and senders wait beyond that.
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(8);
     let health = HealthBoard::default();
-    let (trigger, shutdown) = shutdown_channel();
+    let stages = StagedShutdown::default();
+    let shutdown = stages.signal(Stage::Inputs);
     let calls = CallRegistry::new(cfg.calls.max_concurrent);
     let audiosocket_listeners: Vec<String> =
         audiosocket.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
@@ -161,10 +206,16 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         reload_tx,
     };
     let mut components = vec![
-        Component::new("control", server::serve(bound, ctx, shutdown.clone())),
+        Component::new("control", Stage::Inputs, server::serve(bound, ctx, shutdown.clone())),
         Component::new(
             "storage",
+            Stage::Inputs,
             storage::monitor(data_dir.clone(), config_rx.clone(), health.clone(), shutdown.clone()),
+        ),
+        Component::new(
+            "customers",
+            Stage::Stores,
+            crate::customers::run(customer_store, health.clone(), stages.signal(Stage::Stores)),
         ),
     ];
     if !audiosocket.is_empty() {
@@ -176,14 +227,18 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             health.clone(),
             shutdown.clone(),
         );
-        components.push(Component::new("audiosocket", serve));
+        components.push(Component::new("audiosocket", Stage::Inputs, serve));
     }
     if let Some(spool) = cfg.spool.dir.clone() {
         let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
         let customers = Some(customers.clone());
         let watch =
             crate::inputs::spool::watch(spool, config, calls, customers, speech, health.clone(), shutdown.clone());
-        components.push(Component::new("spool", watch));
+        components.push(Component::new("spool", Stage::Inputs, watch));
+    }
+    if let Some(service) = &speech {
+        let run = crate::speech::live::run(service.clone(), health.clone(), stages.signal(Stage::Speech));
+        components.push(Component::new("speech", Stage::Speech, run));
     }
     if let (Some(understanding), Some(service)) = (understanding, &speech) {
         let run = crate::understanding::live::run(
@@ -192,9 +247,9 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             config_rx.clone(),
             calls.clone(),
             health.clone(),
-            shutdown.clone(),
+            stages.signal(Stage::Understanding),
         );
-        components.push(Component::new("understanding", run));
+        components.push(Component::new("understanding", Stage::Understanding, run));
     }
     if let Some((_, requests)) = capture {
         let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
@@ -207,7 +262,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
             health.clone(),
             shutdown.clone(),
         );
-        components.push(Component::new("alsa", run));
+        components.push(Component::new("alsa", Stage::Inputs, run));
     }
 
     let mut hooks =
@@ -223,7 +278,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         env!("CARGO_PKG_VERSION"), std::process::id(), loaded.source,
         watchdog_interval.map(|d| format!("every {} ms", d.as_millis())).unwrap_or_else(|| "off".into()));
 
-    supervisor::supervise(components, shutdown_timeout, watchdog_interval, trigger, reload_rx, &mut hooks).await
+    Ok(Started { components, shutdown_timeout, watchdog_interval, stages, reload_rx, hooks })
 }
 
 /// Loads the speech models when an input is configured and speech is on; the exit code
@@ -238,6 +293,7 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
     }
     let dir = cfg.speech.models_dir();
     let buckets = cfg.speech.encoder_buckets_secs.clone();
+    log::info!(component = "speech"; "loading the speech models from {}", dir.display());
     let started = std::time::Instant::now();
     let load_dir = dir.clone();
     let loaded = tokio::task::spawn_blocking(move || SpeechModels::load(&load_dir, &buckets)).await;

@@ -15,13 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::audio::audiosocket::{encode, format_uuid, Frame};
 use crate::audio::Leg;
-use crate::control::client;
-use crate::control::protocol::{Request, Response};
+use crate::control::client::{self, WatchLine};
+use crate::control::protocol::{MonitorItem, Request, Response};
 use crate::exit;
+use crate::render;
 
 const FRAME_MS: u64 = 20;
 const DEMO_CALLER: &str = "+86 138 0013 8000";
@@ -33,70 +32,6 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// The sample call's default place: beside the models (`models/build.sh` makes it).
 pub fn default_call(models_dir: &Path) -> PathBuf {
     models_dir.join("demo/call.wav")
-}
-
-/// One line for a monitor item (`callbox watch`, `callbox demo`). `latency` is how long
-/// after the end of the utterance's words the item arrived, when the caller knows.
-pub fn render(item: &Value, latency: Option<f64>) -> String {
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let after = latency.map_or(String::new(), |l| format!("  (+{l:.2} s after the words)"));
-    match item["type"].as_str() {
-        Some("utterance") => {
-            let intent = match &item["intent"] {
-                Value::Null => String::new(),
-                i => format!(" intent {} {:.2}", s(&i["label"]), f(&i["confidence"])),
-            };
-            let rules = item["rules"]
-                .as_array()
-                .filter(|r| !r.is_empty())
-                .map_or(String::new(), |r| format!("  rules: {}", r.iter().map(s).collect::<Vec<_>>().join(", ")));
-            format!(
-                "[{:6.2}–{:6.2} s] {:<8} {}\n                    {}emotion {}, phase {}{rules}{after}",
-                f(&item["start_secs"]),
-                f(&item["end_secs"]),
-                s(&item["leg"]),
-                s(&item["text"]),
-                if intent.is_empty() { String::new() } else { format!("{},", intent.trim_start()) + " " },
-                s(&item["emotion"]),
-                s(&item["phase"]),
-            )
-        }
-        Some("event") => format!(
-            ">>> EVENT {} at {:.1} s  rule {}: {}  (utterances {}){after}",
-            s(&item["kind"]),
-            f(&item["at_secs"]),
-            s(&item["rule"]),
-            s(&item["reason"]),
-            item["utterances"],
-        ),
-        Some("call_finished") => {
-            let list =
-                |v: &Value| v.as_array().map_or(String::new(), |a| a.iter().map(s).collect::<Vec<_>>().join(", "));
-            let customer = match &item["customer"] {
-                Value::Null => "no caller number".to_owned(),
-                c => {
-                    let tags: Vec<String> = c["tags"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|t| format!("{} ×{}", s(&t["tag"]), t["calls"]))
-                        .collect();
-                    format!("customer {} ({} calls): [{}]", s(&c["customer"]), c["calls"], tags.join(", "))
-                }
-            };
-            format!(
-                "call {} finished: {} utterances, {} rule hits, {} events; phase {}; tags [{}]; {customer}",
-                s(&item["call"]),
-                item["utterances"],
-                item["rule_hits"],
-                item["events"],
-                s(&item["phase"]),
-                list(&item["tags"]),
-            )
-        }
-        _ => format!("{item}"),
-    }
 }
 
 /// A private working folder, removed when dropped (it holds a key and a database).
@@ -287,10 +222,14 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     }
 
     // The watcher runs on its own thread; items come back through a channel.
-    let (items_tx, items_rx) = mpsc::channel::<Value>();
+    let (items_tx, items_rx) = mpsc::channel::<MonitorItem>();
     let watch_socket = socket.clone();
-    std::thread::spawn(move || {
-        let _ = client::watch(&watch_socket, |item| items_tx.send(item).is_ok());
+    // Joined after the daemon is stopped, which closes the stream it reads.
+    let watcher = std::thread::spawn(move || {
+        let _ = client::watch(&watch_socket, |line| match line {
+            WatchLine::Item(item) => items_tx.send(*item).is_ok(),
+            WatchLine::Error(_) => true,
+        });
     });
     say(format!(
         "call {call_id}: streaming {:.1} s of {} (agent left, customer right) at {rate} Hz in real time, caller {DEMO_CALLER}\n",
@@ -317,26 +256,26 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
             }
             continue;
         };
-        if item["call"].as_str() != Some(call_id.as_str()) {
+        let now = stream_start.elapsed().as_secs_f64();
+        let (call, latency) = match &item {
+            MonitorItem::Utterance(u) => (&u.call, Some(now - u.end_secs)),
+            MonitorItem::Event(e) => (&e.call, Some(now - e.at_secs)),
+            MonitorItem::CallFinished(f) => (&f.call, None),
+        };
+        if *call != call_id {
             continue;
         }
-        let now = stream_start.elapsed().as_secs_f64();
-        let latency = match item["type"].as_str() {
-            Some("utterance") => item["end_secs"].as_f64().map(|end| now - end),
-            Some("event") => item["at_secs"].as_f64().map(|at| now - at),
-            _ => None,
-        };
         if options.json {
-            let mut line = item.clone();
+            let mut line = serde_json::to_value(&item).unwrap_or_default();
             if let (Some(l), Some(obj)) = (latency, line.as_object_mut()) {
                 obj.insert("latency_secs".into(), serde_json::json!((l * 1000.0).round() / 1000.0));
             }
             println!("{line}");
         } else {
-            say(render(&item, latency));
+            say(render::monitor_item(&item, latency));
         }
-        if item["type"] == "call_finished" {
-            finished = Some(item.clone());
+        if matches!(item, MonitorItem::CallFinished(_)) {
+            finished = Some(());
         }
         items.push((item, latency));
     }
@@ -354,17 +293,19 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         ));
     };
     if !options.json {
-        let latencies: Vec<f64> = items.iter().filter(|(i, _)| i["type"] == "event").filter_map(|(_, l)| *l).collect();
+        let latencies: Vec<f64> =
+            items.iter().filter(|(i, _)| matches!(i, MonitorItem::Event(_))).filter_map(|(_, l)| *l).collect();
         let events = latencies.len();
         let worst = latencies.iter().copied().fold(0.0, f64::max);
         println!(
             "\n{} utterances, {events} events; events came at most {worst:.2} s after the end of the words \
              (VAD hangover {} ms included)",
-            items.iter().filter(|(i, _)| i["type"] == "utterance").count(),
+            items.iter().filter(|(i, _)| matches!(i, MonitorItem::Utterance(_))).count(),
             crate::config::load_lenient(&config).speech.min_silence_ms,
         );
     }
     drop(daemon);
+    let _ = watcher.join();
     Ok(exit::OK)
 }
 
@@ -398,34 +339,4 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn monitor_items_render_as_one_readable_block_each() {
-        let u = serde_json::json!({"type": "utterance", "call": "c", "index": 3, "leg": "customer",
-            "start_secs": 1.5, "end_secs": 3.25, "text": "多少钱", "pii": [],
-            "intent": {"label": "price_inquiry", "confidence": 0.912, "top3": []},
-            "emotion": "neutral", "phase": "needs_discovery", "rules": ["r1"]});
-        let line = render(&u, Some(0.8));
-        for part in ["1.50", "3.25", "customer", "多少钱", "price_inquiry 0.91", "needs_discovery", "r1", "+0.80 s"]
-        {
-            assert!(line.contains(part), "{part} missing from {line}");
-        }
-        let e = serde_json::json!({"type": "event", "call": "c", "kind": "dnc_request", "rule": "customer_do_not_call",
-            "reason": "customer asked not to be called", "at_secs": 48.3, "utterances": [11]});
-        assert!(render(&e, None).starts_with(">>> EVENT dnc_request at 48.3 s  rule customer_do_not_call"));
-        let f = serde_json::json!({"type": "call_finished", "call": "c", "utterances": 13, "rule_hits": 5,
-            "events": 4, "phase": "closing", "tags": ["feature_oriented"],
-            "customer": {"customer": "ab12", "first_unix_ms": 1, "last_unix_ms": 2, "calls": 2,
-                "tags": [{"tag": "feature_oriented", "first_unix_ms": 1, "last_unix_ms": 2, "calls": 2}]}});
-        let line = render(&f, None);
-        assert!(
-            line.contains("tags [feature_oriented]") && line.contains("customer ab12 (2 calls): [feature_oriented ×2]"),
-            "{line}"
-        );
-    }
 }

@@ -155,7 +155,7 @@ fn data_directory(dir: &Path, min_free_mb: u64) -> Check {
     let report = storage::probe(dir);
     let (state, detail) = storage::assess(&report, min_free_mb);
     let verdict = match (state, &report.writable) {
-        (HealthState::Ok, _) => Verdict::Pass,
+        (crate::health::HealthState::Ok, _) => Verdict::Pass,
         // Writing as this (CLI) user may be refused where the daemon's user may write;
         // the daemon's own view is in the `daemon` check.
         (_, Err(_)) if !nix::unistd::Uid::effective().is_root() => Verdict::Warn,
@@ -174,6 +174,8 @@ fn clock() -> Check {
         );
     }
     // ntp_adjtime with modes 0 only reads the kernel's synchronisation state.
+    // SAFETY: timex is a plain C struct of integers (and padding); all-zero bytes are a
+    // valid value of every field, and modes = 0 is the read-only request.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     // SAFETY: tx is a valid, zero-initialised timex; modes = 0 makes the call read-only.
     let state = unsafe { libc::ntp_adjtime(&mut tx) };

@@ -27,3 +27,25 @@ pub const NO_PERMISSION: u8 = 77;
 pub const CONFIG: u8 = 78;
 /// A second SIGTERM/SIGINT arrived during graceful shutdown: exit at once (128 + SIGINT).
 pub const FORCED: u8 = 130;
+
+/// A command that could not do its job: what to tell the user and the exit code that says
+/// which kind of failure it was. CLI commands return `Result<u8, Failure>` and use `?`;
+/// `cli::main` prints the message once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: u8,
+    /// One or more lines, without the `callbox: ` prefix.
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// Prints the message to stderr and gives the exit code.
+    pub fn report(self) -> u8 {
+        eprintln!("callbox: {}", self.message);
+        self.code
+    }
+}

@@ -6,8 +6,26 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::control::protocol::{ComponentHealth, HealthState};
-use crate::logging::utc_timestamp;
+/// How a component is doing. The control protocol has its own copy of this set
+/// (`control::protocol::HealthState`), converted at the control boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    Starting,
+    Ok,
+    Degraded,
+    Failed,
+    Stopped,
+}
+
+/// One component's latest health, with the time its state last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentHealth {
+    pub name: String,
+    pub state: HealthState,
+    pub detail: String,
+    /// When the state last changed (formatted for people at the control boundary).
+    pub since: SystemTime,
+}
 
 /// Component name → latest health. Short critical sections only.
 #[derive(Clone, Default)]
@@ -19,14 +37,81 @@ impl HealthBoard {
         let detail = detail.into();
         let Ok(mut board) = self.0.lock() else { return };
         let since = match board.get(name) {
-            Some(old) if old.state == state => old.since.clone(),
-            _ => utc_timestamp(SystemTime::now()),
+            Some(old) if old.state == state => old.since,
+            _ => SystemTime::now(),
         };
         board.insert(name, ComponentHealth { name: name.to_owned(), state, detail, since });
     }
 
     pub fn snapshot(&self) -> Vec<ComponentHealth> {
         self.0.lock().map(|b| b.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// The order in which the daemon's parts stop, as in Vector's topology drain: each stage
+/// is told to stop only once every component of the stages before it has ended, so what
+/// an earlier stage still produces (the last utterance of a leg) reaches the later ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Inputs and the control socket: take no more audio or requests; drop the legs' feeds.
+    Inputs,
+    /// The speech service: join every leg's worker (each flushes its last utterance).
+    Speech,
+    /// Understanding: drain the utterance bus, finish every call.
+    Understanding,
+    /// Stores: write what is queued, close the databases.
+    Stores,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Inputs, Stage::Speech, Stage::Understanding, Stage::Stores];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inputs => "inputs",
+            Self::Speech => "speech",
+            Self::Understanding => "understanding",
+            Self::Stores => "stores",
+        }
+    }
+
+    pub fn next(self) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| *s > self)
+    }
+}
+
+/// One shutdown signal per [`Stage`]; the supervisor triggers them in order.
+pub struct StagedShutdown {
+    stages: Vec<(Stage, ShutdownTrigger, ShutdownSignal)>,
+}
+
+impl Default for StagedShutdown {
+    fn default() -> Self {
+        let stages = Stage::ALL
+            .iter()
+            .map(|&stage| {
+                let (trigger, signal) = shutdown_channel();
+                (stage, trigger, signal)
+            })
+            .collect();
+        Self { stages }
+    }
+}
+
+impl StagedShutdown {
+    /// What the components of `stage` wait on.
+    pub fn signal(&self, stage: Stage) -> ShutdownSignal {
+        self.stages.iter().find(|(s, ..)| *s == stage).map(|(_, _, signal)| signal.clone()).unwrap_or_else(|| {
+            // Every stage has a channel (built from Stage::ALL); unreachable, but a closed
+            // channel is the safe answer: its waiters wake at once.
+            shutdown_channel().1
+        })
+    }
+
+    pub fn trigger(&self, stage: Stage) {
+        if let Some((_, trigger, _)) = self.stages.iter().find(|(s, ..)| *s == stage) {
+            trigger.trigger();
+        }
     }
 }
 
@@ -68,7 +153,7 @@ mod tests {
     fn since_is_kept_while_state_is_unchanged() {
         let board = HealthBoard::default();
         board.set("storage", HealthState::Ok, "10 GiB free");
-        let first = board.snapshot()[0].since.clone();
+        let first = board.snapshot()[0].since;
         std::thread::sleep(std::time::Duration::from_millis(5));
         board.set("storage", HealthState::Ok, "9 GiB free");
         let snap = board.snapshot();

@@ -18,8 +18,12 @@ pub mod logging;
 pub mod notify;
 pub mod offline;
 pub mod paths;
+pub mod pii;
+pub mod render;
 pub mod speech;
 pub mod storage;
 pub mod supervisor;
+#[cfg(test)]
+mod testdata;
 pub mod transcribe;
 pub mod understanding;

@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::control::protocol::HealthState;
-use crate::control::server::RunningConfig;
-use crate::health::{HealthBoard, ShutdownSignal};
+use crate::config::RunningConfig;
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 
 const COMPONENT: &str = "storage";
 const PROBE_FILE: &str = ".callbox-write-probe";

@@ -6,11 +6,13 @@
 //! performs the actions. Invariants:
 //! - a component that ends while the daemon runs is a failure: the daemon shuts
 //!   down in order and exits 70 (systemd restarts it), it never limps on;
-//! - shutdown stops inputs first (components see [`ShutdownSignal`]), waits for
-//!   all components up to the deadline, then exits 75 with what was abandoned;
+//! - shutdown is staged ([`Stage`]): inputs stop first; each later stage is told to stop
+//!   once every component of the stages before it has ended (speech workers flush into
+//!   understanding, understanding into the stores); at the deadline it exits 75 naming
+//!   what was abandoned;
 //! - a second SIGTERM/SIGINT during shutdown exits 130 at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::exit;
-use crate::health::ShutdownTrigger;
+use crate::health::{Stage, StagedShutdown};
 use crate::notify::Notification;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +35,7 @@ pub enum Sig {
 }
 
 impl Sig {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Terminate => "SIGTERM",
             Self::Interrupt => "SIGINT",
@@ -63,10 +65,8 @@ pub enum Event {
 pub enum Action {
     Log(Level, String),
     Notify(Notification),
-    /// Tell components to stop taking input and finish, by `deadline`.
-    BeginShutdown {
-        deadline: Instant,
-    },
+    /// Tell the components of `stage` to finish and return (the earlier stages have).
+    StopStage(Stage),
     /// Re-read the config and apply it if valid.
     Reload,
     /// Answer pending reload requests that the daemon is shutting down.
@@ -84,13 +84,16 @@ enum Phase {
 #[derive(Debug)]
 pub struct SupervisorCore {
     phase: Phase,
-    running: BTreeSet<&'static str>,
+    /// Components still running, with the stage they stop in.
+    running: BTreeMap<&'static str, Stage>,
+    /// The latest stage told to stop.
+    stopped: Option<Stage>,
     shutdown_timeout: Duration,
 }
 
 impl SupervisorCore {
-    pub fn new(components: impl IntoIterator<Item = &'static str>, shutdown_timeout: Duration) -> Self {
-        Self { phase: Phase::Running, running: components.into_iter().collect(), shutdown_timeout }
+    pub fn new(components: impl IntoIterator<Item = (&'static str, Stage)>, shutdown_timeout: Duration) -> Self {
+        Self { phase: Phase::Running, running: components.into_iter().collect(), stopped: None, shutdown_timeout }
     }
 
     /// A reload may change the deadline; it applies to the next shutdown.
@@ -158,11 +161,13 @@ impl SupervisorCore {
                         self.phase = Phase::Draining { deadline, exit_code: exit_code.max(exit::COMPONENT_FAILED) };
                     }
                 }
+                actions.extend(self.advance());
                 actions.extend(self.exit_if_done());
                 actions
             }
             (Phase::Draining { exit_code, .. }, Event::DeadlineReached) => {
-                let left: Vec<_> = self.running.iter().copied().collect();
+                let left: Vec<String> =
+                    self.running.iter().map(|(name, stage)| format!("{name} (stage {})", stage.name())).collect();
                 let code = if exit_code == exit::OK { exit::SHUTDOWN_TIMEOUT } else { exit_code };
                 vec![
                     Log(
@@ -182,12 +187,29 @@ impl SupervisorCore {
     fn begin_shutdown(&mut self, now: Instant, exit_code: u8, log: Action, status: String) -> Vec<Action> {
         let deadline = now + self.shutdown_timeout;
         self.phase = Phase::Draining { deadline, exit_code };
-        vec![
-            log,
-            Action::Notify(Notification::Stopping),
-            Action::Notify(Notification::Status(status)),
-            Action::BeginShutdown { deadline },
-        ]
+        let mut actions =
+            vec![log, Action::Notify(Notification::Stopping), Action::Notify(Notification::Status(status))];
+        actions.extend(self.advance());
+        actions
+    }
+
+    /// Stops every stage whose predecessors have all ended (stages without components
+    /// pass at once).
+    fn advance(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        loop {
+            let next = match self.stopped {
+                None => Some(Stage::Inputs),
+                Some(stage) => stage.next(),
+            };
+            let Some(next) = next else { break };
+            if self.running.values().any(|&stage| stage < next) {
+                break;
+            }
+            self.stopped = Some(next);
+            actions.push(Action::StopStage(next));
+        }
+        actions
     }
 
     fn exit_if_done(&self) -> Vec<Action> {
@@ -202,22 +224,49 @@ impl SupervisorCore {
 
 pub type ComponentFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
 
-/// A long-running part of the daemon. It must return when its [`ShutdownSignal`]
-/// fires, and only then; returning earlier (or an error, or a panic) is a failure.
+/// A long-running part of the daemon. It must return when the [`ShutdownSignal`] of its
+/// stage fires, and only then; returning earlier (or an error, or a panic) is a failure.
 ///
 /// [`ShutdownSignal`]: crate::health::ShutdownSignal
 pub struct Component {
     pub name: &'static str,
+    pub stage: Stage,
     pub task: ComponentFuture,
 }
 
 impl Component {
-    pub fn new<F, E>(name: &'static str, task: F) -> Self
+    pub fn new<F, E>(name: &'static str, stage: Stage, task: F) -> Self
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        Self { name, task: Box::pin(async move { task.await.map_err(|e| e.to_string()) }) }
+        Self { name, stage, task: Box::pin(async move { task.await.map_err(|e| e.to_string()) }) }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the first moment of `run` (before the models
+/// load and long before READY), so a stop request is never met by the default action.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT (a SIGHUP before the supervisor runs is kept for it).
+    pub async fn stop_requested(&mut self) -> Sig {
+        tokio::select! {
+            Some(_) = self.term.recv() => Sig::Terminate,
+            Some(_) = self.int.recv() => Sig::Interrupt,
+        }
     }
 }
 
@@ -240,20 +289,11 @@ pub async fn supervise<H: SupervisorHooks>(
     components: Vec<Component>,
     shutdown_timeout: Duration,
     watchdog_interval: Option<Duration>,
-    trigger: ShutdownTrigger,
+    (mut signals, stages): (Signals, StagedShutdown),
     mut reload_requests: mpsc::Receiver<H::ReloadRequest>,
     hooks: &mut H,
 ) -> u8 {
-    let (mut term, mut int, mut hup) =
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            _ => {
-                log::error!(component = "supervisor"; "cannot install signal handlers");
-                return exit::OS_ERROR;
-            }
-        };
-
-    let mut core = SupervisorCore::new(components.iter().map(|c| c.name), shutdown_timeout);
+    let mut core = SupervisorCore::new(components.iter().map(|c| (c.name, c.stage)), shutdown_timeout);
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
     for component in components {
@@ -267,9 +307,9 @@ pub async fn supervise<H: SupervisorHooks>(
     loop {
         let deadline = core.deadline().unwrap_or(far_future);
         let event = tokio::select! {
-            Some(_) = term.recv() => Event::Signal(Sig::Terminate),
-            Some(_) = int.recv() => Event::Signal(Sig::Interrupt),
-            Some(_) = hup.recv() => Event::Signal(Sig::Hangup),
+            Some(_) = signals.term.recv() => Event::Signal(Sig::Terminate),
+            Some(_) = signals.int.recv() => Event::Signal(Sig::Interrupt),
+            Some(_) = signals.hup.recv() => Event::Signal(Sig::Hangup),
             Some(joined) = tasks.join_next_with_id() => {
                 let (id, outcome) = match joined {
                     Ok((id, Ok(()))) => (id, Outcome::Finished),
@@ -289,7 +329,10 @@ pub async fn supervise<H: SupervisorHooks>(
             match action {
                 Action::Log(level, message) => log::log!(level, component = "supervisor"; "{message}"),
                 Action::Notify(n) => hooks.notify(&n),
-                Action::BeginShutdown { .. } => trigger.trigger(),
+                Action::StopStage(stage) => {
+                    log::debug!(component = "supervisor"; "stopping stage {}", stage.name());
+                    stages.trigger(stage);
+                }
                 Action::Reload => {
                     if let Some(timeout) = hooks.reload() {
                         core.set_shutdown_timeout(timeout);
@@ -320,7 +363,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::shutdown_channel;
 
     const T: Duration = Duration::from_secs(10);
 
@@ -334,10 +376,11 @@ mod tests {
     #[test]
     fn sigterm_drains_then_exits_zero() {
         let now = Instant::now();
-        let mut core = SupervisorCore::new(["control", "storage"], T);
+        let mut core = SupervisorCore::new([("control", Stage::Inputs), ("storage", Stage::Inputs)], T);
         let a = core.handle(Event::Signal(Sig::Terminate), now);
         assert!(a.contains(&Action::Notify(Notification::Stopping)));
-        assert!(a.contains(&Action::BeginShutdown { deadline: now + T }));
+        assert!(a.contains(&Action::StopStage(Stage::Inputs)));
+        assert_eq!(core.deadline(), Some(now + T));
         assert_eq!(exits(&a), None);
         let ended = |name| Event::ComponentEnded { name, outcome: Outcome::Finished };
         assert_eq!(exits(&core.handle(ended("control"), now)), None);
@@ -347,7 +390,7 @@ mod tests {
     #[test]
     fn second_signal_exits_at_once() {
         let now = Instant::now();
-        let mut core = SupervisorCore::new(["control"], T);
+        let mut core = SupervisorCore::new([("control", Stage::Inputs)], T);
         core.handle(Event::Signal(Sig::Interrupt), now);
         assert_eq!(exits(&core.handle(Event::Signal(Sig::Terminate), now)), Some(exit::FORCED));
     }
@@ -355,21 +398,23 @@ mod tests {
     #[test]
     fn deadline_abandons_the_rest_and_names_it() {
         let now = Instant::now();
-        let mut core = SupervisorCore::new(["control", "storage"], T);
+        let mut core = SupervisorCore::new([("control", Stage::Inputs), ("storage", Stage::Inputs)], T);
         core.handle(Event::Signal(Sig::Terminate), now);
         let a = core.handle(Event::DeadlineReached, now + T);
         assert_eq!(exits(&a), Some(exit::SHUTDOWN_TIMEOUT));
-        assert!(matches!(&a[0], Action::Log(Level::Error, m) if m.contains("control, storage")));
+        assert!(
+            matches!(&a[0], Action::Log(Level::Error, m) if m.contains("control (stage inputs), storage (stage inputs)"))
+        );
     }
 
     #[test]
     fn a_component_ending_while_running_is_a_failure() {
         let now = Instant::now();
-        let mut core = SupervisorCore::new(["control", "storage"], T);
+        let mut core = SupervisorCore::new([("control", Stage::Inputs), ("storage", Stage::Inputs)], T);
         let a =
             core.handle(Event::ComponentEnded { name: "storage", outcome: Outcome::Failed("disk gone".into()) }, now);
         assert!(matches!(&a[0], Action::Log(Level::Error, m) if m.contains("component storage failed: disk gone")));
-        assert!(a.contains(&Action::BeginShutdown { deadline: now + T }));
+        assert!(a.contains(&Action::StopStage(Stage::Inputs)));
         let a = core.handle(Event::ComponentEnded { name: "control", outcome: Outcome::Finished }, now);
         assert_eq!(exits(&a), Some(exit::COMPONENT_FAILED));
     }
@@ -377,10 +422,65 @@ mod tests {
     #[test]
     fn reload_runs_while_running_and_is_refused_while_stopping() {
         let now = Instant::now();
-        let mut core = SupervisorCore::new(["control"], T);
+        let mut core = SupervisorCore::new([("control", Stage::Inputs)], T);
         assert_eq!(core.handle(Event::Signal(Sig::Hangup), now), vec![Action::Reload]);
         core.handle(Event::Signal(Sig::Terminate), now);
         assert_eq!(core.handle(Event::ReloadRequested, now), vec![Action::RefuseReload]);
+    }
+
+    fn stops(actions: &[Action]) -> Vec<Stage> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StopStage(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stages_stop_in_order_each_after_the_ones_before_have_ended() {
+        let now = Instant::now();
+        let mut core = SupervisorCore::new(
+            [
+                ("audiosocket", Stage::Inputs),
+                ("control", Stage::Inputs),
+                ("speech", Stage::Speech),
+                ("understanding", Stage::Understanding),
+                ("customers", Stage::Stores),
+            ],
+            T,
+        );
+        let ended = |name| Event::ComponentEnded { name, outcome: Outcome::Finished };
+        assert_eq!(stops(&core.handle(Event::Signal(Sig::Terminate), now)), [Stage::Inputs]);
+        assert_eq!(stops(&core.handle(ended("control"), now)), []);
+        assert_eq!(stops(&core.handle(ended("audiosocket"), now)), [Stage::Speech]);
+        // A later stage that ends early (it failed) does not let the stage before it skip.
+        let a = core.handle(Event::ComponentEnded { name: "customers", outcome: Outcome::Failed("disk".into()) }, now);
+        assert_eq!(stops(&a), []);
+        assert_eq!(stops(&core.handle(ended("speech"), now)), [Stage::Understanding]);
+        let a = core.handle(ended("understanding"), now);
+        assert_eq!(stops(&a), [Stage::Stores]);
+        assert_eq!(exits(&a), Some(exit::COMPONENT_FAILED));
+    }
+
+    #[test]
+    fn stages_without_components_pass_at_once() {
+        let now = Instant::now();
+        let mut core = SupervisorCore::new([("customers", Stage::Stores)], T);
+        let a = core.handle(Event::Signal(Sig::Terminate), now);
+        assert_eq!(stops(&a), Stage::ALL);
+    }
+
+    #[test]
+    fn the_deadline_names_what_was_abandoned_and_its_stage() {
+        let now = Instant::now();
+        let mut core = SupervisorCore::new([("control", Stage::Inputs), ("speech", Stage::Speech)], T);
+        core.handle(Event::Signal(Sig::Terminate), now);
+        core.handle(Event::ComponentEnded { name: "control", outcome: Outcome::Finished }, now);
+        let a = core.handle(Event::DeadlineReached, now + T);
+        assert!(matches!(&a[0], Action::Log(Level::Error, m) if m.contains("speech (stage speech)")), "{a:?}");
+        assert_eq!(exits(&a), Some(exit::SHUTDOWN_TIMEOUT));
     }
 
     #[derive(Default)]
@@ -399,13 +499,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_component_stops_the_others_and_exits_70() {
-        let (trigger, signal) = shutdown_channel();
-        let mut waiter = signal.clone();
-        let healthy = Component::new("healthy", async move {
+        let stages = StagedShutdown::default();
+        let signal = stages.signal(Stage::Inputs);
+        let mut waiter = stages.signal(Stage::Stores);
+        let healthy = Component::new("healthy", Stage::Stores, async move {
             waiter.wait().await;
             Ok::<(), String>(())
         });
-        let crashing = Component::new("crashing", async move {
+        let crashing = Component::new("crashing", Stage::Inputs, async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if signal.is_triggered() {
                 return Ok(());
@@ -416,7 +517,8 @@ mod tests {
         });
         let (_tx, rx) = mpsc::channel::<()>(1);
         let mut hooks = Recorder::default();
-        let code = supervise(vec![healthy, crashing], T, None, trigger, rx, &mut hooks).await;
+        let signals = Signals::install().unwrap();
+        let code = supervise(vec![healthy, crashing], T, None, (signals, stages), rx, &mut hooks).await;
         assert_eq!(code, exit::COMPONENT_FAILED);
         assert!(hooks.0.contains(&Notification::Stopping));
         assert!(hooks.0.iter().any(|n| matches!(n, Notification::Status(s) if s.contains("decoder state corrupted"))));

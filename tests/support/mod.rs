@@ -1,5 +1,4 @@
 //! Helpers for tests that drive the real `callbox` binary as a child process.
-#![allow(dead_code)] // each test file uses a different subset
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;

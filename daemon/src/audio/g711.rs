@@ -95,14 +95,12 @@ mod tests {
         std::fs::write(&input, &codes).unwrap();
         for (encoding, ours) in [("mu-law", decode_ulaw(&codes)), ("a-law", decode_alaw(&codes))] {
             let output = dir.path().join(format!("{encoding}.raw"));
-            let status = std::process::Command::new("sox")
-                .args(["-t", "raw", "-e", encoding, "-b", "8", "-r", "8000", "-c", "1"])
-                .arg(&input)
-                .args(["-t", "raw", "-e", "signed", "-b", "16", "-L"])
-                .arg(&output)
-                .status()
-                .expect("sox is needed for this test (apt-get install sox)");
-            assert!(status.success());
+            let mut args: Vec<&std::ffi::OsStr> =
+                ["-t", "raw", "-e", encoding, "-b", "8", "-r", "8000", "-c", "1"].map(std::ffi::OsStr::new).to_vec();
+            args.push(input.as_os_str());
+            args.extend(["-t", "raw", "-e", "signed", "-b", "16", "-L"].map(std::ffi::OsStr::new));
+            args.push(output.as_os_str());
+            crate::testdata::sox(&args);
             let bytes = std::fs::read(&output).unwrap();
             let theirs: Vec<i16> = bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
             assert_eq!(ours, theirs, "{encoding}");

@@ -181,7 +181,9 @@ fn encode_pcm16(sample_rate: u32, channels: &[Vec<i16>]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const SHARED_ZH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/speech/zh/BAC009S0764W0121.wav");
+    use crate::testdata;
+
+    const SHARED_ZH: &str = "speech/zh/BAC009S0764W0121.wav";
 
     #[test]
     fn round_trips_stereo_pcm() {
@@ -196,7 +198,7 @@ mod tests {
 
     #[test]
     fn reads_a_real_recording() {
-        let wav = parse(&std::fs::read(SHARED_ZH).expect("../shared/data/speech")).unwrap();
+        let wav = parse(&testdata::shared(SHARED_ZH)).unwrap();
         assert_eq!(wav.sample_rate, 16_000);
         assert_eq!(wav.channels.len(), 1);
         assert!(wav.duration_secs() > 2.0, "{}", wav.duration_secs());
@@ -207,20 +209,18 @@ mod tests {
     #[test]
     fn reads_what_sox_writes_in_every_telephone_encoding() {
         let dir = tempfile::tempdir().unwrap();
-        let reference = parse(&std::fs::read(SHARED_ZH).unwrap()).unwrap();
+        let reference = parse(&testdata::shared(SHARED_ZH)).unwrap();
+        let input = testdata::shared_path(SHARED_ZH);
         for (encoding, bits, expect) in
             [("u-law", "8", Encoding::Ulaw), ("a-law", "8", Encoding::Alaw), ("signed", "16", Encoding::Pcm16)]
         {
             let out = dir.path().join(format!("{encoding}.wav"));
             // -D: no dither, so sox writes the same samples to both channels.
-            let status = std::process::Command::new("sox")
-                .arg("-D")
-                .arg(SHARED_ZH)
-                .args(["-r", "8000", "-e", encoding, "-b", bits, "-c", "2"])
-                .arg(&out)
-                .status()
-                .expect("sox is needed for this test (apt-get install sox)");
-            assert!(status.success());
+            let args = ["-D", "-r", "8000", "-e", encoding, "-b", bits, "-c", "2"];
+            let mut all: Vec<&std::ffi::OsStr> = vec![args[0].as_ref(), input.as_os_str()];
+            all.extend(args[1..].iter().map(std::ffi::OsStr::new));
+            all.push(out.as_os_str());
+            testdata::sox(&all);
             let wav = parse(&std::fs::read(&out).unwrap()).unwrap();
             assert_eq!((wav.encoding, wav.sample_rate, wav.channels.len()), (expect, 8000, 2), "{encoding}");
             assert!((wav.duration_secs() - reference.duration_secs()).abs() < 0.01, "{encoding}");

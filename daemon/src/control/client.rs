@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::protocol::{
-    encode_line, Framed, LineFramer, Request, Response, ResponseFrame, MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
+    encode_line, ErrorReply, Framed, LineFramer, MonitorFrame, MonitorItem, Request, Response, ResponseFrame,
+    MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
 };
 use crate::exit;
 
@@ -99,13 +100,17 @@ pub fn request(socket: &Path, request: Request) -> Result<Response, ClientError>
     }
 }
 
-/// Follows the daemon's understanding bus: `on_item` gets each `monitor` object (or an
-/// error reply the daemon sends mid-stream) until it returns false or the daemon closes.
-/// Err(reply) if the daemon refused to stream.
-pub fn watch(
-    socket: &Path,
-    mut on_item: impl FnMut(serde_json::Value) -> bool,
-) -> Result<Result<(), Response>, ClientError> {
+/// One line of a `watch` stream: an item of the understanding bus, or an error the daemon
+/// says mid-stream (this watcher fell behind).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchLine {
+    Item(Box<MonitorItem>),
+    Error(ErrorReply),
+}
+
+/// Follows the daemon's understanding bus: `on_item` gets each line until it returns
+/// false or the daemon closes. Err(reply) if the daemon refused to stream.
+pub fn watch(socket: &Path, mut on_item: impl FnMut(WatchLine) -> bool) -> Result<Result<(), Response>, ClientError> {
     let stream = connect(socket)?;
     let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
     (&stream).write_all(&encode_line(&Request::Watch {}.frame())).map_err(io_err)?;
@@ -123,11 +128,15 @@ pub fn watch(
     // Items come when calls do: no read timeout from here on.
     stream.set_read_timeout(None).map_err(io_err)?;
     while let Some(line) = read_line(&mut reader, socket)? {
-        let value: serde_json::Value = serde_json::from_slice(&line)
-            .map_err(|e| ClientError::Protocol { path: socket.to_owned(), detail: e.to_string() })?;
-        let item = match value.get("monitor") {
-            Some(m) => m.clone(),
-            None => value.get("response").cloned().unwrap_or(value),
+        let item = match serde_json::from_slice::<MonitorFrame>(&line) {
+            Ok(frame) => WatchLine::Item(Box::new(frame.monitor)),
+            Err(e) => match parse_response(&line, socket) {
+                Ok(Response::Error(reply)) => WatchLine::Error(reply),
+                _ => {
+                    let detail = format!("not a monitor line: {e}");
+                    return Err(ClientError::Protocol { path: socket.to_owned(), detail });
+                }
+            },
         };
         if !on_item(item) {
             break;

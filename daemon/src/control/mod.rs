@@ -2,9 +2,11 @@
 //!
 //! `protocol` is the closed message set and the bounded framer (no IO);
 //! `auth` maps a peer's credentials to a role; `server` is the daemon side,
-//! `client` the CLI side.
+//! `client` the CLI side; `convert` turns internal types into the protocol's own, in
+//! one place.
 
 pub mod auth;
 pub mod client;
+pub mod convert;
 pub mod protocol;
 pub mod server;

@@ -9,10 +9,15 @@
 //! `{"op":"watch"}` turns the connection into a stream: one `watching` response, then one
 //! `{"v":1,"monitor":{"type":"utterance"|"event"|"call_finished",...}}` line per item of
 //! the understanding bus, until either side closes.
+//!
+//! This module is the only place that knows the wire format. Every type here is the
+//! protocol's own (Serialize and Deserialize, round-trip tested); the daemon's internal
+//! types are converted to them in `control::convert`, so renaming a field in a core
+//! cannot silently change protocol v1. It imports nothing else of the crate.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-
-use crate::config::ConfigSource;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The CLI refuses responses longer than this (status reports are a few KiB).
@@ -118,7 +123,26 @@ pub struct CallReply {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerReply {
-    pub customer: Option<crate::customers::CustomerRecord>,
+    pub customer: Option<CustomerRecord>,
+}
+
+/// A customer across calls (the id is the keyed hash of the caller number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    pub customer: String,
+    pub first_unix_ms: i64,
+    pub last_unix_ms: i64,
+    pub calls: i64,
+    pub tags: Vec<TagRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub tag: String,
+    pub first_unix_ms: i64,
+    pub last_unix_ms: i64,
+    /// Calls that raised the tag.
+    pub calls: i64,
 }
 
 impl Response {
@@ -171,11 +195,60 @@ pub struct StatusReport {
     pub components: Vec<ComponentHealth>,
     /// Bound AudioSocket listeners, "address (leg)".
     pub audiosocket_listeners: Vec<String>,
-    pub calls: crate::calls::CallsReport,
+    pub calls: CallsReport,
     /// The speech path; absent when it is off or no input is configured.
     #[serde(default)]
     pub speech: Option<SpeechReport>,
     pub caller: CallerInfo,
+}
+
+/// Where the running configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ConfigSource {
+    File {
+        path: PathBuf,
+    },
+    /// Built-in defaults, because the named file does not exist or is empty.
+    Defaults {
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File { path } => write!(f, "{}", path.display()),
+            Self::Defaults { path, reason } => write!(f, "built-in defaults ({} {reason})", path.display()),
+        }
+    }
+}
+
+/// Live calls.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CallsReport {
+    pub active: Vec<CallSummary>,
+    pub total_started: u64,
+    pub total_refused: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallSummary {
+    pub call: String,
+    pub started_at_unix_ms: u64,
+    pub legs: Vec<LegSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegSummary {
+    /// `agent` or `customer`.
+    pub leg: String,
+    pub source: String,
+    pub open: bool,
+    pub audio_ms: u64,
+    pub dtmf: String,
+    pub closed_because: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +316,85 @@ pub struct ReloadReport {
     pub problems: Vec<String>,
     /// Keys that changed but take effect only after a restart.
     pub restart_required: Vec<String>,
+}
+
+/// One line of a `watch` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorFrame {
+    pub v: u32,
+    pub monitor: MonitorItem,
+}
+
+/// What the understanding bus carries, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MonitorItem {
+    /// An understood utterance (text masked).
+    Utterance(UtteranceItem),
+    /// A real-time event of a call.
+    Event(EventItem),
+    /// A call's end: counts, phase, the customer's tags from it, and the customer.
+    CallFinished(CallFinishedItem),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UtteranceItem {
+    pub call: String,
+    pub index: usize,
+    /// `agent` or `customer`.
+    pub leg: String,
+    pub start_secs: f64,
+    pub end_secs: f64,
+    /// The transcript with personal data masked.
+    pub text: String,
+    /// Kinds of personal data masked in it.
+    pub pii: Vec<String>,
+    /// Customer utterances only.
+    pub intent: Option<IntentItem>,
+    pub emotion: Option<String>,
+    /// The call's phase after this utterance.
+    pub phase: String,
+    /// Ids of the rules that fired on this utterance.
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentItem {
+    pub label: String,
+    pub confidence: f32,
+    pub top3: Vec<ScoredLabel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredLabel {
+    pub label: String,
+    pub p: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventItem {
+    pub call: String,
+    pub kind: String,
+    pub rule: String,
+    pub reason: String,
+    /// Seconds from the call's start when the event was raised.
+    pub at_secs: f64,
+    pub utterances: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallFinishedItem {
+    pub call: String,
+    pub utterances: usize,
+    pub rule_hits: usize,
+    pub events: usize,
+    pub phase: String,
+    /// The customer's tags from this call.
+    pub tags: Vec<String>,
+    /// The customer across calls, when the call has a caller number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<CustomerRecord>,
 }
 
 /// What a request line turned into.

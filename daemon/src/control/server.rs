@@ -24,11 +24,11 @@ use tokio::time::Instant;
 
 use super::auth::{self, AccessPolicy};
 use super::protocol::{
-    decode_request, encode_line, CallerInfo, DaemonState, ErrorCode, Framed, HealthState, LineFramer, ReloadReport,
-    Request, Response, Role, StatusReport,
+    decode_request, encode_line, CallerInfo, DaemonState, ErrorCode, Framed, LineFramer, MonitorFrame, Request,
+    Response, Role, StatusReport,
 };
-use crate::config::{Config, ConfigSource};
-use crate::health::{HealthBoard, ShutdownSignal};
+use crate::config::{ReloadReport, RunningConfig};
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::logging::{self, utc_timestamp};
 
 const COMPONENT: &str = "control";
@@ -55,15 +55,6 @@ pub enum ControlError {
     SocketLost(PathBuf),
 }
 
-/// The running configuration as components see it.
-#[derive(Debug, Clone)]
-pub struct RunningConfig {
-    pub config: Config,
-    pub source: ConfigSource,
-    pub generation: u64,
-    pub last_reload: Option<ReloadReport>,
-}
-
 /// A reload request from a client, answered by the supervisor.
 pub type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 
@@ -79,7 +70,7 @@ pub struct ControlContext {
     pub socket_path: PathBuf,
     pub watchdog_interval: Option<Duration>,
     pub systemd_notify: bool,
-    pub calls: crate::calls::CallRegistry,
+    pub calls: crate::calls::registry::CallRegistry,
     pub audiosocket_listeners: Vec<String>,
     /// Start/stop requests for ALSA capture lines; None when capture is off.
     pub line_requests: Option<crate::inputs::alsa::LineRequests>,
@@ -285,7 +276,7 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
                 (Response::error(ErrorCode::RequestTooLarge, message), After::Close)
             }
             Next::Line(line) => {
-                respond(&line, role, Caller { uid: peer.uid, who: &who }, &running, &ctx, &shutdown).await
+                respond(&line, role, Peer { uid: peer.uid, who: &who }, &running, &ctx, &shutdown).await
             }
         };
         let bytes = encode_line(&response.frame());
@@ -307,12 +298,6 @@ enum After {
     Close,
     /// Stream the understanding bus until the client or the daemon goes.
     Watch(tokio::sync::broadcast::Receiver<Arc<crate::understanding::live::Monitor>>),
-}
-
-#[derive(serde::Serialize)]
-struct MonitorLine<'a> {
-    v: u32,
-    monitor: &'a crate::understanding::live::Monitor,
 }
 
 /// Writes every bus item as a line. A client that stops reading for [`WRITE_TIMEOUT`] is
@@ -338,7 +323,7 @@ async fn stream_monitor(
                 Ok(_) => continue,
             },
             item = rx.recv() => match item {
-                Ok(item) => encode_line(&MonitorLine { v: crate::control::protocol::PROTOCOL_VERSION, monitor: &item }),
+                Ok(item) => encode_line(&MonitorFrame { v: super::protocol::PROTOCOL_VERSION, monitor: item.as_ref().into() }),
                 Err(RecvError::Lagged(n)) => encode_line(&Response::error(
                     ErrorCode::Internal,
                     format!("this watcher fell behind: {n} items were skipped"),
@@ -354,7 +339,8 @@ async fn stream_monitor(
     log::info!(component = COMPONENT; "{who} stopped watching");
 }
 
-struct Caller<'a> {
+/// The process at the other end of the socket (not a phone caller).
+struct Peer<'a> {
     uid: u32,
     /// "uid 1000 (ana)", resolved once per connection.
     who: &'a str,
@@ -364,7 +350,7 @@ struct Caller<'a> {
 async fn respond(
     line: &[u8],
     role: Option<Role>,
-    caller: Caller<'_>,
+    peer: Peer<'_>,
     running: &RunningConfig,
     ctx: &ControlContext,
     shutdown: &ShutdownSignal,
@@ -375,33 +361,33 @@ async fn respond(
     };
     let control = &running.config.control;
     let Some(role) = role else {
-        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", caller.who, control.technician_group, control.admin_group);
+        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", peer.who, control.technician_group, control.admin_group);
         let message = format!(
             "{} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
-            caller.who, control.technician_group, control.admin_group
+            peer.who, control.technician_group, control.admin_group
         );
         return (Response::error(ErrorCode::Forbidden, message), After::Close);
     };
     if role < request.required_role() {
         let message = format!(
             "{request:?} needs the admin role: root or a member of '{}'; {} is a technician",
-            control.admin_group, caller.who
+            control.admin_group, peer.who
         );
         return (Response::error(ErrorCode::Forbidden, message), After::KeepOpen);
     }
-    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", caller.who);
+    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", peer.who);
     let response = match request {
         Request::Ping {} => Response::Pong,
         Request::Status {} => {
-            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid: caller.uid, role })))
+            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid: peer.uid, role })))
         }
         Request::Reload {} => reload(ctx).await,
-        Request::CallStart { line } => line_request(ctx, &line, true, caller.who).await,
-        Request::CallStop { line } => line_request(ctx, &line, false, caller.who).await,
+        Request::CallStart { line } => line_request(ctx, &line, true, peer.who).await,
+        Request::CallStop { line } => line_request(ctx, &line, false, peer.who).await,
         Request::CallInfo { call, caller: number, converted } => {
-            call_info(ctx, call, number, converted, caller.who).await
+            call_info(ctx, call, number, converted, peer.who).await
         }
-        Request::Customer { caller: number } => customer_lookup(ctx, number, caller.who).await,
+        Request::Customer { caller: number } => customer_lookup(ctx, number, peer.who).await,
         Request::Watch {} => match &ctx.monitor {
             Some(bus) => return (Response::Watching, After::Watch(bus.subscribe())),
             None => {
@@ -419,44 +405,22 @@ async fn call_info(
     converted: Option<bool>,
     who: &str,
 ) -> Response {
-    let said_number = number.is_some();
-    let done = on_customers(ctx, move |customers| {
-        if let Some(number) = number {
-            customers.link_call(&call, &number)?;
-        }
-        if converted == Some(true) {
-            customers.mark_converted(&call)?;
-        }
-        customers.of_call(&call).map(|c| (call, c))
-    })
-    .await;
-    customer_reply(done.map(|(call, customer)| {
-        if said_number || converted == Some(true) {
-            log::info!(component = COMPONENT, call_id = call.as_str();
-                "call info from {who}:{}{}", if said_number { " caller number" } else { "" },
-                if converted == Some(true) { " converted" } else { "" });
-        }
-        customer
-    }))
+    let converted = converted == Some(true);
+    let done = ctx.customers.call_info(&call, number.as_deref(), converted).await;
+    if done.is_ok() && (number.is_some() || converted) {
+        log::info!(component = COMPONENT, call_id = call.as_str();
+            "call info from {who}:{}{}", if number.is_some() { " caller number" } else { "" },
+            if converted { " converted" } else { "" });
+    }
+    customer_reply(done)
 }
 
 async fn customer_lookup(ctx: &ControlContext, number: String, who: &str) -> Response {
-    let found = on_customers(ctx, move |customers| customers.by_caller(&number)).await;
+    let found = ctx.customers.by_caller(&number).await;
     customer_reply(found.inspect(|customer| {
         log::info!(component = COMPONENT; "{who} looked up customer {}",
             customer.as_ref().map_or("(unknown)", |c| c.customer.as_str()));
     }))
-}
-
-/// Runs a customer-store operation off the async workers (SQLite writes fsync).
-async fn on_customers<T: Send + 'static>(
-    ctx: &ControlContext,
-    f: impl FnOnce(&crate::customers::Customers) -> Result<T, crate::customers::CustomerError> + Send + 'static,
-) -> Result<T, crate::customers::CustomerError> {
-    let customers = ctx.customers.clone();
-    tokio::task::spawn_blocking(move || f(&customers))
-        .await
-        .unwrap_or_else(|e| Err(crate::customers::CustomerError::Task(e.to_string())))
 }
 
 /// The reply to a customer-store request: bad input is the caller's to fix (rejected with
@@ -465,7 +429,7 @@ fn customer_reply(
     result: Result<Option<crate::customers::CustomerRecord>, crate::customers::CustomerError>,
 ) -> Response {
     match result {
-        Ok(customer) => Response::Customer(crate::control::protocol::CustomerReply { customer }),
+        Ok(customer) => Response::Customer(super::protocol::CustomerReply { customer: customer.map(Into::into) }),
         Err(crate::customers::CustomerError::BadInput(message)) => Response::error(ErrorCode::Rejected, message),
         Err(e) => {
             log::error!(component = COMPONENT; "customer store: {e}");
@@ -500,7 +464,7 @@ async fn reload(ctx: &ControlContext) -> Response {
         return Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down");
     }
     match tokio::time::timeout(RELOAD_REPLY_TIMEOUT, rx).await {
-        Ok(Ok(Ok(report))) => Response::Reload(report),
+        Ok(Ok(Ok(report))) => Response::Reload(report.into()),
         Ok(Ok(Err(message))) => Response::error(ErrorCode::ShuttingDown, message),
         Ok(Err(_)) => Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
         Err(_) => Response::error(ErrorCode::Internal, "the supervisor did not answer the reload in time"),
@@ -519,18 +483,18 @@ fn status_report(
         state: if shutdown.is_triggered() { DaemonState::Stopping } else { DaemonState::Running },
         started_at: utc_timestamp(ctx.started_at),
         uptime_secs: ctx.started.elapsed().as_secs(),
-        config: running.source.clone(),
+        config: running.source.clone().into(),
         config_generation: running.generation,
-        last_reload: running.last_reload.clone(),
+        last_reload: running.last_reload.clone().map(Into::into),
         log_level: log::max_level().to_string().to_lowercase(),
         log_to_journal: logging::to_journal(),
         systemd_notify: ctx.systemd_notify,
         watchdog_interval_ms: ctx.watchdog_interval.map(|d| d.as_millis() as u64),
         control_socket: ctx.socket_path.display().to_string(),
         data_dir: ctx.data_dir.display().to_string(),
-        components: ctx.health.snapshot(),
+        components: ctx.health.snapshot().into_iter().map(Into::into).collect(),
         audiosocket_listeners: ctx.audiosocket_listeners.clone(),
-        calls: ctx.calls.snapshot(),
+        calls: ctx.calls.snapshot().into(),
         speech: ctx.speech.as_ref().map(speech_report),
         caller,
     }

@@ -21,11 +21,10 @@ use tokio::sync::{oneshot, watch};
 
 use super::lines::{rms, LineAction, LineParams, LineTracker};
 use crate::audio::Leg;
-use crate::calls::{CallRegistry, LegGuard};
+use crate::calls::registry::{CallRegistry, LegGuard};
 use crate::config::AlsaConfig;
-use crate::control::protocol::HealthState;
-use crate::control::server::RunningConfig;
-use crate::health::{HealthBoard, ShutdownSignal};
+use crate::config::RunningConfig;
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::speech::live::{LegFeed, SpeechService};
 
 const COMPONENT: &str = "alsa";

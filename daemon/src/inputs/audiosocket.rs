@@ -15,10 +15,9 @@ use tokio::task::JoinSet;
 
 use crate::audio::audiosocket::{encode, format_uuid, Frame, FrameDecoder};
 use crate::audio::Leg;
-use crate::calls::CallRegistry;
-use crate::control::protocol::HealthState;
-use crate::control::server::RunningConfig;
-use crate::health::{HealthBoard, ShutdownSignal};
+use crate::calls::registry::CallRegistry;
+use crate::config::RunningConfig;
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::speech::live::{LegFeed, SpeechService};
 
 const COMPONENT: &str = "audiosocket";
@@ -263,7 +262,7 @@ fn silence_frame(rate: u32) -> Vec<u8> {
 async fn feed_speech(
     feed: &mut Option<(LegFeed, u32)>,
     speech: Option<&(SpeechService, crate::config::SpeechConfig)>,
-    guard: &crate::calls::LegGuard,
+    guard: &crate::calls::registry::LegGuard,
     sample_rate: u32,
     samples: Vec<i16>,
 ) -> Option<String> {

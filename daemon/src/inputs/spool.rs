@@ -16,11 +16,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::calls::{CallRegistry, CallSummary};
-use crate::control::protocol::HealthState;
-use crate::control::server::RunningConfig;
+use crate::calls::registry::CallRegistry;
+use crate::calls::CallSummary;
+use crate::config::RunningConfig;
 use crate::customers::Customers;
-use crate::health::{HealthBoard, ShutdownSignal};
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::speech::live::{SpeechService, UtteranceEvent};
 use crate::transcribe::LegUtterance;
 
@@ -137,7 +137,7 @@ fn process(
     }
     // Linked before the speech runs, so the tags it raises are the customer's at once.
     let customer = match (customers, metadata.caller_number.as_deref()) {
-        (Some(customers), Some(number)) => match customers.link_call(&call_id, number) {
+        (Some(customers), Some(number)) => match customers.link_call_blocking(&call_id, number) {
             Ok(record) => Some(record.customer),
             Err(e) => {
                 log::warn!(component = COMPONENT, call_id = call_id.as_str(); "{name}: caller_number not used: {e}");
@@ -203,8 +203,8 @@ fn transcribe_legs(
             .map_err(|e| format!("speech: {e}"))?;
         // The result file is stored data: personal data is masked before it is written.
         out.extend(utterances.into_iter().map(|mut utterance| {
-            utterance.text = crate::understanding::pii::mask(&utterance.text).0;
-            utterance.asr.text = crate::understanding::pii::mask(&utterance.asr.text).0;
+            utterance.text = crate::pii::mask(&utterance.text).0;
+            utterance.asr.text = crate::pii::mask(&utterance.asr.text).0;
             LegUtterance { leg, utterance }
         }));
     }

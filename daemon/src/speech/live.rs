@@ -11,9 +11,15 @@
 //! overrun for capture, which that adapter reports), so no audio is silently skipped
 //! inside the pipeline. A worker runs on its own OS thread: ASR takes hundreds of
 //! milliseconds of CPU and must not stall the async runtime.
+//!
+//! Every worker thread is owned: the service keeps its join handle, and at shutdown the
+//! `speech` component (stage [`Stage::Speech`], after the inputs have dropped their feeds)
+//! joins them all, so each leg's last utterance is on the bus before understanding drains
+//! it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
@@ -23,6 +29,7 @@ use super::SpeechModels;
 use crate::audio::resample::StreamResampler;
 use crate::audio::Leg;
 use crate::config::SpeechConfig;
+use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 
 const COMPONENT: &str = "speech";
 /// Chunks queued per leg before the input blocks: ~30 s of 20 ms frames.
@@ -60,12 +67,20 @@ pub struct SpeechStats {
     pub errors: AtomicU64,
 }
 
+/// A leg's worker thread, kept so that shutdown can wait for its last utterance.
+struct Worker {
+    call: String,
+    leg: Leg,
+    thread: JoinHandle<()>,
+}
+
 /// The loaded models and the utterance bus, shared by every input.
 #[derive(Clone)]
 pub struct SpeechService {
     models: Arc<SpeechModels>,
     bus: broadcast::Sender<Arc<SpeechEvent>>,
     pub stats: Arc<SpeechStats>,
+    workers: Arc<Mutex<Vec<Worker>>>,
 }
 
 /// The input's end of a leg's worker. Drop it to end the leg.
@@ -89,7 +104,7 @@ impl LegFeed {
 impl SpeechService {
     pub fn new(models: SpeechModels) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
-        Self { models: Arc::new(models), bus, stats: Arc::default() }
+        Self { models: Arc::new(models), bus, stats: Arc::default(), workers: Arc::default() }
     }
 
     pub fn models(&self) -> &SpeechModels {
@@ -140,12 +155,61 @@ impl SpeechService {
             log_text: config.log_transcripts,
         };
         let name = format!("speech-{}", leg.name());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || worker.run(rx))
             .map_err(|e| format!("cannot start a speech worker thread: {e}"))?;
+        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reap the legs that have ended, so the list is as long as the open legs.
+        let (done, open): (Vec<Worker>, Vec<Worker>) = workers.drain(..).partition(|w| w.thread.is_finished());
+        *workers = open;
+        workers.push(Worker { call: call.to_owned(), leg, thread });
+        drop(workers);
+        for w in done {
+            let _ = w.thread.join();
+        }
         Ok(LegFeed { tx })
     }
+
+    /// Waits for every leg's worker to flush its last utterance and end (their feeds must
+    /// have been dropped). Blocking: run it off the async workers.
+    fn join_workers(&self) {
+        let workers: Vec<Worker> = self.workers.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect();
+        for w in workers {
+            if !w.thread.is_finished() {
+                log::info!(component = COMPONENT, call_id = w.call.as_str(); "{} leg: waiting for its last utterance", w.leg.name());
+            }
+            if w.thread.join().is_err() {
+                log::error!(component = COMPONENT, call_id = w.call.as_str(); "{} leg: the worker panicked", w.leg.name());
+            }
+        }
+    }
+
+    /// Worker threads not yet joined, by call and leg (for the shutdown log).
+    fn pending(&self) -> Vec<String> {
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        workers.iter().filter(|w| !w.thread.is_finished()).map(|w| format!("{} {}", w.call, w.leg.name())).collect()
+    }
+}
+
+/// The `speech` component: reports health while running; at its stage of shutdown (the
+/// inputs have ended and dropped every feed) joins every worker thread, so that each
+/// leg's last utterance is published before understanding drains the bus.
+pub async fn run(
+    service: SpeechService,
+    health: HealthBoard,
+    mut shutdown: ShutdownSignal,
+) -> Result<(), std::io::Error> {
+    health.set(COMPONENT, HealthState::Ok, "models loaded");
+    shutdown.wait().await;
+    let pending = service.pending();
+    if !pending.is_empty() {
+        log::info!(component = COMPONENT; "finishing the last utterances of {} leg(s): {}", pending.len(), pending.join(", "));
+    }
+    let joiner = service.clone();
+    tokio::task::spawn_blocking(move || joiner.join_workers()).await.map_err(std::io::Error::other)?;
+    health.set(COMPONENT, HealthState::Stopped, "every leg's speech finished");
+    Ok(())
 }
 
 struct LegWorker {
@@ -210,7 +274,7 @@ fn log_utterance(event: &UtteranceEvent, log_text: bool) {
     let u = &event.utterance;
     let compute_ms = u.asr.encoder_ms + u.asr.decoder_ms;
     // Even when asked for, the log gets the text with personal data masked.
-    let text = if log_text { format!(": {}", crate::understanding::pii::mask(&u.text).0) } else { String::new() };
+    let text = if log_text { format!(": {}", crate::pii::mask(&u.text).0) } else { String::new() };
     log::info!(component = COMPONENT, call_id = event.call.as_str(), leg = event.leg.name();
         "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms{text}",
         event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms);

@@ -166,8 +166,8 @@ mod tests {
     #[test]
     fn log_mel_of_a_real_clip_matches_the_reference_implementation() {
         let r = reference();
-        let clip = format!("{}/../../shared/data/speech/{}", env!("CARGO_MANIFEST_DIR"), r["clip"].as_str().unwrap());
-        let wav = crate::audio::wav::parse(&std::fs::read(clip).unwrap()).unwrap();
+        let clip = format!("speech/{}", r["clip"].as_str().unwrap());
+        let wav = crate::audio::wav::parse(&crate::testdata::shared(&clip)).unwrap();
         let audio: Vec<f32> = wav.channels[0].iter().copied().map(crate::audio::pcm_to_f32).collect();
         let window = r["window_secs"].as_u64().unwrap() as usize * 16_000;
         let audio = &audio[..audio.len().min(window)];

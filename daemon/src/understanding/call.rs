@@ -11,11 +11,13 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::emotion::{self, Emotion, SpeakerBaseline};
-use super::intent::Classification;
-use super::pii::{self, PiiKind};
+use super::intent::{Classification, Intent};
+#[cfg(test)]
+use super::rules::DEFAULT_RULES;
 use super::rules::{CallRules, RuleHit, RuleInput, RuleSet};
 use super::state::{CallState, Phase};
 use crate::audio::Leg;
+use crate::pii::{self, PiiKind};
 use crate::speech::prosody::Prosody;
 
 /// Consecutive negative customer utterances that raise a supervisor alert.
@@ -24,7 +26,7 @@ pub const NEGATIVE_STREAK: usize = 3;
 /// call goes to a human: the answers are not landing.
 pub const REPEATED_QUESTION: usize = 3;
 /// The intents that are questions the agent should answer.
-const QUESTION_INTENTS: [&str; 2] = ["price_inquiry", "product_question"];
+const QUESTION_INTENTS: [Intent; 2] = [Intent::PriceInquiry, Intent::ProductQuestion];
 
 /// What the caller knows about an utterance besides its text: the models' outputs (run
 /// outside this pure core) and the prosody.
@@ -36,9 +38,6 @@ pub struct UtteranceFacts {
     pub sentiment: Option<String>,
     pub prosody: Option<Prosody>,
 }
-
-/// The shipped rule set, used when no rule file is configured.
-pub const DEFAULT_RULES: &str = include_str!("../../../packaging/rules.toml");
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UtteranceView {
@@ -80,7 +79,7 @@ pub struct CallUnderstanding {
     negative_run: Vec<usize>,
     streak_alerted: bool,
     /// Per question intent: the turns it was asked in, and whether the agent spoke since.
-    questions: std::collections::BTreeMap<String, (Vec<usize>, bool)>,
+    questions: std::collections::BTreeMap<Intent, (Vec<usize>, bool)>,
     repeat_alerted: bool,
 }
 
@@ -116,7 +115,7 @@ impl CallUnderstanding {
         let aroused = facts.prosody.as_ref().is_some_and(|p| baseline.aroused_then_add(p));
         let emotion = facts.sentiment.as_deref().map(|s| {
             let pauses = facts.prosody.as_ref().map_or(0, |p| p.pauses);
-            emotion::judge(s, intent.as_ref().map(|c| c.label.as_str()), aroused, pauses)
+            emotion::judge(s, intent.as_ref().map(Classification::intent), aroused, pauses)
         });
         let input = RuleInput {
             index,
@@ -131,9 +130,9 @@ impl CallUnderstanding {
         if leg == Leg::Customer {
             hits.extend(self.negative_streak(index, emotion));
         }
-        hits.extend(self.repeated_question(index, leg, input_intent(&intent)));
-        let intent_label = intent.as_ref().map(|c| c.label.as_str());
-        self.state.utterance(index, leg, start_secs, &masked, intent_label, emotion);
+        let intent_id = intent.as_ref().map(Classification::intent);
+        hits.extend(self.repeated_question(index, leg, intent_id));
+        self.state.utterance(index, leg, start_secs, &masked, intent_id, emotion);
         let fired_here: Vec<String> =
             hits.iter().filter(|h| h.utterances.contains(&index)).map(|h| h.rule.clone()).collect();
         self.utterances.push(UtteranceView {
@@ -173,13 +172,13 @@ impl CallUnderstanding {
 
     /// The customer asks the same question again after the agent answered, a third time:
     /// transfer to a human (once). Asks within one customer turn count once.
-    fn repeated_question(&mut self, index: usize, leg: Leg, intent: Option<&str>) -> Option<RuleHit> {
+    fn repeated_question(&mut self, index: usize, leg: Leg, intent: Option<Intent>) -> Option<RuleHit> {
         if leg == Leg::Agent {
             self.questions.values_mut().for_each(|(_, agent_spoke)| *agent_spoke = true);
             return None;
         }
         let intent = intent.filter(|i| QUESTION_INTENTS.contains(i))?;
-        let (turns, agent_spoke) = self.questions.entry(intent.to_owned()).or_insert((Vec::new(), true));
+        let (turns, agent_spoke) = self.questions.entry(intent).or_insert((Vec::new(), true));
         if !*agent_spoke {
             return None;
         }
@@ -194,7 +193,8 @@ impl CallUnderstanding {
             severity: super::rules::Severity::Warning,
             event: Some("transfer_to_human".into()),
             reason: format!(
-                "customer asked the same question ({intent}) {} times after the agent's answers",
+                "customer asked the same question ({}) {} times after the agent's answers",
+                intent.name(),
                 turns.len()
             ),
             utterances: turns.clone(),
@@ -230,10 +230,6 @@ impl CallUnderstanding {
         self.events.extend(events.iter().cloned());
         events
     }
-}
-
-fn input_intent(intent: &Option<Classification>) -> Option<&str> {
-    intent.as_ref().map(|c| c.label.as_str())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+use super::intent::Intent;
 use crate::speech::prosody::Prosody;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -38,7 +39,7 @@ pub const LEVEL_RISE_DB: f32 = 4.0;
 pub const RATE_RISE: f32 = 1.3;
 /// Earlier utterances of a speaker needed before arousal is judged.
 pub const BASELINE_MIN: u32 = 2;
-const NEGATIVE_INTENTS: [&str; 4] = ["complaint", "refusal", "budget_concern", "do_not_call"];
+const NEGATIVE_INTENTS: [Intent; 4] = [Intent::Complaint, Intent::Refusal, Intent::BudgetConcern, Intent::DoNotCall];
 
 /// One speaker's running means in this call.
 #[derive(Debug, Clone, Default)]
@@ -70,15 +71,15 @@ impl SpeakerBaseline {
 }
 
 /// Combines the text sentiment label, the intent label and arousal.
-pub fn judge(sentiment: &str, intent: Option<&str>, aroused: bool, pauses: usize) -> Emotion {
+pub fn judge(sentiment: &str, intent: Option<Intent>, aroused: bool, pauses: usize) -> Emotion {
     let negative_intent = intent.is_some_and(|i| NEGATIVE_INTENTS.contains(&i));
     if sentiment == "negative" && (aroused || negative_intent || intent.is_none()) || aroused && negative_intent {
         return Emotion::Negative;
     }
-    if intent == Some("hesitation") || (sentiment == "neutral" && pauses >= 2) {
+    if intent == Some(Intent::Hesitation) || (sentiment == "neutral" && pauses >= 2) {
         return Emotion::Hesitant;
     }
-    if sentiment == "positive" || intent == Some("purchase_intent") {
+    if sentiment == "positive" || intent == Some(Intent::PurchaseIntent) {
         return Emotion::Positive;
     }
     Emotion::Neutral
@@ -117,14 +118,26 @@ mod tests {
 
     #[test]
     fn text_intent_and_arousal_combine() {
-        assert_eq!(judge("negative", Some("complaint"), false, 0), Emotion::Negative);
-        assert_eq!(judge("neutral", Some("complaint"), true, 0), Emotion::Negative, "a raised complaint");
-        assert_eq!(judge("neutral", Some("complaint"), false, 0), Emotion::Neutral, "a calm complaint stays neutral");
-        assert_eq!(judge("neutral", Some("hesitation"), false, 0), Emotion::Hesitant);
-        assert_eq!(judge("neutral", Some("other"), false, 3), Emotion::Hesitant, "halting speech");
-        assert_eq!(judge("positive", Some("price_inquiry"), false, 0), Emotion::Positive);
-        assert_eq!(judge("neutral", Some("purchase_intent"), false, 0), Emotion::Positive);
-        assert_eq!(judge("negative", Some("price_inquiry"), false, 0), Emotion::Neutral, "text alone is weak evidence");
+        assert_eq!(judge("negative", Some(Intent::from_label("complaint")), false, 0), Emotion::Negative);
+        assert_eq!(
+            judge("neutral", Some(Intent::from_label("complaint")), true, 0),
+            Emotion::Negative,
+            "a raised complaint"
+        );
+        assert_eq!(
+            judge("neutral", Some(Intent::from_label("complaint")), false, 0),
+            Emotion::Neutral,
+            "a calm complaint stays neutral"
+        );
+        assert_eq!(judge("neutral", Some(Intent::from_label("hesitation")), false, 0), Emotion::Hesitant);
+        assert_eq!(judge("neutral", Some(Intent::from_label("other")), false, 3), Emotion::Hesitant, "halting speech");
+        assert_eq!(judge("positive", Some(Intent::from_label("price_inquiry")), false, 0), Emotion::Positive);
+        assert_eq!(judge("neutral", Some(Intent::from_label("purchase_intent")), false, 0), Emotion::Positive);
+        assert_eq!(
+            judge("negative", Some(Intent::from_label("price_inquiry")), false, 0),
+            Emotion::Neutral,
+            "text alone is weak evidence"
+        );
         assert_eq!(judge("negative", None, false, 0), Emotion::Negative, "the agent: text only");
     }
 }

@@ -71,12 +71,79 @@ pub struct Scored {
     pub p: f32,
 }
 
+/// The customer intents callbox acts on: the intent model's labels
+/// (`models/intent/train.py` LABELS). Compared as this enum, never as strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Intent {
+    PriceInquiry,
+    ProductQuestion,
+    PurchaseIntent,
+    CallbackRequest,
+    Hesitation,
+    Refusal,
+    Complaint,
+    HumanRequest,
+    BudgetConcern,
+    CompetitorComparison,
+    CustomizationRequest,
+    DoNotCall,
+    Other,
+}
+
+impl Intent {
+    pub const ALL: [Intent; 13] = [
+        Self::PriceInquiry,
+        Self::ProductQuestion,
+        Self::PurchaseIntent,
+        Self::CallbackRequest,
+        Self::Hesitation,
+        Self::Refusal,
+        Self::Complaint,
+        Self::HumanRequest,
+        Self::BudgetConcern,
+        Self::CompetitorComparison,
+        Self::CustomizationRequest,
+        Self::DoNotCall,
+        Self::Other,
+    ];
+
+    /// The label as the model, the rule files and the protocol spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PriceInquiry => "price_inquiry",
+            Self::ProductQuestion => "product_question",
+            Self::PurchaseIntent => "purchase_intent",
+            Self::CallbackRequest => "callback_request",
+            Self::Hesitation => "hesitation",
+            Self::Refusal => "refusal",
+            Self::Complaint => "complaint",
+            Self::HumanRequest => "human_request",
+            Self::BudgetConcern => "budget_concern",
+            Self::CompetitorComparison => "competitor_comparison",
+            Self::CustomizationRequest => "customization_request",
+            Self::DoNotCall => "do_not_call",
+            Self::Other => "other",
+        }
+    }
+
+    /// A model label; one callbox does not know is `Other`.
+    pub fn from_label(label: &str) -> Self {
+        Self::ALL.into_iter().find(|i| i.name() == label).unwrap_or(Self::Other)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Classification {
     /// The best label, or `other` when its probability is under the model's threshold.
     pub label: String,
     pub confidence: f32,
     pub top3: Vec<Scored>,
+}
+
+impl Classification {
+    pub fn intent(&self) -> Intent {
+        Intent::from_label(&self.label)
+    }
 }
 
 /// A text classifier over the shared featurizer: the intent model (task `intent`, with a

@@ -1,10 +1,11 @@
-//! Call understanding: what the call center acts on, from transcripts. Pure cores only;
-//! the daemon feeds them utterances from the speech path's bus.
+//! Call understanding: what the call center acts on, from transcripts. Pure cores
+//! (`call`, `core`, `emotion`, `intent`, `rules`, `state`) and one shell, `live`, the
+//! daemon's component that feeds them from the speech path's bus.
 
 pub mod call;
+pub mod core;
 pub mod emotion;
 pub mod intent;
 pub mod live;
-pub mod pii;
 pub mod rules;
 pub mod state;

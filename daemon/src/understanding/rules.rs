@@ -15,6 +15,7 @@
 //! Evaluated incrementally: `CallRules::utterance` runs on every utterance as it arrives.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,24 @@ use crate::audio::Leg;
 
 /// Longest rule file accepted.
 pub const MAX_RULES_BYTES: usize = 1 << 20;
+
+/// The shipped rule set, used when no rule file is configured.
+pub const DEFAULT_RULES: &str = include_str!("../../../packaging/rules.toml");
+
+/// Reads a rule file (size-bounded before it is read), or the shipped rules when `None`.
+/// Every problem comes back at once, each naming its rule.
+pub fn load_rules(file: Option<&Path>) -> Result<RuleSet, Vec<String>> {
+    let Some(path) = file else { return RuleSet::parse(DEFAULT_RULES) };
+    let cannot = |e: std::io::Error| vec![format!("cannot read {}: {e}", path.display())];
+    let size = std::fs::metadata(path).map_err(cannot)?.len();
+    if size > MAX_RULES_BYTES as u64 {
+        return Err(vec![format!(
+            "{}: {size} bytes, more than the {MAX_RULES_BYTES} a rule file may have",
+            path.display()
+        )]);
+    }
+    RuleSet::parse(&std::fs::read_to_string(path).map_err(cannot)?)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

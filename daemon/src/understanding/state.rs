@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::emotion::Emotion;
+use super::intent::Intent;
 use crate::audio::Leg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -88,7 +89,7 @@ impl CallState {
         leg: Leg,
         start_secs: f64,
         text: &str,
-        intent: Option<&str>,
+        intent: Option<Intent>,
         emotion: Option<Emotion>,
     ) -> Vec<Tag> {
         let before = self.tags.clone();
@@ -107,7 +108,7 @@ impl CallState {
         self.tags.difference(&before).copied().collect()
     }
 
-    fn customer(&mut self, index: usize, text: &str, intent: Option<&str>, emotion: Option<Emotion>) {
+    fn customer(&mut self, index: usize, text: &str, intent: Option<Intent>, emotion: Option<Emotion>) {
         let f = &mut self.facts;
         if text.contains("预算") || text.contains("budget") {
             f.budget_mentioned.get_or_insert(index);
@@ -115,52 +116,52 @@ impl CallState {
         if emotion == Some(Emotion::Negative) {
             f.negative_utterances += 1;
         }
-        let phase = match intent.unwrap_or("other") {
-            "price_inquiry" => {
+        let intent = intent.unwrap_or(Intent::Other);
+        let phase = match intent {
+            Intent::PriceInquiry => {
                 f.price_questions += 1;
                 Some(Phase::NeedsDiscovery)
             }
-            "product_question" => {
+            Intent::ProductQuestion => {
                 f.product_questions += 1;
                 Some(Phase::NeedsDiscovery)
             }
-            "customization_request" => {
+            Intent::CustomizationRequest => {
                 f.customization_requests += 1;
                 Some(Phase::NeedsDiscovery)
             }
-            "budget_concern" => {
+            Intent::BudgetConcern => {
                 f.budget_mentioned.get_or_insert(index);
                 Some(Phase::ObjectionHandling)
             }
-            "competitor_comparison" => {
+            Intent::CompetitorComparison => {
                 f.competitor_named.get_or_insert(index);
                 Some(Phase::ObjectionHandling)
             }
-            "hesitation" => {
+            Intent::Hesitation => {
                 f.hesitations += 1;
                 Some(Phase::ObjectionHandling)
             }
-            "refusal" | "complaint" => Some(Phase::ObjectionHandling),
-            "callback_request" => {
+            Intent::Refusal | Intent::Complaint => Some(Phase::ObjectionHandling),
+            Intent::CallbackRequest => {
                 f.callback_asked.get_or_insert(index);
                 Some(Phase::Closing)
             }
-            "purchase_intent" | "do_not_call" => Some(Phase::Closing),
-            _ => None,
+            Intent::PurchaseIntent | Intent::DoNotCall => Some(Phase::Closing),
+            Intent::HumanRequest | Intent::Other => None,
         };
         if let Some(p) = phase {
             self.advance(p);
         }
         let f = &self.facts;
-        let intent = intent.unwrap_or("other");
         let rules = [
             (f.budget_mentioned.is_some() || f.price_questions >= 2, Tag::PriceSensitive),
             (f.product_questions + f.customization_requests >= 2, Tag::FeatureOriented),
-            (intent == "purchase_intent", Tag::HighIntent),
+            (intent == Intent::PurchaseIntent, Tag::HighIntent),
             (f.customization_requests >= 3, Tag::HighValue),
-            (intent == "complaint" || f.negative_utterances >= 2, Tag::ComplaintRisk),
+            (intent == Intent::Complaint || f.negative_utterances >= 2, Tag::ComplaintRisk),
             (f.hesitations >= 2 || f.callback_asked.is_some() && f.hesitations >= 1, Tag::LongTermWatcher),
-            (intent == "do_not_call", Tag::DoNotCall),
+            (intent == Intent::DoNotCall, Tag::DoNotCall),
         ];
         for (holds, tag) in rules {
             if holds {
@@ -183,7 +184,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &(leg, at, text, intent))| {
-                state.utterance(i, leg, at, text, intent, None);
+                state.utterance(i, leg, at, text, intent.map(Intent::from_label), None);
                 state.phase
             })
             .collect()
@@ -221,8 +222,9 @@ mod tests {
     #[test]
     fn tags_come_from_what_the_customer_keeps_doing() {
         let mut s = CallState::default();
-        let c =
-            |s: &mut CallState, i, intent, emotion| s.utterance(i, Leg::Customer, i as f64, "…", Some(intent), emotion);
+        let c = |s: &mut CallState, i, intent: &str, emotion| {
+            s.utterance(i, Leg::Customer, i as f64, "…", Some(Intent::from_label(intent)), emotion)
+        };
         assert!(c(&mut s, 0, "customization_request", None).is_empty());
         assert_eq!(c(&mut s, 1, "customization_request", None), [Tag::FeatureOriented]);
         assert_eq!(c(&mut s, 2, "customization_request", None), [Tag::HighValue]);

@@ -3,17 +3,27 @@
 //! Inputs report leg events; the table decides admission (a cap on concurrent
 //! calls, one stream per leg), pairs legs, and says when a call starts and
 //! ends. It holds counters only, no audio: the speech pipeline attaches per
-//! leg beside it.
+//! leg beside it. `registry` is the shared, locked handle inputs use (the shell).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::audio::Leg;
 
+pub mod registry;
+
+/// A moment as the shell read it: wall time for the stamps people read (a call's start),
+/// monotonic time for durations, which an NTP step must not move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub wall: SystemTime,
+    pub mono: Instant,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallEvent {
+pub enum LegEvent {
     LegOpened {
         call: String,
         leg: Leg,
@@ -78,8 +88,9 @@ struct LegState {
 }
 
 #[derive(Debug)]
-struct CallState {
+struct CallEntry {
     started_at: SystemTime,
+    started: Instant,
     legs: BTreeMap<Leg, LegState>,
 }
 
@@ -89,7 +100,7 @@ const MAX_DTMF: usize = 64;
 #[derive(Debug)]
 pub struct CallTable {
     max_calls: usize,
-    calls: BTreeMap<String, CallState>,
+    calls: BTreeMap<String, CallEntry>,
     pub total_started: u64,
     pub total_refused: u64,
 }
@@ -129,13 +140,13 @@ impl CallTable {
         }
     }
 
-    pub fn handle(&mut self, event: CallEvent, now: SystemTime) -> Vec<CallAction> {
+    pub fn handle(&mut self, event: LegEvent, now: Stamp) -> Vec<CallAction> {
         match event {
-            CallEvent::LegOpened { call, leg, source } => {
+            LegEvent::LegOpened { call, leg, source } => {
                 let mut actions = vec![];
                 let state = self.calls.entry(call.clone()).or_insert_with(|| {
                     actions.push(CallAction::Started { call: call.clone() });
-                    CallState { started_at: now, legs: BTreeMap::new() }
+                    CallEntry { started_at: now.wall, started: now.mono, legs: BTreeMap::new() }
                 });
                 if !actions.is_empty() {
                     self.total_started += 1;
@@ -146,15 +157,15 @@ impl CallTable {
                 );
                 actions
             }
-            CallEvent::Audio { call, leg, samples, sample_rate } => {
+            LegEvent::Audio { call, leg, samples, sample_rate } => {
                 self.add_audio(&call, leg, samples, sample_rate);
                 vec![]
             }
-            CallEvent::Dtmf { call, leg, digit } => {
+            LegEvent::Dtmf { call, leg, digit } => {
                 self.add_dtmf(&call, leg, digit);
                 vec![]
             }
-            CallEvent::LegClosed { call, leg, reason } => {
+            LegEvent::LegClosed { call, leg, reason } => {
                 if let Some(l) = self.leg_mut(&call, leg) {
                     l.open = false;
                     l.closed_because = Some(reason);
@@ -214,31 +225,44 @@ impl CallTable {
         })
     }
 
+    /// When a live call started, on the monotonic clock.
+    pub fn started(&self, call: &str) -> Option<Instant> {
+        self.calls.get(call).map(|c| c.started)
+    }
+
     pub fn snapshot(&self) -> Vec<CallSummary> {
         self.calls.keys().filter_map(|c| self.summary(c)).collect()
     }
+}
+
+/// Live calls for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CallsReport {
+    pub active: Vec<CallSummary>,
+    pub total_started: u64,
+    pub total_refused: u64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn opened(call: &str, leg: Leg) -> CallEvent {
-        CallEvent::LegOpened { call: call.into(), leg, source: "test".into() }
+    fn opened(call: &str, leg: Leg) -> LegEvent {
+        LegEvent::LegOpened { call: call.into(), leg, source: "test".into() }
     }
 
-    fn closed(call: &str, leg: Leg) -> CallEvent {
-        CallEvent::LegClosed { call: call.into(), leg, reason: "hangup".into() }
+    fn closed(call: &str, leg: Leg) -> LegEvent {
+        LegEvent::LegClosed { call: call.into(), leg, reason: "hangup".into() }
     }
 
     #[test]
     fn two_legs_pair_into_one_call_that_ends_when_both_close() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let now = Stamp { wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1000), mono: Instant::now() };
         let mut t = CallTable::new(8);
         assert_eq!(t.handle(opened("c1", Leg::Customer), now), vec![CallAction::Started { call: "c1".into() }]);
         assert_eq!(t.handle(opened("c1", Leg::Agent), now), vec![]);
-        t.handle(CallEvent::Audio { call: "c1".into(), leg: Leg::Customer, samples: 16_000, sample_rate: 8000 }, now);
-        t.handle(CallEvent::Dtmf { call: "c1".into(), leg: Leg::Customer, digit: '7' }, now);
+        t.handle(LegEvent::Audio { call: "c1".into(), leg: Leg::Customer, samples: 16_000, sample_rate: 8000 }, now);
+        t.handle(LegEvent::Dtmf { call: "c1".into(), leg: Leg::Customer, digit: '7' }, now);
         assert_eq!(t.handle(closed("c1", Leg::Customer), now), vec![]);
         assert_eq!(t.active(), 1);
         let ended = t.handle(closed("c1", Leg::Agent), now);
@@ -252,7 +276,7 @@ mod tests {
 
     #[test]
     fn admission_caps_concurrent_calls_and_duplicate_legs() {
-        let now = SystemTime::now();
+        let now = Stamp { wall: SystemTime::now(), mono: Instant::now() };
         let mut t = CallTable::new(1);
         assert_eq!(t.admit("a", Leg::Customer), Admission::Admitted);
         t.handle(opened("a", Leg::Customer), now);
@@ -267,130 +291,11 @@ mod tests {
     #[test]
     fn events_for_unknown_calls_are_ignored() {
         let mut t = CallTable::new(4);
-        let now = SystemTime::now();
+        let now = Stamp { wall: SystemTime::now(), mono: Instant::now() };
         assert!(t.handle(closed("ghost", Leg::Agent), now).is_empty());
         assert!(t
-            .handle(CallEvent::Audio { call: "ghost".into(), leg: Leg::Agent, samples: 1, sample_rate: 8000 }, now)
+            .handle(LegEvent::Audio { call: "ghost".into(), leg: Leg::Agent, samples: 1, sample_rate: 8000 }, now)
             .is_empty());
         assert_eq!(t.active(), 0);
     }
-}
-
-/// The live call table shared by inputs (which open legs) and status (which
-/// reads it). Short critical sections only; no IO under the lock.
-#[derive(Clone)]
-pub struct CallRegistry(std::sync::Arc<std::sync::Mutex<CallTable>>);
-
-/// An open leg. Dropping it closes the leg, so a connection task that ends in
-/// any way (error, panic, shutdown) cannot leave a call open.
-pub struct LegGuard {
-    registry: CallRegistry,
-    call: String,
-    leg: Leg,
-    reason: Option<String>,
-}
-
-impl CallRegistry {
-    pub fn new(max_calls: usize) -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(CallTable::new(max_calls))))
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut CallTable) -> R) -> R {
-        // A panic while holding the lock leaves only counters behind: keep going.
-        let mut table = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut table)
-    }
-
-    pub fn set_max_calls(&self, max_calls: usize) {
-        self.with(|t| t.set_max_calls(max_calls));
-    }
-
-    /// Admits and opens a leg in one step, or says why not.
-    pub fn open(&self, call: &str, leg: Leg, source: &str) -> Result<LegGuard, String> {
-        let actions = self.with(|t| match t.admit(call, leg) {
-            Admission::Refused(reason) => Err(reason),
-            Admission::Admitted => Ok(t.handle(
-                CallEvent::LegOpened { call: call.to_owned(), leg, source: source.to_owned() },
-                SystemTime::now(),
-            )),
-        })?;
-        log_actions(&actions);
-        log::info!(component = "calls", call_id = call; "{leg:?} leg opened from {source}");
-        Ok(LegGuard { registry: self.clone(), call: call.to_owned(), leg, reason: None })
-    }
-
-    /// One call's state, if it is live.
-    pub fn summary(&self, call: &str) -> Option<CallSummary> {
-        self.with(|t| t.summary(call))
-    }
-
-    pub fn snapshot(&self) -> CallsReport {
-        self.with(|t| CallsReport {
-            active: t.snapshot(),
-            total_started: t.total_started,
-            total_refused: t.total_refused,
-        })
-    }
-}
-
-fn log_actions(actions: &[CallAction]) {
-    for action in actions {
-        match action {
-            CallAction::Started { call } => log::info!(component = "calls", call_id = call.as_str(); "call started"),
-            CallAction::Ended { call, summary } => {
-                let legs: Vec<String> =
-                    summary.legs.iter().map(|l| format!("{:?} {} ms", l.leg, l.audio_ms).to_lowercase()).collect();
-                log::info!(component = "calls", call_id = call.as_str(); "call ended ({})", legs.join(", "));
-            }
-        }
-    }
-}
-
-impl LegGuard {
-    pub fn call(&self) -> &str {
-        &self.call
-    }
-
-    pub fn leg(&self) -> Leg {
-        self.leg
-    }
-
-    /// Called per audio frame: updates the leg in place, no allocation.
-    pub fn audio(&self, samples: u64, sample_rate: u32) {
-        self.registry.with(|t| t.add_audio(&self.call, self.leg, samples, sample_rate));
-    }
-
-    /// Seconds since the leg's call started (its first leg opened).
-    pub fn secs_into_call(&self) -> f64 {
-        let started = self.registry.summary(&self.call).map(|s| s.started_at_unix_ms);
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        started.map_or(0.0, |s| now.saturating_sub(s) as f64 / 1000.0)
-    }
-
-    pub fn dtmf(&self, digit: char) {
-        self.registry.with(|t| t.add_dtmf(&self.call, self.leg, digit));
-    }
-
-    /// Records why the leg ends; applied when the guard drops.
-    pub fn close(mut self, reason: impl Into<String>) {
-        self.reason = Some(reason.into());
-    }
-}
-
-impl Drop for LegGuard {
-    fn drop(&mut self) {
-        let reason = self.reason.take().unwrap_or_else(|| "input task ended".into());
-        log::info!(component = "calls", call_id = self.call.as_str(); "{:?} leg closed: {reason}", self.leg);
-        let event = CallEvent::LegClosed { call: self.call.clone(), leg: self.leg, reason };
-        let actions = self.registry.with(|t| t.handle(event, SystemTime::now()));
-        log_actions(&actions);
-    }
-}
-
-/// Live calls for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct CallsReport {
-    pub active: Vec<CallSummary>,
-    pub total_started: u64,
-    pub total_refused: u64,
 }

@@ -1,0 +1,164 @@
+//! The one boundary where the daemon's internal types become the control protocol's own
+//! wire types. A field renamed in a core stops the build here instead of silently
+//! changing protocol v1; `protocol`'s round-trip tests pin the wire side.
+
+use serde::Serialize;
+
+use super::protocol as wire;
+use crate::calls;
+use crate::config;
+use crate::customers;
+use crate::health;
+use crate::understanding::call::{CallEvent, UtteranceView};
+use crate::understanding::live::Monitor;
+
+/// The serde name of a unit enum value (`Leg::Customer` → "customer"), the same name the
+/// core's own `Serialize` gives it; "-" if it is not a plain name.
+fn name_of<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "-".to_owned(),
+    }
+}
+
+impl From<health::HealthState> for wire::HealthState {
+    fn from(state: health::HealthState) -> Self {
+        match state {
+            health::HealthState::Starting => Self::Starting,
+            health::HealthState::Ok => Self::Ok,
+            health::HealthState::Degraded => Self::Degraded,
+            health::HealthState::Failed => Self::Failed,
+            health::HealthState::Stopped => Self::Stopped,
+        }
+    }
+}
+
+impl From<health::ComponentHealth> for wire::ComponentHealth {
+    fn from(c: health::ComponentHealth) -> Self {
+        Self { name: c.name, state: c.state.into(), detail: c.detail, since: crate::logging::utc_timestamp(c.since) }
+    }
+}
+
+impl From<config::ConfigSource> for wire::ConfigSource {
+    fn from(source: config::ConfigSource) -> Self {
+        match source {
+            config::ConfigSource::File { path } => Self::File { path },
+            config::ConfigSource::Defaults { path, reason } => Self::Defaults { path, reason },
+        }
+    }
+}
+
+impl From<config::ReloadReport> for wire::ReloadReport {
+    fn from(r: config::ReloadReport) -> Self {
+        Self {
+            at: r.at,
+            ok: r.ok,
+            generation: r.generation,
+            problems: r.problems,
+            restart_required: r.restart_required,
+        }
+    }
+}
+
+impl From<calls::CallsReport> for wire::CallsReport {
+    fn from(r: calls::CallsReport) -> Self {
+        Self {
+            active: r.active.into_iter().map(Into::into).collect(),
+            total_started: r.total_started,
+            total_refused: r.total_refused,
+        }
+    }
+}
+
+impl From<calls::CallSummary> for wire::CallSummary {
+    fn from(s: calls::CallSummary) -> Self {
+        let legs = s
+            .legs
+            .into_iter()
+            .map(|l| wire::LegSummary {
+                leg: l.leg.name().to_owned(),
+                source: l.source,
+                open: l.open,
+                audio_ms: l.audio_ms,
+                dtmf: l.dtmf,
+                closed_because: l.closed_because,
+            })
+            .collect();
+        Self { call: s.call, started_at_unix_ms: s.started_at_unix_ms, legs }
+    }
+}
+
+impl From<customers::CustomerRecord> for wire::CustomerRecord {
+    fn from(c: customers::CustomerRecord) -> Self {
+        let tags = c
+            .tags
+            .into_iter()
+            .map(|t| wire::TagRecord {
+                tag: t.tag,
+                first_unix_ms: t.first_unix_ms,
+                last_unix_ms: t.last_unix_ms,
+                calls: t.calls,
+            })
+            .collect();
+        Self {
+            customer: c.customer,
+            first_unix_ms: c.first_unix_ms,
+            last_unix_ms: c.last_unix_ms,
+            calls: c.calls,
+            tags,
+        }
+    }
+}
+
+/// An understood utterance of `call`, as watchers see it (also `analyze`'s output).
+pub fn utterance_item(call: &str, u: &UtteranceView) -> wire::UtteranceItem {
+    wire::UtteranceItem {
+        call: call.to_owned(),
+        index: u.index,
+        leg: u.leg.name().to_owned(),
+        start_secs: u.start_secs,
+        end_secs: u.end_secs,
+        text: u.text.clone(),
+        pii: u.pii.iter().map(name_of).collect(),
+        intent: u.intent.as_ref().map(|c| wire::IntentItem {
+            label: c.label.clone(),
+            confidence: c.confidence,
+            top3: c.top3.iter().map(|s| wire::ScoredLabel { label: s.label.clone(), p: s.p }).collect(),
+        }),
+        emotion: u.emotion.map(|e| e.name().to_owned()),
+        phase: name_of(&u.phase),
+        rules: u.rules.clone(),
+    }
+}
+
+/// A call's event, as watchers see it.
+pub fn event_item(call: &str, e: &CallEvent) -> wire::EventItem {
+    wire::EventItem {
+        call: call.to_owned(),
+        kind: e.kind.clone(),
+        rule: e.rule.clone(),
+        reason: e.reason.clone(),
+        at_secs: e.at_secs,
+        utterances: e.utterances.clone(),
+    }
+}
+
+impl From<&Monitor> for wire::MonitorItem {
+    fn from(item: &Monitor) -> Self {
+        match item {
+            Monitor::Utterance { call, utterance } => Self::Utterance(utterance_item(call, utterance)),
+            Monitor::Event(live) => Self::Event(event_item(&live.call, &live.event)),
+            Monitor::CallFinished { call, utterances, rule_hits, events, phase, tags, customer } => {
+                Self::CallFinished(wire::CallFinishedItem {
+                    call: call.clone(),
+                    utterances: *utterances,
+                    rule_hits: *rule_hits,
+                    events: *events,
+                    phase: name_of(phase),
+                    tags: tags.iter().map(|t| t.name().to_owned()).collect(),
+                    customer: customer.clone().map(Into::into),
+                })
+            }
+        }
+    }
+}

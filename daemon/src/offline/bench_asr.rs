@@ -1,0 +1,167 @@
+//! `callbox bench asr`: the speech path's speed on the shared clips, 16 kHz and their
+//! 8 kHz µ-law copies.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{load_config, load_models};
+use crate::audio::{g711, resample};
+use crate::exit::{self, Failure};
+use crate::speech::{SpeechModels, Transcript};
+use crate::transcribe::transcribe_leg;
+
+#[derive(Debug, Serialize)]
+struct BenchRow {
+    file: String,
+    telephone: bool,
+    audio_secs: f64,
+    utterances: usize,
+    tokens: usize,
+    first_run_ms: f64,
+    /// Median over the runs after the first.
+    median_ms: f64,
+    encoder_ms: f64,
+    decoder_ms: f64,
+    ms_per_token: f64,
+    real_time_factor: f64,
+    text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<Vec<u32>>,
+}
+
+/// One benchmark run: the pipeline (VAD + ASR per utterance) or, `whole`, ASR alone on the
+/// whole audio. Returns each utterance's text and transcript.
+fn run_once(
+    models: &SpeechModels,
+    speech: &crate::config::SpeechConfig,
+    pcm: &[i16],
+    rate: u32,
+    whole: bool,
+) -> Result<Vec<(String, Transcript)>, String> {
+    if !whole {
+        let utterances = transcribe_leg(models, speech, pcm, rate).map_err(|e| e.to_string())?;
+        return Ok(utterances.into_iter().map(|u| (u.text, u.asr)).collect());
+    }
+    let audio = resample::resample_all(pcm, rate, 16_000).map_err(|e| e.to_string())?;
+    let window = models.asr.transcribe_window(&audio, &speech.decode_options()).map_err(|e| e.to_string())?;
+    Ok(vec![(window.text.clone(), window)])
+}
+
+/// Default benchmark inputs: the shared recordings beside the checkout.
+fn default_files() -> Vec<PathBuf> {
+    let root = PathBuf::from("../shared/data/speech");
+    let Ok(tsv) = std::fs::read_to_string(root.join("transcripts.tsv")) else { return Vec::new() };
+    tsv.lines().skip(1).filter_map(|l| l.split('\t').next()).map(|f| root.join(f)).collect()
+}
+
+/// The recording as a PBX trunk would carry it: 8 kHz µ-law.
+fn telephone(samples: &[i16], rate: u32) -> Result<Vec<i16>, String> {
+    let narrow = resample::resample_all(samples, rate, 8000).map_err(|e| e.to_string())?;
+    let pcm: Vec<i16> = narrow.into_iter().map(crate::audio::f32_to_pcm).collect();
+    Ok(g711::decode_ulaw(&g711::encode_ulaw(&pcm)))
+}
+
+pub fn bench_asr(
+    config_path: &Path,
+    files: &[PathBuf],
+    runs: usize,
+    json: bool,
+    models_dir: Option<&Path>,
+    whole: bool,
+) -> Result<u8, Failure> {
+    let config = load_config(config_path)?;
+    let load_started = Instant::now();
+    let models = load_models(&config, models_dir)?;
+    let load_secs = load_started.elapsed().as_secs_f64();
+    let files = if files.is_empty() { default_files() } else { files.to_vec() };
+    if files.is_empty() {
+        return Err(Failure::new(exit::USAGE, "no files given and ../shared/data/speech/transcripts.tsv not found"));
+    }
+    let runs = runs.max(2);
+    let mut rows = Vec::new();
+    for file in &files {
+        let recording = match crate::transcribe::read_recording(file, &config.spool) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure::new(exit::DATA_ERROR, format!("{}: {e}", file.display())));
+            }
+        };
+        let Some(samples) = recording.channels.first() else { continue };
+        let telephone_samples = match telephone(samples, recording.sample_rate) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Failure::new(exit::FAILURE, format!("{}: {e}", file.display())));
+            }
+        };
+        for (is_phone, pcm, rate) in
+            [(false, samples.as_slice(), recording.sample_rate), (true, &telephone_samples[..], 8000)]
+        {
+            let mut times = Vec::new();
+            let mut last = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                last = match run_once(&models, &config.speech, pcm, rate, whole) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        return Err(Failure::new(exit::FAILURE, format!("{}: {e}", file.display())));
+                    }
+                };
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            let mut steady = times[1..].to_vec();
+            steady.sort_by(f64::total_cmp);
+            let median = steady[steady.len() / 2];
+            let tokens: usize = last.iter().map(|(_, t)| t.tokens).sum();
+            let encoder_ms: f64 = last.iter().map(|(_, t)| t.encoder_ms).sum();
+            let decoder_ms: f64 = last.iter().map(|(_, t)| t.decoder_ms).sum();
+            let audio_secs = recording.duration_secs();
+            rows.push(BenchRow {
+                file: file.display().to_string(),
+                telephone: is_phone,
+                audio_secs,
+                utterances: last.len(),
+                tokens,
+                first_run_ms: times[0],
+                median_ms: median,
+                encoder_ms,
+                decoder_ms,
+                ms_per_token: if tokens > 0 { decoder_ms / tokens as f64 } else { 0.0 },
+                real_time_factor: median / 1000.0 / audio_secs.max(1e-9),
+                text: last.iter().map(|(text, _)| text.as_str()).collect::<Vec<_>>().join(" "),
+                token_ids: whole.then(|| last.iter().flat_map(|(_, t)| t.token_ids.iter().copied()).collect()),
+            });
+        }
+    }
+    if json {
+        let report =
+            serde_json::json!({ "models_load_secs": load_secs, "buckets": models.asr.bucket_secs(), "rows": rows });
+        println!("{report}");
+    } else {
+        println!(
+            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; {runs} runs each",
+            models.asr.bucket_secs()
+        );
+        println!(
+            "{:<48} {:>5} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5}  text",
+            "file", "phone", "secs", "median", "enc ms", "dec ms", "ms/tok", "RTF"
+        );
+        for r in &rows {
+            let name = Path::new(&r.file).file_name().map_or(r.file.clone(), |n| n.to_string_lossy().into_owned());
+            println!(
+                "{:<48} {:>5} {:>6.2} {:>8.0} {:>8.0} {:>8.0} {:>7.1} {:>5.2}  {}",
+                name,
+                if r.telephone { "8k-µ" } else { "16k" },
+                r.audio_secs,
+                r.median_ms,
+                r.encoder_ms,
+                r.decoder_ms,
+                r.ms_per_token,
+                r.real_time_factor,
+                r.text
+            );
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,54 @@
+//! `callbox classify`: the intent model on text from the arguments or a file.
+
+use std::path::Path;
+
+use super::{load_config, load_intent, read_lines};
+use crate::exit::{self, Failure};
+
+/// `callbox classify`: one utterance from the arguments, or one per line of `--file`.
+pub fn classify(
+    config_path: &Path,
+    words: &[String],
+    file: Option<&Path>,
+    json: bool,
+    models_dir: Option<&Path>,
+) -> Result<u8, Failure> {
+    let (config, model) = load_config(config_path).and_then(|c| load_intent(&c, models_dir).map(|m| (c, m)))?;
+    let texts: Vec<String> = match file {
+        None if words.is_empty() => {
+            return Err(Failure::new(
+                exit::USAGE,
+                "give the text to classify, or --file FILE with one utterance per line",
+            ));
+        }
+        None => vec![words.join(" ")],
+        Some(path) => match read_lines(path, config.spool.max_file_mb) {
+            Ok(lines) => lines,
+            Err(e) => {
+                return Err(Failure::new(exit::DATA_ERROR, format!("{}: {e}", path.display())));
+            }
+        },
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for text in &texts {
+        let c = match model.classify(text) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(Failure::new(exit::FAILURE, format!("{e}")));
+            }
+        };
+        let line = if json {
+            serde_json::json!({ "text": text, "label": c.label, "confidence": c.confidence, "top3": c.top3 })
+                .to_string()
+        } else {
+            let top: Vec<String> = c.top3.iter().map(|s| format!("{} {:.2}", s.label, s.p)).collect();
+            format!("{:<22} {:.2}  ({})  {text}", c.label, c.confidence, top.join(", "))
+        };
+        if std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes()).is_err() {
+            return Ok(exit::OK); // stdout closed (a pager quit): nothing more to say
+        }
+    }
+    let _ = std::io::Write::flush(&mut out);
+    Ok(exit::OK)
+}

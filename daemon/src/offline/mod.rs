@@ -1,0 +1,69 @@
+//! The speech path and call understanding on files, from the CLI: one file per command
+//! (`transcribe`, `bench_asr`, `bench_intent`, `classify`, `analyze`) and the loaders they
+//! share. Each command returns `Result<u8, Failure>`: the exit code of a run that did its
+//! job (possibly with some inputs refused), or why it could not.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::config::{self, Config};
+use crate::exit::{self, Failure};
+use crate::speech::{SpeechError, SpeechModels};
+use crate::understanding::intent::IntentModel;
+
+mod analyze;
+mod bench_asr;
+mod bench_intent;
+mod classify;
+mod transcribe;
+
+pub use analyze::analyze;
+pub use bench_asr::bench_asr;
+pub use bench_intent::bench_intent;
+pub use classify::classify;
+pub use transcribe::transcribe;
+
+/// The valid configuration, or every problem in it.
+fn load_config(path: &Path) -> Result<Config, Failure> {
+    config::load(path).map(|loaded| loaded.config).map_err(|e| {
+        let lines: Vec<String> = e.problem_lines().into_iter().map(|p| format!("  {p}")).collect();
+        Failure::new(exit::CONFIG, format!("{e}\n{}", lines.join("\n")))
+    })
+}
+
+fn load_models(config: &Config, dir: Option<&Path>) -> Result<SpeechModels, Failure> {
+    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    let started = Instant::now();
+    let models = SpeechModels::load(&dir, &config.speech.encoder_buckets_secs).map_err(|e| {
+        let fix = if matches!(e, SpeechError::Io { .. }) {
+            "\ncallbox: build them with `bash models/build.sh` (models/cache) or set speech.models_dir"
+        } else {
+            ""
+        };
+        Failure::new(exit::UNAVAILABLE, format!("cannot load the speech models: {e}{fix}"))
+    })?;
+    log::info!("models from {} loaded in {:.1} s", dir.display(), started.elapsed().as_secs_f64());
+    Ok(models)
+}
+
+fn load_intent(config: &Config, models_dir: Option<&Path>) -> Result<IntentModel, Failure> {
+    let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    crate::speech::ModelSet::open(&dir).and_then(|set| IntentModel::load(&set)).map_err(|e| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot load the intent model: {e}\ncallbox: build it with `bash models/build.sh` (models/cache) or set speech.models_dir"
+            ),
+        )
+    })
+}
+
+/// A text file's non-empty lines, the file bounded like a recording.
+fn read_lines(path: &Path, max_mb: u64) -> Result<Vec<String>, String> {
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size > max_mb * 1024 * 1024 {
+        return Err(format!("larger than spool.max_file_mb = {max_mb}"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+}
