@@ -188,9 +188,7 @@ async fn start(loaded: LoadedConfig) -> Result<Started, u8> {
         audiosocket.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
     let capture = cfg.alsa.device.is_some().then(crate::inputs::alsa::request_queue);
 
-    let ctx = ControlContext {
-        config: config_rx.clone(),
-        health: health.clone(),
+    let status = server::StatusSources {
         started_at: SystemTime::now(),
         started: tokio::time::Instant::now(),
         data_dir: data_dir.clone(),
@@ -199,8 +197,13 @@ async fn start(loaded: LoadedConfig) -> Result<Started, u8> {
         systemd_notify: notifier.is_enabled(),
         calls: calls.clone(),
         audiosocket_listeners,
-        line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
         speech: speech.clone(),
+    };
+    let ctx = ControlContext {
+        config: config_rx.clone(),
+        health: health.clone(),
+        status,
+        line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
         customers: customers.clone(),
         monitor: understanding.as_ref().map(Understanding::bus),
         reload_tx,

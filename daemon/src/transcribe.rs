@@ -14,7 +14,7 @@ use crate::speech::{SpeechError, SpeechModels};
 #[derive(Debug, thiserror::Error)]
 pub enum TranscribeError {
     #[error("{path}: {reason}")]
-    Input { path: String, reason: String },
+    Input { path: String, reason: RecordingError },
     #[error(transparent)]
     Speech(#[from] SpeechError),
 }
@@ -36,17 +36,25 @@ pub struct FileTranscript {
     pub real_time_factor: f64,
 }
 
+/// Why a recording cannot be used; its text goes to a reason file or a message.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    #[error("larger than spool.max_file_mb = {max_mb}")]
+    TooLarge { max_mb: u64 },
+    #[error("cannot read: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("not a usable recording: {0}")]
+    Unusable(#[from] wav::WavError),
+}
+
 /// Reads and parses a recording no larger than `spool.max_file_mb` (the CLI and the spool
-/// share the bound). The error says what is wrong, for a reason file or a message.
-pub fn read_recording(path: &Path, spool: &SpoolConfig) -> Result<wav::Wav, String> {
+/// share the bound).
+pub fn read_recording(path: &Path, spool: &SpoolConfig) -> Result<wav::Wav, RecordingError> {
     let max_bytes = spool.max_file_mb * 1024 * 1024;
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > max_bytes => return Err(format!("larger than spool.max_file_mb = {}", spool.max_file_mb)),
-        Ok(_) => {}
-        Err(e) => return Err(format!("cannot read: {e}")),
+    if std::fs::metadata(path)?.len() > max_bytes {
+        return Err(RecordingError::TooLarge { max_mb: spool.max_file_mb });
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    wav::parse(&bytes).map_err(|e| format!("not a usable recording: {e}"))
+    Ok(wav::parse(&std::fs::read(path)?)?)
 }
 
 /// The legs of a recording: mono → `mono_leg`; stereo → left is `left_channel`.
@@ -83,7 +91,7 @@ pub fn transcribe_file(
     spool: &SpoolConfig,
     path: &Path,
 ) -> Result<FileTranscript, TranscribeError> {
-    let input = |reason: String| TranscribeError::Input { path: path.display().to_string(), reason };
+    let input = |reason| TranscribeError::Input { path: path.display().to_string(), reason };
     let recording = read_recording(path, spool).map_err(input)?;
     let started = Instant::now();
     let mut utterances = Vec::new();

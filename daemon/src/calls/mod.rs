@@ -48,10 +48,19 @@ pub enum LegEvent {
     },
 }
 
+/// Why a leg was not admitted (the input hangs up with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("call {call} already has an open {leg:?} leg")]
+    LegAlreadyOpen { call: String, leg: Leg },
+    #[error("at capacity: {max_calls} concurrent calls (calls.max_concurrent)")]
+    AtCapacity { max_calls: usize },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     Admitted,
-    Refused(String),
+    Refused(Refusal),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,12 +132,10 @@ impl CallTable {
     pub fn admit(&mut self, call: &str, leg: Leg) -> Admission {
         let refusal = match self.calls.get(call) {
             Some(state) if state.legs.get(&leg).is_some_and(|l| l.open) => {
-                Some(format!("call {call} already has an open {leg:?} leg"))
+                Some(Refusal::LegAlreadyOpen { call: call.to_owned(), leg })
             }
             Some(_) => None,
-            None if self.calls.len() >= self.max_calls => {
-                Some(format!("at capacity: {} concurrent calls (calls.max_concurrent)", self.max_calls))
-            }
+            None if self.calls.len() >= self.max_calls => Some(Refusal::AtCapacity { max_calls: self.max_calls }),
             None => None,
         };
         match refusal {
@@ -280,9 +287,9 @@ mod tests {
         let mut t = CallTable::new(1);
         assert_eq!(t.admit("a", Leg::Customer), Admission::Admitted);
         t.handle(opened("a", Leg::Customer), now);
-        assert!(matches!(t.admit("a", Leg::Customer), Admission::Refused(r) if r.contains("already has an open")));
+        assert!(matches!(t.admit("a", Leg::Customer), Admission::Refused(Refusal::LegAlreadyOpen { .. })));
         assert_eq!(t.admit("a", Leg::Agent), Admission::Admitted, "the other leg of an admitted call is welcome");
-        assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(r) if r.contains("at capacity")));
+        assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(Refusal::AtCapacity { max_calls: 1 })));
         assert_eq!(t.total_refused, 2);
         t.handle(closed("a", Leg::Customer), now);
         assert_eq!(t.admit("b", Leg::Customer), Admission::Admitted);

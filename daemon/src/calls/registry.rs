@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Admission, CallAction, CallSummary, CallTable, CallsReport, LegEvent, Stamp};
+use super::{Admission, CallAction, CallSummary, CallTable, CallsReport, LegEvent, Refusal, Stamp};
 use crate::audio::Leg;
 
 fn now() -> Stamp {
@@ -41,7 +41,7 @@ impl CallRegistry {
     }
 
     /// Admits and opens a leg in one step, or says why not.
-    pub fn open(&self, call: &str, leg: Leg, source: &str) -> Result<LegGuard, String> {
+    pub fn open(&self, call: &str, leg: Leg, source: &str) -> Result<LegGuard, Refusal> {
         let actions = self.with(|t| match t.admit(call, leg) {
             Admission::Refused(reason) => Err(reason),
             Admission::Admitted => {

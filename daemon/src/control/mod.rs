@@ -10,3 +10,4 @@ pub mod client;
 pub mod convert;
 pub mod protocol;
 pub mod server;
+mod status;

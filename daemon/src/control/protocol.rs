@@ -505,6 +505,171 @@ mod tests {
         assert_eq!(Request::Reload {}.required_role(), Role::Admin);
     }
 
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(value: T) {
+        let line = encode_line(&value);
+        let back: T = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
+        assert_eq!(back, value, "{}", String::from_utf8_lossy(&line));
+    }
+
+    fn customer() -> CustomerRecord {
+        CustomerRecord {
+            customer: "ab12".into(),
+            first_unix_ms: 1,
+            last_unix_ms: 2,
+            calls: 3,
+            tags: vec![TagRecord { tag: "price_sensitive".into(), first_unix_ms: 1, last_unix_ms: 2, calls: 2 }],
+        }
+    }
+
+    fn utterance() -> MonitorItem {
+        MonitorItem::Utterance(UtteranceItem {
+            call: "c1".into(),
+            index: 0,
+            leg: "customer".into(),
+            start_secs: 1.5,
+            end_secs: 2.25,
+            text: "多少钱".into(),
+            pii: vec!["mobile".into()],
+            intent: Some(IntentItem {
+                label: "price_inquiry".into(),
+                confidence: 0.5,
+                top3: vec![ScoredLabel { label: "price_inquiry".into(), p: 0.5 }],
+            }),
+            emotion: Some("neutral".into()),
+            phase: "needs_discovery".into(),
+            rules: vec!["r1".into()],
+        })
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for request in [
+            Request::Ping {},
+            Request::Status {},
+            Request::Reload {},
+            Request::CallStart { line: "1".into() },
+            Request::CallStop { line: "1".into() },
+            Request::CallInfo { call: "c".into(), caller: Some("+86 138".into()), converted: Some(true) },
+            Request::Customer { caller: "138".into() },
+            Request::Watch {},
+        ] {
+            let line = encode_line(&request.clone().frame());
+            assert_eq!(decode_request(&line[..line.len() - 1]), Ok(request.clone()));
+            round_trip(request.frame());
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        let status = StatusReport {
+            version: "0.1.0".into(),
+            pid: 7,
+            state: DaemonState::Stopping,
+            started_at: "2026-12-01T00:00:00Z".into(),
+            uptime_secs: 5,
+            config: ConfigSource::Defaults { path: "/etc/callbox/callbox.toml".into(), reason: "is empty".into() },
+            config_generation: 2,
+            last_reload: Some(ReloadReport {
+                at: "2026-12-01T00:00:01Z".into(),
+                ok: false,
+                generation: 1,
+                problems: vec!["line 3: x: bad".into()],
+                restart_required: vec!["control.socket".into()],
+            }),
+            log_level: "info".into(),
+            log_to_journal: false,
+            systemd_notify: true,
+            watchdog_interval_ms: Some(15_000),
+            control_socket: "/run/callbox/control.sock".into(),
+            data_dir: "/var/lib/callbox".into(),
+            components: vec![ComponentHealth {
+                name: "speech".into(),
+                state: HealthState::Degraded,
+                detail: "d".into(),
+                since: "2026-12-01T00:00:00Z".into(),
+            }],
+            audiosocket_listeners: vec!["127.0.0.1:9092 (customer)".into()],
+            calls: CallsReport {
+                active: vec![CallSummary {
+                    call: "c".into(),
+                    started_at_unix_ms: 9,
+                    legs: vec![LegSummary {
+                        leg: "agent".into(),
+                        source: "peer".into(),
+                        open: true,
+                        audio_ms: 20,
+                        dtmf: "1".into(),
+                        closed_because: None,
+                    }],
+                }],
+                total_started: 1,
+                total_refused: 0,
+            },
+            speech: Some(SpeechReport {
+                models_dir: "/m".into(),
+                legs_open: 1,
+                legs_total: 2,
+                utterances: 3,
+                audio_secs: 4.5,
+                asr_secs: 0.5,
+                errors: 0,
+            }),
+            caller: CallerInfo { uid: 0, role: Role::Admin },
+        };
+        for response in [
+            Response::Pong,
+            Response::Status(Box::new(status)),
+            Response::Reload(ReloadReport {
+                at: "t".into(),
+                ok: true,
+                generation: 2,
+                problems: vec![],
+                restart_required: vec![],
+            }),
+            Response::Call(CallReply { line: "1".into(), call: "alsa:1:0".into(), started: true }),
+            Response::Customer(CustomerReply { customer: Some(customer()) }),
+            Response::Customer(CustomerReply { customer: None }),
+            Response::Watching,
+            Response::error(ErrorCode::ShuttingDown, "stopping"),
+        ] {
+            round_trip(response.frame());
+        }
+    }
+
+    #[test]
+    fn every_monitor_item_round_trips() {
+        let event = MonitorItem::Event(EventItem {
+            call: "c1".into(),
+            kind: "dnc_request".into(),
+            rule: "customer_do_not_call".into(),
+            reason: "asked".into(),
+            at_secs: 3.5,
+            utterances: vec![0, 2],
+        });
+        let finished = |customer| {
+            MonitorItem::CallFinished(CallFinishedItem {
+                call: "c1".into(),
+                utterances: 3,
+                rule_hits: 1,
+                events: 1,
+                phase: "closing".into(),
+                tags: vec!["do_not_call".into()],
+                customer,
+            })
+        };
+        for item in [utterance(), event, finished(Some(customer())), finished(None)] {
+            round_trip(MonitorFrame { v: PROTOCOL_VERSION, monitor: item });
+        }
+    }
+
+    #[test]
+    fn monitor_lines_keep_the_v1_shape() {
+        // What `watch --json` consumers parse: a field renamed here is a protocol change.
+        let line = encode_line(&MonitorFrame { v: 1, monitor: utterance() });
+        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"]}}"#;
+        assert_eq!(String::from_utf8(line).unwrap().trim_end(), expected);
+    }
+
     #[test]
     fn framer_splits_lines_across_chunks() {
         let mut f = LineFramer::new(16);

@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -24,12 +24,11 @@ use tokio::time::Instant;
 
 use super::auth::{self, AccessPolicy};
 use super::protocol::{
-    decode_request, encode_line, CallerInfo, DaemonState, ErrorCode, Framed, LineFramer, MonitorFrame, Request,
-    Response, Role, StatusReport,
+    decode_request, encode_line, CallerInfo, ErrorCode, Framed, LineFramer, MonitorFrame, Request, Response, Role,
 };
+pub use super::status::StatusSources;
 use crate::config::{ReloadReport, RunningConfig};
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
-use crate::logging::{self, utc_timestamp};
 
 const COMPONENT: &str = "control";
 /// How often the socket file is checked for removal or replacement.
@@ -58,23 +57,15 @@ pub enum ControlError {
 /// A reload request from a client, answered by the supervisor.
 pub type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 
-/// What the server needs from the rest of the daemon.
+/// What the server needs from the rest of the daemon: narrow handles, one per subsystem
+/// it serves, and what `status` reads.
 #[derive(Clone)]
 pub struct ControlContext {
     pub config: watch::Receiver<Arc<RunningConfig>>,
     pub health: HealthBoard,
-    pub started_at: SystemTime,
-    pub started: Instant,
-    pub data_dir: PathBuf,
-    /// The socket path actually bound (the config may leave it to the defaults).
-    pub socket_path: PathBuf,
-    pub watchdog_interval: Option<Duration>,
-    pub systemd_notify: bool,
-    pub calls: crate::calls::registry::CallRegistry,
-    pub audiosocket_listeners: Vec<String>,
+    pub status: StatusSources,
     /// Start/stop requests for ALSA capture lines; None when capture is off.
     pub line_requests: Option<crate::inputs::alsa::LineRequests>,
-    pub speech: Option<crate::speech::live::SpeechService>,
     pub customers: crate::customers::Customers,
     /// The understanding bus, for `watch`; None when speech is off.
     pub monitor: Option<tokio::sync::broadcast::Sender<Arc<crate::understanding::live::Monitor>>>,
@@ -379,7 +370,8 @@ async fn respond(
     let response = match request {
         Request::Ping {} => Response::Pong,
         Request::Status {} => {
-            Response::Status(Box::new(status_report(running, ctx, shutdown, CallerInfo { uid: peer.uid, role })))
+            let caller = CallerInfo { uid: peer.uid, role };
+            Response::Status(Box::new(ctx.status.report(running, &ctx.health, shutdown.is_triggered(), caller)))
         }
         Request::Reload {} => reload(ctx).await,
         Request::CallStart { line } => line_request(ctx, &line, true, peer.who).await,
@@ -454,7 +446,7 @@ async fn line_request(ctx: &ControlContext, line: &str, start: bool, who: &str) 
             log::info!(component = COMPONENT, call_id = call.as_str(); "call on line {line} {verb} at the request of {who}");
             Response::Call(crate::control::protocol::CallReply { line: line.to_owned(), call, started: start })
         }
-        Err(message) => Response::error(ErrorCode::Rejected, message),
+        Err(e) => Response::error(ErrorCode::Rejected, e.to_string()),
     }
 }
 
@@ -468,48 +460,5 @@ async fn reload(ctx: &ControlContext) -> Response {
         Ok(Ok(Err(message))) => Response::error(ErrorCode::ShuttingDown, message),
         Ok(Err(_)) => Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
         Err(_) => Response::error(ErrorCode::Internal, "the supervisor did not answer the reload in time"),
-    }
-}
-
-fn status_report(
-    running: &RunningConfig,
-    ctx: &ControlContext,
-    shutdown: &ShutdownSignal,
-    caller: CallerInfo,
-) -> StatusReport {
-    StatusReport {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        pid: std::process::id(),
-        state: if shutdown.is_triggered() { DaemonState::Stopping } else { DaemonState::Running },
-        started_at: utc_timestamp(ctx.started_at),
-        uptime_secs: ctx.started.elapsed().as_secs(),
-        config: running.source.clone().into(),
-        config_generation: running.generation,
-        last_reload: running.last_reload.clone().map(Into::into),
-        log_level: log::max_level().to_string().to_lowercase(),
-        log_to_journal: logging::to_journal(),
-        systemd_notify: ctx.systemd_notify,
-        watchdog_interval_ms: ctx.watchdog_interval.map(|d| d.as_millis() as u64),
-        control_socket: ctx.socket_path.display().to_string(),
-        data_dir: ctx.data_dir.display().to_string(),
-        components: ctx.health.snapshot().into_iter().map(Into::into).collect(),
-        audiosocket_listeners: ctx.audiosocket_listeners.clone(),
-        calls: ctx.calls.snapshot().into(),
-        speech: ctx.speech.as_ref().map(speech_report),
-        caller,
-    }
-}
-
-fn speech_report(service: &crate::speech::live::SpeechService) -> crate::control::protocol::SpeechReport {
-    use std::sync::atomic::Ordering::Relaxed;
-    let s = &service.stats;
-    crate::control::protocol::SpeechReport {
-        models_dir: service.models().dir.display().to_string(),
-        legs_open: s.legs_open.load(Relaxed),
-        legs_total: s.legs_total.load(Relaxed),
-        utterances: s.utterances.load(Relaxed),
-        audio_secs: s.audio_ms.load(Relaxed) as f64 / 1000.0,
-        asr_secs: s.asr_ms.load(Relaxed) as f64 / 1000.0,
-        errors: s.errors.load(Relaxed),
     }
 }

@@ -19,7 +19,7 @@ use alsa::pcm::{Access, Format, HwParams, PCM};
 use alsa::{Direction, ValueOr};
 use tokio::sync::{oneshot, watch};
 
-use super::lines::{rms, LineAction, LineParams, LineTracker};
+use super::lines::{rms, LineAction, LineError, LineParams, LineTracker};
 use crate::audio::Leg;
 use crate::calls::registry::{CallRegistry, LegGuard};
 use crate::config::AlsaConfig;
@@ -34,12 +34,23 @@ const PREROLL_MS: u32 = 300;
 /// Requests waiting for the capture thread; more are refused at once.
 const MAX_PENDING_REQUESTS: usize = 16;
 
+/// Why the capture device could not be set up (it is retried every [`RETRY`]).
+#[derive(Debug, thiserror::Error)]
+enum DeviceError {
+    #[error("capture device {device}: {what}: {source}")]
+    Setup { device: String, what: String, source: alsa::Error },
+    #[error(
+        "capture device {device} runs at {rate} Hz, not alsa.sample_rate = {wanted}; use the plughw: device to convert"
+    )]
+    Rate { device: String, rate: u32, wanted: u32 },
+}
+
 /// `callbox call start|stop LINE`, as the control socket hands it to capture.
 pub struct LineRequest {
     pub line: String,
     pub start: bool,
     /// The call id, or why not.
-    pub reply: oneshot::Sender<Result<String, String>>,
+    pub reply: oneshot::Sender<Result<String, LineError>>,
 }
 
 /// The control socket's end of the request queue.
@@ -47,13 +58,13 @@ pub struct LineRequest {
 pub struct LineRequests(mpsc::SyncSender<LineRequest>);
 
 impl LineRequests {
-    pub async fn send(&self, line: &str, start: bool) -> Result<String, String> {
+    pub async fn send(&self, line: &str, start: bool) -> Result<String, LineError> {
         let (reply, answer) = oneshot::channel();
         let request = LineRequest { line: line.to_owned(), start, reply };
-        self.0.try_send(request).map_err(|_| "capture is busy or stopped; try again".to_owned())?;
+        self.0.try_send(request).map_err(|_| LineError::Busy)?;
         match tokio::time::timeout(Duration::from_secs(3), answer).await {
             Ok(Ok(result)) => result,
-            _ => Err("capture did not answer (is the device open? see `callbox status`)".into()),
+            _ => Err(LineError::NoAnswer),
         }
     }
 }
@@ -133,13 +144,14 @@ impl Capture {
                     }
                     self.degraded(format!("{}: {reason}; reopening", self.device()), &mut last_error);
                 }
-                Err(reason) => self.degraded(reason, &mut last_error),
+                Err(e) => self.degraded(e.to_string(), &mut last_error),
             }
             // Requests while the device is away get a clear answer rather than a timeout.
             let deadline = std::time::Instant::now() + RETRY;
             while !self.stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
                 while let Ok(r) = requests.try_recv() {
-                    let _ = r.reply.send(Err(format!("capture device {} is not open: {last_error}", self.device())));
+                    let device = self.device().to_owned();
+                    let _ = r.reply.send(Err(LineError::DeviceNotOpen { device, reason: last_error.clone() }));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -155,28 +167,31 @@ impl Capture {
     }
 
     /// Opens the device with the configured layout; returns it and the period in frames.
-    fn open(&self) -> Result<(PCM, usize), String> {
-        let c = &self.config;
+    fn open(&self) -> Result<(PCM, usize), DeviceError> {
+        let alsa_config = &self.config;
         let device = self.device();
-        let fail = |what: &str, e: alsa::Error| format!("capture device {device}: {what}: {e}");
+        let fail = |what: &str, source: alsa::Error| DeviceError::Setup {
+            device: device.to_owned(),
+            what: what.to_owned(),
+            source,
+        };
         let pcm = PCM::new(device, Direction::Capture, false).map_err(|e| fail("cannot open", e))?;
-        let period = (c.sample_rate * c.period_ms / 1000) as usize;
+        let period = (alsa_config.sample_rate * alsa_config.period_ms / 1000) as usize;
         {
             let hw = HwParams::any(&pcm).map_err(|e| fail("no parameters", e))?;
             hw.set_access(Access::RWInterleaved).map_err(|e| fail("interleaved access", e))?;
             hw.set_format(Format::s16()).map_err(|e| fail("16-bit samples", e))?;
-            hw.set_channels(c.channels).map_err(|e| fail(&format!("{} channels", c.channels), e))?;
-            hw.set_rate(c.sample_rate, ValueOr::Nearest).map_err(|e| fail("rate", e))?;
+            hw.set_channels(alsa_config.channels)
+                .map_err(|e| fail(&format!("{} channels", alsa_config.channels), e))?;
+            hw.set_rate(alsa_config.sample_rate, ValueOr::Nearest).map_err(|e| fail("rate", e))?;
             let rate = hw.get_rate().map_err(|e| fail("rate", e))?;
-            if rate != c.sample_rate {
-                return Err(format!(
-                    "capture device {device} runs at {rate} Hz, not alsa.sample_rate = {}; use the plughw: device to convert",
-                    c.sample_rate
-                ));
+            if rate != alsa_config.sample_rate {
+                return Err(DeviceError::Rate { device: device.to_owned(), rate, wanted: alsa_config.sample_rate });
             }
             hw.set_period_size_near(period as alsa::pcm::Frames, ValueOr::Nearest).map_err(|e| fail("period", e))?;
             // Half a second of buffer rides out scheduling hiccups.
-            hw.set_buffer_size_near((c.sample_rate / 2) as alsa::pcm::Frames).map_err(|e| fail("buffer", e))?;
+            hw.set_buffer_size_near((alsa_config.sample_rate / 2) as alsa::pcm::Frames)
+                .map_err(|e| fail("buffer", e))?;
             pcm.hw_params(&hw).map_err(|e| fail("cannot apply parameters", e))?;
         }
         pcm.prepare().map_err(|e| fail("prepare", e))?;
@@ -185,22 +200,23 @@ impl Capture {
 
     /// Reads until stop or a device failure (returned as the reason).
     fn capture_from(&self, pcm: &PCM, period: usize, requests: &mpsc::Receiver<LineRequest>) -> String {
-        let c = &self.config;
-        let channels = c.channels as usize;
+        let alsa_config = &self.config;
+        let channels = alsa_config.channels as usize;
         let io = match pcm.io_i16() {
             Ok(io) => io,
             Err(e) => return format!("no 16-bit reader: {e}"),
         };
         let mut lines: Vec<LineSpec> = Vec::new();
-        for m in &c.map {
+        for m in &alsa_config.map {
             match lines.iter_mut().find(|l| l.name == m.line) {
                 Some(l) => l.channels.push((m.channel as usize, m.leg)),
                 None => lines.push(LineSpec { name: m.line.clone(), channels: vec![(m.channel as usize, m.leg)] }),
             }
         }
-        let mut tracker = LineTracker::new(lines.iter().map(|l| l.name.clone()).collect(), LineParams::from_config(c));
+        let mut tracker =
+            LineTracker::new(lines.iter().map(|l| l.name.clone()).collect(), LineParams::from_config(alsa_config));
         let mut active: Vec<Option<LineCall>> = (0..lines.len()).map(|_| None).collect();
-        let preroll_periods = (PREROLL_MS / c.period_ms.max(1)).max(1) as usize;
+        let preroll_periods = (PREROLL_MS / alsa_config.period_ms.max(1)).max(1) as usize;
         let mut preroll: Vec<VecDeque<Vec<i16>>> = vec![VecDeque::new(); channels];
         let mut interleaved = vec![0i16; period * channels];
         let mut split: Vec<Vec<i16>> = vec![Vec::with_capacity(period); channels];
@@ -208,7 +224,7 @@ impl Capture {
         let mut overruns: u64 = 0;
         self.health.set(COMPONENT, HealthState::Ok, self.describe(&tracker, overruns));
         log::info!(component = COMPONENT; "capturing from {} ({} ch, {} Hz, lines {})",
-            self.device(), c.channels, c.sample_rate, tracker.names().join(", "));
+            self.device(), alsa_config.channels, alsa_config.sample_rate, tracker.names().join(", "));
 
         let reason = loop {
             if self.stop.load(Ordering::SeqCst) {

@@ -7,6 +7,23 @@
 
 use std::time::{Duration, SystemTime};
 
+/// Why a `call start|stop` request on a capture line was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("no line {line:?} on this device (lines: {lines})")]
+    NoSuchLine { line: String, lines: String },
+    #[error("line {line} is already in call {call}")]
+    AlreadyInCall { line: String, call: String },
+    #[error("line {line} has no call in progress")]
+    NoCall { line: String },
+    #[error("capture device {device} is not open: {reason}")]
+    DeviceNotOpen { device: String, reason: String },
+    #[error("capture is busy or stopped; try again")]
+    Busy,
+    #[error("capture did not answer (is the device open? see `callbox status`)")]
+    NoAnswer,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LineParams {
     /// Start calls on sound; otherwise only on requests.
@@ -18,11 +35,11 @@ pub struct LineParams {
 }
 
 impl LineParams {
-    pub fn from_config(c: &crate::config::AlsaConfig) -> Self {
+    pub fn from_config(alsa: &crate::config::AlsaConfig) -> Self {
         Self {
-            auto_start: c.auto_start,
-            sound_level: 10f32.powf(c.start_level_dbfs / 20.0),
-            silence_timeout_frames: u64::from(c.silence_timeout_secs) * u64::from(c.sample_rate),
+            auto_start: alsa.auto_start,
+            sound_level: 10f32.powf(alsa.start_level_dbfs / 20.0),
+            silence_timeout_frames: u64::from(alsa.silence_timeout_secs) * u64::from(alsa.sample_rate),
         }
     }
 }
@@ -96,12 +113,12 @@ impl LineTracker {
     }
 
     /// A start or stop request for the line called `name`.
-    pub fn request(&mut self, name: &str, start: bool, at: u64, now: SystemTime) -> Result<LineAction, String> {
+    pub fn request(&mut self, name: &str, start: bool, at: u64, now: SystemTime) -> Result<LineAction, LineError> {
         let line = self
             .names
             .iter()
             .position(|n| n == name)
-            .ok_or_else(|| format!("no line {name:?} on this device (lines: {})", self.names.join(", ")))?;
+            .ok_or_else(|| LineError::NoSuchLine { line: name.to_owned(), lines: self.names.join(", ") })?;
         let state = &mut self.states[line];
         match (start, &mut *state) {
             (true, LineState::Idle) => {
@@ -112,14 +129,14 @@ impl LineTracker {
             (true, LineState::InCall { call, explicit, .. }) => {
                 // A request takes over a call that sound started: it now ends on request.
                 *explicit = true;
-                Err(format!("line {name} is already in call {call}"))
+                Err(LineError::AlreadyInCall { line: name.to_owned(), call: call.clone() })
             }
             (false, LineState::InCall { call, .. }) => {
                 let call = std::mem::take(call);
                 *state = LineState::Idle;
                 Ok(LineAction::End { line, call, reason: "stop requested".into() })
             }
-            (false, LineState::Idle) => Err(format!("line {name} has no call in progress")),
+            (false, LineState::Idle) => Err(LineError::NoCall { line: name.to_owned() }),
         }
     }
 
@@ -186,12 +203,14 @@ mod tests {
         assert_eq!(t.period(1, 0.9, 160, T0), None);
         let start = t.request("2", true, 160, T0).unwrap();
         assert_eq!(start, LineAction::Start { line: 1, call: "alsa:2:0".into() });
-        assert!(t.request("2", true, 200, T0).unwrap_err().contains("already in call alsa:2:0"));
+        assert!(
+            matches!(t.request("2", true, 200, T0), Err(LineError::AlreadyInCall { call, .. }) if call == "alsa:2:0")
+        );
         assert_eq!(t.period(1, 0.0, 1_000_000, T0), None, "an explicit call ignores silence");
         let end = t.request("2", false, 1_000_000, T0).unwrap();
         assert_eq!(end, LineAction::End { line: 1, call: "alsa:2:0".into(), reason: "stop requested".into() });
-        assert!(t.request("2", false, 0, T0).unwrap_err().contains("no call in progress"));
-        assert!(t.request("9", true, 0, T0).unwrap_err().contains("lines: 1, 2"));
+        assert_eq!(t.request("2", false, 0, T0), Err(LineError::NoCall { line: "2".into() }));
+        assert!(t.request("9", true, 0, T0).unwrap_err().to_string().contains("lines: 1, 2"));
     }
 
     #[test]

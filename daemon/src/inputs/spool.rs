@@ -127,7 +127,7 @@ fn process(
     };
     let recording = match crate::transcribe::read_recording(path, settings) {
         Ok(w) => w,
-        Err(reason) => return FileOutcome::Failed(reason),
+        Err(reason) => return FileOutcome::Failed(reason.to_string()),
     };
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording");
     let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{stem}"));
@@ -153,7 +153,7 @@ fn process(
                 guard.audio(samples.len() as u64, recording.sample_rate);
                 guards.push(guard);
             }
-            Err(reason) => return FileOutcome::Later(reason),
+            Err(reason) => return FileOutcome::Later(reason.to_string()),
         }
     }
     let started = std::time::Instant::now();
@@ -161,7 +161,7 @@ fn process(
         None => None,
         Some((service, config)) => match transcribe_legs(service, config, &call_id, &legs, recording.sample_rate) {
             Ok(u) => Some(u),
-            Err(reason) => return FileOutcome::Failed(reason),
+            Err(reason) => return FileOutcome::Failed(reason.to_string()),
         },
     };
     let duration_secs = recording.duration_secs();

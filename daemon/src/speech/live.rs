@@ -67,6 +67,15 @@ pub struct SpeechStats {
     pub errors: AtomicU64,
 }
 
+/// Why a leg gets no speech worker.
+#[derive(Debug, thiserror::Error)]
+pub enum LegError {
+    #[error("cannot take audio at {rate} Hz: {source}")]
+    Rate { rate: u32, source: crate::audio::resample::ResampleError },
+    #[error("cannot start a speech worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// A leg's worker thread, kept so that shutdown can wait for its last utterance.
 struct Worker {
     call: String,
@@ -141,8 +150,8 @@ impl SpeechService {
         rate: u32,
         offset_secs: f64,
         config: &SpeechConfig,
-    ) -> Result<LegFeed, String> {
-        let resampler = StreamResampler::new(rate, 16_000).map_err(|e| e.to_string())?;
+    ) -> Result<LegFeed, LegError> {
+        let resampler = StreamResampler::new(rate, 16_000).map_err(|source| LegError::Rate { rate, source })?;
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
         let worker = LegWorker {
             service: self.clone(),
@@ -155,10 +164,7 @@ impl SpeechService {
             log_text: config.log_transcripts,
         };
         let name = format!("speech-{}", leg.name());
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || worker.run(rx))
-            .map_err(|e| format!("cannot start a speech worker thread: {e}"))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || worker.run(rx)).map_err(LegError::Thread)?;
         let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         // Reap the legs that have ended, so the list is as long as the open legs.
         let (done, open): (Vec<Worker>, Vec<Worker>) = workers.drain(..).partition(|w| w.thread.is_finished());

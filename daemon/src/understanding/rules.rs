@@ -177,22 +177,28 @@ impl RuleSet {
             return Err(vec![format!("rule file larger than {MAX_RULES_BYTES} bytes")]);
         }
         let file: RulesFile = toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])?;
-        Self::compile(&file)
+        Self::compile_indexed(&file)
+            .map_err(|problems| problems.into_iter().map(|(rule, p)| at_line(text, rule, p)).collect())
     }
 
     pub fn compile(file: &RulesFile) -> Result<Self, Vec<String>> {
+        Self::compile_indexed(file).map_err(|problems| problems.into_iter().map(|(_, p)| p).collect())
+    }
+
+    /// Every problem with the index of the rule it belongs to.
+    fn compile_indexed(file: &RulesFile) -> Result<Self, Vec<(usize, String)>> {
         let mut problems = Vec::new();
         let mut rules = Vec::new();
         for (i, spec) in file.rules.iter().enumerate() {
             if file.rules[..i].iter().any(|r| r.id == spec.id) {
-                problems.push(format!("rule {}: the id is used twice", spec.id));
+                problems.push((i, format!("rule {}: the id is used twice", spec.id)));
             }
             if spec.min_count == 0 {
-                problems.push(format!("rule {}: min_count must be at least 1", spec.id));
+                problems.push((i, format!("rule {}: min_count must be at least 1", spec.id)));
             }
             let mut errs = Vec::new();
             let check = compile_cond(&spec.when, &file.synonyms, &mut errs);
-            problems.extend(errs.into_iter().map(|e| format!("rule {}: {e}", spec.id)));
+            problems.extend(errs.into_iter().map(|e| (i, format!("rule {}: {e}", spec.id))));
             rules.push(Rule {
                 id: spec.id.clone(),
                 description: spec.description.clone(),
@@ -216,6 +222,16 @@ impl RuleSet {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+}
+
+/// "line N: rule ID: …", N being the line of the rule's `[[rule]]` header, so a rule-file
+/// problem reads like a config problem (line, key, message).
+fn at_line(text: &str, rule: usize, problem: String) -> String {
+    let headers = text.lines().enumerate().filter(|(_, l)| l.trim_start().starts_with("[[rule]]"));
+    match headers.map(|(n, _)| n).nth(rule) {
+        Some(n) => format!("line {}: {problem}", n + 1),
+        None => problem,
     }
 }
 
@@ -599,11 +615,11 @@ mod tests {
                     [[rule]]\nid = \"c\"\nseverity = \"info\"\nwhen = {}\n";
         let problems = RuleSet::parse(text).unwrap_err();
         for expected in [
-            "rule a: regex",
-            "rule a: the id is used twice",
-            "min_count",
+            "line 1: rule a: regex",
+            "line 5: rule a: the id is used twice",
+            "line 5: rule a: min_count",
             "no synonym list `missing`",
-            "rule c: a condition with nothing",
+            "line 10: rule c: a condition with nothing",
         ] {
             assert!(problems.iter().any(|p| p.contains(expected)), "{expected}: {problems:#?}");
         }
