@@ -83,6 +83,9 @@ const CONTROL_PLANE: &[&str] = &["control", "cli", "demo", "doctor", "render"];
 /// Modules that may import the control plane (they are it, or sit above it).
 const ABOVE_CONTROL: &[&str] = &["control", "cli", "daemon", "demo", "doctor", "offline", "render"];
 
+/// Shared plumbing below the shells that is neither a core nor a shell.
+const PLUMBING: &[&str] = &["exit", "paths", "testdata"];
+
 struct Module {
     path: PathBuf,
     /// Non-test code, comments removed, one entry per line.
@@ -436,6 +439,24 @@ fn there_are_no_import_cycles() {
         })
         .collect();
     assert!(report.is_empty(), "{}", report.join("\n"));
+}
+
+#[test]
+fn every_module_has_a_layer() {
+    // A new file must be placed, or the rules above would silently skip it.
+    let modules = read_modules();
+    let unplaced: Vec<&String> = modules
+        .keys()
+        .filter(|m| !m.is_empty())
+        .filter(|m| {
+            !CORES.contains(&m.as_str())
+                && !is_in(m, SHELLS)
+                && !is_in(m, CONTROL_PLANE)
+                && !is_in(m, ABOVE_CONTROL)
+                && !PLUMBING.contains(&m.as_str())
+        })
+        .collect();
+    assert!(unplaced.is_empty(), "modules in no layer (add them to CORES, SHELLS, … in tests/layers.rs): {unplaced:?}");
 }
 
 #[test]

@@ -82,19 +82,11 @@ pub fn bench_asr(
     let runs = runs.max(2);
     let mut rows = Vec::new();
     for file in &files {
-        let recording = match crate::transcribe::read_recording(file, &config.spool) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(Failure::new(exit::DATA_ERROR, format!("{}: {e}", file.display())));
-            }
-        };
+        let recording = crate::transcribe::read_recording(file, &config.spool)
+            .map_err(|e| Failure::new(exit::DATA_ERROR, format!("{}: {e}", file.display())))?;
         let Some(samples) = recording.channels.first() else { continue };
-        let telephone_samples = match telephone(samples, recording.sample_rate) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(Failure::new(exit::FAILURE, format!("{}: {e}", file.display())));
-            }
-        };
+        let telephone_samples = telephone(samples, recording.sample_rate)
+            .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", file.display())))?;
         for (is_phone, pcm, rate) in
             [(false, samples.as_slice(), recording.sample_rate), (true, &telephone_samples[..], 8000)]
         {
@@ -102,12 +94,8 @@ pub fn bench_asr(
             let mut last = Vec::new();
             for _ in 0..runs {
                 let started = Instant::now();
-                last = match run_once(&models, &config.speech, pcm, rate, whole) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        return Err(Failure::new(exit::FAILURE, format!("{}: {e}", file.display())));
-                    }
-                };
+                last = run_once(&models, &config.speech, pcm, rate, whole)
+                    .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", file.display())))?;
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
             }
             let mut steady = times[1..].to_vec();

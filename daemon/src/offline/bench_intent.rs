@@ -36,7 +36,7 @@ pub fn bench_intent(
         for text in &texts {
             let started = Instant::now();
             if let Err(e) = model.classify(text) {
-                return Err(Failure::new(exit::FAILURE, format!("{e}")));
+                return Err(Failure::new(exit::FAILURE, e.to_string()));
             }
             per_utterance_us.push(started.elapsed().as_secs_f64() * 1e6);
         }

@@ -22,22 +22,13 @@ pub fn classify(
             ));
         }
         None => vec![words.join(" ")],
-        Some(path) => match read_lines(path, config.spool.max_file_mb) {
-            Ok(lines) => lines,
-            Err(e) => {
-                return Err(Failure::new(exit::DATA_ERROR, format!("{}: {e}", path.display())));
-            }
-        },
+        Some(path) => read_lines(path, config.spool.max_file_mb)
+            .map_err(|e| Failure::new(exit::DATA_ERROR, format!("{}: {e}", path.display())))?,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for text in &texts {
-        let c = match model.classify(text) {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(Failure::new(exit::FAILURE, format!("{e}")));
-            }
-        };
+        let c = model.classify(text).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
         let line = if json {
             serde_json::json!({ "text": text, "label": c.label, "confidence": c.confidence, "top3": c.top3 })
                 .to_string()

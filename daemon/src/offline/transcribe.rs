@@ -42,7 +42,7 @@ pub fn transcribe(
                             "  [{:7.2} – {:7.2}] {:8} {}    (F0 {} Hz, {:.0} dBFS, {:.0}/min)",
                             u.utterance.start_secs,
                             u.utterance.end_secs,
-                            format!("{:?}", u.leg).to_lowercase(),
+                            u.leg.name(),
                             u.utterance.text,
                             p.f0_median_hz.map_or("-".into(), |f| format!("{f:.0}")),
                             p.energy_dbfs,

@@ -139,9 +139,8 @@ impl UnderstandingCore {
     pub fn tick(&mut self, live: &BTreeMap<String, Vec<Leg>>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut ended = Vec::new();
-        let mut ids: Vec<&String> = self.calls.keys().collect();
+        let mut ids: Vec<String> = self.calls.keys().cloned().collect();
         ids.sort();
-        let ids: Vec<String> = ids.into_iter().cloned().collect();
         for id in ids {
             let Some(call) = self.calls.get_mut(&id) else { continue };
             let secs = call.secs(now);

@@ -128,19 +128,12 @@ impl Understanding {
         let models = self.models.clone();
         let (leg, text, prosody) = (u.leg, u.utterance.text.clone(), Some(u.utterance.prosody.clone()));
         let computed = tokio::task::spawn_blocking(move || models.facts(leg, &text, prosody)).await;
-        let facts = match computed {
-            Ok(Ok(facts)) => facts,
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(_)) => String::new(),
-                };
-                // The rules still run on the text; only intent and emotion are missing.
-                log::error!(component = COMPONENT, call_id = u.call.as_str(); "text models failed: {why}");
-                UtteranceFacts { prosody: Some(u.utterance.prosody.clone()), ..Default::default() }
-            }
-        };
+        let facts = computed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+        let facts = facts.unwrap_or_else(|why| {
+            // The rules still run on the text; only intent and emotion are missing.
+            log::error!(component = COMPONENT, call_id = u.call.as_str(); "text models failed: {why}");
+            UtteranceFacts { prosody: Some(u.utterance.prosody.clone()), ..Default::default() }
+        });
         let heard = HeardUtterance {
             call: u.call.clone(),
             leg: u.leg,
