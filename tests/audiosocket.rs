@@ -192,7 +192,7 @@ fn silent_streams_time_out_and_unknown_peers_are_refused() {
     assert!(wait_until(WAIT, || active_calls(&d).len() == 1));
     closed_by_daemon(&mut silent);
     assert!(wait_until(WAIT, || active_calls(&d).is_empty()));
-    assert!(d.log_text().contains("no frame for 1 s"));
+    assert!(d.log_text().contains("no complete frame for 1 s"));
 
     let (d, customer_addr, _) = daemon("audiosocket.allowed_peers = [\"192.0.2.10\"]");
     let mut stranger = TcpStream::connect(&customer_addr).unwrap();
@@ -238,7 +238,7 @@ fn an_admitted_leg_gets_silence_back_at_the_pbx_rate() {
     let mut more = Vec::new();
     let _ = s.read_to_end(&mut more);
     assert!(more.len() >= 20 * 323, "{} bytes of keep-alive in {:?}", more.len(), started.elapsed());
-    assert!(wait_until(WAIT, || d.log_text().contains("no frame for 1 s")), "{}", d.log_text());
+    assert!(wait_until(WAIT, || d.log_text().contains("no complete frame for 1 s")), "{}", d.log_text());
     drop(d);
 
     // At 16 kHz (kind 0x12) after the PBX's first 16-kHz frame.
@@ -258,4 +258,80 @@ fn an_admitted_leg_gets_silence_back_at_the_pbx_rate() {
     });
     assert!(saw_16k);
     drop(d);
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (any 127.0.0.0/8 works).
+fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let to: std::net::SocketAddrV4 = addr.parse().unwrap();
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; the addresses are
+    // valid sockaddr_in values that live across the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn a_slowloris_host_cannot_keep_a_real_call_out() {
+    let (d, customer_addr, _) = daemon("");
+    // 600 connections from one host, each dribbling a frame one byte every 500 ms: the old
+    // daemon restarted its idle timer on every byte and shared 512 slots between
+    // listeners, so a real call waited as long as the dribbling went on.
+    let mut attackers: Vec<TcpStream> =
+        (0..600).filter_map(|_| connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), &customer_addr).ok()).collect();
+    assert!(attackers.len() >= 500, "only {} attacker connections", attackers.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribbling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let frame = audio_frame();
+            for byte in frame.iter().take(20) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                for a in &mut attackers {
+                    let _ = a.set_nonblocking(true);
+                    let _ = a.write_all(&[*byte]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            attackers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    // The PBX's real call, from another address, while the flood goes on.
+    let mut real = TcpStream::connect(&customer_addr).unwrap();
+    real.write_all(&uuid_frame(&CALL)).unwrap();
+    real.write_all(&audio_frame()).unwrap();
+    let served = wait_until(Duration::from_secs(5), || active_calls(&d).len() == 1);
+    // The dribbling streams are closed once their frame overruns its bound.
+    let cut = wait_until(WAIT, || d.log_text().contains("a frame begun was not complete within 2000 ms"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attackers = dribbling.join().unwrap();
+    assert!(served, "the real call was kept out; log:\n{}", d.log_text());
+    assert!(cut, "{}", d.log_text());
+    let log = d.log_text();
+    assert_eq!(log.matches("127.0.0.2 holds 64 AudioSocket streams").count(), 1, "said once: {log}");
+    drop(attackers);
+    drop(real);
 }

@@ -136,3 +136,96 @@ fn a_silent_connection_times_out() {
     let reply = read_response(&stream);
     assert_eq!(reply["response"]["code"], "timeout");
 }
+
+/// Opens `n` connections to the socket as nobody, sends nothing, and prints how many got
+/// each kind of answer (or none) within 5 s; then holds them for 30 s.
+const HOLDER: &str = r#"
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+answers = {}
+for s in held:
+    s.settimeout(5)
+    try:
+        data = s.recv(4096).decode()
+    except Exception:
+        data = ""
+    kind = "forbidden" if "forbidden" in data else "busy" if "busy" in data else "none"
+    answers[kind] = answers.get(kind, 0) + 1
+print(" ".join(f"{k}={v}" for k, v in sorted(answers.items())), flush=True)
+time.sleep(30)
+"#;
+
+fn hold_connections_as_nobody(daemon: &TestDaemon, n: usize) -> (std::process::Child, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/usr/bin/python3", "-c", HOLDER])
+        .arg(&daemon.socket)
+        .arg(n.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 as nobody");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line.trim().to_owned())
+}
+
+#[test]
+fn strangers_are_refused_at_connect_and_never_lock_root_out() {
+    // Slots held until the request timeout would lock everyone out for a minute.
+    let daemon =
+        TestDaemon::start("control.technician_group = \"callbox-test-none\"\ncontrol.request_timeout_secs = 60", &[]);
+    open_socket_to_everyone(&daemon);
+    let (mut holder, answers) = hold_connections_as_nobody(&daemon, 40);
+    // Every stranger's connection was answered and closed at once, not parked in a slot.
+    assert_eq!(answers, "forbidden=40", "{}", daemon.log_text());
+    let out = daemon.cli(&["status"]);
+    assert!(out.status.success(), "root was locked out: {}", stderr_of(&out));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(daemon.log_text().contains("refused a connection from uid 65534"), "{}", daemon.log_text());
+}
+
+#[test]
+fn one_technician_cannot_take_every_slot_and_hears_busy() {
+    let daemon = TestDaemon::start("control.technician_group = \"nogroup\"\ncontrol.request_timeout_secs = 60", &[]);
+    open_socket_to_everyone(&daemon);
+    let (mut holder, answers) = hold_connections_as_nobody(&daemon, 10);
+    // Four connections per technician (the default): the other six are told "busy".
+    assert_eq!(answers, "busy=6 none=4", "{}", daemon.log_text());
+    let out = daemon.cli(&["status"]);
+    assert!(out.status.success(), "root was locked out: {}", stderr_of(&out));
+    // The technician's fifth connection, from the CLI: an honest "busy", not an OS error.
+    let bin = world_executable_copy(daemon.dir.path());
+    let out = run_as_nobody(&bin, &["--socket", daemon.socket.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("busy: uid 65534 already has 4 connections open"), "{}", stderr_of(&out));
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn refused_requests_are_logged_without_their_arguments() {
+    let daemon = TestDaemon::start("control.technician_group = \"nogroup\"", &[]);
+    open_socket_to_everyone(&daemon);
+    let bin = world_executable_copy(daemon.dir.path());
+    let socket = daemon.socket.to_str().unwrap();
+    // A technician may not reload: logged by kind and uid.
+    let out = run_as_nobody(&bin, &["--socket", socket, "reload"]);
+    assert_eq!(out.status.code(), Some(77));
+    // A stranger's request with a caller number (the old log line carried it whole).
+    let reconfigured = TestDaemon::config_text(daemon.dir.path(), "control.technician_group = \"callbox-test-none\"");
+    std::fs::write(&daemon.config, reconfigured).unwrap();
+    assert!(daemon.cli(&["reload"]).status.success());
+    let out = run_as_nobody(&bin, &["--socket", socket, "call", "info", "c-1", "--caller", "13800138000"]);
+    assert_eq!(out.status.code(), Some(77), "{}", stderr_of(&out));
+    // Root's accepted request is logged without the number too.
+    assert!(daemon.cli(&["call", "info", "c-1", "--caller", "13800138000"]).status.success());
+    let log = daemon.log_text();
+    assert!(log.contains("refused reload from uid 65534"), "{log}");
+    assert!(log.contains("refused a connection from uid 65534"), "{log}");
+    assert_eq!(crate::support::personal_data_in(&log), None, "{log}");
+}

@@ -126,6 +126,32 @@ fn reload_through_the_cli_reports_problems_and_exits_78() {
     assert_eq!(daemon.status_json()["config_generation"], 1);
 }
 
+#[test]
+fn a_daemon_started_from_a_file_refuses_to_reload_from_nothing() {
+    let daemon = TestDaemon::start("audiosocket.allowed_peers = [\"127.0.0.2\"]", &[]);
+    for (what, damage) in [("does not exist", None), ("is empty", Some(""))] {
+        match damage {
+            None => std::fs::remove_file(&daemon.config).unwrap(),
+            Some(text) => std::fs::write(&daemon.config, text).unwrap(),
+        }
+        let out = daemon.cli(&["reload"]);
+        assert_eq!(out.status.code(), Some(78), "{what}: {}", crate::support::stdout_of(&out));
+        let text = crate::support::stdout_of(&out);
+        assert!(text.contains(what) && text.contains("does not reload from nothing"), "{text}");
+        // SIGHUP too: the restriction stays.
+        daemon.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(300));
+        let status = daemon.status_json();
+        assert_eq!(status["config_generation"], 1, "{status}");
+        assert_eq!(status["config"]["kind"], "file", "{status}");
+    }
+    assert!(!daemon.log_text().contains("reloaded from built-in defaults"), "{}", daemon.log_text());
+    // `config check` says what a reload would do with it.
+    let out = crate::support::run_cli(&["config", "check", "--config", daemon.config.to_str().unwrap()]);
+    let text = crate::support::stdout_of(&out);
+    assert!(text.contains("refuses to reload from it"), "{text}");
+}
+
 /// Opens a control connection and sends half a request: work in progress that
 /// a graceful shutdown must wait for.
 fn half_request(daemon: &TestDaemon) -> UnixStream {

@@ -84,7 +84,7 @@ const CONTROL_PLANE: &[&str] = &["control", "cli", "demo", "doctor", "render"];
 const ABOVE_CONTROL: &[&str] = &["control", "cli", "daemon", "demo", "doctor", "offline", "render"];
 
 /// Shared plumbing below the shells that is neither a core nor a shell.
-const PLUMBING: &[&str] = &["exit", "paths", "testdata"];
+const PLUMBING: &[&str] = &["escape", "exit", "fsio", "paths", "testdata"];
 
 struct Module {
     path: PathBuf,

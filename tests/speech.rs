@@ -207,12 +207,41 @@ fn missing_models_and_bad_recordings_get_clear_errors() {
 
 const KEY_WORDS: [&str; 3] = ["出现", "交易", "情况"];
 
-/// A daemon with the real models, one encoder bucket, transcripts in the log.
-fn speech_daemon(dir: tempfile::TempDir, settings: &str, envs: &[(&str, &str)]) -> crate::support::TestDaemon {
-    let settings = format!("speech.encoder_buckets_secs = [8]\nspeech.log_transcripts = true\n{settings}");
+/// A daemon with the real models and one encoder bucket, and a watcher on its
+/// understanding bus (what was said is there, never in the log).
+struct SpeechDaemon {
+    daemon: crate::support::TestDaemon,
+    heard: crate::support::Watcher,
+}
+
+impl std::ops::Deref for SpeechDaemon {
+    type Target = crate::support::TestDaemon;
+    fn deref(&self) -> &Self::Target {
+        &self.daemon
+    }
+}
+
+impl std::ops::DerefMut for SpeechDaemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.daemon
+    }
+}
+
+impl SpeechDaemon {
+    /// The watched utterance lines of `call`.
+    fn said(&self, call: &str) -> String {
+        let text = self.heard.text();
+        text.lines().filter(|l| l.contains(call) && l.contains("\"utterance\"")).collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn speech_daemon(dir: tempfile::TempDir, settings: &str, envs: &[(&str, &str)]) -> SpeechDaemon {
+    let settings = format!("speech.encoder_buckets_secs = [8]\n{settings}");
     let mut all = vec![("CALLBOX_MODELS_DIR", models())];
     all.extend_from_slice(envs);
-    crate::support::TestDaemon::start_in(dir, &settings, &all)
+    let daemon = crate::support::TestDaemon::start_in(dir, &settings, &all);
+    let heard = crate::support::Watcher::start(&daemon.socket);
+    SpeechDaemon { daemon, heard }
 }
 
 /// The clip as 8 kHz 16-bit mono samples, as a phone line carries it.
@@ -285,8 +314,11 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     assert!(heard, "no utterance logged; log:\n{}", d.log_text());
     assert_eq!(d.status_json()["calls"]["active"][0]["call"], call, "the call is still live");
     let line = utterance_lines(&d.log_text(), call).join("\n");
+    crate::support::wait_until(LONG, || KEY_WORDS.iter().all(|w| d.said(call).contains(w)));
+    let said = d.said(call);
     for word in KEY_WORDS {
-        assert!(line.contains(word), "{word} not in {line}");
+        assert!(said.contains(word), "{word} not in {said}");
+        assert!(!d.log_text().contains(word), "{word}: a transcript reached the log");
     }
     // Times are the call's: the customer's speech began ≥ 2.5 s after the agent's leg opened.
     let start: f64 = line.split("utterance ").nth(1).and_then(|t| t.split('–').next()).unwrap().parse().unwrap();
@@ -363,9 +395,11 @@ fn alsa_capture_is_transcribed_per_line_and_leg() {
     let heard = crate::support::wait_until(LONG, || !utterance_lines(&d.log_text(), "alsa:1:").is_empty());
     let log = d.log_text();
     assert!(heard, "no utterance logged; log:\n{log}");
-    let line = utterance_lines(&log, "alsa:1:").join("\n");
+    crate::support::wait_until(LONG, || KEY_WORDS.iter().all(|w| d.said("alsa:1:").contains(w)));
+    let said = d.said("alsa:1:");
     for word in KEY_WORDS {
-        assert!(line.contains(word), "{word} not in {line}");
+        assert!(said.contains(word), "{word} not in {said}");
+        assert!(!log.contains(word), "{word}: a transcript reached the log");
     }
     assert!(crate::support::wait_until(LONG, || d.log_text().contains("ended: silence timeout")), "{}", d.log_text());
     assert!(!d.log_text().contains("agent utterance"), "the silent leg said nothing");

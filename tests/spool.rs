@@ -1,5 +1,6 @@
 //! The spool folder with real recordings: pickup, done/, failed/, postponement.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -140,4 +141,66 @@ fn an_input_without_usable_models_stops_the_start_with_what_to_do() {
     assert_eq!(status.unwrap().code(), Some(69), "{text}");
     assert!(text.contains("cannot load the speech models") && text.contains("no-models"), "{text}");
     assert!(text.contains("models/build.sh") && text.contains("speech.enabled = false"), "{text}");
+}
+
+#[test]
+fn hostile_spool_entries_are_filed_away_never_followed_nor_read_unbounded() {
+    let (d, spool) = spool_daemon("spool.settle_ms = 0");
+    let fifo = |path: &Path| nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Sidecars: a link to /dev/zero (the old reader ran to OOM), a FIFO (hung the spool
+    // forever), a link to a JSON file outside the spool (was read into the result).
+    std::fs::copy(CLIP, spool.join("zero.wav")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", spool.join("zero.json")).unwrap();
+    std::fs::copy(CLIP, spool.join("fifo.wav")).unwrap();
+    fifo(&spool.join("fifo.json"));
+    let outside = d.dir.path().join("outside.json");
+    std::fs::write(&outside, r#"{"agent_id":"read-from-outside"}"#).unwrap();
+    std::fs::copy(CLIP, spool.join("outside.wav")).unwrap();
+    std::os::unix::fs::symlink(&outside, spool.join("outside.json")).unwrap();
+    // Recordings that are not regular files: were ignored forever without a word.
+    std::os::unix::fs::symlink(CLIP, spool.join("link.wav")).unwrap();
+    fifo(&spool.join("pipe.wav"));
+    // A name that forged a whole log line.
+    let forged = "x.wav\n2026-01-01T00:00:00.000Z ERROR [supervisor] forged";
+    std::fs::copy(CLIP, spool.join(format!("{forged}.wav"))).unwrap();
+    let reason = |name: &str| std::fs::read_to_string(spool.join("failed").join(format!("{name}.reason.txt"))).ok();
+    let all_filed = || ["zero", "fifo", "outside", "link", "pipe"].iter().all(|n| reason(n).is_some());
+    assert!(wait_until(WAIT, all_filed), "log:\n{}", d.log_text());
+    for (name, why) in [
+        ("zero", "symbolic link"),
+        ("fifo", "FIFO"),
+        ("outside", "symbolic link"),
+        ("link", "symbolic link"),
+        ("pipe", "FIFO"),
+    ] {
+        assert!(reason(name).unwrap().contains(why), "{name}: {:?}", reason(name));
+    }
+    // Moved as they are: the link still points where it did, nothing was read through it.
+    assert_eq!(std::fs::read_link(spool.join("failed/link.wav")).unwrap(), Path::new(CLIP));
+    let forged_result = spool.join("done").join(format!("{forged}.result.json"));
+    assert!(wait_until(WAIT, || forged_result.exists()), "log:\n{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.lines().all(|l| !l.starts_with("2026-01-01T00:00:00.000Z")), "a forged line:\n{log}");
+    assert!(log.contains("x.wav\\n2026-01-01T00:00:00.000Z ERROR [supervisor] forged"), "{log}");
+    let status = d.status_json();
+    let spool_health = status["components"].as_array().unwrap().iter().find(|c| c["name"] == "spool").unwrap().clone();
+    assert_eq!(spool_health["state"], "ok", "{status}");
+}
+
+#[test]
+fn a_recording_written_in_place_is_read_only_once_it_settles() {
+    let (d, spool) = spool_daemon("spool.settle_ms = 1500");
+    let bytes = std::fs::read(CLIP).unwrap();
+    // A PBX writing in place, with a streaming header: the first half, then a pause
+    // shorter than the settle time, then the rest.
+    let path = spool.join("inplace.wav");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(path.exists(), "picked up while still being written:\n{}", d.log_text());
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&bytes[bytes.len() / 2..]).unwrap();
+    let result = spool.join("done/inplace.result.json");
+    assert!(wait_until(WAIT, || result.exists()), "log:\n{}", d.log_text());
+    let r = read_json(&result);
+    let duration = r["duration_ms"].as_u64().unwrap();
+    assert!((4000..6000).contains(&duration), "read before it was whole: {duration} ms");
 }

@@ -366,7 +366,7 @@ fn refused(reply: ErrorReply) -> Failure {
     let code = match reply.code {
         Forbidden => exit::NO_PERMISSION,
         UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
-        ShuttingDown => exit::UNAVAILABLE,
+        ShuttingDown | Busy => exit::UNAVAILABLE,
         Rejected | Timeout | Internal => exit::FAILURE,
     };
     Failure::new(code, format!("the daemon refused: {}", reply.message))
@@ -598,6 +598,13 @@ fn config_check(path: &Path, json: bool) -> u8 {
         print_json(&outcome);
     } else if let Some(source) = &outcome.source {
         println!("{source}: ok");
+        if let ConfigSource::Defaults { path, reason } = source {
+            println!(
+                "note: {} {reason}. A first start runs on the built-in defaults, but a daemon already \
+                 running on a file refuses to reload from it (that would drop the file's settings).",
+                path.display()
+            );
+        }
     } else {
         eprintln!("{} problem(s) in {}:", outcome.problems.len(), path.display());
         for p in &outcome.problems {

@@ -104,8 +104,10 @@ pub struct ControlConfig {
     pub admin_group: String,
     /// A request line longer than this is refused and its connection closed.
     pub max_request_bytes: usize,
-    /// Concurrent CLI connections; more wait in the kernel's accept queue.
+    /// Concurrent CLI connections; one in eight is kept for admins.
     pub max_connections: usize,
+    /// Concurrent connections one technician uid may hold.
+    pub max_connections_per_uid: usize,
     /// A connection that has not sent a complete request by then is closed.
     pub request_timeout_secs: u64,
 }
@@ -118,6 +120,7 @@ impl Default for ControlConfig {
             admin_group: "callbox-admin".into(),
             max_request_bytes: 64 * 1024,
             max_connections: 16,
+            max_connections_per_uid: 4,
             request_timeout_secs: 5,
         }
     }
@@ -159,9 +162,13 @@ pub struct AudioSocketConfig {
     pub listeners: Vec<AudioSocketListener>,
     /// Source addresses allowed to connect (the PBX). Empty: any, with a warning.
     pub allowed_peers: Vec<std::net::IpAddr>,
+    /// Open streams one source address may hold.
+    pub max_connections_per_peer: usize,
+    /// A frame, once begun, must be complete within this.
+    pub frame_timeout_ms: u64,
     /// Largest frame payload accepted; a larger one closes that connection.
     pub max_frame_bytes: usize,
-    /// A leg that sends no frame for this long is closed.
+    /// A leg that sends no complete frame for this long is closed.
     pub idle_timeout_secs: u64,
     /// Send 20 ms of silence back every 20 ms once a call is admitted: Asterisk's
     /// AudioSocket ends a socket that never sends audio towards it.
@@ -182,6 +189,8 @@ impl Default for AudioSocketConfig {
         Self {
             listeners: vec![],
             allowed_peers: vec![],
+            max_connections_per_peer: 64,
+            frame_timeout_ms: 2000,
             max_frame_bytes: crate::audio::audiosocket::DEFAULT_MAX_PAYLOAD,
             idle_timeout_secs: 10,
             send_silence: true,
@@ -200,6 +209,8 @@ pub struct SpoolConfig {
     pub mono_leg: crate::audio::Leg,
     /// How often the folder is looked at, in milliseconds.
     pub poll_interval_ms: u64,
+    /// A file is picked up once its size and mtime have not changed for this long.
+    pub settle_ms: u64,
     /// Larger recordings go to failed/.
     pub max_file_mb: u64,
 }
@@ -211,6 +222,7 @@ impl Default for SpoolConfig {
             left_channel: crate::audio::Leg::Agent,
             mono_leg: crate::audio::Leg::Customer,
             poll_interval_ms: 1000,
+            settle_ms: 1000,
             max_file_mb: 512,
         }
     }
@@ -269,8 +281,8 @@ pub struct SpeechConfig {
     /// Transcribe live and spooled calls. Off: inputs still take calls (counted in
     /// `status`), nothing is transcribed and no models are loaded.
     pub enabled: bool,
-    /// Write each utterance's text to the log. Transcripts can hold personal data: for
-    /// commissioning only.
+    /// No longer honoured: transcripts never go to the log (personal data); `callbox
+    /// watch` shows them. Accepted so that existing files stay valid; `true` is warned about.
     pub log_transcripts: bool,
     /// Folder with manifest.json and the models it lists (models/build.sh makes one).
     /// Unset: $CALLBOX_MODELS_DIR, else /usr/share/callbox/models.
@@ -368,8 +380,10 @@ impl fmt::Display for Problem {
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")]
-    TooLarge { path: PathBuf, size: u64 },
+    #[error("config file {path}: {source}")]
+    Unreadable { path: PathBuf, source: crate::fsio::ReadError },
+    #[error("config file {path} {reason}: a daemon started from a file does not reload from nothing, which would drop the file's settings (allowed_peers, allowed groups …); restore the file, or restart the daemon to run on built-in defaults")]
+    WouldDropFile { path: PathBuf, reason: String },
     #[error("config file {path} is invalid ({} problem{}):\n{}", problems.len(),
         if problems.len() == 1 { "" } else { "s" },
         problems.iter().map(|p| format!("  {}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
@@ -460,26 +474,18 @@ pub struct LoadedConfig {
 
 /// Reads and validates a config file. A missing or empty file yields the built-in defaults.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(LoadedConfig {
-                config: Config::default(),
-                source: ConfigSource::Defaults { path: path.to_owned(), reason: "does not exist".into() },
-            });
-        }
-        Err(e) => return Err(read_err(e)),
+    let defaults = |reason: &str| LoadedConfig {
+        config: Config::default(),
+        source: ConfigSource::Defaults { path: path.to_owned(), reason: reason.into() },
     };
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge { path: path.to_owned(), size: meta.len() });
-    }
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    // Bounded and regular files only: `--config /dev/zero` or a FIFO is an error, not a hang.
+    let text = match crate::fsio::read_text_bounded(path, MAX_CONFIG_BYTES, crate::fsio::Links::Follow) {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => return Ok(defaults("does not exist")),
+        Err(source) => return Err(ConfigError::Unreadable { path: path.to_owned(), source }),
+    };
     if text.trim().is_empty() {
-        return Ok(LoadedConfig {
-            config: Config::default(),
-            source: ConfigSource::Defaults { path: path.to_owned(), reason: "is empty".into() },
-        });
+        return Ok(defaults("is empty"));
     }
     let (config, mut problems) = parse_best_effort(&text);
     problems.extend(referenced_file_problems(&config, &text));
@@ -487,6 +493,18 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
         return Err(ConfigError::Invalid { path: path.to_owned(), problems, best_effort: Box::new(config) });
     }
     Ok(LoadedConfig { config, source: ConfigSource::File { path: path.to_owned() } })
+}
+
+/// `load` for a reload: a daemon that runs on a file refuses to fall back to the
+/// built-in defaults because the file went missing or empty.
+pub fn load_for_reload(path: &Path, running: &ConfigSource) -> Result<LoadedConfig, ConfigError> {
+    let loaded = load(path)?;
+    match (running, &loaded.source) {
+        (ConfigSource::File { .. }, ConfigSource::Defaults { path, reason }) => {
+            Err(ConfigError::WouldDropFile { path: path.clone(), reason: reason.clone() })
+        }
+        _ => Ok(loaded),
+    }
 }
 
 /// Files the config points at that must be valid for it to be: the rule file. So
@@ -591,7 +609,7 @@ impl Config {
         let (d, c, a, sp, s) = (&self.daemon, &self.control, &self.audiosocket, &self.spool, &self.storage);
         let sp2 = &self.speech;
         let al = &self.alsa;
-        let ranges: [(&str, u64, u64, u64); 20] = [
+        let ranges: [(&str, u64, u64, u64); 24] = [
             ("alsa.channels", u64::from(al.channels), 1, 64),
             ("alsa.sample_rate", u64::from(al.sample_rate), 8000, 48_000),
             ("alsa.period_ms", u64::from(al.period_ms), 5, 200),
@@ -604,11 +622,15 @@ impl Config {
             ("daemon.worker_threads", d.worker_threads.unwrap_or(1) as u64, 1, 256),
             ("control.max_request_bytes", c.max_request_bytes as u64, 256, 1024 * 1024),
             ("control.max_connections", c.max_connections as u64, 1, 1024),
+            ("control.max_connections_per_uid", c.max_connections_per_uid as u64, 1, 1024),
             ("control.request_timeout_secs", c.request_timeout_secs, 1, 300),
             ("calls.max_concurrent", self.calls.max_concurrent as u64, 1, 1024),
             ("audiosocket.max_frame_bytes", a.max_frame_bytes as u64, 320, 65_535),
             ("audiosocket.idle_timeout_secs", a.idle_timeout_secs, 1, 300),
+            ("audiosocket.max_connections_per_peer", a.max_connections_per_peer as u64, 2, 512),
+            ("audiosocket.frame_timeout_ms", a.frame_timeout_ms, 100, 60_000),
             ("spool.poll_interval_ms", sp.poll_interval_ms, 100, 60_000),
+            ("spool.settle_ms", sp.settle_ms, 0, 600_000),
             ("spool.max_file_mb", sp.max_file_mb, 1, 4096),
             ("storage.check_interval_secs", s.check_interval_secs, 1, 3600),
             ("storage.min_free_mb", s.min_free_mb, 0, 16 * 1024 * 1024),
@@ -712,6 +734,10 @@ impl Config {
             (old.daemon.worker_threads != new.daemon.worker_threads, "daemon.worker_threads"),
             (old.control.socket != new.control.socket, "control.socket"),
             (old.control.max_connections != new.control.max_connections, "control.max_connections"),
+            (
+                old.control.max_connections_per_uid != new.control.max_connections_per_uid,
+                "control.max_connections_per_uid",
+            ),
             (old.audiosocket.listeners != new.audiosocket.listeners, "audiosocket.listeners"),
             (old.spool.dir != new.spool.dir, "spool.dir"),
             (old.alsa != new.alsa, "alsa"),
@@ -902,7 +928,29 @@ device = \"hw:0\"
         let dir = tempfile::tempdir().unwrap();
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
-        assert!(matches!(load(&big), Err(ConfigError::TooLarge { .. })));
+        assert!(matches!(
+            load(&big),
+            Err(ConfigError::Unreadable { source: crate::fsio::ReadError::TooLarge { .. }, .. })
+        ));
+        // Neither a device nor a FIFO is read (the old code read /dev/zero until OOM).
+        assert!(matches!(
+            load(Path::new("/dev/zero")),
+            Err(ConfigError::Unreadable { source: crate::fsio::ReadError::NotRegular { .. }, .. })
+        ));
+    }
+
+    #[test]
+    fn a_daemon_on_a_file_does_not_reload_from_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callbox.toml");
+        let on_file = ConfigSource::File { path: path.clone() };
+        assert!(matches!(load_for_reload(&path, &on_file), Err(ConfigError::WouldDropFile { .. })));
+        std::fs::write(&path, "  \n").unwrap();
+        let refused = load_for_reload(&path, &on_file).unwrap_err();
+        assert!(refused.to_string().contains("is empty"), "{refused}");
+        // A daemon that started on defaults may keep doing so.
+        let on_defaults = ConfigSource::Defaults { path: path.clone(), reason: "does not exist".into() };
+        assert!(load_for_reload(&path, &on_defaults).is_ok());
     }
 
     #[test]

@@ -30,8 +30,6 @@ pub const KEY_FILE: &str = "keys/caller-hash.key";
 const KEY_BYTES: usize = 32;
 /// Longest caller number accepted, separators included (E.164 is at most 15 digits).
 pub const MAX_CALLER_CHARS: usize = 32;
-/// Longest call id accepted from a sidecar or the control socket.
-pub const MAX_CALL_ID_CHARS: usize = 128;
 /// The tag only the PBX/CRM sidecar sets.
 pub const CONVERTED: &str = "converted";
 const SCHEMA_VERSION: i64 = 1;
@@ -484,10 +482,7 @@ pub async fn run(store: StoreThread, health: HealthBoard, mut shutdown: Shutdown
 }
 
 fn check_call_id(call: &str) -> Result<(), CustomerError> {
-    if call.is_empty() || call.chars().count() > MAX_CALL_ID_CHARS || call.chars().any(char::is_control) {
-        return Err(CustomerError::BadInput(format!("a call id has 1–{MAX_CALL_ID_CHARS} printable characters")));
-    }
-    Ok(())
+    crate::calls::check_call_id(call).map_err(CustomerError::BadInput)
 }
 
 fn now_ms() -> i64 {

@@ -43,6 +43,9 @@ pub fn run(config_path: &Path) -> u8 {
         }
     };
     logging::init(loaded.config.log.level);
+    if loaded.config.speech.log_transcripts {
+        log::warn!(component = COMPONENT; "speech.log_transcripts is no longer honoured: transcripts never go to the log; use `callbox watch`");
+    }
     if let config::ConfigSource::Defaults { path, reason } = &loaded.source {
         log::warn!(component = COMPONENT; "config file {} {reason}; running on built-in defaults", path.display());
     }
@@ -374,7 +377,7 @@ impl SupervisorHooks for DaemonHooks {
         self.notify(&Notification::Reloading { monotonic_usec: notify::monotonic_usec() });
         let current = self.config_tx.borrow().clone();
         let at = utc_timestamp(SystemTime::now());
-        let (next, report, applied) = match config::load(&self.config_path) {
+        let (next, report, applied) = match config::load_for_reload(&self.config_path, &current.source) {
             Ok(loaded) => {
                 let restart_required: Vec<String> =
                     current.config.restart_required_changes(&loaded.config).into_iter().map(String::from).collect();

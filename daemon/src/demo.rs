@@ -121,10 +121,13 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
             call_path.display()
         ));
     }
-    let recording = crate::audio::wav::parse(
-        &std::fs::read(&call_path).map_err(|e| format!("cannot read {}: {e}", call_path.display()))?,
+    let bytes = crate::fsio::read_bounded(
+        &call_path,
+        crate::config::SpoolConfig::default().max_file_mb << 20,
+        crate::fsio::Links::Follow,
     )
-    .map_err(|e| format!("{}: {e}", call_path.display()))?;
+    .map_err(|e| e.to_string())?;
+    let recording = crate::audio::wav::parse(&bytes).map_err(|e| format!("{}: {e}", call_path.display()))?;
     let [agent, customer] = recording.channels.as_slice() else {
         return Err(format!("{}: the sample call must be stereo (agent left, customer right)", call_path.display()));
     };

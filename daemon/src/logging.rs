@@ -107,7 +107,25 @@ impl Log for Logger {
             return;
         }
         match &self.sink {
-            Sink::Journal(journal) => journal.log(record),
+            Sink::Journal(journal) => {
+                // The journal keeps fields apart, but journalctl shows them as text:
+                // the same escaping as on stderr, so no field can fake a line or reverse one.
+                let message = escaped_message(record);
+                let mut fields = FieldList::default();
+                let _ = record.key_values().visit(&mut fields);
+                let pairs: Vec<(&str, &str)> = fields.0.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                journal.log(
+                    &Record::builder()
+                        .level(record.level())
+                        .target(record.target())
+                        .module_path(record.module_path())
+                        .file(record.file())
+                        .line(record.line())
+                        .args(format_args!("{message}"))
+                        .key_values(&pairs)
+                        .build(),
+                );
+            }
             Sink::Stderr => {
                 let line = format_stderr_line(record, SystemTime::now());
                 // A closed stderr must not take the daemon down.
@@ -123,6 +141,23 @@ impl Log for Logger {
     }
 }
 
+/// The record's message with control and bidi characters escaped (see `escape`).
+fn escaped_message(record: &Record<'_>) -> String {
+    let message = record.args().to_string();
+    crate::escape::escape_controls(&message).into_owned()
+}
+
+/// Every key-value of a record, values escaped.
+#[derive(Default)]
+struct FieldList(Vec<(String, String)>);
+
+impl<'kvs> VisitSource<'kvs> for FieldList {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
+        self.0.push((key.as_str().to_owned(), crate::escape::escape_controls(&value.to_string()).into_owned()));
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Fields {
     component: Option<String>,
@@ -131,8 +166,10 @@ struct Fields {
 
 impl<'kvs> VisitSource<'kvs> for Fields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
+        let value = value.to_string();
+        let value = crate::escape::escape_controls(&value);
         if key.as_str() == "component" {
-            self.component = Some(value.to_string());
+            self.component = Some(value.into_owned());
         } else {
             self.rest.push_str(&format!(" {key}={value}"));
         }
@@ -144,7 +181,7 @@ fn format_stderr_line(record: &Record<'_>, now: SystemTime) -> String {
     let mut fields = Fields::default();
     let _ = record.key_values().visit(&mut fields);
     let component = fields.component.as_deref().unwrap_or_else(|| record.target());
-    format!("{} {:<5} [{component}] {}{}\n", utc_timestamp(now), record.level(), record.args(), fields.rest)
+    format!("{} {:<5} [{component}] {}{}\n", utc_timestamp(now), record.level(), escaped_message(record), fields.rest)
 }
 
 /// RFC 3339 UTC with milliseconds, without a date-time dependency.
@@ -205,5 +242,23 @@ mod tests {
             UNIX_EPOCH,
         );
         assert_eq!(line, "1970-01-01T00:00:00.000Z WARN  [control] peer refused call_id=c-42\n");
+    }
+
+    #[test]
+    fn a_field_cannot_forge_a_line() {
+        let kvs: &[(&str, &str)] = &[("component", "spool"), ("call_id", "x\u{202E}y")];
+        let line = format_stderr_line(
+            &Record::builder()
+                .level(log::Level::Info)
+                .args(format_args!("{}: done", "a.wav\n1970-01-01T00:00:00.000Z ERROR [supervisor] forged"))
+                .key_values(&kvs)
+                .build(),
+            UNIX_EPOCH,
+        );
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(line.contains("a.wav\\n1970"), "{line}");
+        assert!(line.ends_with("call_id=x\\u{202e}y\n"), "{line}");
+        // Backslashes stay: an escaped file name reads the same in the log.
+        assert!(escaped_message(&Record::builder().args(format_args!("a\\nb")).build()) == "a\\nb");
     }
 }

@@ -41,20 +41,21 @@ pub struct FileTranscript {
 pub enum RecordingError {
     #[error("larger than spool.max_file_mb = {max_mb}")]
     TooLarge { max_mb: u64 },
-    #[error("cannot read: {0}")]
-    Read(#[from] std::io::Error),
+    #[error("{0}")]
+    Read(crate::fsio::ReadError),
     #[error("not a usable recording: {0}")]
     Unusable(#[from] wav::WavError),
 }
 
 /// Reads and parses a recording no larger than `spool.max_file_mb` (the CLI and the spool
 /// share the bound).
-pub fn read_recording(path: &Path, spool: &SpoolConfig) -> Result<wav::Wav, RecordingError> {
+pub fn read_recording(path: &Path, spool: &SpoolConfig, links: crate::fsio::Links) -> Result<wav::Wav, RecordingError> {
     let max_bytes = spool.max_file_mb * 1024 * 1024;
-    if std::fs::metadata(path)?.len() > max_bytes {
-        return Err(RecordingError::TooLarge { max_mb: spool.max_file_mb });
-    }
-    Ok(wav::parse(&std::fs::read(path)?)?)
+    let bytes = crate::fsio::read_bounded(path, max_bytes, links).map_err(|e| match e {
+        crate::fsio::ReadError::TooLarge { .. } => RecordingError::TooLarge { max_mb: spool.max_file_mb },
+        other => RecordingError::Read(other),
+    })?;
+    Ok(wav::parse(&bytes)?)
 }
 
 /// The legs of a recording: mono → `mono_leg`; stereo → left is `left_channel`.
@@ -92,7 +93,7 @@ pub fn transcribe_file(
     path: &Path,
 ) -> Result<FileTranscript, TranscribeError> {
     let input = |reason| TranscribeError::Input { path: path.display().to_string(), reason };
-    let recording = read_recording(path, spool).map_err(input)?;
+    let recording = read_recording(path, spool, crate::fsio::Links::Follow).map_err(input)?;
     let started = Instant::now();
     let mut utterances = Vec::new();
     for (leg, samples) in legs(&recording, spool) {

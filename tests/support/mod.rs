@@ -242,7 +242,37 @@ impl Drop for TestDaemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // Every daemon of the suite: its whole log must hold none of the personal data
+        // the tests fed it. Not while unwinding: the first failure is the one to see.
+        if !std::thread::panicking() {
+            let log = self.log_text();
+            if let Some(found) = personal_data_in(&log) {
+                panic!("personal data {found:?} in the daemon log:\n{log}");
+            }
+        }
     }
+}
+
+/// Caller numbers (in every spelling the tests use) and words spoken in the test clips.
+/// None may ever appear in a daemon's log.
+pub const PERSONAL_DATA: &[&str] = &[
+    "13800138000",
+    "138 0013 8000",
+    "138-0013-8000",
+    "13700137000",
+    "13900139000",
+    "13800000000",
+    // Words of the clips and the demo call.
+    "出现",
+    "交易",
+    "情况",
+    "换一首歌",
+    "How much does it cost",
+];
+
+/// The first item of [`PERSONAL_DATA`] in `text`, if any.
+pub fn personal_data_in(text: &str) -> Option<&'static str> {
+    PERSONAL_DATA.iter().copied().find(|needle| text.contains(needle))
 }
 
 /// One ping round trip on the control socket.
@@ -277,4 +307,38 @@ pub fn run_as_nobody(binary: &Path, args: &[&str]) -> Output {
     }
     cmd.arg(binary).args(args).env_remove("CALLBOX_CONFIG").env_remove("CALLBOX_SOCKET");
     cmd.stdin(Stdio::null()).output().expect("spawn setpriv")
+}
+
+/// Follows a daemon's understanding bus (`watch`) on a thread and keeps every line: the
+/// way a test reads what was said, since transcripts never go to the log.
+pub struct Watcher {
+    lines: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Watcher {
+    pub fn start(socket: &Path) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect for watch");
+        stream.write_all(b"{\"v\":1,\"request\":{\"op\":\"watch\"}}\n").expect("send watch");
+        let mut reader = BufReader::new(stream);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("watch reply");
+        assert!(first.contains("\"watching\""), "watch refused: {first}");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Self { lines }
+    }
+
+    /// Every line seen so far.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().clone()
+    }
 }

@@ -14,6 +14,18 @@ use crate::audio::Leg;
 
 pub mod registry;
 
+/// Longest call id accepted from outside (a sidecar, the control socket).
+pub const MAX_CALL_ID_CHARS: usize = 128;
+
+/// The one rule for call ids from outside: 1–128 characters, none of them a control
+/// or bidi character (an id is logged and shown to technicians).
+pub fn check_call_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.chars().count() > MAX_CALL_ID_CHARS || !crate::escape::is_printable(id) {
+        return Err(format!("a call id has 1–{MAX_CALL_ID_CHARS} printable characters"));
+    }
+    Ok(())
+}
+
 /// A moment as the shell read it: wall time for the stamps people read (a call's start),
 /// monotonic time for durations, which an NTP step must not move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,8 @@ pub enum ClientError {
     Stale(PathBuf),
     #[error("permission denied on {0}: ask an admin to add you to the 'callbox' group (then log in again)")]
     Permission(PathBuf),
+    #[error("the daemon at {0} is busy (its queue of new connections is full); try again in a moment")]
+    Busy(PathBuf),
     #[error("cannot talk to the daemon at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("the daemon at {path} sent an unintelligible response: {detail}")]
@@ -31,7 +33,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NotRunning(_) | Self::Stale(_) | Self::Io { .. } => exit::UNAVAILABLE,
+            Self::NotRunning(_) | Self::Stale(_) | Self::Busy(_) | Self::Io { .. } => exit::UNAVAILABLE,
             Self::Permission(_) => exit::NO_PERMISSION,
             Self::Protocol { .. } => exit::PROTOCOL,
         }
@@ -43,6 +45,8 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
         io::ErrorKind::NotFound => ClientError::NotRunning(socket.to_owned()),
         io::ErrorKind::ConnectionRefused => ClientError::Stale(socket.to_owned()),
         io::ErrorKind::PermissionDenied => ClientError::Permission(socket.to_owned()),
+        // A Unix socket whose accept queue is full says EAGAIN, not "wait".
+        io::ErrorKind::WouldBlock => ClientError::Busy(socket.to_owned()),
         _ => ClientError::Io { path: socket.to_owned(), source: e },
     })?;
     let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
@@ -88,11 +92,16 @@ fn parse_response(line: &[u8], socket: &Path) -> Result<Response, ClientError> {
 /// Sends one request and returns the daemon's response (which may be an error reply).
 pub fn request(socket: &Path, request: Request) -> Result<Response, ClientError> {
     let stream = connect(socket)?;
-    (&stream)
-        .write_all(&encode_line(&request.frame()))
-        .map_err(|source| ClientError::Io { path: socket.to_owned(), source })?;
+    let sent = (&stream).write_all(&encode_line(&request.frame()));
     let mut reader = BufReader::new(&stream);
-    match read_line(&mut reader, socket)? {
+    // The daemon may have answered (refused or busy) and closed before reading the
+    // request: its answer is still there to read, and says more than EPIPE.
+    let line = match (sent, read_line(&mut reader, socket)) {
+        (_, Ok(Some(line))) => Some(line),
+        (Err(source), _) => return Err(ClientError::Io { path: socket.to_owned(), source }),
+        (Ok(()), other) => other?,
+    };
+    match line {
         Some(line) => parse_response(&line, socket),
         None => {
             Err(ClientError::Protocol { path: socket.to_owned(), detail: "connection closed before a response".into() })
@@ -113,9 +122,14 @@ pub enum WatchLine {
 pub fn watch(socket: &Path, mut on_item: impl FnMut(WatchLine) -> bool) -> Result<Result<(), Response>, ClientError> {
     let stream = connect(socket)?;
     let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
-    (&stream).write_all(&encode_line(&Request::Watch {}.frame())).map_err(io_err)?;
+    let sent = (&stream).write_all(&encode_line(&Request::Watch {}.frame()));
     let mut reader = BufReader::new(&stream);
-    let Some(first) = read_line(&mut reader, socket)? else {
+    let first = match (sent, read_line(&mut reader, socket)) {
+        (_, Ok(Some(line))) => Some(line),
+        (Err(source), _) => return Err(io_err(source)),
+        (Ok(()), other) => other?,
+    };
+    let Some(first) = first else {
         return Err(ClientError::Protocol {
             path: socket.to_owned(),
             detail: "connection closed before a response".into(),

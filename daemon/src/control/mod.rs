@@ -5,6 +5,7 @@
 //! `client` the CLI side; `convert` turns internal types into the protocol's own, in
 //! one place.
 
+pub mod admission;
 pub mod auth;
 pub mod client;
 pub mod convert;

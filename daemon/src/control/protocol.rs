@@ -73,6 +73,21 @@ pub enum Role {
 }
 
 impl Request {
+    /// The request's name, for logs: never its arguments, which may be personal data
+    /// (a caller number).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Ping {} => "ping",
+            Self::Status {} => "status",
+            Self::Reload {} => "reload",
+            Self::CallStart { .. } => "call_start",
+            Self::CallStop { .. } => "call_stop",
+            Self::CallInfo { .. } => "call_info",
+            Self::Customer { .. } => "customer",
+            Self::Watch {} => "watch",
+        }
+    }
+
     pub fn required_role(&self) -> Role {
         match self {
             Self::Ping {}
@@ -173,6 +188,8 @@ pub enum ErrorCode {
     Timeout,
     ShuttingDown,
     Internal,
+    /// Every connection slot open to this caller is taken; try again shortly.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

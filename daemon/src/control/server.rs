@@ -1,9 +1,11 @@
 //! The daemon's end of the control socket.
 //!
-//! Bounded everywhere: at most `max_connections` served at once (the rest wait
-//! in the kernel's backlog), each request line at most `max_request_bytes`, each
-//! request due within `request_timeout_secs`. Authorization happens here, per
-//! request, from the kernel-reported peer identity.
+//! Bounded everywhere: at most `max_connections` served at once, each request line at
+//! most `max_request_bytes`, each request due within `request_timeout_secs`.
+//! Authorization happens at accept time, from the kernel-reported peer identity: a
+//! peer with no role is told so and closed at once and never holds a slot; slots are
+//! handed out by `admission::Slots` (a reserve for admins, a cap per technician uid).
+//! Each request is then checked against the role it needs.
 //!
 //! The socket file is watched: if it is removed or replaced (someone cleaned
 //! /run, a second instance took the path) the CLI can no longer reach this
@@ -22,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::admission::Slots;
 use super::auth::{self, AccessPolicy};
 use super::protocol::{
     decode_request, encode_line, CallerInfo, ErrorCode, Framed, LineFramer, MonitorFrame, Request, Response, Role,
@@ -35,6 +38,14 @@ const COMPONENT: &str = "control";
 const SOCKET_GUARD_INTERVAL: Duration = Duration::from_millis(500);
 /// A client that does not read its response within this is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections whose identity is still being looked up (NSS may be slow on site);
+/// more wait in the kernel's queue.
+const MAX_PENDING_ADMISSION: usize = 32;
+/// An identity lookup slower than this refuses the connection.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused peer's request is read before the refusal is written: enough for
+/// a client that connected and wrote at once, too short to hold anything.
+const REFUSAL_READ: Duration = Duration::from_millis(250);
 /// A reload reads one small file; anything slower means the supervisor is stuck.
 const RELOAD_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -140,13 +151,17 @@ fn socket_still_ours(bound: &BoundSocket) -> bool {
 /// Serves the control socket until shutdown; then stops accepting, removes the
 /// socket file and lets in-flight requests finish.
 pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: ShutdownSignal) -> Result<(), ControlError> {
-    let max_connections = ctx.config.borrow().config.control.max_connections;
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let (max_connections, per_uid) = {
+        let control = &ctx.config.borrow().config.control;
+        (control.max_connections, control.max_connections_per_uid)
+    };
+    let slots = Arc::new(std::sync::Mutex::new(Slots::new(max_connections, per_uid)));
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_ADMISSION));
     let mut connections = JoinSet::new();
     let mut guard = tokio::time::interval(SOCKET_GUARD_INTERVAL);
     guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ctx.health.set(COMPONENT, HealthState::Ok, format!("listening on {}", bound.path.display()));
-    log::info!(component = COMPONENT; "listening on {} (max {max_connections} connections)", bound.path.display());
+    log::info!(component = COMPONENT; "listening on {} (max {max_connections} connections, {per_uid} per technician)", bound.path.display());
 
     let result = loop {
         tokio::select! {
@@ -159,17 +174,13 @@ pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: Shutdo
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = async {
-                let permit = permits.clone().acquire_owned().await;
+                let permit = pending.clone().acquire_owned().await;
                 (permit, bound.listener.accept().await)
             } => {
                 match accepted {
                     (Ok(permit), Ok((stream, _))) => {
-                        let ctx = ctx.clone();
-                        let shutdown = shutdown.clone();
-                        connections.spawn(async move {
-                            handle_connection(stream, ctx, shutdown).await;
-                            drop(permit);
-                        });
+                        let (ctx, shutdown, slots) = (ctx.clone(), shutdown.clone(), slots.clone());
+                        connections.spawn(async move { admit(stream, ctx, shutdown, slots, permit).await });
                     }
                     (_, Err(e)) => {
                         // EMFILE and friends pass; do not spin on them.
@@ -177,7 +188,7 @@ pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: Shutdo
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     // The semaphore is never closed; a connection without a permit is dropped.
-                    (Err(_), _) => log::error!(component = COMPONENT; "connection semaphore closed"),
+                    (Err(_), _) => log::error!(component = COMPONENT; "admission semaphore closed"),
                 }
             }
         }
@@ -196,14 +207,29 @@ pub async fn serve(bound: BoundSocket, ctx: ControlContext, mut shutdown: Shutdo
     result
 }
 
-enum Next {
-    Line(Vec<u8>),
-    TooLong,
-    Closed,
-    TimedOut,
+/// A slot held by one connection, given back when the connection ends.
+struct SlotGuard {
+    slots: Arc<std::sync::Mutex<Slots>>,
+    uid: u32,
+    role: Role,
 }
 
-async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown: ShutdownSignal) {
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.release(self.uid, self.role);
+        }
+    }
+}
+
+/// Decides at accept time who the peer is and whether it gets a slot; serves it if so.
+async fn admit(
+    stream: UnixStream,
+    ctx: ControlContext,
+    shutdown: ShutdownSignal,
+    slots: Arc<std::sync::Mutex<Slots>>,
+    pending: tokio::sync::OwnedSemaphorePermit,
+) {
     let peer = match auth::peer_of(&stream) {
         Ok(peer) => peer,
         Err(e) => {
@@ -215,16 +241,64 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
     // workers, once per connection, with the config in force at connect time.
     let control = ctx.config.borrow().config.control.clone();
     let lookup_peer = peer.clone();
-    let identity = tokio::task::spawn_blocking(move || {
+    let lookup = tokio::task::spawn_blocking(move || {
         let groups = auth::groups_of(&lookup_peer);
         let role = AccessPolicy::from_config(&control).role_of(lookup_peer.uid, &groups);
         (role, auth::describe_uid(lookup_peer.uid))
-    })
-    .await;
-    let Ok((role, who)) = identity else {
-        log::warn!(component = COMPONENT; "identity lookup for uid {} failed", peer.uid);
+    });
+    let Ok(Ok((role, who))) = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await else {
+        log::warn!(component = COMPONENT; "identity lookup for uid {} failed or timed out; connection closed", peer.uid);
         return;
     };
+    drop(pending);
+    let control = ctx.config.borrow().config.control.clone();
+    let Some(role) = role else {
+        log::warn!(component = COMPONENT; "refused a connection from {who}: not root, not in {} or {}", control.technician_group, control.admin_group);
+        let message = format!(
+            "{who} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
+            control.technician_group, control.admin_group
+        );
+        return refuse(stream, Response::error(ErrorCode::Forbidden, message)).await;
+    };
+    let admitted = slots.lock().map_err(|_| None).and_then(|mut s| s.admit(peer.uid, role).map_err(Some));
+    let slot = match admitted {
+        Ok(()) => SlotGuard { slots, uid: peer.uid, role },
+        Err(no) => {
+            let message = no.map_or_else(|| "connection table unavailable".to_owned(), |no| no.to_string());
+            log::info!(component = COMPONENT; "turned away {who}: {message}");
+            return refuse(stream, Response::error(ErrorCode::Busy, message)).await;
+        }
+    };
+    handle_connection(stream, ctx, shutdown, peer.uid, role, &who).await;
+    drop(slot);
+}
+
+/// Answers a connection that gets no service and closes it. The request the client
+/// already sent is read first (briefly), so that closing does not reset the connection
+/// before the client reads the answer.
+async fn refuse(mut stream: UnixStream, response: Response) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(REFUSAL_READ, stream.read(&mut sink)).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&encode_line(&response.frame()))).await;
+    let _ = stream.shutdown().await;
+}
+
+enum Next {
+    Line(Vec<u8>),
+    TooLong,
+    Closed,
+    TimedOut,
+}
+
+async fn handle_connection(
+    stream: UnixStream,
+    ctx: ControlContext,
+    mut shutdown: ShutdownSignal,
+    uid: u32,
+    role: Role,
+    who: &str,
+) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
 
@@ -266,9 +340,7 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
                 let message = format!("request exceeds {} bytes", control.max_request_bytes);
                 (Response::error(ErrorCode::RequestTooLarge, message), After::Close)
             }
-            Next::Line(line) => {
-                respond(&line, role, Peer { uid: peer.uid, who: &who }, &running, &ctx, &shutdown).await
-            }
+            Next::Line(line) => respond(&line, role, Peer { uid, who }, &running, &ctx, &shutdown).await,
         };
         let bytes = encode_line(&response.frame());
         let written = tokio::time::timeout(WRITE_TIMEOUT, write_half.write_all(&bytes)).await;
@@ -278,7 +350,7 @@ async fn handle_connection(stream: UnixStream, ctx: ControlContext, mut shutdown
         match after {
             After::KeepOpen => {}
             After::Close => return,
-            After::Watch(rx) => return stream_monitor(rx, reader, write_half, &who, shutdown).await,
+            After::Watch(rx) => return stream_monitor(rx, reader, write_half, who, shutdown).await,
         }
     }
 }
@@ -340,7 +412,7 @@ struct Peer<'a> {
 /// Decides the response to one request line and what becomes of the connection.
 async fn respond(
     line: &[u8],
-    role: Option<Role>,
+    role: Role,
     peer: Peer<'_>,
     running: &RunningConfig,
     ctx: &ControlContext,
@@ -351,22 +423,18 @@ async fn respond(
         Err(reply) => return (Response::Error(reply), After::KeepOpen),
     };
     let control = &running.config.control;
-    let Some(role) = role else {
-        log::warn!(component = COMPONENT; "refused {request:?} from {}: not root, not in {} or {}", peer.who, control.technician_group, control.admin_group);
-        let message = format!(
-            "{} may not use callbox: only root and members of the groups '{}' (technicians) and '{}' (admins) may",
-            peer.who, control.technician_group, control.admin_group
-        );
-        return (Response::error(ErrorCode::Forbidden, message), After::Close);
-    };
+    // Logs name the request's kind, never its arguments (a caller number is personal data).
     if role < request.required_role() {
+        log::warn!(component = COMPONENT; "refused {} from {}: needs the admin role", request.kind(), peer.who);
         let message = format!(
-            "{request:?} needs the admin role: root or a member of '{}'; {} is a technician",
-            control.admin_group, peer.who
+            "{} needs the admin role: root or a member of '{}'; {} is a technician",
+            request.kind(),
+            control.admin_group,
+            peer.who
         );
         return (Response::error(ErrorCode::Forbidden, message), After::KeepOpen);
     }
-    log::debug!(component = COMPONENT; "{request:?} from {} as {role:?}", peer.who);
+    log::debug!(component = COMPONENT; "{} from {} as {role:?}", request.kind(), peer.who);
     let response = match request {
         Request::Ping {} => Response::Pong,
         Request::Status {} => {

@@ -21,8 +21,56 @@ use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::speech::live::{LegFeed, SpeechService};
 
 const COMPONENT: &str = "audiosocket";
-/// Open connections, whatever state they are in; beyond this new ones wait.
-const MAX_CONNECTIONS: usize = 512;
+/// Open connections per listener, whatever state they are in; beyond this new ones
+/// wait. Each listener has its own, so a flood on one leaves the other's calls served.
+const MAX_CONNECTIONS_PER_LISTENER: usize = 256;
+
+/// Open streams per source address, across listeners: one host cannot take every slot.
+#[derive(Clone, Default)]
+struct PeerCounts(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, PeerCount>>>);
+
+#[derive(Default)]
+struct PeerCount {
+    open: usize,
+    /// Said in the log that this peer is at its limit (once, until it drops below).
+    warned: bool,
+}
+
+/// One stream counted against its peer; uncounted when dropped.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerCounts {
+    /// Counts a stream from `ip`, or Err when it already holds `limit`; the bool says
+    /// whether to log it (the first refusal since the peer reached its limit).
+    fn take(&self, ip: std::net::IpAddr, limit: usize) -> Result<PeerSlot, bool> {
+        let Ok(mut counts) = self.0.lock() else { return Err(false) };
+        let count = counts.entry(ip).or_default();
+        if count.open >= limit {
+            let first = !count.warned;
+            count.warned = true;
+            return Err(first);
+        }
+        count.open += 1;
+        Ok(PeerSlot { counts: self.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.0.lock() {
+            if let Some(count) = counts.get_mut(&self.ip) {
+                count.open -= 1;
+                count.warned = false;
+                if count.open == 0 {
+                    counts.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioSocketError {
@@ -66,11 +114,12 @@ pub async fn serve(
         log::warn!(component = COMPONENT; "audiosocket.allowed_peers is empty: any host may stream audio in");
     }
     log::info!(component = COMPONENT; "listening on {}", described.join(", "));
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = PeerCounts::default();
     let mut accept_loops = JoinSet::new();
     for l in listeners {
-        let (config, calls, shutdown, permits) = (config.clone(), calls.clone(), shutdown.clone(), permits.clone());
-        accept_loops.spawn(accept_loop(l, config, calls, speech.clone(), shutdown, permits));
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_LISTENER));
+        let (config, calls, shutdown, peers) = (config.clone(), calls.clone(), shutdown.clone(), peers.clone());
+        accept_loops.spawn(accept_loop(l, config, calls, speech.clone(), shutdown, permits, peers));
     }
     shutdown.wait().await;
     // Each loop stops accepting and closes its streams; wait for them all.
@@ -86,6 +135,7 @@ async fn accept_loop(
     speech: Option<SpeechService>,
     mut shutdown: ShutdownSignal,
     permits: Arc<tokio::sync::Semaphore>,
+    peers: PeerCounts,
 ) {
     let mut streams = JoinSet::new();
     loop {
@@ -105,11 +155,22 @@ async fn accept_loop(
                         log::warn!(component = COMPONENT; "refused AudioSocket connection from {peer}: not in audiosocket.allowed_peers");
                         continue;
                     }
+                    let peer_slot = match peers.take(peer.ip(), settings.max_connections_per_peer) {
+                        Ok(slot) => slot,
+                        Err(first) => {
+                            if first {
+                                log::warn!(component = COMPONENT; "{} holds {} AudioSocket streams (audiosocket.max_connections_per_peer); refusing more from it",
+                                    peer.ip(), settings.max_connections_per_peer);
+                            }
+                            continue;
+                        }
+                    };
                     let (calls, shutdown) = (calls.clone(), shutdown.clone());
                     let speech = speech.clone().map(|service| (service, speech_config));
                     let leg = bound.leg;
                     streams.spawn(async move {
                         handle_stream(stream, peer, leg, settings, calls, speech, shutdown).await;
+                        drop(peer_slot);
                         drop(permit);
                     });
                 }
@@ -155,12 +216,28 @@ async fn handle_stream(
     let mut keepalive = tokio::time::interval(SILENCE_EVERY);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut silence_rate, mut silence) = (8000, silence_frame(8000));
-    let mut last_read = tokio::time::Instant::now();
+    // The idle timer runs from the last complete frame, not the last byte: a peer
+    // dribbling bytes that never make a frame cannot keep a slot. A frame once begun
+    // must also be whole within `frame_timeout_ms`.
+    let frame_bound = Duration::from_millis(settings.frame_timeout_ms);
+    let mut last_frame = tokio::time::Instant::now();
+    let mut partial_since: Option<tokio::time::Instant> = None;
     let end = loop {
         // Take every whole frame already received before reading more.
         let frame = match decoder.next_frame() {
-            Ok(Some(frame)) => frame,
+            Ok(Some(frame)) => {
+                last_frame = tokio::time::Instant::now();
+                partial_since = None;
+                frame
+            }
             Ok(None) => {
+                if decoder.pending() == 0 {
+                    partial_since = None;
+                } else if partial_since.is_none() {
+                    partial_since = Some(tokio::time::Instant::now());
+                }
+                let idle_at = last_frame + idle;
+                let deadline = partial_since.map_or(idle_at, |since| idle_at.min(since + frame_bound));
                 let read = tokio::select! {
                     _ = shutdown.wait() => break End::Reason("callbox is shutting down".into()),
                     _ = keepalive.tick(), if settings.send_silence && guard.is_some() => {
@@ -174,10 +251,16 @@ async fn handle_stream(
                             Err(_) => break End::Fault("the PBX does not read the audio sent back".into()),
                         }
                     }
-                    read = tokio::time::timeout_at(last_read + idle, stream.read(&mut buf)) => read,
+                    read = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => read,
                 };
                 match read {
-                    Err(_) => break End::Fault(format!("no frame for {} s", idle.as_secs())),
+                    Err(_) if deadline < idle_at => {
+                        break End::Fault(format!(
+                            "a frame begun was not complete within {} ms",
+                            frame_bound.as_millis()
+                        ))
+                    }
+                    Err(_) => break End::Fault(format!("no complete frame for {} s", idle.as_secs())),
                     // A reset is how a peer that had unread audio from us closes (RST, not FIN).
                     Ok(Err(e))
                         if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted)
@@ -195,7 +278,6 @@ async fn handle_stream(
                     Ok(Ok(0)) => break End::Reason("connection closed".into()),
                     Ok(Ok(n)) => {
                         decoder.push(&buf[..n]);
-                        last_read = tokio::time::Instant::now();
                         continue;
                     }
                 }

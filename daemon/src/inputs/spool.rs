@@ -9,9 +9,12 @@
 //! corrupt file never stops the daemon. A file that arrives while the box is
 //! at capacity waits in the spool for a later pass.
 
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -42,7 +45,10 @@ pub struct Sidecar {
 /// What `done/<name>.result.json` holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpoolResult {
+    /// The recording's original name, escaped (control characters, non-UTF-8 bytes).
     pub file: String,
+    /// Its size: with `file`, what the start-up repair matches an interrupted filing on.
+    pub size_bytes: u64,
     pub sample_rate: u32,
     pub encoding: String,
     pub duration_ms: u64,
@@ -83,23 +89,99 @@ pub fn prepare(dir: &Path) -> Result<(), SpoolError> {
     Ok(())
 }
 
-/// Recordings ready in the folder, oldest first.
-fn ready_files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
-    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .filter(|p| is_recording_name(p))
-        .filter_map(|p| std::fs::metadata(&p).and_then(|m| m.modified()).ok().map(|t| (t, p)))
-        .collect();
-    files.sort();
-    files.into_iter().map(|(_, p)| p).collect()
+/// What a look at the folder found.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Regular `*.wav` files: (mtime, path, size), for the settle check.
+    files: Vec<(SystemTime, PathBuf, u64)>,
+    /// `*.wav` entries that are not regular files, with their kind: never read, filed away.
+    not_regular: Vec<(PathBuf, &'static str)>,
 }
 
+/// The folder's `*.wav` entries, without following any link (`DirEntry::file_type`
+/// is the entry's own type).
+fn scan(dir: &Path) -> Scan {
+    let mut scan = Scan::default();
+    let Ok(entries) = std::fs::read_dir(dir) else { return scan };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if !is_recording_name(&path) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.file_type().is_file() {
+            scan.files.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), path, meta.len()));
+        } else {
+            scan.not_regular.push((path, crate::fsio::file_kind(&meta.file_type())));
+        }
+    }
+    scan.files.sort();
+    scan
+}
+
+/// A recording's name ends in `.wav` (any case) and is not a dot-file; judged on the
+/// name's bytes, so a name that is not UTF-8 is still a recording.
 fn is_recording_name(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    !name.starts_with('.') && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("wav"))
+    let Some(name) = path.file_name() else { return false };
+    let name = name.as_bytes();
+    !name.starts_with(b".") && name.len() > 4 && name[name.len() - 4..].eq_ignore_ascii_case(b".wav")
+}
+
+/// The settle check: a file is picked up only once its size and mtime have stayed the
+/// same for `spool.settle_ms`, so a recording written in place is not read half-way.
+#[derive(Debug, Default)]
+struct Settling {
+    seen: HashMap<PathBuf, (u64, SystemTime, Instant)>,
+}
+
+impl Settling {
+    /// Which of the listed files are ready at `now`; forgets files no longer listed.
+    fn ready(&mut self, files: Vec<(SystemTime, PathBuf, u64)>, now: Instant, settle: Duration) -> Vec<PathBuf> {
+        let mut ready = Vec::new();
+        let mut seen = HashMap::with_capacity(files.len());
+        for (mtime, path, len) in files {
+            let since = match self.seen.get(&path) {
+                Some(&(l, m, since)) if l == len && m == mtime => since,
+                _ => now,
+            };
+            if now.duration_since(since) >= settle {
+                ready.push(path.clone());
+            }
+            seen.insert(path, (len, mtime, since));
+        }
+        self.seen = seen;
+        ready
+    }
+}
+
+/// The default call id of a spooled file: its escaped name, shortened with a digest
+/// when the name is longer than a call id may be.
+fn default_call_id(path: &Path) -> String {
+    let stem = path.file_stem().map(|s| crate::escape::escape_bytes(s.as_bytes())).unwrap_or_default();
+    let id = format!("spool:{stem}");
+    if id.chars().count() <= crate::calls::MAX_CALL_ID_CHARS {
+        return id;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, stem.as_bytes());
+    let tag: String = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let head: String = id.chars().take(crate::calls::MAX_CALL_ID_CHARS - 14).collect();
+    format!("{head}~{tag}")
+}
+
+/// Reads a recording's sidecar: absent is fine; a link, FIFO, device, oversized or
+/// invalid sidecar fails the recording with the reason.
+fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
+    let bytes = match crate::fsio::read_bounded(path, MAX_SIDECAR_BYTES, crate::fsio::Links::Refuse) {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(Sidecar::default()),
+        Err(e) => return Err(format!("sidecar: {e}")),
+    };
+    let sidecar: Sidecar =
+        serde_json::from_slice(&bytes).map_err(|e| format!("sidecar {}: {e}", crate::escape::file_name(path)))?;
+    if let Some(id) = &sidecar.call_id {
+        crate::calls::check_call_id(id).map_err(|e| format!("sidecar call_id: {e}"))?;
+    }
+    Ok(sidecar)
 }
 
 /// The speech service and the settings it runs with, when speech is on.
@@ -112,25 +194,16 @@ fn process(
     customers: Option<&Customers>,
     speech: Speech,
 ) -> FileOutcome {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_owned();
-    let sidecar_path = path.with_extension("json");
-    let metadata = match std::fs::metadata(&sidecar_path) {
-        Err(_) => Sidecar::default(),
-        Ok(m) if m.len() > MAX_SIDECAR_BYTES => {
-            return FileOutcome::Failed(format!("sidecar larger than {MAX_SIDECAR_BYTES} bytes"))
-        }
-        Ok(_) => match std::fs::read(&sidecar_path).map(|b| serde_json::from_slice::<Sidecar>(&b)) {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return FileOutcome::Failed(format!("sidecar {}: {e}", sidecar_path.display())),
-            Err(e) => return FileOutcome::Failed(format!("cannot read sidecar: {e}")),
-        },
+    let name = crate::escape::file_name(path);
+    let metadata = match read_sidecar(&path.with_extension("json")) {
+        Ok(sidecar) => sidecar,
+        Err(reason) => return FileOutcome::Failed(reason),
     };
-    let recording = match crate::transcribe::read_recording(path, settings) {
+    let recording = match crate::transcribe::read_recording(path, settings, crate::fsio::Links::Refuse) {
         Ok(w) => w,
         Err(reason) => return FileOutcome::Failed(reason.to_string()),
     };
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording");
-    let call_id = metadata.call_id.clone().unwrap_or_else(|| format!("spool:{stem}"));
+    let call_id = metadata.call_id.clone().unwrap_or_else(|| default_call_id(path));
     let legs = crate::transcribe::legs(&recording, settings);
     if legs.is_empty() {
         return FileOutcome::Failed("unexpected channel layout".into());
@@ -178,6 +251,7 @@ fn process(
     }
     FileOutcome::Done(Box::new(SpoolResult {
         file: name,
+        size_bytes: std::fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0),
         sample_rate: recording.sample_rate,
         encoding: format!("{:?}", recording.encoding).to_lowercase(),
         duration_ms: (duration_secs * 1000.0).round() as u64,
@@ -211,7 +285,7 @@ fn transcribe_legs(
     out.sort_by(|a, b| a.utterance.start_secs.total_cmp(&b.utterance.start_secs));
     for u in &out {
         let event = UtteranceEvent { call: call_id.to_owned(), leg: u.leg, utterance: u.utterance.clone() };
-        service.publish(event, config.log_transcripts);
+        service.publish(event);
     }
     for &(leg, _) in legs {
         service.leg_ended(call_id, leg);
@@ -219,58 +293,171 @@ fn transcribe_legs(
     Ok(out)
 }
 
-/// Moves `path` (and its sidecar) into `dir`, never overwriting: a repeated
-/// name gets a numeric suffix. Returns the new path of the recording.
-fn file_away(path: &Path, dir: &Path) -> std::io::Result<PathBuf> {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("recording").to_owned();
-    let mut target_stem = stem.clone();
+/// Longest stem a filed-away recording keeps, in bytes: with `.result.json` and a
+/// numeric suffix its names stay under the 255 bytes a file name may have. The full
+/// name is kept (escaped) inside the result or reason file.
+const MAX_FILED_STEM_BYTES: usize = 200;
+
+fn with_suffix(dir: &Path, stem: &OsStr, suffix: &str) -> PathBuf {
+    let mut name = stem.to_owned();
+    name.push(suffix);
+    dir.join(name)
+}
+
+/// A stem under which nothing is filed in `dir` yet (a repeated name gets `.1`, `.2` …).
+fn free_stem(path: &Path, dir: &Path) -> OsString {
+    let stem = path.file_stem().map(OsStr::as_bytes).unwrap_or(b"recording");
+    let mut cut = stem.len().min(MAX_FILED_STEM_BYTES);
+    // Cut on a character boundary when the name is UTF-8.
+    while std::str::from_utf8(&stem[..cut]).is_err() && std::str::from_utf8(stem).is_ok() {
+        cut -= 1;
+    }
+    let stem = OsStr::from_bytes(&stem[..cut]);
+    let taken = |candidate: &OsStr| {
+        [".wav", ".json", ".result.json", ".reason.txt"]
+            .iter()
+            .any(|suffix| std::fs::symlink_metadata(with_suffix(dir, candidate, suffix)).is_ok())
+    };
+    let mut candidate = stem.to_owned();
     let mut n = 1;
-    while dir.join(format!("{target_stem}.wav")).exists() {
-        target_stem = format!("{stem}.{n}");
+    while taken(&candidate) {
+        candidate = stem.to_owned();
+        candidate.push(format!(".{n}"));
         n += 1;
     }
-    let target = dir.join(format!("{target_stem}.wav"));
-    std::fs::rename(path, &target)?;
-    let sidecar = path.with_extension("json");
-    if sidecar.exists() {
-        std::fs::rename(&sidecar, dir.join(format!("{target_stem}.json")))?;
-    }
-    Ok(target)
+    candidate
 }
 
-/// Writes a small file atomically (temp name, then rename), mode 0640.
-fn write_beside(target: &Path, contents: &[u8]) -> std::io::Result<()> {
+/// Makes a rename or a new file in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a small file durably: a temp name, fsync, rename, fsync of the folder.
+/// Mode 0640.
+fn write_durably(target: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = target.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, target)
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(target.file_name().unwrap_or_default());
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, target)
+    })();
+    if written.is_err() {
+        // A full disk leaves no half-written temp behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir)
 }
 
-/// Files a processed recording away. Returns whether it was postponed (left in place).
-fn settle(path: &Path, dir: &Path, outcome: FileOutcome, log_postponed: bool) -> std::io::Result<bool> {
+/// Moves a recording (and its sidecar) into `dir` under `stem`; renames never follow
+/// links and never overwrite (the stem is free).
+fn move_recording(path: &Path, dir: &Path, stem: &OsStr) -> std::io::Result<()> {
+    std::fs::rename(path, with_suffix(dir, stem, ".wav"))?;
+    let sidecar = path.with_extension("json");
+    if std::fs::symlink_metadata(&sidecar).is_ok() {
+        std::fs::rename(&sidecar, with_suffix(dir, stem, ".json"))?;
+    }
+    sync_dir(dir)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// What a reason file says: the reason, then the recording's original (escaped) name,
+/// which the start-up repair matches on.
+fn reason_text(reason: &str, name: &str, size_bytes: u64) -> String {
+    format!("{reason}\nfile: {name}\nsize: {size_bytes}\n")
+}
+
+/// Files a processed recording away: its result (or reason) first, durably, then the
+/// recording, so a crash or a full disk never leaves a filed recording without its
+/// result. Returns whether it was postponed (left in place on purpose).
+fn file_away(path: &Path, dir: &Path, outcome: &FileOutcome, log_postponed: bool) -> std::io::Result<bool> {
+    let name = crate::escape::file_name(path);
     match outcome {
         FileOutcome::Done(result) => {
-            let target = file_away(path, &dir.join("done"))?;
-            let json = serde_json::to_vec_pretty(&result).unwrap_or_default();
-            write_beside(&target.with_extension("result.json"), &json)?;
-            log::info!(component = COMPONENT; "{}: done ({} ms)", result.file, result.duration_ms);
+            let done = dir.join("done");
+            let stem = free_stem(path, &done);
+            let json = serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?;
+            write_durably(&with_suffix(&done, &stem, ".result.json"), &json)?;
+            move_recording(path, &done, &stem)?;
+            log::info!(component = COMPONENT; "{name}: done ({} ms)", result.duration_ms);
         }
         FileOutcome::Failed(reason) => {
-            let target = file_away(path, &dir.join("failed"))?;
-            write_beside(&target.with_extension("reason.txt"), format!("{reason}\n").as_bytes())?;
-            log::warn!(component = COMPONENT; "{}: failed: {reason}", path.display());
+            let failed = dir.join("failed");
+            let stem = free_stem(path, &failed);
+            write_durably(
+                &with_suffix(&failed, &stem, ".reason.txt"),
+                reason_text(reason, &name, std::fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0)).as_bytes(),
+            )?;
+            move_recording(path, &failed, &stem)?;
+            log::warn!(component = COMPONENT; "{name}: failed: {reason}");
         }
         FileOutcome::Later(reason) => {
             if log_postponed {
-                log::info!(component = COMPONENT; "{}: postponed: {reason}", path.display());
+                log::info!(component = COMPONENT; "{name}: postponed: {reason}");
             }
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// Finishes what a crash interrupted: a result or reason file written whose recording
+/// is still in the spool gets its recording moved beside it; stray temp files go.
+fn repair(dir: &Path) {
+    let waiting: HashMap<(String, u64), PathBuf> =
+        scan(dir).files.into_iter().map(|(_, path, size)| ((crate::escape::file_name(&path), size), path)).collect();
+    for (sub, suffix) in [("done", ".result.json"), ("failed", ".reason.txt")] {
+        let folder = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            let file = entry.file_name();
+            let bytes = file.as_bytes();
+            if bytes.starts_with(b".") && bytes.ends_with(b".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let Some(stem) = bytes.strip_suffix(suffix.as_bytes()).map(OsStr::from_bytes) else { continue };
+            if std::fs::symlink_metadata(with_suffix(&folder, stem, ".wav")).is_ok() {
+                continue;
+            }
+            let Ok(text) = crate::fsio::read_text_bounded(&entry.path(), 16 << 20, crate::fsio::Links::Refuse) else {
+                continue;
+            };
+            let original = if sub == "done" {
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| Some((v.get("file")?.as_str()?.to_owned(), v.get("size_bytes")?.as_u64()?)))
+            } else {
+                let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(str::to_owned);
+                field("file: ").zip(field("size: ").and_then(|n| n.parse().ok()))
+            };
+            if let Some(path) = original.and_then(|key| waiting.get(&key)) {
+                match move_recording(path, &folder, stem) {
+                    Ok(()) => {
+                        log::info!(component = COMPONENT; "{}: filing finished after an interrupted run", crate::escape::file_name(path))
+                    }
+                    Err(e) => {
+                        log::warn!(component = COMPONENT; "cannot finish filing {}: {e}", crate::escape::file_name(path))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A `*.wav` entry that is not a regular file goes to `failed/` as it is (a link is
+/// moved, never followed), with the reason.
+fn file_away_not_regular(path: &Path, kind: &str, dir: &Path) -> std::io::Result<()> {
+    let reason = format!("not a regular file ({kind}); never read");
+    file_away(path, dir, &FileOutcome::Failed(reason), false).map(|_| ())
 }
 
 /// Watches the spool folder until shutdown; the file in hand is finished first.
@@ -283,44 +470,89 @@ pub async fn watch(
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), SpoolError> {
-    health.set(COMPONENT, HealthState::Ok, format!("watching {}", dir.display()));
-    log::info!(component = COMPONENT; "watching {}", dir.display());
+    let watching = format!("watching {}", dir.display());
+    {
+        let d = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || repair(&d)).await;
+    }
+    health.set(COMPONENT, HealthState::Ok, watching.clone());
+    log::info!(component = COMPONENT; "{watching}");
     // Files waiting for a free call slot: said once, not on every pass.
     let mut postponed = std::collections::HashSet::new();
+    let mut settling = Settling::default();
+    // A processed file that could not be filed away (full disk, permissions): its
+    // outcome is kept and filing retried on later passes, without processing it again.
+    let mut unfiled: Option<(PathBuf, Arc<FileOutcome>)> = None;
     loop {
         let (settings, speech_config) = {
             let running = config.borrow();
             (running.config.spool.clone(), running.config.speech.clone())
         };
-        for path in ready_files(&dir) {
-            if shutdown.is_triggered() {
-                break;
-            }
-            let (p, s, c, d) = (path.clone(), settings.clone(), calls.clone(), dir.clone());
-            let (service, sc, cu) = (speech.clone(), speech_config.clone(), customers.clone());
-            let first_time = !postponed.contains(&path);
-            let settled = tokio::task::spawn_blocking(move || {
-                let outcome = process(&p, &s, &c, cu.as_ref(), service.as_ref().map(|service| (service, &sc)));
-                settle(&p, &d, outcome, first_time)
-            })
-            .await;
-            match settled {
-                Ok(Ok(waiting)) => {
-                    if waiting {
-                        postponed.insert(path);
-                    } else {
-                        postponed.remove(&path);
+        'pass: {
+            if let Some((path, outcome)) = unfiled.take() {
+                let (p, d, o) = (path.clone(), dir.clone(), outcome.clone());
+                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, false)).await {
+                    Ok(Ok(_)) => health.set(COMPONENT, HealthState::Ok, watching.clone()),
+                    Ok(Err(e)) if std::fs::symlink_metadata(&path).is_ok() => {
+                        health.set(COMPONENT, HealthState::Degraded, unfiled_reason(&path, &e));
+                        unfiled = Some((path, outcome));
+                        break 'pass;
                     }
-                    health.set(COMPONENT, HealthState::Ok, format!("watching {}", dir.display()));
+                    // The file went away meanwhile: nothing left to file.
+                    _ => {}
                 }
-                Ok(Err(e)) => {
-                    // Cannot move files: the folder is broken (permissions, full disk).
-                    // Say so and retry on the next pass rather than spin on this file.
-                    health.set(COMPONENT, HealthState::Degraded, format!("cannot file away {}: {e}", path.display()));
-                    log::error!(component = COMPONENT; "cannot file away {}: {e}", path.display());
+            }
+            let found = {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || scan(&d)).await.unwrap_or_default()
+            };
+            for (path, kind) in found.not_regular {
+                let name = crate::escape::file_name(&path);
+                if let Err(e) = file_away_not_regular(&path, kind, &dir) {
+                    log::warn!(component = COMPONENT; "{name}: not a regular file ({kind}) and cannot be moved to failed/: {e}");
+                }
+            }
+            let settle = Duration::from_millis(settings.settle_ms);
+            for path in settling.ready(found.files, Instant::now(), settle) {
+                if shutdown.is_triggered() {
                     break;
                 }
-                Err(e) => log::error!(component = COMPONENT; "processing {} panicked: {e}", path.display()),
+                let (p, s, c) = (path.clone(), settings.clone(), calls.clone());
+                let (service, sc, cu) = (speech.clone(), speech_config.clone(), customers.clone());
+                let processed = tokio::task::spawn_blocking(move || {
+                    Arc::new(process(&p, &s, &c, cu.as_ref(), service.as_ref().map(|service| (service, &sc))))
+                })
+                .await;
+                let outcome = match processed {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        log::error!(component = COMPONENT; "processing {} panicked: {e}", crate::escape::file_name(&path));
+                        continue;
+                    }
+                };
+                let first_time = !postponed.contains(&path);
+                let (p, d, o) = (path.clone(), dir.clone(), outcome.clone());
+                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, first_time)).await {
+                    Ok(Ok(waiting)) => {
+                        if waiting {
+                            postponed.insert(path);
+                        } else {
+                            postponed.remove(&path);
+                        }
+                        health.set(COMPONENT, HealthState::Ok, watching.clone());
+                    }
+                    Ok(Err(e)) => {
+                        // The recording stays in the spool; its outcome waits to be filed.
+                        let reason = unfiled_reason(&path, &e);
+                        log::error!(component = COMPONENT; "{reason}; the recording stays in the spool and is filed when possible");
+                        health.set(COMPONENT, HealthState::Degraded, reason);
+                        unfiled = Some((path, outcome));
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!(component = COMPONENT; "filing {} panicked: {e}", crate::escape::file_name(&path))
+                    }
+                }
             }
         }
         tokio::select! {
@@ -330,6 +562,10 @@ pub async fn watch(
     }
     health.set(COMPONENT, HealthState::Stopped, format!("{}", dir.display()));
     Ok(())
+}
+
+fn unfiled_reason(path: &Path, e: &std::io::Error) -> String {
+    format!("cannot file away {}: {e}", crate::escape::file_name(path))
 }
 
 #[cfg(test)]
@@ -350,6 +586,10 @@ mod tests {
         }
     }
 
+    fn failed(reason: &str) -> FileOutcome {
+        FileOutcome::Failed(reason.into())
+    }
+
     #[test]
     fn filing_away_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
@@ -358,11 +598,149 @@ mod tests {
             let file = dir.path().join("call.wav");
             std::fs::write(&file, format!("{round}")).unwrap();
             std::fs::write(file.with_extension("json"), "{}").unwrap();
-            file_away(&file, &dir.path().join("done")).unwrap();
+            file_away(&file, dir.path(), &failed("bad"), false).unwrap();
         }
-        let done = dir.path().join("done");
+        let done = dir.path().join("failed");
         assert_eq!(std::fs::read_to_string(done.join("call.wav")).unwrap(), "0");
         assert_eq!(std::fs::read_to_string(done.join("call.2.wav")).unwrap(), "2");
         assert!(done.join("call.1.json").exists());
+        assert!(std::fs::read_to_string(done.join("call.2.reason.txt")).unwrap().starts_with("bad\n"));
+    }
+
+    #[test]
+    fn a_long_name_is_filed_with_its_full_name_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path()).unwrap();
+        // 246 characters: the old `<name>.result.json` hit ENAMETOOLONG and lost the result.
+        let name = format!("{}.wav", "长".repeat(80).chars().chain("x".repeat(162).chars()).collect::<String>());
+        let name = &name[..name.len().min(250)];
+        let file = dir.path().join(name);
+        std::fs::write(&file, "x").unwrap();
+        file_away(&file, dir.path(), &failed("bad"), false).unwrap();
+        let filed: Vec<_> =
+            std::fs::read_dir(dir.path().join("failed")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(filed.len(), 2, "{filed:?}");
+        let reason = filed.iter().find(|n| n.to_string_lossy().ends_with(".reason.txt")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("failed").join(reason)).unwrap();
+        assert!(text.contains(&format!("file: {name}")), "{text}");
+    }
+
+    #[test]
+    fn a_full_disk_leaves_the_recording_in_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path()).unwrap();
+        let file = dir.path().join("call.wav");
+        std::fs::write(&file, "x").unwrap();
+        // done/ made a plain file stands in for a full disk (and fails for root too):
+        // writing the result fails, and that comes first.
+        let done = dir.path().join("done");
+        std::fs::remove_dir(&done).unwrap();
+        std::fs::write(&done, "").unwrap();
+        let outcome = FileOutcome::Done(Box::new(SpoolResult {
+            file: "call.wav".into(),
+            size_bytes: 1,
+            sample_rate: 8000,
+            encoding: "pcm".into(),
+            duration_ms: 0,
+            metadata: Sidecar::default(),
+            customer: None,
+            call: None,
+            utterances: None,
+            real_time_factor: None,
+        }));
+        assert!(file_away(&file, dir.path(), &outcome, false).is_err());
+        assert!(file.exists(), "the recording must stay in the spool");
+        std::fs::remove_file(&done).unwrap();
+        prepare(dir.path()).unwrap();
+        file_away(&file, dir.path(), &outcome, false).unwrap();
+        assert!(done.join("call.wav").exists() && done.join("call.result.json").exists());
+    }
+
+    #[test]
+    fn an_interrupted_filing_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path()).unwrap();
+        let done = dir.path().join("done");
+        // A crash after the result was written, before the recording moved.
+        std::fs::write(dir.path().join("call.wav"), "abc").unwrap();
+        std::fs::write(done.join("call.result.json"), r#"{"file":"call.wav","size_bytes":3}"#).unwrap();
+        // A crash mid-write of a result.
+        std::fs::write(done.join(".other.result.json.tmp"), "").unwrap();
+        // Same name, different size: a new recording, to be processed, not filed.
+        std::fs::write(dir.path().join("new.wav"), "abcdef").unwrap();
+        std::fs::write(done.join("new.result.json"), r#"{"file":"new.wav","size_bytes":3}"#).unwrap();
+        repair(dir.path());
+        assert!(done.join("call.wav").exists());
+        assert!(!dir.path().join("call.wav").exists());
+        assert!(!done.join(".other.result.json.tmp").exists());
+        assert!(dir.path().join("new.wav").exists());
+    }
+
+    #[test]
+    fn entries_that_are_not_regular_files_are_seen_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path()).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.wav")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("dangling.wav")).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("fifo.wav"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::create_dir(dir.path().join("folder.wav")).unwrap();
+        std::fs::write(dir.path().join(OsStr::from_bytes(b"bad\xff\nname.wav")), "x").unwrap();
+        let found = scan(dir.path());
+        let mut kinds: Vec<_> = found.not_regular.iter().map(|(p, k)| (crate::escape::file_name(p), *k)).collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                ("dangling.wav".to_owned(), "symbolic link"),
+                ("fifo.wav".to_owned(), "FIFO"),
+                ("folder.wav".to_owned(), "directory"),
+                ("link.wav".to_owned(), "symbolic link")
+            ]
+        );
+        assert_eq!(found.files.len(), 1);
+        let odd = &found.files[0].1;
+        assert_eq!(crate::escape::file_name(odd), "bad\\xff\\nname.wav");
+        assert_eq!(default_call_id(odd), "spool:bad\\xff\\nname");
+        for (path, kind) in found.not_regular {
+            file_away_not_regular(&path, kind, dir.path()).unwrap();
+        }
+        let failed = dir.path().join("failed");
+        assert_eq!(std::fs::read_link(failed.join("link.wav")).unwrap(), Path::new("/etc/passwd"));
+        let reason = std::fs::read_to_string(failed.join("fifo.reason.txt")).unwrap();
+        assert!(reason.starts_with("not a regular file (FIFO)"), "{reason}");
+    }
+
+    #[test]
+    fn sidecars_are_bounded_regular_files_with_valid_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = dir.path().join("x.json");
+        assert_eq!(read_sidecar(&sidecar).unwrap(), Sidecar::default());
+        std::os::unix::fs::symlink("/dev/zero", &sidecar).unwrap();
+        assert!(read_sidecar(&sidecar).unwrap_err().contains("symbolic link"));
+        std::fs::remove_file(&sidecar).unwrap();
+        nix::unistd::mkfifo(&sidecar, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(read_sidecar(&sidecar).unwrap_err().contains("FIFO"));
+        std::fs::remove_file(&sidecar).unwrap();
+        for bad in ["a\nb".to_owned(), "a\u{202E}b".to_owned(), "x".repeat(60_000)] {
+            std::fs::write(&sidecar, serde_json::json!({ "call_id": bad }).to_string()).unwrap();
+            assert!(read_sidecar(&sidecar).unwrap_err().contains("call_id"), "{bad:.20}");
+        }
+        std::fs::write(&sidecar, r#"{"call_id":"pbx-1"}"#).unwrap();
+        assert_eq!(read_sidecar(&sidecar).unwrap().call_id.as_deref(), Some("pbx-1"));
+    }
+
+    #[test]
+    fn a_file_is_picked_only_after_it_settles() {
+        let mut settling = Settling::default();
+        let t0 = Instant::now();
+        let settle = Duration::from_millis(1000);
+        let (p, m) = (PathBuf::from("a.wav"), SystemTime::UNIX_EPOCH);
+        assert!(settling.ready(vec![(m, p.clone(), 10)], t0, settle).is_empty());
+        // Growing: the clock starts again.
+        assert!(settling.ready(vec![(m, p.clone(), 20)], t0 + Duration::from_millis(900), settle).is_empty());
+        assert!(settling.ready(vec![(m, p.clone(), 20)], t0 + Duration::from_millis(1800), settle).is_empty());
+        assert_eq!(settling.ready(vec![(m, p.clone(), 20)], t0 + Duration::from_millis(1900), settle), vec![p.clone()]);
+        // settle_ms = 0: at once.
+        assert_eq!(Settling::default().ready(vec![(m, p.clone(), 1)], t0, Duration::ZERO), vec![p]);
     }
 }

@@ -82,7 +82,7 @@ pub fn bench_asr(
     let runs = runs.max(2);
     let mut rows = Vec::new();
     for file in &files {
-        let recording = crate::transcribe::read_recording(file, &config.spool)
+        let recording = crate::transcribe::read_recording(file, &config.spool, crate::fsio::Links::Follow)
             .map_err(|e| Failure::new(exit::DATA_ERROR, format!("{}: {e}", file.display())))?;
         let Some(samples) = recording.channels.first() else { continue };
         let telephone_samples = telephone(samples, recording.sample_rate)

@@ -60,10 +60,7 @@ fn load_intent(config: &Config, models_dir: Option<&Path>) -> Result<IntentModel
 
 /// A text file's non-empty lines, the file bounded like a recording.
 fn read_lines(path: &Path, max_mb: u64) -> Result<Vec<String>, String> {
-    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if size > max_mb * 1024 * 1024 {
-        return Err(format!("larger than spool.max_file_mb = {max_mb}"));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    let text = crate::fsio::read_text_bounded(path, max_mb * 1024 * 1024, crate::fsio::Links::Follow)
+        .map_err(|e| e.to_string())?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }

@@ -126,8 +126,8 @@ impl SpeechService {
     }
 
     /// Publishes an utterance (also for the spool, which transcribes whole files).
-    pub fn publish(&self, event: UtteranceEvent, log_text: bool) {
-        log_utterance(&event, log_text);
+    pub fn publish(&self, event: UtteranceEvent) {
+        log_utterance(&event);
         self.stats.utterances.fetch_add(1, Ordering::Relaxed);
         let asr = &event.utterance.asr;
         self.stats.asr_ms.fetch_add((asr.encoder_ms + asr.decoder_ms) as u64, Ordering::Relaxed);
@@ -161,7 +161,6 @@ impl SpeechService {
             offset_secs: offset_secs.max(0.0),
             resampler,
             pipeline: LegPipeline::new(&self.models, config.vad_params(), config.decode_options()),
-            log_text: config.log_transcripts,
         };
         let name = format!("speech-{}", leg.name());
         let thread = std::thread::Builder::new().name(name).spawn(move || worker.run(rx)).map_err(LegError::Thread)?;
@@ -226,7 +225,6 @@ struct LegWorker {
     offset_secs: f64,
     resampler: StreamResampler,
     pipeline: LegPipeline,
-    log_text: bool,
 }
 
 impl LegWorker {
@@ -263,7 +261,7 @@ impl LegWorker {
                     utterance.start_secs += self.offset_secs;
                     utterance.end_secs += self.offset_secs;
                     let event = UtteranceEvent { call: self.call.clone(), leg: self.leg, utterance };
-                    self.service.publish(event, self.log_text);
+                    self.service.publish(event);
                 }
                 true
             }
@@ -276,12 +274,13 @@ impl LegWorker {
     }
 }
 
-fn log_utterance(event: &UtteranceEvent, log_text: bool) {
+/// Facts about the utterance, never its words: a transcript is personal data, and the
+/// log is read by more people than the call store (`callbox watch` shows the text, and
+/// says who watched).
+fn log_utterance(event: &UtteranceEvent) {
     let u = &event.utterance;
     let compute_ms = u.asr.encoder_ms + u.asr.decoder_ms;
-    // Even when asked for, the log gets the text with personal data masked.
-    let text = if log_text { format!(": {}", crate::pii::mask(&u.text).0) } else { String::new() };
     log::info!(component = COMPONENT, call_id = event.call.as_str(), leg = event.leg.name();
-        "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms{text}",
+        "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms",
         event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms);
 }

@@ -3,7 +3,6 @@
 //! not match, so a truncated copy or a swapped file never reaches inference.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -66,14 +65,9 @@ pub struct ModelSet {
 impl ModelSet {
     pub fn open(dir: &Path) -> Result<Self, SpeechError> {
         let path = dir.join(MANIFEST_FILE);
-        let file = std::fs::File::open(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?;
-        let mut text = String::new();
-        file.take(MAX_MANIFEST_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|source| SpeechError::Io { path: path.clone(), source })?;
-        if text.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(SpeechError::Manifest { path, reason: format!("larger than {MAX_MANIFEST_BYTES} bytes") });
-        }
+        let text = read_model_file(&path, MAX_MANIFEST_BYTES)?;
+        let text = String::from_utf8(text)
+            .map_err(|_| SpeechError::Manifest { path: path.clone(), reason: "not UTF-8 text".into() })?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| SpeechError::Manifest { path: path.clone(), reason: e.to_string() })?;
         if manifest.version != SUPPORTED_VERSION {
@@ -123,14 +117,7 @@ impl ModelSet {
             reason: format!("model {}: no `{role}` file", model.name),
         })?;
         let path = self.dir.join(&entry.path);
-        let size = std::fs::metadata(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?.len();
-        if size > MAX_MODEL_FILE_BYTES {
-            return Err(SpeechError::Manifest {
-                path,
-                reason: format!("{size} bytes, more than the {MAX_MODEL_FILE_BYTES} a model file may have"),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(|source| SpeechError::Io { path: path.clone(), source })?;
+        let bytes = read_model_file(&path, MAX_MODEL_FILE_BYTES)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         if actual != entry.sha256.to_ascii_lowercase() {
@@ -138,4 +125,16 @@ impl ModelSet {
         }
         Ok(bytes)
     }
+}
+
+/// A models-folder file through the bounded reader: a link to /dev/zero or a FIFO is an
+/// error, never a hang or a runaway allocation.
+fn read_model_file(path: &Path, limit: u64) -> Result<Vec<u8>, SpeechError> {
+    use crate::fsio::ReadError;
+    crate::fsio::read_bounded(path, limit, crate::fsio::Links::Follow).map_err(|e| match e {
+        ReadError::Open { source, .. } | ReadError::Read { source, .. } => {
+            SpeechError::Io { path: path.to_owned(), source }
+        }
+        other => SpeechError::Manifest { path: path.to_owned(), reason: other.to_string() },
+    })
 }

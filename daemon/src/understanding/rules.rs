@@ -31,15 +31,9 @@ pub const DEFAULT_RULES: &str = include_str!("../../../packaging/rules.toml");
 /// Every problem comes back at once, each naming its rule.
 pub fn load_rules(file: Option<&Path>) -> Result<RuleSet, Vec<String>> {
     let Some(path) = file else { return RuleSet::parse(DEFAULT_RULES) };
-    let cannot = |e: std::io::Error| vec![format!("cannot read {}: {e}", path.display())];
-    let size = std::fs::metadata(path).map_err(cannot)?.len();
-    if size > MAX_RULES_BYTES as u64 {
-        return Err(vec![format!(
-            "{}: {size} bytes, more than the {MAX_RULES_BYTES} a rule file may have",
-            path.display()
-        )]);
-    }
-    RuleSet::parse(&std::fs::read_to_string(path).map_err(cannot)?)
+    let text = crate::fsio::read_text_bounded(path, MAX_RULES_BYTES as u64, crate::fsio::Links::Follow)
+        .map_err(|e| vec![e.to_string()])?;
+    RuleSet::parse(&text)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
