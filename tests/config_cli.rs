@@ -182,3 +182,25 @@ fn rules_check_accepts_the_shipped_rules_and_lists_every_problem_of_a_bad_file()
         "{err}"
     );
 }
+
+#[test]
+fn an_unreadable_config_is_named_not_hidden_behind_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("callbox.toml");
+    std::fs::write(&config, b"\xff\xfe[control]\n").unwrap();
+    let out = run_cli(&["--config", config.to_str().unwrap(), "status"]);
+    let err = stderr_of(&out);
+    assert!(err.contains("is not UTF-8 text"), "{err}");
+    // Devices and FIFOs are refused, never read (the old reader took /dev/zero to OOM).
+    let out = run_cli(&["config", "check", "--config", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(stderr_of(&out).contains("not a regular file (character device)"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn analyze_on_a_folder_with_nothing_to_analyze_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_cli(&["analyze", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("nothing to analyze"), "{}", stderr_of(&out));
+}

@@ -318,3 +318,32 @@ fn decode_journal_entry(mut data: &[u8]) -> Vec<(String, String)> {
     }
     fields
 }
+
+#[test]
+fn root_does_not_take_over_the_service_users_data_directory() {
+    // The service's state directory belongs to its user (nobody stands in for callbox).
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    let config = dir.path().join("callbox.toml");
+    std::fs::write(&config, TestDaemon::config_text(dir.path(), "")).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = TestDaemon::spawn(&config, &log, &[]);
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(77), "{text}");
+    assert!(text.contains("belongs to uid 65534 (nobody)") && text.contains("sudo -u nobody callbox run"), "{text}");
+    assert!(!data.join("keys").exists(), "nothing was written as root");
+
+    // What such a run used to leave behind: doctor names it and the one command that fixes it.
+    std::fs::create_dir(data.join("keys")).unwrap();
+    std::fs::write(data.join("keys/caller-hash.key"), [0u8; 32]).unwrap();
+    let out = crate::support::run_cli(&["--config", config.to_str().unwrap(), "doctor"]);
+    let report = crate::support::stdout_of(&out);
+    assert!(
+        report.lines().any(|l| l.starts_with("FAIL") && l.contains("data-dir") && l.contains("chown -R nobody:")),
+        "{report}"
+    );
+}

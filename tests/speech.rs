@@ -618,3 +618,30 @@ fn a_stop_during_model_loading_ends_the_start_cleanly() {
     // Nothing half-made: no control socket left behind; the store opened whole.
     assert!(!dir.path().join("control.sock").exists());
 }
+
+#[test]
+fn a_call_in_which_nobody_speaks_still_finishes() {
+    // The old daemon only knew calls that had an utterance: `demo` waited 60 s and failed.
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.wav");
+    sox(&["-n", "-r", "8000", "-c", "2", "-b", "16", silent.to_str().unwrap(), "trim", "0", "2"]);
+    let config = config(dir.path());
+    let out = run_cli(&[
+        "--config",
+        config.to_str().unwrap(),
+        "demo",
+        "--json",
+        "--models",
+        models(),
+        "--call",
+        silent.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let finished: Vec<serde_json::Value> = stdout_of(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "call_finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "{}", stdout_of(&out));
+    assert_eq!(finished[0]["utterances"], 0);
+}

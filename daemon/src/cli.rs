@@ -41,7 +41,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (systemd: Type=notify).
-    Run,
+    Run {
+        /// Run as root even on a data directory that belongs to another user (the
+        /// service's): files it creates there will be root's.
+        #[arg(long)]
+        as_root: bool,
+    },
     /// Show the main job on a sample call: a private daemon takes a two-leg call over
     /// AudioSocket in real time and prints what it understood, live.
     Demo {
@@ -269,7 +274,7 @@ pub fn main() -> u8 {
         }
     };
     match cli.command {
-        Command::Run => crate::daemon::run(&cli.config),
+        Command::Run { as_root } => crate::daemon::run(&cli.config, as_root),
         Command::Demo { ref call, ref models, ref lang, rate, json } => crate::demo::run(
             &cli.config,
             crate::demo::DemoOptions { call: call.clone(), models: models.clone(), language: lang.clone(), rate, json },
@@ -347,7 +352,17 @@ fn socket_for(cli: &Cli) -> PathBuf {
     if let Some(socket) = &cli.socket {
         return socket.clone();
     }
-    if let Some(socket) = config::load_lenient(&cli.config).control.socket {
+    let configured = match config::load(&cli.config) {
+        Ok(loaded) => loaded.config.control.socket,
+        Err(config::ConfigError::Invalid { best_effort, .. }) => best_effort.control.socket,
+        // A file that cannot be read at all (not UTF-8, a device): say so, or the user
+        // reads "not running" about a daemon that may well be.
+        Err(e) => {
+            eprintln!("callbox: warning: {e}; trying the default control socket");
+            None
+        }
+    };
+    if let Some(socket) = configured {
         return socket;
     }
     let candidates = PathEnv::from_process().client_socket_candidates();

@@ -30,7 +30,8 @@ use crate::understanding::rules::load_rules;
 const COMPONENT: &str = "daemon";
 
 /// Runs the daemon in the foreground; returns the process exit code.
-pub fn run(config_path: &Path) -> u8 {
+/// `as_root`: allow a root run on a data directory that belongs to another user.
+pub fn run(config_path: &Path, as_root: bool) -> u8 {
     logging::init(config::LogLevel::Info);
     let loaded = match config::load(config_path) {
         Ok(loaded) => loaded,
@@ -62,14 +63,14 @@ pub fn run(config_path: &Path) -> u8 {
             return exit::OS_ERROR;
         }
     };
-    let code = runtime.block_on(run_async(loaded));
+    let code = runtime.block_on(run_async(loaded, as_root));
     // Abandoned blocking work (a stuck probe) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_millis(200));
     log::logger().flush();
     code
 }
 
-async fn run_async(loaded: LoadedConfig) -> u8 {
+async fn run_async(loaded: LoadedConfig, as_root: bool) -> u8 {
     // First: from here on a stop request is ours to handle, never the default action.
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
@@ -79,7 +80,7 @@ async fn run_async(loaded: LoadedConfig) -> u8 {
         }
     };
     let started = tokio::select! {
-        started = start(loaded) => started,
+        started = start(loaded, as_root) => started,
         sig = signals.stop_requested() => {
             log::info!(component = COMPONENT; "received {} while starting; stopped before taking any call", sig.name());
             return exit::OK;
@@ -111,7 +112,7 @@ impl Started {
 
 /// Start-up up to READY=1. Dropped half-way (a stop request), it leaves nothing
 /// half-written: the store is opened whole or not at all, and models are only read.
-async fn start(loaded: LoadedConfig) -> Result<Started, u8> {
+async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
     let notifier = match Notifier::from_env() {
         Ok(n) => n,
         Err(e) => {
@@ -129,6 +130,12 @@ async fn start(loaded: LoadedConfig) -> Result<Started, u8> {
     let data_dir = cfg.daemon.data_dir.clone().unwrap_or_else(|| env.data_dir());
     let socket_path = cfg.control.socket.clone().unwrap_or_else(|| env.daemon_socket());
 
+    if !as_root {
+        if let Err(e) = storage::check_root_run(&data_dir) {
+            log::error!(component = COMPONENT; "{e}");
+            return Err(exit::NO_PERMISSION);
+        }
+    }
     if let Err(e) = storage::prepare(&data_dir) {
         log::error!(component = COMPONENT; "{e}");
         return Err(exit::OS_ERROR);

@@ -114,6 +114,8 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         return Err(format!("--rate must be 8000 or 16000, not {rate}"));
     }
     let models = models_dir(config_path, options.models.as_deref());
+    // The private daemon's config wants an absolute path; `--models models/cache` is fine here.
+    let models = std::path::absolute(&models).unwrap_or(models);
     let call_path = options.call.clone().unwrap_or_else(|| default_call(&models));
     if !call_path.exists() {
         return Err(format!(

@@ -152,6 +152,26 @@ fn data_directory(dir: &Path, min_free_mb: u64) -> Check {
             ),
         );
     }
+    if let Ok((owner, foreign)) = storage::foreign_owned(dir) {
+        if !foreign.is_empty() {
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+                .ok()
+                .flatten()
+                .map_or_else(|| owner.to_string(), |u| u.name);
+            let paths: Vec<String> = foreign.iter().map(|p| p.display().to_string()).collect();
+            return check(
+                "data-dir",
+                Verdict::Fail,
+                format!(
+                    "{} file(s) in {} are not owned by {name}, the directory's owner (left by a run as another user, \
+                     e.g. root); the service cannot open them. Fix: chown -R {name}: {}",
+                    foreign.len(),
+                    dir.display(),
+                    paths.join(" ")
+                ),
+            );
+        }
+    }
     let report = storage::probe(dir);
     let (state, detail) = storage::assess(&report, min_free_mb);
     let verdict = match (state, &report.writable) {

@@ -24,6 +24,48 @@ pub enum StorageError {
     Create { path: PathBuf, source: std::io::Error },
     #[error("data directory {0} exists but is not a directory")]
     NotADirectory(PathBuf),
+    #[error("data directory {path} belongs to {owner}, not root: run as that user (e.g. `sudo -u {name} callbox run`); as root this run would leave files there that the service cannot open. `callbox run --as-root` overrides this.")]
+    OwnedByServiceUser { path: PathBuf, owner: String, name: String },
+}
+
+/// Refuses a root run on a data directory that belongs to another user (the service's):
+/// keys and databases it created would be root's, and the service could no longer start.
+pub fn check_root_run(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(());
+    }
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.uid() != 0 => {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid())).ok().flatten();
+            let name = user.map_or_else(|| meta.uid().to_string(), |u| u.name);
+            Err(StorageError::OwnedByServiceUser {
+                path: dir.to_owned(),
+                owner: format!("uid {} ({name})", meta.uid()),
+                name,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Entries directly in the data directory (and in its `keys/`) whose owner is not the
+/// directory's: left by a run as another user (root), they stop the service. Returns the
+/// directory's owner and the foreign paths.
+pub fn foreign_owned(dir: &Path) -> std::io::Result<(u32, Vec<PathBuf>)> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir)?.uid();
+    let mut foreign = Vec::new();
+    for folder in [dir.to_owned(), dir.join("keys")] {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            if entry.metadata().is_ok_and(|m| m.uid() != owner) {
+                foreign.push(entry.path());
+            }
+        }
+    }
+    foreign.sort();
+    Ok((owner, foreign))
 }
 
 /// Creates the data directory (mode 0750) if missing.

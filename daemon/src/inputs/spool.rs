@@ -176,10 +176,15 @@ fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
         Err(e) if e.is_not_found() => return Ok(Sidecar::default()),
         Err(e) => return Err(format!("sidecar: {e}")),
     };
-    let sidecar: Sidecar =
-        serde_json::from_slice(&bytes).map_err(|e| format!("sidecar {}: {e}", crate::escape::file_name(path)))?;
+    parse_sidecar(&bytes).map_err(|e| format!("sidecar {}: {e}", crate::escape::file_name(path)))
+}
+
+/// A sidecar's bytes: JSON with known keys only, and a call id valid as the control
+/// protocol's are.
+pub fn parse_sidecar(bytes: &[u8]) -> Result<Sidecar, String> {
+    let sidecar: Sidecar = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if let Some(id) = &sidecar.call_id {
-        crate::calls::check_call_id(id).map_err(|e| format!("sidecar call_id: {e}"))?;
+        crate::calls::check_call_id(id).map_err(|e| format!("call_id: {e}"))?;
     }
     Ok(sidecar)
 }

@@ -68,6 +68,13 @@ pub fn analyze(
     use crate::understanding::call::CallUnderstanding;
     use crate::understanding::live::UnderstandingModels;
     use crate::understanding::rules::load_rules;
+    let files = analyze_inputs(paths).map_err(|e| Failure::new(exit::DATA_ERROR, e))?;
+    if files.is_empty() {
+        return Err(Failure::new(
+            exit::DATA_ERROR,
+            "nothing to analyze: no .wav or .jsonl file in the given folder(s)",
+        ));
+    }
     let config = load_config(config_path)?;
     let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
     let text_models = UnderstandingModels::load(&dir).map_err(|e| {
@@ -78,7 +85,6 @@ pub fn analyze(
         let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
         Failure::new(exit::CONFIG, format!("the rule file has {} problem(s):\n{}", problems.len(), lines.join("\n")))
     })?;
-    let files = analyze_inputs(paths).map_err(|e| Failure::new(exit::DATA_ERROR, e))?;
     let mut speech: Option<SpeechModels> = None;
     let mut code = exit::OK;
     for file in &files {

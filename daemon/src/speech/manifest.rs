@@ -62,31 +62,33 @@ pub struct ModelSet {
     pub manifest: Manifest,
 }
 
+impl Manifest {
+    /// Parses and checks a manifest's text: the version this callbox reads, and no file
+    /// path that leaves the models folder.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if manifest.version != SUPPORTED_VERSION {
+            return Err(format!("version {}, this callbox reads version {SUPPORTED_VERSION}", manifest.version));
+        }
+        for model in &manifest.models {
+            for file in model.files.values() {
+                let rel = Path::new(&file.path);
+                if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    return Err(format!("model {}: file path {} leaves the models folder", model.name, file.path));
+                }
+            }
+        }
+        Ok(manifest)
+    }
+}
+
 impl ModelSet {
     pub fn open(dir: &Path) -> Result<Self, SpeechError> {
         let path = dir.join(MANIFEST_FILE);
         let text = read_model_file(&path, MAX_MANIFEST_BYTES)?;
         let text = String::from_utf8(text)
             .map_err(|_| SpeechError::Manifest { path: path.clone(), reason: "not UTF-8 text".into() })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| SpeechError::Manifest { path: path.clone(), reason: e.to_string() })?;
-        if manifest.version != SUPPORTED_VERSION {
-            return Err(SpeechError::Manifest {
-                path,
-                reason: format!("version {}, this callbox reads version {SUPPORTED_VERSION}", manifest.version),
-            });
-        }
-        for model in &manifest.models {
-            for file in model.files.values() {
-                let rel = Path::new(&file.path);
-                if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                    return Err(SpeechError::Manifest {
-                        path,
-                        reason: format!("model {}: file path {} leaves the models folder", model.name, file.path),
-                    });
-                }
-            }
-        }
+        let manifest = Manifest::parse(&text).map_err(|reason| SpeechError::Manifest { path, reason })?;
         Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 

@@ -104,14 +104,7 @@ impl UnderstandingCore {
 
     /// One finished utterance, in the leg's time order.
     pub fn utterance(&mut self, u: HeardUtterance, now: Instant) -> Vec<Action> {
-        let rules = self.rules.clone();
-        let call = self.calls.entry(u.call.clone()).or_insert_with(|| LiveCall {
-            understanding: CallUnderstanding::new(rules),
-            started: u.call_started.unwrap_or(now),
-            legs: BTreeSet::new(),
-            ended_legs: BTreeSet::new(),
-            gone_since: None,
-        });
+        let call = self.live_call(&u.call, u.call_started.unwrap_or(now));
         call.legs.insert(u.leg);
         let tags_before = call.understanding.state.tags.clone();
         let events = call.understanding.utterance(u.leg, u.start_secs, u.end_secs, &u.text, u.facts);
@@ -128,10 +121,24 @@ impl UnderstandingCore {
     }
 
     /// A leg's speech is complete (its last utterance came before this).
-    pub fn leg_ended(&mut self, call: &str, leg: Leg) {
-        if let Some(c) = self.calls.get_mut(call) {
-            c.ended_legs.insert(leg);
-        }
+    /// A leg's speech is complete. A call known only from this (no utterance, gone from
+    /// the registry before a tick saw it) is taken in, so that it still finishes: a call's
+    /// end must not depend on anyone having spoken.
+    pub fn leg_ended(&mut self, call: &str, leg: Leg, now: Instant) {
+        let c = self.live_call(call, now);
+        c.legs.insert(leg);
+        c.ended_legs.insert(leg);
+    }
+
+    fn live_call(&mut self, call: &str, started: Instant) -> &mut LiveCall {
+        let rules = self.rules.clone();
+        self.calls.entry(call.to_owned()).or_insert_with(|| LiveCall {
+            understanding: CallUnderstanding::new(rules),
+            started,
+            legs: BTreeSet::new(),
+            ended_legs: BTreeSet::new(),
+            gone_since: None,
+        })
     }
 
     /// Ticks every call: deadlines of calls still live (`live`: the registry's calls and
@@ -139,6 +146,10 @@ impl UnderstandingCore {
     pub fn tick(&mut self, live: &BTreeMap<String, Vec<Leg>>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut ended = Vec::new();
+        // Calls in the registry are understood from the start, words or none.
+        for (id, legs) in live {
+            self.live_call(id, now).legs.extend(legs.iter().copied());
+        }
         let mut ids: Vec<String> = self.calls.keys().cloned().collect();
         ids.sort();
         for id in ids {
@@ -258,13 +269,30 @@ mod tests {
         c.utterance(heard("c1", Leg::Agent, 0.5, "您好，这里是客服中心", Some(t0)), at(2));
         assert!(finished_calls(&c.tick(&live(&[("c1", both)]), at(3))).is_empty(), "live calls go on");
         // Hung up: gone from the registry, but the customer's leg has not flushed yet.
-        c.leg_ended("c1", Leg::Agent);
+        c.leg_ended("c1", Leg::Agent, t0);
         assert!(finished_calls(&c.tick(&live(&[]), at(10))).is_empty(), "the customer leg may still speak");
         let a = c.utterance(heard("c1", Leg::Customer, 8.0, "不需要了谢谢", None), at(11));
         assert!(matches!(&a[0], Action::Utterance { view, .. } if view.index == 1 && view.leg == Leg::Customer));
-        c.leg_ended("c1", Leg::Customer);
+        c.leg_ended("c1", Leg::Customer, t0);
         assert_eq!(finished_calls(&c.tick(&live(&[]), at(12))), ["c1"]);
         assert_eq!(c.calls_in_progress(), 0);
+    }
+
+    #[test]
+    fn a_call_in_which_nobody_spoke_still_finishes() {
+        let t0 = Instant::now();
+        let mut c = core();
+        let both: &[Leg] = &[Leg::Agent, Leg::Customer];
+        // Seen live, silent, hung up: both legs' speech ends with nothing said.
+        assert!(finished_calls(&c.tick(&live(&[("quiet", both)]), t0)).is_empty());
+        c.leg_ended("quiet", Leg::Agent, t0);
+        c.leg_ended("quiet", Leg::Customer, t0);
+        let a = c.tick(&live(&[]), t0 + Duration::from_secs(1));
+        assert_eq!(finished_calls(&a), ["quiet"]);
+        assert!(matches!(&a.last(), Some(Action::Finished(f)) if f.utterances == 0));
+        // A spooled call that came and went between two ticks: known only by its legs' ends.
+        c.leg_ended("brief", Leg::Customer, t0);
+        assert_eq!(finished_calls(&c.tick(&live(&[]), t0 + Duration::from_secs(2))), ["brief"]);
     }
 
     #[test]
@@ -273,7 +301,7 @@ mod tests {
         let mut c = core();
         c.utterance(heard("c2", Leg::Customer, 0.0, "喂", Some(t0)), t0);
         c.tick(&live(&[("c2", &[Leg::Customer, Leg::Agent])]), t0 + Duration::from_secs(1));
-        c.leg_ended("c2", Leg::Customer);
+        c.leg_ended("c2", Leg::Customer, t0);
         let gone = t0 + Duration::from_secs(5);
         assert!(finished_calls(&c.tick(&live(&[]), gone)).is_empty(), "the agent leg has not ended");
         assert!(finished_calls(&c.tick(&live(&[]), gone + FINISH_GRACE - Duration::from_secs(1))).is_empty());

@@ -219,7 +219,7 @@ impl Understanding {
     async fn speech_event(&mut self, event: &SpeechEvent, registry: &CallRegistry) {
         match event {
             SpeechEvent::Utterance(u) => self.utterance(u, registry).await,
-            SpeechEvent::LegEnded { call, leg } => self.core.leg_ended(call, *leg),
+            SpeechEvent::LegEnded { call, leg } => self.core.leg_ended(call, *leg, Instant::now()),
         }
     }
 }
