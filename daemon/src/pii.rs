@@ -222,20 +222,28 @@ fn find_emails(text: &str) -> Vec<PiiSpan> {
     let domain = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
     let mut out = Vec::new();
     for (at, _) in text.match_indices('@') {
+        // Addresses run together ("a@b.cn.c@d.cn"): the next one starts where the last ended.
+        let floor = out.last().map_or(0, |s: &PiiSpan| s.end);
         let mut start = at;
-        while start > 0 && local(bytes[start - 1]) {
+        while start > floor && local(bytes[start - 1]) {
             start -= 1;
         }
         let mut end = at + 1;
         while end < bytes.len() && domain(bytes[end]) {
             end += 1;
         }
-        let host = text[at + 1..end].trim_end_matches('.');
-        let end = at + 1 + host.len();
-        let tld_ok = host.rsplit_once('.').is_some_and(|(name, tld)| {
-            !name.is_empty() && tld.len() >= 2 && tld.bytes().all(|b| b.is_ascii_alphabetic())
+        // The host ends with its top-level domain: the letters right after a dot, taken from
+        // the right. ASR joins what follows ("x@y.com123", "x@y.cnO6222…"): what comes
+        // after the TLD must not hide the address (the fuzzer found that masking the tail
+        // then revealed it to a second pass).
+        let run = &text[at + 1..end];
+        let host_len = run.match_indices('.').rev().find_map(|(dot, _)| {
+            let tld = run[dot + 1..].bytes().take_while(u8::is_ascii_alphabetic).count();
+            (dot > 0 && tld >= 2).then_some(dot + 1 + tld)
         });
-        if start < at && tld_ok && !out.iter().any(|s: &PiiSpan| s.end > start) {
+        let tld_ok = host_len.is_some();
+        let end = at + 1 + host_len.unwrap_or(0);
+        if start < at && tld_ok && start >= floor {
             out.push(PiiSpan { kind: PiiKind::Email, start, end });
         }
     }
@@ -252,6 +260,16 @@ mod tests {
         let (once, _) = mask(text);
         assert_eq!(mask(&once).0, once, "the first pass left personal data: {once}");
         assert!(!once.contains("555 01011"), "{once}");
+        let text = "How m1 1110W@W111.AAAAA1 111 111111 1111WWWHow @W1m10.";
+        let (once, _) = mask(text);
+        assert_eq!(mask(&once).0, once, "the first pass left personal data: {once}");
+        assert_eq!(mask("mail x@y.com123 now").0, "mail [邮箱]123 now");
+        let (once, _) = mask("ska&@[邮箱].@1o.Thhm");
+        assert_eq!(mask(&once).0, once);
+        assert_eq!(mask("x@b.cn.y@d.cn").0, "[邮箱][邮箱]", "addresses run together");
+        let (once, _) = mask("0@1o.ThWWWWWWWWWWWW6222000000000000O1234567O7654321");
+        assert_eq!(mask(&once).0, once);
+        assert!(once.starts_with("[邮箱]"), "{once}");
     }
 
     fn masked(text: &str) -> String {
