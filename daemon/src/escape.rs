@@ -31,31 +31,23 @@ fn push_escaped(out: &mut String, c: char) {
 
 /// `text` with control and bidi characters escaped; borrowed when nothing needs it.
 pub fn escape(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(needs_escape) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if needs_escape(c) {
-            push_escaped(&mut out, c);
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    escape_where(text, needs_escape)
 }
 
 /// For log lines: control and bidi characters escaped, backslashes left as they are,
 /// so that a name already escaped (`escape_bytes`) reads the same in the log. A line
 /// can then no longer be split or reversed; it is not meant to be decoded back.
 pub fn escape_controls(text: &str) -> Cow<'_, str> {
-    let is_hazard = |c: char| c != '\\' && needs_escape(c);
-    if !text.chars().any(is_hazard) {
+    escape_where(text, |c| c != '\\' && needs_escape(c))
+}
+
+fn escape_where(text: &str, hazard: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !text.chars().any(&hazard) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if is_hazard(c) {
+        if hazard(c) {
             push_escaped(&mut out, c);
         } else {
             out.push(c);
