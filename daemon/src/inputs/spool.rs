@@ -179,10 +179,23 @@ fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
     parse_sidecar(&bytes).map_err(|e| format!("sidecar {}: {e}", crate::escape::file_name(path)))
 }
 
+/// A JSON error as a reason that may be logged: serde's "invalid type: integer
+/// `13800138000`" quotes the value, which can be a caller number. Keep what was expected
+/// and where, never the value.
+fn without_values(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    if message.starts_with("invalid type") || message.starts_with("invalid value") {
+        let expected = message.find(", expected").map_or("", |at| &message[at + 2..]);
+        format!("a field has the wrong type or value ({expected})")
+    } else {
+        message
+    }
+}
+
 /// A sidecar's bytes: JSON with known keys only, and a call id valid as the control
 /// protocol's are.
 pub fn parse_sidecar(bytes: &[u8]) -> Result<Sidecar, String> {
-    let sidecar: Sidecar = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let sidecar: Sidecar = serde_json::from_slice(bytes).map_err(|e| without_values(&e))?;
     if let Some(id) = &sidecar.call_id {
         crate::calls::check_call_id(id).map_err(|e| format!("call_id: {e}"))?;
     }
@@ -730,6 +743,10 @@ mod tests {
             std::fs::write(&sidecar, serde_json::json!({ "call_id": bad }).to_string()).unwrap();
             assert!(read_sidecar(&sidecar).unwrap_err().contains("call_id"), "{bad:.20}");
         }
+        // A number where a string belongs: the reason says so without quoting the number.
+        std::fs::write(&sidecar, r#"{"caller_number":13800138000}"#).unwrap();
+        let reason = read_sidecar(&sidecar).unwrap_err();
+        assert!(!reason.contains("13800138000") && reason.contains("expected a string"), "{reason}");
         std::fs::write(&sidecar, r#"{"call_id":"pbx-1"}"#).unwrap();
         assert_eq!(read_sidecar(&sidecar).unwrap().call_id.as_deref(), Some("pbx-1"));
     }
