@@ -645,3 +645,43 @@ fn a_call_in_which_nobody_speaks_still_finishes() {
     assert_eq!(finished.len(), 1, "{}", stdout_of(&out));
     assert_eq!(finished[0]["utterances"], 0);
 }
+
+/// A process's peak resident memory so far (VmHWM), in MiB.
+fn peak_rss_mib(pid: nix::unistd::Pid) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib / 1024.0
+}
+
+#[test]
+fn a_long_spooled_recording_streams_through_in_flat_memory() {
+    // The probe's 511 MB 48 kHz stereo file took the daemon to 3.16 GB: every recording
+    // was decoded whole, then copied per channel and resampled whole. 20 minutes of
+    // 48 kHz stereo (231 MB) with the clip at the very end must now add < 100 MB.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let long = dir.path().join("long.wav");
+    let (input, out) = (clip("zh/BAC009S0764W0121.wav"), long.to_str().unwrap().to_owned());
+    sox(&[&input, "-r", "48000", "-b", "16", &out, "remix", "1", "0", "pad", "1200", "0"]);
+    assert!(std::fs::metadata(&long).unwrap().len() > 230_000_000);
+    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
+    let d = speech_daemon(dir, &settings, &[]);
+    let loaded = peak_rss_mib(d.pid());
+    std::fs::rename(&long, spool.join("long-call.wav")).unwrap();
+    let result = spool.join("done/long-call.result.json");
+    assert!(crate::support::wait_until(LONG, || result.exists()), "log:\n{}", d.log_text());
+    let grown = peak_rss_mib(d.pid()) - loaded;
+    assert!(grown < 100.0, "peak RSS grew by {grown:.0} MiB over the {loaded:.0} MiB of the loaded models");
+    // Read to the end: the words 20 minutes in are there, at their time.
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    let us = v["utterances"].as_array().unwrap();
+    assert_eq!(us.len(), 1, "{us:?}");
+    assert!(us[0]["start_secs"].as_f64().unwrap() > 1200.0, "{:?}", us[0]);
+    let t = us[0]["text"].as_str().unwrap();
+    for word in KEY_WORDS {
+        assert!(t.contains(word), "{word} not in {t}");
+    }
+    let secs = v["duration_ms"].as_f64().unwrap() / 1000.0;
+    assert!((secs - 1204.2).abs() < 0.05, "{secs} s: 1200 s of silence and the 4.2-s clip");
+}

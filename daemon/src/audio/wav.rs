@@ -2,6 +2,8 @@
 //! A-law, any channel count up to 2, rates from 8 to 48 kHz. Pure: bytes in,
 //! per-channel 16-bit samples out, or an error saying exactly what is wrong.
 
+use std::io::Read;
+
 use super::g711;
 
 /// Longest recording accepted, so a hostile or broken file cannot exhaust memory.
@@ -53,6 +55,14 @@ pub enum WavError {
     SampleRate(u32),
     #[error("longer than {MAX_SECONDS} s")]
     TooLong,
+    #[error("read failed: {0}")]
+    Io(String),
+}
+
+impl WavError {
+    fn io(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -63,10 +73,17 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
+#[derive(Clone, Copy)]
 struct Format {
     encoding: Encoding,
     channels: u16,
     sample_rate: u32,
+}
+
+impl Format {
+    fn frame_bytes(&self) -> usize {
+        usize::from(self.channels) * if self.encoding == Encoding::Pcm16 { 2 } else { 1 }
+    }
 }
 
 fn parse_format(chunk: &[u8]) -> Result<Format, WavError> {
@@ -94,60 +111,136 @@ fn parse_format(chunk: &[u8]) -> Result<Format, WavError> {
     Ok(Format { encoding, channels, sample_rate })
 }
 
-/// Parses a whole WAV file.
-pub fn parse(bytes: &[u8]) -> Result<Wav, WavError> {
-    if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
-        return Err(WavError::NotWav);
-    }
-    let mut at = 12;
-    let mut format = None;
-    while at + 8 <= bytes.len() {
-        let id = &bytes[at..at + 4];
-        let declared = u32_at(bytes, at + 4).unwrap_or(0) as usize;
-        let body_start = at + 8;
-        if id == b"data" {
-            let fmt = format.ok_or(WavError::MissingFormat)?;
-            // 0xFFFFFFFF (or 0) is what streaming writers leave: the data runs to the end.
-            let len = if declared == u32::MAX as usize || declared == 0 { bytes.len() - body_start } else { declared };
-            let body = bytes
-                .get(body_start..body_start + len)
-                .ok_or(WavError::Truncated("data chunk runs past the end of the file"))?;
-            return decode(body, fmt);
-        }
-        let body = bytes
-            .get(body_start..body_start + declared)
-            .ok_or(WavError::Truncated("chunk runs past the end of the file"))?;
-        if id == b"fmt " {
-            format = Some(parse_format(body)?);
-        }
-        // Chunks are padded to even length.
-        at = body_start + declared + (declared & 1);
-    }
-    Err(if format.is_some() { WavError::MissingData } else { WavError::MissingFormat })
+/// Longest `fmt ` chunk body read; the formats we take need 26 bytes, and anything
+/// beyond is skipped unread so a hostile header cannot make us allocate.
+const MAX_FORMAT_BYTES: u64 = 64;
+
+/// A recording read as a stream: the header is parsed at once, the samples come in
+/// blocks, so memory stays flat whatever the recording's length. Never reads past the
+/// `len` bytes it was given (a file that grows while read is cut there).
+pub struct WavReader<R> {
+    inner: R,
+    pub sample_rate: u32,
+    pub encoding: Encoding,
+    pub channels: u16,
+    frames: u64,
+    frames_left: u64,
+    buffer: Vec<u8>,
 }
 
-fn decode(body: &[u8], fmt: Format) -> Result<Wav, WavError> {
-    let channels = usize::from(fmt.channels);
-    let bytes_per_sample = if fmt.encoding == Encoding::Pcm16 { 2 } else { 1 };
-    let frame_bytes = channels * bytes_per_sample;
-    let frames = body.len() / frame_bytes;
-    if frames as u64 > u64::from(MAX_SECONDS) * u64::from(fmt.sample_rate) {
-        return Err(WavError::TooLong);
-    }
-    let interleaved: Vec<i16> = match fmt.encoding {
-        Encoding::Pcm16 => {
-            body[..frames * frame_bytes].chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()
+impl<R: Read> WavReader<R> {
+    /// Parses the header of a `len`-byte stream, stopping at the first sample.
+    pub fn new(mut inner: R, len: u64) -> Result<Self, WavError> {
+        let mut riff = [0u8; 12];
+        if len < 12 || read_full(&mut inner, &mut riff)? < 12 || &riff[0..4] != b"RIFF" || &riff[8..12] != b"WAVE" {
+            return Err(WavError::NotWav);
         }
-        Encoding::Ulaw => g711::decode_ulaw(&body[..frames * frame_bytes]),
-        Encoding::Alaw => g711::decode_alaw(&body[..frames * frame_bytes]),
-    };
-    let mut out = vec![Vec::with_capacity(frames); channels];
-    for frame in interleaved.chunks_exact(channels) {
-        for (channel, &sample) in out.iter_mut().zip(frame) {
-            channel.push(sample);
+        let mut at: u64 = 12;
+        let mut format = None;
+        while at + 8 <= len {
+            let mut header = [0u8; 8];
+            if read_full(&mut inner, &mut header)? < 8 {
+                return Err(WavError::Truncated("chunk runs past the end of the file"));
+            }
+            let id = &header[0..4];
+            let declared = u64::from(u32::from_le_bytes([header[4], header[5], header[6], header[7]]));
+            let body_start = at + 8;
+            if id == b"data" {
+                let fmt: Format = format.ok_or(WavError::MissingFormat)?;
+                // 0xFFFFFFFF (or 0) is what streaming writers leave: the data runs to the end.
+                let data_len =
+                    if declared == u64::from(u32::MAX) || declared == 0 { len - body_start } else { declared };
+                if body_start + data_len > len {
+                    return Err(WavError::Truncated("data chunk runs past the end of the file"));
+                }
+                let frame_bytes = fmt.frame_bytes();
+                let frames = data_len / frame_bytes as u64;
+                if frames > u64::from(MAX_SECONDS) * u64::from(fmt.sample_rate) {
+                    return Err(WavError::TooLong);
+                }
+                return Ok(Self {
+                    inner,
+                    sample_rate: fmt.sample_rate,
+                    encoding: fmt.encoding,
+                    channels: fmt.channels,
+                    frames,
+                    frames_left: frames,
+                    buffer: Vec::new(),
+                });
+            }
+            if body_start + declared > len {
+                return Err(WavError::Truncated("chunk runs past the end of the file"));
+            }
+            // Chunks are padded to even length; a missing last pad byte is tolerated.
+            let mut skip = declared + (declared & 1);
+            if id == b"fmt " {
+                let mut body = vec![0u8; declared.min(MAX_FORMAT_BYTES) as usize];
+                let got = read_full(&mut inner, &mut body)?;
+                body.truncate(got);
+                format = Some(parse_format(&body)?);
+                skip -= got as u64;
+            }
+            std::io::copy(&mut (&mut inner).take(skip), &mut std::io::sink()).map_err(WavError::io)?;
+            at = body_start + declared + (declared & 1);
+        }
+        Err(if format.is_some() { WavError::MissingData } else { WavError::MissingFormat })
+    }
+
+    /// Frames (samples per channel) in the whole recording.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    pub fn duration_secs(&self) -> f64 {
+        self.frames as f64 / f64::from(self.sample_rate)
+    }
+
+    /// The next block of at most `max_frames` frames, one vector per channel; empty
+    /// vectors once every frame was read.
+    pub fn read_block(&mut self, max_frames: usize) -> Result<Vec<Vec<i16>>, WavError> {
+        let channels = usize::from(self.channels);
+        let frames = (max_frames as u64).min(self.frames_left) as usize;
+        let bytes_per_sample = if self.encoding == Encoding::Pcm16 { 2 } else { 1 };
+        self.buffer.resize(frames * channels * bytes_per_sample, 0);
+        if read_full(&mut self.inner, &mut self.buffer)? < self.buffer.len() {
+            return Err(WavError::Truncated("the file ended before its data chunk did"));
+        }
+        self.frames_left -= frames as u64;
+        let interleaved: Vec<i16> = match self.encoding {
+            Encoding::Pcm16 => self.buffer.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect(),
+            Encoding::Ulaw => g711::decode_ulaw(&self.buffer),
+            Encoding::Alaw => g711::decode_alaw(&self.buffer),
+        };
+        let mut out = vec![Vec::with_capacity(frames); channels];
+        for frame in interleaved.chunks_exact(channels) {
+            for (channel, &sample) in out.iter_mut().zip(frame) {
+                channel.push(sample);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; how many bytes were read.
+fn read_full(inner: &mut impl Read, buf: &mut [u8]) -> Result<usize, WavError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match inner.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WavError::io(e)),
         }
     }
-    Ok(Wav { sample_rate: fmt.sample_rate, encoding: fmt.encoding, channels: out })
+    Ok(filled)
+}
+
+/// Parses a whole WAV file held in memory (short clips: tests, the demo call, benchmarks).
+pub fn parse(bytes: &[u8]) -> Result<Wav, WavError> {
+    let mut reader = WavReader::new(bytes, bytes.len() as u64)?;
+    let frames = usize::try_from(reader.frames()).map_err(|_| WavError::TooLong)?;
+    let channels = reader.read_block(frames)?;
+    Ok(Wav { sample_rate: reader.sample_rate, encoding: reader.encoding, channels })
 }
 
 /// Writes 16-bit PCM WAV bytes, for the tests.
@@ -253,5 +346,61 @@ mod tests {
         let mut open = encode_pcm16(8000, &[vec![5, 6, 7]]);
         open[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(parse(&open).unwrap().channels, vec![vec![5, 6, 7]]);
+    }
+
+    #[test]
+    fn streams_in_blocks_exactly_what_a_whole_parse_gives() {
+        let left: Vec<i16> = (0..1001).map(|i| (i * 53 % 3000) as i16 - 1500).collect();
+        let right: Vec<i16> = left.iter().map(|s| s / 2).collect();
+        let bytes = encode_pcm16(8000, &[left, right]);
+        let whole = parse(&bytes).unwrap();
+        let mut reader = WavReader::new(&bytes[..], bytes.len() as u64).unwrap();
+        assert_eq!(reader.frames(), 1001);
+        let mut streamed = vec![Vec::new(); 2];
+        loop {
+            let block = reader.read_block(97).unwrap();
+            assert!(block[0].len() <= 97 && block[0].len() == block[1].len());
+            if block[0].is_empty() {
+                break;
+            }
+            for (all, part) in streamed.iter_mut().zip(block) {
+                all.extend(part);
+            }
+        }
+        assert_eq!(streamed, whole.channels);
+    }
+
+    #[test]
+    fn never_reads_past_the_length_it_was_given() {
+        // An open-ended data chunk in a file still growing: only what was there counts.
+        let mut open = encode_pcm16(8000, &[vec![5, 6, 7]]);
+        open[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+        let len = open.len() as u64;
+        open.extend_from_slice(&[9, 9, 9, 9]);
+        let mut reader = WavReader::new(&open[..], len).unwrap();
+        assert_eq!(reader.read_block(100).unwrap(), vec![vec![5, 6, 7]]);
+        assert_eq!(reader.read_block(100).unwrap(), vec![Vec::<i16>::new()]);
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_read_is_truncated() {
+        let bytes = encode_pcm16(8000, &[vec![1; 1000]]);
+        let mut reader = WavReader::new(&bytes[..1000], bytes.len() as u64).unwrap();
+        assert_eq!(reader.read_block(2000), Err(WavError::Truncated("the file ended before its data chunk did")));
+    }
+
+    #[test]
+    fn a_huge_chunk_before_the_data_is_skipped_not_loaded() {
+        // A 1 MiB LIST chunk between fmt and data; the header parse reads it as a stream.
+        let good = encode_pcm16(8000, &[vec![7, 8]]);
+        let mut bytes = good[..36].to_vec();
+        bytes.extend_from_slice(b"LIST");
+        bytes.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        bytes.resize(bytes.len() + (1 << 20), 0xAB);
+        bytes.extend_from_slice(&good[36..]);
+        assert_eq!(parse(&bytes).unwrap().channels, vec![vec![7, 8]]);
+        let mut oversized_fmt = good.clone();
+        oversized_fmt[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse(&oversized_fmt), Err(WavError::Truncated("chunk runs past the end of the file")));
     }
 }

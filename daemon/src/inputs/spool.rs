@@ -217,12 +217,12 @@ fn process(
         Ok(sidecar) => sidecar,
         Err(reason) => return FileOutcome::Failed(reason),
     };
-    let recording = match crate::transcribe::read_recording(path, settings, crate::fsio::Links::Refuse) {
+    let mut recording = match crate::transcribe::open_recording(path, settings, crate::fsio::Links::Refuse) {
         Ok(w) => w,
         Err(reason) => return FileOutcome::Failed(reason.to_string()),
     };
     let call_id = metadata.call_id.clone().unwrap_or_else(|| default_call_id(path));
-    let legs = crate::transcribe::legs(&recording, settings);
+    let legs = crate::transcribe::leg_layout(recording.channels, settings);
     if legs.is_empty() {
         return FileOutcome::Failed("unexpected channel layout".into());
     }
@@ -238,10 +238,10 @@ fn process(
         _ => None,
     };
     let mut guards = Vec::new();
-    for (leg, samples) in &legs {
+    for leg in &legs {
         match calls.open(&call_id, *leg, &format!("spool {name}")) {
             Ok(guard) => {
-                guard.audio(samples.len() as u64, recording.sample_rate);
+                guard.audio(recording.frames(), recording.sample_rate);
                 guards.push(guard);
             }
             Err(reason) => return FileOutcome::Later(reason.to_string()),
@@ -250,7 +250,7 @@ fn process(
     let started = std::time::Instant::now();
     let utterances = match speech {
         None => None,
-        Some((service, config)) => match transcribe_legs(service, config, &call_id, &legs, recording.sample_rate) {
+        Some((service, config)) => match transcribe_legs(service, config, &call_id, &mut recording, &legs) {
             Ok(u) => Some(u),
             Err(reason) => return FileOutcome::Failed(reason.to_string()),
         },
@@ -281,31 +281,26 @@ fn process(
     }))
 }
 
-/// Transcribes every leg, publishes each utterance, and returns them in time order.
+/// Transcribes every leg, streaming the recording in blocks, publishes each utterance,
+/// and returns them in time order.
 fn transcribe_legs(
     service: &SpeechService,
     config: &crate::config::SpeechConfig,
     call_id: &str,
-    legs: &[(crate::audio::Leg, &[i16])],
-    rate: u32,
-) -> Result<Vec<LegUtterance>, String> {
-    let mut out = Vec::new();
-    for &(leg, samples) in legs {
-        let utterances = crate::transcribe::transcribe_leg(service.models(), config, samples, rate)
-            .map_err(|e| format!("speech: {e}"))?;
-        // The result file is stored data: personal data is masked before it is written.
-        out.extend(utterances.into_iter().map(|mut utterance| {
-            utterance.text = crate::pii::mask(&utterance.text).0;
-            utterance.asr.text = crate::pii::mask(&utterance.asr.text).0;
-            LegUtterance { leg, utterance }
-        }));
+    recording: &mut crate::transcribe::RecordingStream,
+    legs: &[crate::audio::Leg],
+) -> Result<Vec<LegUtterance>, crate::transcribe::StreamError> {
+    let mut out = crate::transcribe::transcribe_stream(service.models(), config, recording, legs)?;
+    // The result file is stored data: personal data is masked before it is written.
+    for u in &mut out {
+        u.utterance.text = crate::pii::mask(&u.utterance.text).0;
+        u.utterance.asr.text = crate::pii::mask(&u.utterance.asr.text).0;
     }
-    out.sort_by(|a, b| a.utterance.start_secs.total_cmp(&b.utterance.start_secs));
     for u in &out {
         let event = UtteranceEvent { call: call_id.to_owned(), leg: u.leg, utterance: u.utterance.clone() };
         service.publish(event);
     }
-    for &(leg, _) in legs {
+    for &leg in legs {
         service.leg_ended(call_id, leg);
     }
     Ok(out)
