@@ -427,6 +427,12 @@ fn doctor_checks_the_models_against_their_manifest() {
     let bad = doctor(missing.to_str().unwrap());
     assert_eq!(bad["verdict"], "fail", "an input is configured: {bad}");
     assert!(bad["detail"].as_str().unwrap().contains("models/build.sh"), "{bad}");
+    // A box without the models package is told to install it (unless this machine has it).
+    if !Path::new("/usr/share/callbox/models/manifest.json").exists() {
+        let unpackaged = doctor("/usr/share/callbox/models");
+        assert_eq!(unpackaged["verdict"], "fail", "{unpackaged}");
+        assert!(unpackaged["detail"].as_str().unwrap().contains("apt install callbox-models"), "{unpackaged}");
+    }
 }
 
 #[test]

@@ -324,7 +324,7 @@ impl Default for SpeechConfig {
 }
 
 impl SpeechConfig {
-    pub const DEFAULT_MODELS_DIR: &'static str = "/usr/share/callbox/models";
+    pub const DEFAULT_MODELS_DIR: &'static str = crate::paths::PACKAGED_MODELS_DIR;
 
     pub fn models_dir(&self) -> PathBuf {
         self.models_dir

@@ -317,7 +317,7 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
         }
         Ok(Err(e)) => {
             log::error!(component = "speech"; "cannot load the speech models: {e}");
-            log::error!(component = "speech"; "build them with `bash models/build.sh` and point speech.models_dir (or $CALLBOX_MODELS_DIR) at models/cache, or set speech.enabled = false");
+            log::error!(component = "speech"; "{}; or set speech.enabled = false", crate::paths::how_to_get_models(&dir));
             Err(exit::UNAVAILABLE)
         }
         Err(e) => {
@@ -335,10 +335,11 @@ async fn load_understanding(
     customers: crate::customers::Customers,
 ) -> Result<Understanding, u8> {
     let dir = speech.models().dir.clone();
-    let models = match tokio::task::spawn_blocking(move || UnderstandingModels::load(&dir)).await {
+    let load_dir = dir.clone();
+    let models = match tokio::task::spawn_blocking(move || UnderstandingModels::load(&load_dir)).await {
         Ok(Ok(models)) => models,
         Ok(Err(e)) => {
-            log::error!(component = "understanding"; "cannot load the intent/sentiment models: {e}; rebuild with `bash models/build.sh`");
+            log::error!(component = "understanding"; "cannot load the intent/sentiment models: {e}; {}", crate::paths::how_to_get_models(&dir));
             return Err(exit::UNAVAILABLE);
         }
         Err(e) => {

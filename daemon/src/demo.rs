@@ -119,7 +119,8 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     let call_path = options.call.clone().unwrap_or_else(|| default_call(&models));
     if !call_path.exists() {
         return Err(format!(
-            "no sample call at {}: `bash models/build.sh` makes it (it needs espeak-ng: apt-get install espeak-ng)",
+            "no sample call at {}: the callbox-models package installs it; on a source checkout `bash models/build.sh` \
+             makes it (it needs espeak-ng: apt-get install espeak-ng)",
             call_path.display()
         ));
     }

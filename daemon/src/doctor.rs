@@ -80,7 +80,7 @@ fn models(config: &Config) -> Check {
         Err(e) => {
             // Without an input nothing needs them yet; with one the daemon will not start.
             let verdict = if has_input { Verdict::Fail } else { Verdict::Warn };
-            check("models", verdict, format!("{e}; build them with models/build.sh or set speech.models_dir"))
+            check("models", verdict, format!("{e}; {}", crate::paths::how_to_get_models(&dir)))
         }
     }
 }

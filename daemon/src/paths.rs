@@ -13,6 +13,24 @@ pub const SYSTEM_SOCKET_PATH: &str = "/run/callbox/control.sock";
 /// The system daemon's data directory.
 pub const SYSTEM_DATA_DIR: &str = "/var/lib/callbox";
 const SOCKET_FILE_NAME: &str = "control.sock";
+/// Where the `callbox-models` package installs the models (`speech.models_dir`'s default).
+pub const PACKAGED_MODELS_DIR: &str = "/usr/share/callbox/models";
+
+/// What to do when no usable models are in `dir`: the package on a box, the build
+/// script on a source checkout.
+pub fn how_to_get_models(dir: &Path) -> String {
+    let build = "on a source checkout `bash models/build.sh` builds them into models/cache; point \
+                 speech.models_dir (or $CALLBOX_MODELS_DIR) there";
+    if dir == Path::new(PACKAGED_MODELS_DIR) {
+        format!("install the models package (`apt install callbox-models`, or `dpkg -i callbox-models_*.deb`); {build}")
+    } else {
+        format!(
+            "speech.models_dir (or $CALLBOX_MODELS_DIR) points at {}: unset it to use the callbox-models \
+             package's {PACKAGED_MODELS_DIR}, or {build}",
+            dir.display()
+        )
+    }
+}
 
 /// The process environment that path defaults depend on, captured once so the
 /// resolution itself is a pure function (and testable).
@@ -93,6 +111,14 @@ impl PathEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_models_get_the_remedy_that_fits_where_they_were_looked_for() {
+        let packaged = how_to_get_models(Path::new(PACKAGED_MODELS_DIR));
+        assert!(packaged.contains("apt install callbox-models"), "{packaged}");
+        let elsewhere = how_to_get_models(Path::new("/srv/models"));
+        assert!(elsewhere.contains("points at /srv/models") && elsewhere.contains("models/build.sh"), "{elsewhere}");
+    }
 
     #[test]
     fn systemd_directories_win_over_everything() {

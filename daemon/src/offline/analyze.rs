@@ -78,7 +78,7 @@ pub fn analyze(
     let config = load_config(config_path)?;
     let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
     let text_models = UnderstandingModels::load(&dir).map_err(|e| {
-        let fix = "build them with `bash models/build.sh` (models/cache) or set speech.models_dir";
+        let fix = crate::paths::how_to_get_models(&dir);
         Failure::new(exit::UNAVAILABLE, format!("cannot load the intent/sentiment models: {e}\ncallbox: {fix}"))
     })?;
     let rules = load_rules(rules_file).map(std::sync::Arc::new).map_err(|problems| {

@@ -36,9 +36,9 @@ fn load_models(config: &Config, dir: Option<&Path>) -> Result<SpeechModels, Fail
     let started = Instant::now();
     let models = SpeechModels::load(&dir, &config.speech.encoder_buckets_secs).map_err(|e| {
         let fix = if matches!(e, SpeechError::Io { .. }) {
-            "\ncallbox: build them with `bash models/build.sh` (models/cache) or set speech.models_dir"
+            format!("\ncallbox: {}", crate::paths::how_to_get_models(&dir))
         } else {
-            ""
+            String::new()
         };
         Failure::new(exit::UNAVAILABLE, format!("cannot load the speech models: {e}{fix}"))
     })?;
@@ -51,9 +51,7 @@ fn load_intent(config: &Config, models_dir: Option<&Path>) -> Result<IntentModel
     crate::speech::ModelSet::open(&dir).and_then(|set| IntentModel::load(&set)).map_err(|e| {
         Failure::new(
             exit::UNAVAILABLE,
-            format!(
-                "cannot load the intent model: {e}\ncallbox: build it with `bash models/build.sh` (models/cache) or set speech.models_dir"
-            ),
+            format!("cannot load the intent model: {e}\ncallbox: {}", crate::paths::how_to_get_models(&dir)),
         )
     })
 }
