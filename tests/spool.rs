@@ -188,6 +188,20 @@ fn hostile_spool_entries_are_filed_away_never_followed_nor_read_unbounded() {
 }
 
 #[test]
+fn an_entry_that_cannot_be_filed_away_is_warned_about_once() {
+    let (d, spool) = spool_daemon("spool.settle_ms = 0");
+    // failed/ replaced by a plain file: a FIFO named *.wav can be neither read nor moved.
+    std::fs::remove_dir(spool.join("failed")).unwrap();
+    std::fs::write(spool.join("failed"), "").unwrap();
+    nix::unistd::mkfifo(&spool.join("stuck.wav"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let warned = || d.log_text().matches("cannot be moved to failed/").count();
+    assert!(wait_until(WAIT, || warned() > 0), "log:\n{}", d.log_text());
+    // 100-ms passes: some 20 more while we wait, and no second line.
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(warned(), 1, "log:\n{}", d.log_text());
+}
+
+#[test]
 fn a_recording_written_in_place_is_read_only_once_it_settles() {
     let (d, spool) = spool_daemon("spool.settle_ms = 1500");
     let bytes = std::fs::read(CLIP).unwrap();
@@ -267,20 +281,25 @@ fn kill_9_at_any_moment_loses_no_result_and_files_each_recording_once() {
             .count()
     };
     let log = dir.path().join("daemon.log");
-    // Kill after 10-150 ms, a different moment each round (a fixed LCG: reproducible).
+    // Kill 0-140 ms after `start_ms`, a different moment each round (a fixed LCG:
+    // reproducible). A round that filed nothing doubles `start_ms`, so a slow start (the
+    // arm64 suite runs under qemu) is waited for instead of killed forever.
     let mut seed: u64 = 0x9e37_79b9;
-    let (mut kills, mut mid_work) = (0, 0);
+    let (mut kills, mut mid_work, mut start_ms) = (0, 0, 10u64);
     while waiting() > 0 && kills < 20 * n + 100 {
         let before = waiting();
         let mut child = TestDaemon::spawn(&config, &log, &[]);
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_millis(10 + (seed >> 33) % 140));
+        std::thread::sleep(Duration::from_millis(start_ms + (seed >> 33) % 140));
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
         let after = waiting();
         if after < before && after > 0 {
             mid_work += 1;
+        }
+        if after == before {
+            start_ms = (start_ms * 2).min(20_000);
         }
     }
     // A last, clean run: the start-up repair finishes whatever the last kill interrupted.

@@ -496,6 +496,8 @@ pub async fn watch(
     // Files waiting for a free call slot: said once, not on every pass.
     let mut postponed = std::collections::HashSet::new();
     let mut settling = Settling::default();
+    // Entries that are not regular files and could not be moved to failed/ (warned once).
+    let mut stuck: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     // A processed file that could not be filed away (full disk, permissions): its
     // outcome is kept and filing retried on later passes, without processing it again.
     let mut unfiled: Option<(PathBuf, Arc<FileOutcome>)> = None;
@@ -522,12 +524,18 @@ pub async fn watch(
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || scan(&d)).await.unwrap_or_default()
             };
+            let mut still_stuck = std::collections::HashSet::new();
             for (path, kind) in found.not_regular {
-                let name = crate::escape::file_name(&path);
                 if let Err(e) = file_away_not_regular(&path, kind, &dir) {
-                    log::warn!(component = COMPONENT; "{name}: not a regular file ({kind}) and cannot be moved to failed/: {e}");
+                    // Said once per entry, not on every pass while it stays.
+                    if !stuck.contains(&path) {
+                        let name = crate::escape::file_name(&path);
+                        log::warn!(component = COMPONENT; "{name}: not a regular file ({kind}) and cannot be moved to failed/: {e}");
+                    }
+                    still_stuck.insert(path);
                 }
             }
+            stuck = still_stuck;
             let settle = Duration::from_millis(settings.settle_ms);
             for path in settling.ready(found.files, Instant::now(), settle) {
                 if shutdown.is_triggered() {
