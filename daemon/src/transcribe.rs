@@ -80,12 +80,7 @@ pub fn open_recording(
 
 /// Reads and parses a whole recording into memory (benchmarks on short clips).
 pub fn read_recording(path: &Path, spool: &SpoolConfig, links: crate::fsio::Links) -> Result<wav::Wav, RecordingError> {
-    let max_bytes = spool.max_file_mb * 1024 * 1024;
-    let bytes = crate::fsio::read_bounded(path, max_bytes, links).map_err(|e| match e {
-        crate::fsio::ReadError::TooLarge { .. } => RecordingError::TooLarge { max_mb: spool.max_file_mb },
-        other => RecordingError::Read(other),
-    })?;
-    Ok(wav::parse(&bytes)?)
+    Ok(open_recording(path, spool, links)?.read_to_end()?)
 }
 
 /// The legs of a recording's channels: mono → `mono_leg`; stereo → left is `left_channel`.

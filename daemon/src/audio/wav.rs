@@ -219,6 +219,13 @@ impl<R: Read> WavReader<R> {
         }
         Ok(out)
     }
+
+    /// Every remaining frame at once (short clips only: memory grows with the length).
+    pub fn read_to_end(mut self) -> Result<Wav, WavError> {
+        let frames = usize::try_from(self.frames_left).map_err(|_| WavError::TooLong)?;
+        let channels = self.read_block(frames)?;
+        Ok(Wav { sample_rate: self.sample_rate, encoding: self.encoding, channels })
+    }
 }
 
 /// Reads until `buf` is full or the stream ends; how many bytes were read.
@@ -237,10 +244,7 @@ fn read_full(inner: &mut impl Read, buf: &mut [u8]) -> Result<usize, WavError> {
 
 /// Parses a whole WAV file held in memory (short clips: tests, the demo call, benchmarks).
 pub fn parse(bytes: &[u8]) -> Result<Wav, WavError> {
-    let mut reader = WavReader::new(bytes, bytes.len() as u64)?;
-    let frames = usize::try_from(reader.frames()).map_err(|_| WavError::TooLong)?;
-    let channels = reader.read_block(frames)?;
-    Ok(Wav { sample_rate: reader.sample_rate, encoding: reader.encoding, channels })
+    WavReader::new(bytes, bytes.len() as u64)?.read_to_end()
 }
 
 /// Writes 16-bit PCM WAV bytes, for the tests.
