@@ -143,17 +143,35 @@ def zh_t2s(wheels, out):
                 source, _, targets = line.partition("\t")
                 if source and targets:
                     lines.append(f"{source}\t{targets.split(' ')[0]}")
+    return text_table(out, rel, lines, name="opencc-t2s", family="char-map", task="zh-t2s", language="zh",
+                      license="Apache-2.0", package="opencc-python-reimplemented")
+
+
+def vader_en(wheels, out):
+    """VADER's English sentiment lexicon as `word<TAB>valence` (mean rating, -4..4)."""
+    os.makedirs(os.path.join(out, "text"), exist_ok=True)
+    rel = "text/en-sentiment-lexicon.tsv"
+    lines = []
+    with wheel(wheels, "vaderSentiment") as z:
+        for line in z.read("vaderSentiment/vader_lexicon.txt").decode("utf-8").splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 2 and fields[0].strip():
+                lines.append(f"{fields[0].strip()}\t{float(fields[1]):g}")
+    return text_table(out, rel, lines, name="vader-lexicon-en", family="lexicon", task="sentiment-lexicon",
+                      language="en", license="MIT (VADER, (c) 2016 C.J. Hutto)", package="vaderSentiment")
+
+
+def text_table(out, rel, lines, name, family, task, language, license, package):
+    """Writes a `key<TAB>value` table taken from a pinned package; its manifest entry."""
     write_atomic(os.path.join(out, rel), ("\n".join(lines) + "\n").encode("utf-8"))
-    return {
-        "name": "opencc-t2s",
-        "family": "char-map",
-        "task": "zh-t2s",
-        "files": entry(out, {"table": rel}),
-        "sample_rate": 0,
-        "languages": ["zh"],
-        "license": "Apache-2.0",
-        "source": [pinned("opencc-python-reimplemented")],
-    }
+    return {"name": name, "family": family, "task": task, "files": entry(out, {"table": rel}), "sample_rate": 0,
+            "languages": [language], "license": license, "source": [pinned(package)]}
+
+
+# ../shared text sets the intent model trains on (each recorded with its sha256).
+INTENT_DATA = ["data/text/telemarketing_intent_cn/data.tsv", "data/text/massive_zh_cn/data.tsv",
+               "data/text/crosswoz_user_requests/data.tsv", "data/text/cped/valid_split.csv",
+               "data/text/clinc150/train_val.json"]
 
 
 def intent(shared, out):
@@ -161,28 +179,29 @@ def intent(shared, out):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intent"))
     import train
     fields, files = train.build(out, shared)
-    data = ["data/text/cped/valid_split.csv", "data/text/clinc150/train_val.json"]
     return {
         "name": "intent-charngram",
-        "family": "linear-charngram",
+        "family": fields["selection"]["chosen"]["model"] + "-charngram",
         "task": "intent",
         "files": entry(out, files),
         "sample_rate": 0,
         "languages": ["zh", "en"],
-        "license": "model and hand-written examples: this project; trained also on CPED (Apache-2.0) "
-                   "and CLINC150 (CC BY 3.0)",
-        "source": [f"../shared/{d} sha256={sha256(os.path.join(shared, d))}" for d in data]
-        + ["models/intent/templates.py"],
+        "license": "model and hand-written examples: this project; trained also on telemarketing_intent_cn "
+                   "(Apache-2.0), MASSIVE (CC BY 4.0; MASSIVE, (c) Amazon.com, Inc. or its affiliates, derived "
+                   "from SLURP, CC BY 4.0), CrossWOZ (Apache-2.0), CPED (Apache-2.0) and CLINC150 (CC BY 3.0)",
+        "source": [f"../shared/{d} sha256={sha256(os.path.join(shared, d))}" for d in INTENT_DATA]
+        + ["models/intent/templates.py", "models/intent/corpus.py"],
         **fields,
     }
 
 
 def sentiment(shared, out):
-    """Text sentiment (the text side of emotion), trained on CPED's emotion labels."""
+    """Text sentiment (the text side of emotion): CPED's emotion labels and the hostile
+    replies of telemarketing_intent_cn."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intent"))
     import train
     fields, files = train.build_sentiment(out, shared)
-    data = "data/text/cped/valid_split.csv"
+    data = ["data/text/cped/valid_split.csv", "data/text/telemarketing_intent_cn/data.tsv"]
     return {
         "name": "sentiment-charngram",
         "family": "linear-charngram",
@@ -190,8 +209,8 @@ def sentiment(shared, out):
         "files": entry(out, files),
         "sample_rate": 0,
         "languages": ["zh"],
-        "license": "model: this project; trained on CPED (Apache-2.0)",
-        "source": [f"../shared/{data} sha256={sha256(os.path.join(shared, data))}"],
+        "license": "model: this project; trained on CPED (Apache-2.0) and telemarketing_intent_cn (Apache-2.0)",
+        "source": [f"../shared/{d} sha256={sha256(os.path.join(shared, d))}" for d in data],
         **fields,
     }
 
@@ -203,7 +222,7 @@ def main():
     parser.add_argument("--shared", default=os.path.join("..", "..", "shared"), help="the steering side's data")
     args = parser.parse_args()
     models = [silero(args.wheels, args.out), whisper_base(args.wheels, args.out), zh_t2s(args.wheels, args.out),
-              intent(args.shared, args.out), sentiment(args.shared, args.out)]
+              intent(args.shared, args.out), sentiment(args.shared, args.out), vader_en(args.wheels, args.out)]
     manifest = {"version": MANIFEST_VERSION, "models": models}
     write_atomic(os.path.join(args.out, "manifest.json"), (json.dumps(manifest, indent=2) + "\n").encode())
     for m in models:

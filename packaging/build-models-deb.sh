@@ -63,10 +63,11 @@ for model in m["models"]:
 print()
 print("Files: *")
 print("Copyright: 2026 callbox team and the upstream authors named above")
-print("License: MIT and Apache-2.0 and CC-BY-3.0")
+print("License: MIT and Apache-2.0 and CC-BY-3.0 and CC-BY-4.0")
 print(" The models carry the licenses listed in the Comment above; their full texts are in")
 print(" /usr/share/common-licenses/Apache-2.0 and at https://opensource.org/license/mit and")
-print(" https://creativecommons.org/licenses/by/3.0/legalcode .")
+print(" https://creativecommons.org/licenses/by/3.0/legalcode and")
+print(" https://creativecommons.org/licenses/by/4.0/legalcode .")
 EOF
 {
     echo "$name ($version) unstable; urgency=medium"

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::support::{run_cli, stderr_of, stdout_of};
-use callbox::understanding::intent::{features, IntentModel};
+use callbox::understanding::intent::{features_with_context, IntentModel};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/cache");
 
@@ -24,7 +24,8 @@ fn the_rust_featurizer_matches_the_python_one_on_the_parity_set() {
     let parity = read("intent/parity.tsv");
     let mut checked = 0;
     for line in parity.lines() {
-        let (text, expected) = line.split_once('\t').unwrap();
+        let mut fields = line.splitn(3, '\t');
+        let (text, context, expected) = (fields.next().unwrap(), fields.next().unwrap(), fields.next().unwrap());
         let expected: Vec<(u32, f32)> = expected
             .split_whitespace()
             .map(|kv| {
@@ -32,10 +33,10 @@ fn the_rust_featurizer_matches_the_python_one_on_the_parity_set() {
                 (k.parse().unwrap(), v.parse().unwrap())
             })
             .collect();
-        let got = features(text);
+        let got = features_with_context(text, context);
         let got_keys: Vec<u32> = got.iter().map(|(k, _)| *k).collect();
         let want_keys: Vec<u32> = expected.iter().map(|(k, _)| *k).collect();
-        assert_eq!(got_keys, want_keys, "feature indices differ for {text:?}");
+        assert_eq!(got_keys, want_keys, "feature indices differ for {text:?} after {context:?}");
         for ((_, g), (_, w)) in got.iter().zip(&expected) {
             assert!((g - w).abs() < 2e-6, "value {g} vs {w} for {text:?}");
         }
@@ -79,29 +80,58 @@ fn macro_f1(pairs: &[(String, String)]) -> f64 {
     f1.iter().sum::<f64>() / f1.len() as f64
 }
 
+/// The test splits models/intent/train.py wrote (never trained on nor chosen with):
+/// (split, text, agent line, gold label).
+fn test_rows() -> Vec<(String, String, String, String)> {
+    read("intent/eval.tsv")
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 5).then(|| (f[0].to_owned(), f[1].to_owned(), f[2].to_owned(), f[3].to_owned()))
+        })
+        .collect()
+}
+
 #[test]
-fn on_the_held_out_split_the_classifier_beats_the_keyword_baseline_in_both_languages() {
+fn on_every_test_split_the_rust_model_scores_what_python_reported_and_beats_keywords() {
     let model = model();
-    let eval = read("intent/eval.tsv");
-    for lang in ["zh", "en"] {
-        let rows: Vec<(&str, &str)> = eval
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let (text, label, l) = (f.next()?, f.next()?, f.next()?);
-                (l == lang).then_some((text, label))
-            })
+    let manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")).unwrap();
+    let entry = manifest["models"].as_array().unwrap().iter().find(|m| m["task"] == "intent").unwrap();
+    let rows = test_rows();
+    for split in ["test_tele", "test_tmpl", "test_clinc"] {
+        let rows: Vec<_> = rows.iter().filter(|r| r.0 == split).collect();
+        assert!(rows.len() > 100, "{split}: {} rows", rows.len());
+        let ours: Vec<(String, String)> = rows
+            .iter()
+            .map(|(_, text, context, gold)| (gold.clone(), model.classify_in_context(text, context).unwrap().label))
             .collect();
-        assert!(rows.len() > 300, "{lang}: {} held-out rows", rows.len());
-        let ours: Vec<(String, String)> =
-            rows.iter().map(|(t, g)| (g.to_string(), model.classify(t).unwrap().label)).collect();
         let baseline: Vec<(String, String)> =
-            rows.iter().map(|(t, g)| (g.to_string(), keyword_baseline(t).to_owned())).collect();
+            rows.iter().map(|(_, t, _, g)| (g.clone(), keyword_baseline(t).to_owned())).collect();
         let (ours, baseline) = (macro_f1(&ours), macro_f1(&baseline));
-        println!("{lang}: macro-F1 {ours:.3} vs keyword baseline {baseline:.3}");
-        assert!(ours > baseline, "{lang}: macro-F1 {ours:.3} does not beat the keyword baseline {baseline:.3}");
+        let python = entry["metrics"][split]["macro_f1"].as_f64().unwrap();
+        println!("{split}: macro-F1 {ours:.3} (Python {python:.3}) vs keyword baseline {baseline:.3}");
+        // The same weights through tract and through numpy: a different score means the
+        // featurizer, the export or the decision rule differ.
+        assert!((ours - python).abs() < 0.005, "{split}: Rust {ours:.4} vs Python {python:.4}");
+        assert!(ours > baseline + 0.1, "{split}: macro-F1 {ours:.3} vs the keyword baseline {baseline:.3}");
     }
+}
+
+#[test]
+fn a_short_reply_means_what_the_agent_asked_and_two_intents_both_come_back() {
+    let model = model();
+    let label = |reply: &str, agent: &str| model.classify_in_context(reply, agent).unwrap().label;
+    // Agent lines written for this test, not taken from the training pool.
+    assert_eq!(label("好的", "这个宽带套餐我现在就帮您开通 您看行吗"), "purchase_intent");
+    assert_eq!(label("好的", "那我下午三点再给您回个电话 可以吧"), "callback_request");
+    assert_eq!(label("好的", ""), "other");
+    assert_eq!(label("yes", "Would you like me to activate it now?"), "purchase_intent");
+    let both = model.classify("给我转人工 以后别再给我打电话了").unwrap();
+    assert!(
+        both.labels.contains(&"human_request".to_owned()) && both.labels.contains(&"do_not_call".to_owned()),
+        "{both:?}"
+    );
 }
 
 #[test]
@@ -122,6 +152,7 @@ fn classify_answers_per_utterance_with_label_confidence_and_top3() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(labels, ["do_not_call", "human_request"], "blank lines are skipped");
+    assert!(v["labels"].as_array().is_some_and(|l| l[0] == v["label"]), "{v}");
 }
 
 #[test]
@@ -132,6 +163,24 @@ fn the_text_sentiment_model_reads_clear_cases() {
     let top = |t: &str| sentiment.classify(t).unwrap().top3[0].label.clone();
     assert_eq!(top("你们这服务太差了，我要投诉你们，骗子"), "negative");
     assert_eq!(top("太好了，谢谢你，真开心"), "positive");
+    assert_eq!(top("你个骗子 神经病"), "negative", "an insult");
+}
+
+#[test]
+fn english_sentiment_comes_from_the_english_lexicon_not_the_chinese_model() {
+    let models = callbox::understanding::live::UnderstandingModels::load(Path::new(MODELS)).unwrap();
+    let sentiment =
+        |t: &str| models.facts(callbox::audio::Leg::Customer, t, "", None).unwrap().sentiment.unwrap_or_default();
+    // The demo's last customer line read `positive` (Chinese weights on English text). As
+    // text it is still mildly positive ("please"); as emotion it must not be.
+    let line = "Actually, I want to talk to a real person. And please stop calling me after this.";
+    let facts = models.facts(callbox::audio::Leg::Customer, line, "", None).unwrap();
+    let intent = facts.intent.as_ref().map(|c| c.intent());
+    let emotion = callbox::understanding::emotion::judge(facts.sentiment.as_deref().unwrap(), intent, false, 0);
+    assert_ne!(emotion, callbox::understanding::emotion::Emotion::Positive, "{facts:?}");
+    assert_eq!(sentiment("This is a scam, you people are terrible liars."), "negative");
+    assert_eq!(sentiment("Great, thank you so much, that sounds wonderful."), "positive");
+    assert_eq!(sentiment("太好了，谢谢你，真开心"), "positive", "Chinese still goes to the model");
 }
 
 #[test]
@@ -178,7 +227,11 @@ fn analyze_turns_a_two_leg_transcript_into_intents_rule_hits_and_events() {
         .iter()
         .map(|e| (e["kind"].as_str().unwrap(), e["utterances"][0].as_u64().unwrap()))
         .collect();
-    assert_eq!(events, [("supervisor_alert", 1), ("dnc_request", 3), ("transfer_to_human", 4)], "{report}");
+    assert_eq!(
+        events,
+        [("supervisor_alert", 1), ("dnc_request", 3), ("supervisor_alert", 4), ("transfer_to_human", 4)],
+        "the customer's 骗子 and 投诉你们 alert the supervisor too: {report}"
+    );
     assert_eq!(report["state"]["phase"], "closing", "{report}");
     let tags: Vec<&str> = report["state"]["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tags, ["complaint_risk", "do_not_call"], "{report}");

@@ -32,6 +32,7 @@ const CORES: &[&str] = &[
     "understanding::core",
     "understanding::emotion",
     "understanding::intent",
+    "understanding::lexicon",
     "understanding::rules",
     "understanding::state",
 ];

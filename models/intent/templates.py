@@ -146,7 +146,7 @@ EN = {
 }
 
 # English CLINC150 intents that carry one of ours (the rest are `other`).
-CLINC_MAP = {"are_you_a_bot": "human_request", "maybe": "hesitation"}
+CLINC_MAP = {"are_you_a_bot": "human_request", "maybe": "hesitation", "no": "refusal", "cancel": "refusal"}
 
 FILLERS_ZH = ["嗯", "啊", "那个", "就是", "呃", "哎", "喂", "对"]
 FILLERS_EN = ["um", "uh", "well", "so", "yeah", "hmm"]

@@ -1,42 +1,41 @@
 """Trains callbox's intent classifier and exports it to ONNX (called by models/convert.py).
 
-Data (see README.md beside this file, the data card):
-  * templates.py — hand-written domain examples, expanded with slot fillers and ASR-style
-    noise (fillers, dropped characters, homophones, commas); templates at positions
-    4, 9, 14, … of each label are evaluation-only, at 2, 7, 12, … validation-only;
-  * ../shared/data/text/cped/valid_split.csv — Chinese TV dialogue as `other` (utterances
-    with domain words left out), split by dialogue (2 of 10 buckets eval, 1 validation);
-  * ../shared/data/text/clinc150/train_val.json — English: are_you_a_bot → human_request,
-    maybe → hesitation, the other intents and out-of-scope → `other`; train → train
-    (a tenth of it, by text hash, validation), val → eval.
-Model: multinomial logistic regression over featurize.py's hashed character n-grams
-(class-balanced, L2), full-batch Adam in numpy, seeded. L2 and the confidence threshold are
-chosen on the validation split (mean of zh and en macro-F1); the chosen model is retrained
-on train + validation and evaluated once on the evaluation split. Export: features[1, DIMS] → MatMul →
-Add → Softmax. Writes intent/intent.onnx, intent/eval.tsv, intent/parity.tsv and returns
-the manifest entry with labels, featurizer, threshold and held-out metrics.
+Data: corpus.py (see README.md beside this file, the data card) — telemarketing_intent_cn,
+MASSIVE zh-CN and CrossWOZ from ../shared, CPED and CLINC150, our templates for the labels
+those lack, the ASR noise model on everything, joined fragments (two intents in one
+utterance) and context pairs (a short reply whose meaning is the agent's last utterance).
+Candidates (nets.py) are trained on `train` and chosen, with their threshold, by macro-F1 on
+`val` only; the three test splits are scored once, for the report. Export: indices[n],
+values[n] → probabilities[1, 13] (one sigmoid per label, or a softmax). Writes
+intent/intent.onnx, intent/eval.tsv (the test splits), intent/parity.tsv (sentences with
+their Python features, for the Rust twin's test) and returns the manifest entry.
 """
 
 import csv
 import json
 import os
-import random
 import time
 
 import numpy as np
 
+import corpus
 import featurize
-import templates
+import nets
 
 LABELS = ["price_inquiry", "product_question", "purchase_intent", "callback_request", "hesitation", "refusal",
           "complaint", "human_request", "budget_concern", "competitor_comparison", "customization_request",
           "do_not_call", "other"]
-L2_GRID = [3e-4, 1e-4, 3e-5]
-THRESHOLD_GRID = [0.0, 0.15, 0.3]
-HELD_OUT_EVERY = 5
-VALIDATION_AT = 2  # template position (mod HELD_OUT_EVERY) kept for choosing L2 and threshold
 DOMAIN_WORDS = ["钱", "贵", "便宜", "买", "卖", "办", "投诉", "骗", "人工", "机器", "电话", "号码", "考虑", "不需要",
                 "不用", "忙", "开车", "定制", "价格", "优惠", "预算", "滚"]
+# (name, nets.train arguments); every sigmoid candidate is scored at each threshold.
+CANDIDATES = [
+    ("linear-softmax", {"hidden": 0, "output": "softmax", "epochs": 10}),
+    ("linear-sigmoid", {"hidden": 0, "output": "sigmoid", "epochs": 15}),
+    ("mlp32-sigmoid", {"hidden": 32, "output": "sigmoid", "epochs": 6}),
+    ("mlp64-sigmoid", {"hidden": 64, "output": "sigmoid", "epochs": 6}),
+]
+THRESHOLDS = [0.3, 0.5, 0.7]
+TEST_SPLITS = ["test_tele", "test_tmpl", "test_clinc"]
 
 # A keyword baseline for comparison (the first label with a keyword in the text wins).
 KEYWORDS = {
@@ -63,254 +62,115 @@ def keyword_baseline(text):
     return "other"
 
 
-def fill(template, rng, lang):
-    products = templates.PRODUCTS_ZH if lang == "zh" else templates.PRODUCTS_EN
-    rivals = templates.COMPETITORS_ZH if lang == "zh" else templates.COMPETITORS_EN
-    times = templates.TIMES_ZH if lang == "zh" else templates.TIMES_EN
-    return template.replace("{p}", rng.choice(products)).replace("{c}", rng.choice(rivals)).replace(
-        "{t}", rng.choice(times))
-
-
-def noisy(text, rng, lang):
-    """What ASR and phone speech do to a sentence."""
-    if lang == "zh":
-        chars = [c for c in text if c != " " or rng.random() < 0.5]
-        chars = [templates.HOMOPHONES_ZH.get(c, c) if rng.random() < 0.08 else c for c in chars]
-        if len(chars) > 4 and rng.random() < 0.25:
-            del chars[rng.randrange(len(chars))]
-        if len(chars) > 3 and rng.random() < 0.3:
-            chars.insert(rng.randrange(1, len(chars)), "，")
-        text = "".join(chars)
-        if rng.random() < 0.4:
-            text = rng.choice(templates.FILLERS_ZH) + rng.choice(["，", "", " "]) + text
-        if rng.random() < 0.2:
-            text += rng.choice(["啊", "吧", "呢", "。", "？", "嘛"])
-    else:
-        words = text.split()
-        if len(words) > 3 and rng.random() < 0.2:
-            del words[rng.randrange(len(words))]
-        text = " ".join(words)
-        if rng.random() < 0.4:
-            text = rng.choice(templates.FILLERS_EN) + rng.choice([", ", " "]) + text
-        if rng.random() < 0.3:
-            text = text.capitalize() + rng.choice([".", "?", ""])
-    return text
-
-
-def domain_examples(rng, variants):
-    train, val, held = [], [], []
-    for lang, table in (("zh", templates.ZH), ("en", templates.EN)):
-        for label, rows in table.items():
-            for i, template in enumerate(rows):
-                position = i % HELD_OUT_EVERY
-                target = held if position == HELD_OUT_EVERY - 1 else val if position == VALIDATION_AT else train
-                n = variants if target is train else max(3, variants // 4)
-                for _ in range(n):
-                    target.append((noisy(fill(template, rng, lang), rng, lang), label, lang))
-    return train, val, held
-
-
-def cped_other(shared, rng):
-    train, val, held = [], [], []
-    with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            text = row["Utterance"].strip()
-            if not text or any(w in text for w in DOMAIN_WORDS):
-                continue
-            bucket = hash_bucket(row["Dialogue_ID"])
-            target = held if bucket < 2 else val if bucket == 2 else train
-            target.append((text, "other", "zh"))
-    rng.shuffle(train)
-    return train[:3000], val[:300], held[:600]
-
-
-def clinc(shared, rng):
-    with open(os.path.join(shared, "data/text/clinc150/train_val.json"), encoding="utf-8") as f:
-        data = json.load(f)
-
-    def convert(items, other_keep):
-        out = []
-        for text, intent in items:
-            label = templates.CLINC_MAP.get(intent, "other")
-            if label == "other" and rng.random() > other_keep:
-                continue
-            out.append((text, label, "en"))
-        return out
-
-    train = convert(data["train"], 0.15) + [(t, "other", "en") for t, _ in data["oos_train"]]
-    val = [row for row in train if hash_bucket(row[0]) == 0]
-    train = [row for row in train if hash_bucket(row[0]) != 0]
-    held = convert(data["val"], 0.15) + [(t, "other", "en") for t, _ in data["oos_val"]]
-    return train, val, held
-
-
 def hash_bucket(key, buckets=10):
     return featurize.fnv1a(key.encode()) % buckets
 
 
-def to_sparse(texts):
-    rows, idx, val = [], [], []
-    for r, text in enumerate(texts):
-        for k, v in featurize.features(text):
-            rows.append(r)
-            idx.append(k)
-            val.append(v)
-    return np.array(rows), np.array(idx), np.array(val, np.float32)
-
-
-def logits_of(W, b, sparse, n):
-    rows, idx, val = sparse
-    out = np.tile(b, (n, 1)).astype(np.float32)
-    contrib = W[idx] * val[:, None]
-    for c in range(W.shape[1]):
-        out[:, c] += np.bincount(rows, weights=contrib[:, c], minlength=n)
-    return out
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def train_model(texts, labels, epochs=150, lr=0.1, l2=1e-4, seed=7, names=None):
-    names = names or LABELS
-    n, c = len(texts), len(names)
-    sparse = to_sparse(texts)
-    rows, idx, val = sparse
-    y = np.array([names.index(label) for label in labels])
-    counts = np.bincount(y, minlength=c).astype(np.float32)
-    weights = (n / (c * np.maximum(counts, 1)))[y].astype(np.float32)
-    rng = np.random.default_rng(seed)
-    W = (rng.standard_normal((featurize.DIMS, c)) * 0.001).astype(np.float32)
-    b = np.zeros(c, np.float32)
-    m_w, v_w, m_b, v_b = np.zeros_like(W), np.zeros_like(W), np.zeros_like(b), np.zeros_like(b)
-    onehot = np.eye(c, dtype=np.float32)[y]
-    for step in range(1, epochs + 1):
-        p = softmax(logits_of(W, b, sparse, n))
-        g = (p - onehot) * weights[:, None] / weights.sum()
-        gW = np.zeros_like(W)
-        for k in range(c):
-            gW[:, k] = np.bincount(idx, weights=val * g[rows, k], minlength=featurize.DIMS)
-        gW += l2 * W
-        gb = g.sum(axis=0)
-        for param, grad, m, v in ((W, gW, m_w, v_w), (b, gb, m_b, v_b)):
-            m *= 0.9
-            m += 0.1 * grad
-            v *= 0.999
-            v += 0.001 * grad * grad
-            param -= lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
-    return W, b
-
-
-def predict(W, b, texts, threshold):
-    probs = softmax(logits_of(W, b, to_sparse(texts), len(texts)))
-    best = probs.argmax(axis=1)
-    return [LABELS[i] if probs[r, i] >= threshold else "other" for r, i in enumerate(best)]
-
-
-def per_language(rows, pred):
-    """Metrics per language of (text, gold, lang) rows against predictions."""
-    report = {}
-    for lang in ("zh", "en"):
-        pairs = [(g, p, t) for (t, g, la), p in zip(rows, pred) if la == lang]
-        report[lang] = metrics([g for g, _, _ in pairs], [p for _, p, _ in pairs])
-        report[lang]["keyword_baseline"] = metrics([g for g, _, _ in pairs], [keyword_baseline(t) for _, _, t in pairs])
-    return report
-
-
-def select(train, val):
-    """Every (L2, threshold) of the grid trained on train and scored on validation only."""
-    tried = []
-    for l2 in L2_GRID:
-        W, b = train_model([t for t, _, _ in train], [label for _, label, _ in train], l2=l2)
-        for threshold in THRESHOLD_GRID:
-            report = per_language(val, predict(W, b, [t for t, _, _ in val], threshold))
-            score = (report["zh"]["macro_f1"] + report["en"]["macro_f1"]) / 2
-            tried.append({"l2": l2, "threshold": threshold, "val_macro_f1_zh": report["zh"]["macro_f1"],
-                          "val_macro_f1_en": report["en"]["macro_f1"], "score": round(score, 4)})
-    # On a tie the higher threshold wins: an unsure answer should rather be `other`.
-    best = max(tried, key=lambda r: (r["score"], r["threshold"]))
-    return best, tried
-
-
-def metrics(gold, pred):
+def metrics(gold, pred, labels=None):
+    """Accuracy, macro-F1 over the gold labels present, F1 per label."""
     acc = float(np.mean([g == p for g, p in zip(gold, pred)])) if gold else 0.0
-    f1s = []
-    for label in sorted(set(gold)):
+    per_label = {}
+    for label in labels or sorted(set(gold)):
+        if label not in gold:
+            continue
         tp = sum(g == label and p == label for g, p in zip(gold, pred))
         fp = sum(g != label and p == label for g, p in zip(gold, pred))
         fn = sum(g == label and p != label for g, p in zip(gold, pred))
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {"accuracy": round(acc, 4), "macro_f1": round(float(np.mean(f1s)), 4), "n": len(gold)}
+        per_label[label] = round(2 * tp / max(2 * tp + fp + fn, 1), 4)
+    macro = float(np.mean(list(per_label.values()))) if per_label else 0.0
+    return {"accuracy": round(acc, 4), "macro_f1": round(macro, 4), "n": len(gold), "f1": per_label}
 
 
-def export_onnx(W, b, path, n_labels=len(LABELS)):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["features", "weights"], ["logits_raw"]),
-         helper.make_node("Add", ["logits_raw", "bias"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
-        "intent",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, featurize.DIMS])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, n_labels])],
-        [numpy_helper.from_array(W.astype(np.float32), "weights"), numpy_helper.from_array(b.astype(np.float32), "bias")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="callbox-intent")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+def confusion(gold, pred):
+    """{gold: {predicted: count}} for the data card."""
+    out = {}
+    for g, p in zip(gold, pred):
+        out.setdefault(g, {}).setdefault(p, 0)
+        out[g][p] += 1
+    return out
+
+
+def first_labels(params, X, output, threshold):
+    probs = nets.probabilities(params, X, output)
+    # Sigmoids: every label over the threshold counts, `other` only when none does; a
+    # softmax answers its best label, `other` included.
+    return [labels[0] for labels in nets.decide(probs, LABELS, threshold, other_wins=output == "softmax")]
 
 
 def build(out, shared):
-    """Trains, evaluates, exports; returns (manifest fields, files written)."""
+    """Trains the candidates, chooses on validation, reports the tests, exports the choice."""
     started = time.time()
-    rng = random.Random(20261122)
-    dom_train, dom_val, dom_held = domain_examples(rng, variants=12)
-    cped_train, cped_val, cped_held = cped_other(shared, rng)
-    clinc_train, clinc_val, clinc_held = clinc(shared, rng)
-    train = dom_train + cped_train + clinc_train
-    val = dom_val + cped_val + clinc_val
-    held = dom_held + cped_held + clinc_held
-    rng.shuffle(train)
-    chosen, tried = select(train, val)
-    for row in tried:
-        print(f"  intent: l2 {row['l2']:g} threshold {row['threshold']}: validation macro-F1 "
-              f"zh {row['val_macro_f1_zh']:.3f} en {row['val_macro_f1_en']:.3f}")
-    print(f"  intent: chosen l2 {chosen['l2']:g} threshold {chosen['threshold']}; retrained on train + validation")
-    train = train + val
-    W, b = train_model([t for t, _, _ in train], [label for _, label, _ in train], l2=chosen["l2"])
-    threshold = chosen["threshold"]
-    report = per_language(held, predict(W, b, [t for t, _, _ in held], threshold))
+    data = corpus.build(shared, template_variants=40, other_limit=5000)
+    X = {name: nets.matrix(rows) for name, rows in data.items()}
+    gold = {name: [r.labels[0] for r in rows] for name, rows in data.items()}
+    Y = nets.targets(data["train"], LABELS)
+    tried, trained = [], {}
+    for name, args in CANDIDATES:
+        t0 = time.time()
+        params = nets.train(X["train"], Y, **args)
+        trained[name] = params
+        secs = round(time.time() - t0, 1)
+        for threshold in (THRESHOLDS if args["output"] == "sigmoid" else [0.0]):
+            report = metrics(gold["val"], first_labels(params, X["val"], args["output"], threshold))
+            tried.append({"model": name, "threshold": threshold, "val_macro_f1": report["macro_f1"],
+                          "val_accuracy": report["accuracy"], "train_secs": secs})
+            print(f"  intent: {name} threshold {threshold}: validation macro-F1 {report['macro_f1']:.3f} "
+                  f"accuracy {report['accuracy']:.3f} ({secs} s)")
+    # On a tie the higher threshold wins: an unsure answer should rather be `other`.
+    chosen = max(tried, key=lambda r: (r["val_macro_f1"], r["threshold"]))
+    args = dict(CANDIDATES)[chosen["model"]]
+    params, output, threshold = trained[chosen["model"]], args["output"], chosen["threshold"]
+    print(f"  intent: chosen {chosen['model']} threshold {threshold}")
+    report, matrices = {}, {}
+    for split in TEST_SPLITS:
+        pred = first_labels(params, X[split], output, threshold)
+        report[split] = metrics(gold[split], pred, LABELS)
+        report[split]["keyword_baseline"] = metrics(gold[split], [keyword_baseline(r.text) for r in data[split]])[
+            "macro_f1"]
+        matrices[split] = confusion(gold[split], pred)
+        print(f"  intent: {split}: accuracy {report[split]['accuracy']:.3f} macro-F1 {report[split]['macro_f1']:.3f}"
+              f" (keyword baseline {report[split]['keyword_baseline']:.3f}, n {report[split]['n']})")
     folder = os.path.join(out, "intent")
     os.makedirs(folder, exist_ok=True)
-    export_onnx(W, b, os.path.join(folder, "intent.onnx"))
+    model_path = os.path.join(folder, "intent.onnx")
+    nets.export_onnx(params, model_path, len(LABELS), output)
+    # The export must give what numpy gives (onnxruntime on a few rows).
+    for r in data["test_tele"][:20] + data["val"][-20:]:
+        want = nets.probabilities(params, nets.matrix([r]), output)[0]
+        got = nets.onnx_probabilities(model_path, r.text, r.context)
+        assert np.abs(want - got).max() < 1e-4, (r, want, got)
     with open(os.path.join(folder, "eval.tsv"), "w", encoding="utf-8") as f:
-        f.write("text\tlabel\tlang\n")
-        for text, label, lang in held:
-            f.write(f"{text}\t{label}\t{lang}\n")
-    # Parity set: held-out and training sentences with the Python features, for the Rust twin.
+        f.write("split\ttext\tcontext\tlabel\tlang\n")
+        for split in TEST_SPLITS:
+            for r in data[split]:
+                f.write(f"{split}\t{r.text}\t{r.context}\t{r.labels[0]}\t{r.lang}\n")
+    # Parity set: sentences and agent lines with the Python features, for the Rust twin.
     with open(os.path.join(folder, "parity.tsv"), "w", encoding="utf-8") as f:
-        for text, _, _ in (held + train)[:1500]:
-            feats = " ".join(f"{k}:{v:.7f}" for k, v in featurize.features(text))
-            f.write(f"{text}\t{feats}\n")
+        for r in [r for r in data["train"] if r.context][:500] + data["test_tele"][:500] + data["train"][:500]:
+            feats = " ".join(f"{k}:{v:.7f}" for k, v in featurize.features_with_context(r.text, r.context))
+            f.write(f"{r.text}\t{r.context}\t{feats}\n")
     counts = {}
-    for _, label, lang in train:
-        counts.setdefault(lang, {}).setdefault(label, 0)
-        counts[lang][label] += 1
+    for r in data["train"]:
+        for label in r.labels:
+            counts.setdefault(r.lang, {}).setdefault(label, 0)
+            counts[r.lang][label] += 1
     fields = {
         "labels": LABELS,
         "threshold": threshold,
+        "output": output,
         "selection": {"chosen": chosen, "tried": tried},
-        "featurizer": {"version": featurize.VERSION, "dims": featurize.DIMS, "n_min": featurize.N_MIN,
-                       "n_max": featurize.N_MAX},
+        "featurizer": featurizer_entry(),
         "metrics": report,
+        "confusion": matrices,
         "train_counts": counts,
         "train_secs": round(time.time() - started, 1),
     }
     return fields, {"model": "intent/intent.onnx", "eval": "intent/eval.tsv", "parity": "intent/parity.tsv"}
+
+
+def featurizer_entry():
+    return {"version": featurize.VERSION, "dims": featurize.DIMS, "context_dims": featurize.CONTEXT_DIMS,
+            "n_min": featurize.N_MIN, "n_max": featurize.N_MAX}
 
 
 # CPED's 13 emotion labels mapped to the text side of callbox's emotion.
@@ -321,39 +181,50 @@ CPED_EMOTION = {"anger": "negative", "disgust": "negative", "depress": "negative
                 "positive-other": "positive"}
 
 
+# telemarketing_intent_cn labels whose replies are hostile: negative for the text sentiment.
+HOSTILE_LABELS = {"污言秽语", "不信任", "投诉警告", "骚扰电话"}
+
+
 def build_sentiment(out, shared):
-    """Text sentiment from CPED's emotion labels (mapped to three), split by dialogue."""
-    train, held = [], []
+    """Text sentiment from CPED's emotion labels (mapped to three; split by dialogue) plus the
+    insults, accusations and threats of telemarketing_intent_cn as negative (its own split)."""
+    train, held, hostile_held = [], [], []
     with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             text, label = row["Utterance"].strip(), CPED_EMOTION.get(row["Emotion"])
             if text and label:
-                (held if hash_bucket(row["Dialogue_ID"]) < 2 else train).append((text, label))
-    W, b = train_model([t for t, _ in train], [label for _, label in train], l2=3e-4, names=SENTIMENTS)
-    probs = softmax(logits_of(W, b, to_sparse([t for t, _ in held]), len(held)))
-    pred = [SENTIMENTS[i] for i in probs.argmax(axis=1)]
-    gold = [label for _, label in held]
+                r = corpus.Row(text, (label,), "zh", "", "cped:" + row["Emotion"])
+                (held if hash_bucket(row["Dialogue_ID"]) < 2 else train).append(r)
+    for row in corpus.read_tsv(os.path.join(shared, "data/text/telemarketing_intent_cn/data.tsv")):
+        if row["source_label"] in HOSTILE_LABELS:
+            r = corpus.Row(row["text"].strip(), ("negative",), "zh", "", "tele")
+            (hostile_held if row["split"] == "test" else train).append(r)
+    args = {"hidden": 0, "output": "softmax", "epochs": 10, "l2": 1e-4}
+    params = nets.train(nets.matrix(train), nets.targets(train, SENTIMENTS), **args)
+
+    def predict(rows):
+        return [SENTIMENTS[i] for i in nets.probabilities(params, nets.matrix(rows), "softmax").argmax(axis=1)]
+
+    gold = [r.labels[0] for r in held]
+    pred = predict(held)
     report = metrics(gold, pred)
-    report["majority_baseline"] = metrics(gold, [max(SENTIMENTS, key=[g for g in gold].count)] * len(gold))
+    report["majority_baseline"] = metrics(gold, [max(SENTIMENTS, key=gold.count)] * len(gold))["macro_f1"]
     # Per CPED emotion: how often its utterances come out with the mapped sentiment.
     per_emotion = {}
-    with open(os.path.join(shared, "data/text/cped/valid_split.csv"), encoding="utf-8-sig") as f:
-        rows = [r for r in csv.DictReader(f) if hash_bucket(r["Dialogue_ID"]) < 2 and r["Utterance"].strip()]
-    texts = [r["Utterance"].strip() for r in rows]
-    got = [SENTIMENTS[i] for i in softmax(logits_of(W, b, to_sparse(texts), len(texts))).argmax(axis=1)]
-    for r, g in zip(rows, got):
-        e = per_emotion.setdefault(r["Emotion"], [0, 0])
-        e[0] += g == CPED_EMOTION[r["Emotion"]]
+    for r, g in zip(held, pred):
+        e = per_emotion.setdefault(r.source[5:], [0, 0])
+        e[0] += g == r.labels[0]
         e[1] += 1
     report["recall_by_cped_emotion"] = {k: round(v[0] / v[1], 3) for k, v in sorted(per_emotion.items())}
+    report["hostile_replies_negative"] = round(predict(hostile_held).count("negative") / len(hostile_held), 3)
     folder = os.path.join(out, "intent")
     os.makedirs(folder, exist_ok=True)
-    export_onnx(W, b, os.path.join(folder, "sentiment.onnx"), len(SENTIMENTS))
-    counts = {s: sum(1 for _, label in train if label == s) for s in SENTIMENTS}
+    nets.export_onnx(params, os.path.join(folder, "sentiment.onnx"), len(SENTIMENTS), "softmax", "sentiment")
+    counts = {s: sum(1 for r in train if r.labels[0] == s) for s in SENTIMENTS}
     fields = {
         "labels": SENTIMENTS,
-        "featurizer": {"version": featurize.VERSION, "dims": featurize.DIMS, "n_min": featurize.N_MIN,
-                       "n_max": featurize.N_MAX},
+        "output": "softmax",
+        "featurizer": featurizer_entry(),
         "metrics": {"zh": report},
         "train_counts": counts,
     }

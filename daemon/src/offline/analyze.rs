@@ -66,7 +66,6 @@ pub fn analyze(
     rules_file: Option<&Path>,
 ) -> Result<u8, Failure> {
     use crate::understanding::call::CallUnderstanding;
-    use crate::understanding::live::UnderstandingModels;
     use crate::understanding::rules::load_rules;
     let files = analyze_inputs(paths).map_err(|e| Failure::new(exit::DATA_ERROR, e))?;
     if files.is_empty() {
@@ -76,11 +75,7 @@ pub fn analyze(
         ));
     }
     let config = load_config(config_path)?;
-    let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
-    let text_models = UnderstandingModels::load(&dir).map_err(|e| {
-        let fix = crate::paths::how_to_get_models(&dir);
-        Failure::new(exit::UNAVAILABLE, format!("cannot load the intent/sentiment models: {e}\ncallbox: {fix}"))
-    })?;
+    let text_models = super::load_text_models(&config, models_dir)?;
     let rules = load_rules(rules_file).map(std::sync::Arc::new).map_err(|problems| {
         let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
         Failure::new(exit::CONFIG, format!("the rule file has {} problem(s):\n{}", problems.len(), lines.join("\n")))
@@ -123,8 +118,10 @@ pub fn analyze(
         let mut last_end: f64 = 0.0;
         for (leg, start, end, text, prosody) in utterances {
             let started = Instant::now();
-            let facts =
-                text_models.facts(leg, &text, prosody).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+            let agent_line = call.agent_line_before(start);
+            let facts = text_models
+                .facts(leg, &text, &agent_line, prosody)
+                .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
             call.utterance(leg, start, end, &text, facts);
             slowest = slowest.max(started.elapsed().as_secs_f64() * 1000.0);
             last_end = last_end.max(end);

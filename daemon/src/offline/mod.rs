@@ -10,6 +10,7 @@ use crate::config::{self, Config};
 use crate::exit::{self, Failure};
 use crate::speech::{SpeechError, SpeechModels};
 use crate::understanding::intent::IntentModel;
+use crate::understanding::live::UnderstandingModels;
 
 mod analyze;
 mod bench_asr;
@@ -53,6 +54,15 @@ fn load_intent(config: &Config, models_dir: Option<&Path>) -> Result<IntentModel
             exit::UNAVAILABLE,
             format!("cannot load the intent model: {e}\ncallbox: {}", crate::paths::how_to_get_models(&dir)),
         )
+    })
+}
+
+/// The intent and sentiment models together (what a live call runs per utterance).
+fn load_text_models(config: &Config, models_dir: Option<&Path>) -> Result<UnderstandingModels, Failure> {
+    let dir = models_dir.map(Path::to_path_buf).unwrap_or_else(|| config.speech.models_dir());
+    UnderstandingModels::load(&dir).map_err(|e| {
+        let fix = crate::paths::how_to_get_models(&dir);
+        Failure::new(exit::UNAVAILABLE, format!("cannot load the intent/sentiment models: {e}\ncallbox: {fix}"))
     })
 }
 

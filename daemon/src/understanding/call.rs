@@ -99,6 +99,17 @@ impl CallUnderstanding {
         }
     }
 
+    /// The agent's last utterance (masked) that began before `before_secs`: the context a
+    /// customer's reply is read in ("" when the agent has not spoken yet).
+    pub fn agent_line_before(&self, before_secs: f64) -> String {
+        self.utterances
+            .iter()
+            .rev()
+            .find(|u| u.leg == Leg::Agent && u.start_secs < before_secs)
+            .map(|u| u.text.clone())
+            .unwrap_or_default()
+    }
+
     /// One utterance, in time order. Returns the events it raised.
     pub fn utterance(
         &mut self,
@@ -123,7 +134,7 @@ impl CallUnderstanding {
             start_secs,
             end_secs,
             text: masked.clone(),
-            intent: intent.as_ref().map(|c| c.label.clone()),
+            intents: intent.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
             emotion: emotion.map(|e| e.name().to_owned()),
         };
         let mut hits = self.rules.utterance(&input);
@@ -238,7 +249,12 @@ mod tests {
 
     fn classified(label: &str) -> UtteranceFacts {
         UtteranceFacts {
-            intent: Some(Classification { label: label.into(), confidence: 0.9, top3: vec![] }),
+            intent: Some(Classification {
+                label: label.into(),
+                confidence: 0.9,
+                top3: vec![],
+                labels: vec![label.into()],
+            }),
             ..Default::default()
         }
     }

@@ -102,6 +102,12 @@ impl UnderstandingCore {
         self.calls.len()
     }
 
+    /// The agent's last utterance (masked) that began before `before_secs` in `call`: the
+    /// context a customer's reply is read in ("" when the agent has not spoken).
+    pub fn agent_line_before(&self, call: &str, before_secs: f64) -> String {
+        self.calls.get(call).map(|c| c.understanding.agent_line_before(before_secs)).unwrap_or_default()
+    }
+
     /// One finished utterance, in the leg's time order.
     pub fn utterance(&mut self, u: HeardUtterance, now: Instant) -> Vec<Action> {
         let call = self.live_call(&u.call, u.call_started.unwrap_or(now));
@@ -222,8 +228,12 @@ mod tests {
     }
 
     fn heard(call: &str, leg: Leg, at: f64, text: &str, started: Option<Instant>) -> HeardUtterance {
-        let intent =
-            (leg == Leg::Customer).then(|| Classification { label: "other".into(), confidence: 0.9, top3: vec![] });
+        let intent = (leg == Leg::Customer).then(|| Classification {
+            label: "other".into(),
+            confidence: 0.9,
+            top3: vec![],
+            labels: vec!["other".into()],
+        });
         HeardUtterance {
             call: call.into(),
             leg,

@@ -79,7 +79,9 @@ pub fn judge(sentiment: &str, intent: Option<Intent>, aroused: bool, pauses: usi
     if intent == Some(Intent::Hesitation) || (sentiment == "neutral" && pauses >= 2) {
         return Emotion::Hesitant;
     }
-    if sentiment == "positive" || intent == Some(Intent::PurchaseIntent) {
+    // Polite words are not satisfaction: "please stop calling me" reads positive as text.
+    let unwelcome = negative_intent || intent == Some(Intent::HumanRequest);
+    if sentiment == "positive" && !unwelcome || intent == Some(Intent::PurchaseIntent) {
         return Emotion::Positive;
     }
     Emotion::Neutral
@@ -139,5 +141,11 @@ mod tests {
             "text alone is weak evidence"
         );
         assert_eq!(judge("negative", None, false, 0), Emotion::Negative, "the agent: text only");
+        assert_eq!(
+            judge("positive", Some(Intent::from_label("do_not_call")), false, 0),
+            Emotion::Neutral,
+            "a polite do-not-call is not a happy customer"
+        );
+        assert_eq!(judge("positive", Some(Intent::from_label("human_request")), false, 0), Emotion::Neutral);
     }
 }

@@ -1,5 +1,7 @@
-//! The intent classifier: hashed character n-grams (the featurizer, twin of
-//! models/intent/featurize.py) into a linear model run by tract.
+//! The intent classifier: hashed character n-grams of the reply and of the agent's last
+//! utterance (the featurizer, twin of models/intent/featurize.py) into a small network run
+//! by tract. The model gathers the rows of its first layer for the features present
+//! (indices[n], values[n]), so a reply costs its few hundred features, not 69,632 buckets.
 //!
 //! The manifest states the featurizer version and parameters the model was trained with;
 //! a model trained with anything else is refused, since its weights would be read through
@@ -10,8 +12,10 @@ use tract_onnx::prelude::*;
 
 use crate::speech::{ModelSet, Plan, SpeechError};
 
-pub const FEATURIZER_VERSION: &str = "charngram-fnv1a-v1";
+pub const FEATURIZER_VERSION: &str = "charngram-fnv1a-v2";
 pub const DIMS: usize = 1 << 16;
+/// Buckets for the agent's last utterance, after the reply's DIMS.
+pub const CONTEXT_DIMS: usize = 1 << 12;
 pub const N_MIN: usize = 1;
 pub const N_MAX: usize = 4;
 /// Longest text classified; longer input is cut (an utterance is at most ~30 s of speech).
@@ -47,6 +51,18 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 
 /// Sorted (index, value) pairs: n-gram counts of " " + text + " ", L2-normalised.
 pub fn features(text: &str) -> Vec<(u32, f32)> {
+    hashed_ngrams(text, DIMS as u32, 0)
+}
+
+/// The model's input: the reply's features in [0, DIMS), the agent's last utterance's in
+/// [DIMS, DIMS + CONTEXT_DIMS); each part L2-normalised on its own.
+pub fn features_with_context(text: &str, context: &str) -> Vec<(u32, f32)> {
+    let mut out = features(text);
+    out.extend(hashed_ngrams(context, CONTEXT_DIMS as u32, DIMS as u32));
+    out
+}
+
+fn hashed_ngrams(text: &str, dims: u32, offset: u32) -> Vec<(u32, f32)> {
     let norm = normalise(text);
     if norm.is_empty() {
         return Vec::new();
@@ -58,7 +74,7 @@ pub fn features(text: &str) -> Vec<(u32, f32)> {
         for window in chars.windows(n) {
             gram.clear();
             gram.extend(window);
-            *counts.entry(fnv1a(gram.as_bytes()) % DIMS as u32).or_default() += 1;
+            *counts.entry(offset + fnv1a(gram.as_bytes()) % dims).or_default() += 1;
         }
     }
     let norm2 = counts.values().map(|&c| f64::from(c) * f64::from(c)).sum::<f64>().sqrt();
@@ -138,6 +154,9 @@ pub struct Classification {
     pub label: String,
     pub confidence: f32,
     pub top3: Vec<Scored>,
+    /// Every label at or over the threshold, best first (an utterance may carry two
+    /// intents: "get me a real person and stop calling me"); `[other]` when none is.
+    pub labels: Vec<String>,
 }
 
 impl Classification {
@@ -153,7 +172,15 @@ pub struct TextClassifier {
     pub labels: Vec<String>,
     /// Below it the answer is `other` (intent); 0 for models without one.
     pub threshold: f32,
+    /// One sigmoid per label (several may be over the threshold) or a softmax (one answer).
+    pub output: Output,
     pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Sigmoid,
+    Softmax,
 }
 
 pub type IntentModel = TextClassifier;
@@ -174,8 +201,9 @@ impl TextClassifier {
         let name = entry.name.clone();
         let refuse = |reason: String| SpeechError::model(&name, reason);
         let featurizer = entry.extra.get("featurizer").cloned().unwrap_or_default();
-        let expected =
-            serde_json::json!({ "version": FEATURIZER_VERSION, "dims": DIMS, "n_min": N_MIN, "n_max": N_MAX });
+        let expected = serde_json::json!({
+            "version": FEATURIZER_VERSION, "dims": DIMS, "context_dims": CONTEXT_DIMS, "n_min": N_MIN, "n_max": N_MAX
+        });
         if featurizer != expected {
             return Err(refuse(format!("trained with featurizer {featurizer}, this callbox computes {expected}")));
         }
@@ -190,14 +218,24 @@ impl TextClassifier {
             None if !with_threshold => 0.0,
             _ => return Err(refuse("the manifest gives no threshold in 0..1".into())),
         };
+        let output = match entry.extra.get("output").and_then(serde_json::Value::as_str) {
+            Some("sigmoid") => Output::Sigmoid,
+            Some("softmax") => Output::Softmax,
+            other => return Err(refuse(format!("the manifest's output is {other:?}, not \"sigmoid\" or \"softmax\""))),
+        };
         let bytes = set.read_verified(entry, "model")?;
         let plan = tract_onnx::onnx()
             .model_for_read(&mut bytes.as_slice())
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, DIMS]).into()))
+            .and_then(|mut m| {
+                let n = m.symbols.sym("n");
+                m.set_input_fact(0, i64::fact([n.to_dim()]).into())?;
+                m.set_input_fact(1, f32::fact([n.to_dim()]).into())?;
+                Ok(m)
+            })
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| SpeechError::model(&name, e))?;
-        let model = Self { plan, labels, threshold, name };
+        let model = Self { plan, labels, threshold, output, name };
         // The output must have one probability per label.
         let probe = model.probabilities(&[]).map_err(|e| SpeechError::model(&model.name, e))?;
         if probe.len() != model.labels.len() {
@@ -210,27 +248,53 @@ impl TextClassifier {
     }
 
     fn probabilities(&self, features: &[(u32, f32)]) -> TractResult<Vec<f32>> {
-        let mut dense = vec![0f32; DIMS];
-        for &(k, v) in features {
-            if let Some(slot) = dense.get_mut(k as usize) {
-                *slot = v;
-            }
-        }
-        let input = Tensor::from_shape(&[1, DIMS], &dense)?;
-        let out = self.plan.run(tvec!(input.into_tvalue()))?;
+        // An empty text still needs one row to gather: bucket 0 with weight 0 adds nothing.
+        let (indices, values): (Vec<i64>, Vec<f32>) = if features.is_empty() {
+            (vec![0], vec![0.0])
+        } else {
+            features.iter().map(|&(k, v)| (i64::from(k), v)).unzip()
+        };
+        let n = indices.len();
+        let indices = Tensor::from_shape(&[n], &indices)?;
+        let values = Tensor::from_shape(&[n], &values)?;
+        let out = self.plan.run(tvec!(indices.into_tvalue(), values.into_tvalue()))?;
         let probs = out.first().ok_or_else(|| TractError::msg("no output"))?;
         Ok(crate::speech::f32s(probs)?.to_vec())
     }
 
+    /// A text on its own (no agent line before it).
     pub fn classify(&self, text: &str) -> Result<Classification, SpeechError> {
-        let probs = self.probabilities(&features(text)).map_err(|e| SpeechError::model(&self.name, e))?;
+        self.classify_in_context(text, "")
+    }
+
+    /// A reply read after the agent's last utterance `context` ("" when none): a "yes"
+    /// after an offer is not the "yes" after "can I call you later?".
+    pub fn classify_in_context(&self, text: &str, context: &str) -> Result<Classification, SpeechError> {
+        let probs =
+            self.probabilities(&features_with_context(text, context)).map_err(|e| SpeechError::model(&self.name, e))?;
+        Ok(self.decide(&probs))
+    }
+
+    fn decide(&self, probs: &[f32]) -> Classification {
         let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let top3: Vec<Scored> =
-            ranked.iter().take(3).map(|&(i, p)| Scored { label: self.labels[i].clone(), p }).collect();
-        let (best, confidence) = ranked.first().copied().unwrap_or((0, 0.0));
-        let label = if confidence >= self.threshold { self.labels[best].clone() } else { "other".to_owned() };
-        Ok(Classification { label, confidence, top3 })
+        let name = |i: usize| self.labels.get(i).cloned().unwrap_or_else(|| "other".to_owned());
+        let top3: Vec<Scored> = ranked.iter().take(3).map(|&(i, p)| Scored { label: name(i), p }).collect();
+        let (best, best_p) = ranked.first().copied().unwrap_or((0, 0.0));
+        let over = |&&(i, p): &&(usize, f32)| p >= self.threshold && name(i) != "other";
+        let labels: Vec<String> = match self.output {
+            // Sigmoids: every label over the threshold; `other` only when none is.
+            Output::Sigmoid => ranked.iter().filter(over).map(|&(i, _)| name(i)).collect(),
+            // A softmax has one answer: its best label, if over the threshold.
+            Output::Softmax => (best_p >= self.threshold).then(|| name(best)).into_iter().collect(),
+        };
+        let labels = if labels.is_empty() { vec!["other".to_owned()] } else { labels };
+        let label = labels[0].clone();
+        // The chosen label's own probability; a model without an `other` output gives the
+        // best one's when it answers `other`.
+        let confidence =
+            self.labels.iter().position(|l| *l == label).and_then(|i| probs.get(i).copied()).unwrap_or(best_p);
+        Classification { label, confidence, top3, labels }
     }
 }
 

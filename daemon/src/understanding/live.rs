@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, watch};
 use super::call::{CallEvent, UtteranceFacts, UtteranceView};
 use super::core::{Action, FinishedCall, HeardUtterance, UnderstandingCore};
 use super::intent::TextClassifier;
+use super::lexicon::{is_latin_script, SentimentLexicon};
 use super::rules::{load_rules, RuleSet};
 use super::state::{Phase, Tag};
 use crate::audio::Leg;
@@ -77,24 +78,41 @@ pub enum Monitor {
 /// The models the component needs, loaded at start-up beside the speech models.
 pub struct UnderstandingModels {
     pub intent: TextClassifier,
+    /// Chinese text sentiment (a model trained on Chinese).
     pub sentiment: TextClassifier,
+    /// English text sentiment (VADER's lexicon).
+    pub sentiment_en: SentimentLexicon,
 }
 
 impl UnderstandingModels {
     pub fn load(dir: &std::path::Path) -> Result<Self, SpeechError> {
         let set = ModelSet::open(dir)?;
-        Ok(Self { intent: TextClassifier::load(&set)?, sentiment: TextClassifier::load_sentiment(&set)? })
+        Ok(Self {
+            intent: TextClassifier::load(&set)?,
+            sentiment: TextClassifier::load_sentiment(&set)?,
+            sentiment_en: SentimentLexicon::load(&set)?,
+        })
     }
 
-    /// The models' view of one utterance: intent (customers only) and text sentiment, both
-    /// read from the masked text, as it is stored.
-    pub fn facts(&self, leg: Leg, text: &str, prosody: Option<Prosody>) -> Result<UtteranceFacts, SpeechError> {
+    /// The models' view of one utterance: intent (customers only, read after the agent's
+    /// last line `agent_line`) and text sentiment, both from the masked text, as it is stored.
+    pub fn facts(
+        &self,
+        leg: Leg,
+        text: &str,
+        agent_line: &str,
+        prosody: Option<Prosody>,
+    ) -> Result<UtteranceFacts, SpeechError> {
         let masked = pii::mask(text).0;
         let intent = match leg {
-            Leg::Customer => Some(self.intent.classify(&masked)?),
+            Leg::Customer => Some(self.intent.classify_in_context(&masked, agent_line)?),
             Leg::Agent => None,
         };
-        let sentiment = self.sentiment.classify(&masked)?.top3.first().map(|s| s.label.clone());
+        let sentiment = if is_latin_script(&masked) {
+            Some(self.sentiment_en.label(&masked).to_owned())
+        } else {
+            self.sentiment.classify(&masked)?.top3.first().map(|s| s.label.clone())
+        };
         Ok(UtteranceFacts { intent, sentiment, prosody })
     }
 }
@@ -127,7 +145,8 @@ impl Understanding {
     async fn utterance(&mut self, u: &UtteranceEvent, registry: &CallRegistry) {
         let models = self.models.clone();
         let (leg, text, prosody) = (u.leg, u.utterance.text.clone(), Some(u.utterance.prosody.clone()));
-        let computed = tokio::task::spawn_blocking(move || models.facts(leg, &text, prosody)).await;
+        let agent_line = self.core.agent_line_before(&u.call, u.utterance.start_secs);
+        let computed = tokio::task::spawn_blocking(move || models.facts(leg, &text, &agent_line, prosody)).await;
         let facts = computed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
         let facts = facts.unwrap_or_else(|why| {
             // The rules still run on the text; only intent and emotion are missing.

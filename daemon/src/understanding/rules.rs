@@ -150,7 +150,8 @@ pub struct RuleInput {
     pub start_secs: f64,
     pub end_secs: f64,
     pub text: String,
-    pub intent: Option<String>,
+    /// Every intent the model gave the utterance (a reply may carry two); empty when none.
+    pub intents: Vec<String>,
     pub emotion: Option<String>,
 }
 
@@ -350,7 +351,7 @@ fn holds(check: &Check, cx: &Context) -> bool {
         }
         Check::TalkOver(want) => cx.other_end.is_some_and(|end| cx.input.start_secs < end) == *want,
         Check::Emotion(es) => cx.input.emotion.as_ref().is_some_and(|e| es.contains(e)),
-        Check::Intent(is) => cx.input.intent.as_ref().is_some_and(|i| is.contains(i)),
+        Check::Intent(is) => cx.input.intents.iter().any(|i| is.contains(i)),
         Check::WithinFirst(secs) => cx.input.start_secs <= *secs,
     }
 }
@@ -477,7 +478,7 @@ mod tests {
     }
 
     fn say(index: usize, leg: Leg, start: f64, end: f64, text: &str) -> RuleInput {
-        RuleInput { index, leg, start_secs: start, end_secs: end, text: text.into(), intent: None, emotion: None }
+        RuleInput { index, leg, start_secs: start, end_secs: end, text: text.into(), intents: vec![], emotion: None }
     }
 
     /// Fires `rule` on a fresh call over `utterances`; returns the ids of what fired.
@@ -550,7 +551,7 @@ mod tests {
     #[test]
     fn intent_emotion_and_combinations() {
         let mut u = say(0, Leg::Customer, 0.0, 2.0, "你们这服务太差了");
-        u.intent = Some("complaint".into());
+        u.intents = vec!["complaint".into()];
         u.emotion = Some("negative".into());
         let both = "{ all = [{ intent = [\"complaint\"] }, { emotion = [\"negative\"] }], role = \"customer\" }";
         assert_eq!(fired(&one_rule(both), std::slice::from_ref(&u)), ["r"]);
@@ -558,7 +559,9 @@ mod tests {
         assert!(fired(&one_rule(either), std::slice::from_ref(&u)).is_empty());
         let not = "{ not = { intent = [\"complaint\"] } }";
         assert!(fired(&one_rule(not), std::slice::from_ref(&u)).is_empty());
-        u.intent = None;
+        u.intents = vec!["human_request".into(), "complaint".into()];
+        assert_eq!(fired(&one_rule(both), std::slice::from_ref(&u)), ["r"], "a second intent counts too");
+        u.intents = vec![];
         assert_eq!(fired(&one_rule(not), &[u]), ["r"], "no intent is not a complaint");
     }
 
