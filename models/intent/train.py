@@ -25,8 +25,6 @@ import nets
 LABELS = ["price_inquiry", "product_question", "purchase_intent", "callback_request", "hesitation", "refusal",
           "complaint", "human_request", "budget_concern", "competitor_comparison", "customization_request",
           "do_not_call", "other"]
-DOMAIN_WORDS = ["钱", "贵", "便宜", "买", "卖", "办", "投诉", "骗", "人工", "机器", "电话", "号码", "考虑", "不需要",
-                "不用", "忙", "开车", "定制", "价格", "优惠", "预算", "滚"]
 # (name, nets.train arguments); every sigmoid candidate is scored at each threshold.
 CANDIDATES = [
     ("linear-softmax", {"hidden": 0, "output": "softmax", "epochs": 10}),
@@ -60,10 +58,6 @@ def keyword_baseline(text):
         if any(w in t for w in words):
             return label
     return "other"
-
-
-def hash_bucket(key, buckets=10):
-    return featurize.fnv1a(key.encode()) % buckets
 
 
 def metrics(gold, pred, labels=None):
@@ -194,7 +188,7 @@ def build_sentiment(out, shared):
             text, label = row["Utterance"].strip(), CPED_EMOTION.get(row["Emotion"])
             if text and label:
                 r = corpus.Row(text, (label,), "zh", "", "cped:" + row["Emotion"])
-                (held if hash_bucket(row["Dialogue_ID"]) < 2 else train).append(r)
+                (held if corpus.hash_bucket(row["Dialogue_ID"]) < 2 else train).append(r)
     for row in corpus.read_tsv(os.path.join(shared, "data/text/telemarketing_intent_cn/data.tsv")):
         if row["source_label"] in HOSTILE_LABELS:
             r = corpus.Row(row["text"].strip(), ("negative",), "zh", "", "tele")
