@@ -174,11 +174,14 @@ def export_onnx(params, path, n_labels, output="sigmoid", name="intent"):
         f.write(model.SerializeToString())
 
 
-def onnx_probabilities(path, text, context):
-    """The exported model run by onnxruntime on one reply (the export's own check)."""
+def onnx_session(path):
     import onnxruntime
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def onnx_probabilities(session, text, context):
+    """The exported model run by onnxruntime on one reply (the export's own check)."""
     feats = featurize.features_with_context(text, context) or [(0, 0.0)]
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = session.run(None, {"indices": np.array([k for k, _ in feats], np.int64),
                              "values": np.array([v for _, v in feats], np.float32)})
     return out[0][0]

@@ -129,9 +129,10 @@ def build(out, shared):
     model_path = os.path.join(folder, "intent.onnx")
     nets.export_onnx(params, model_path, len(LABELS), output)
     # The export must give what numpy gives (onnxruntime on a few rows).
+    session = nets.onnx_session(model_path)
     for r in data["test_tele"][:20] + data["val"][-20:]:
         want = nets.probabilities(params, nets.matrix([r]), output)[0]
-        got = nets.onnx_probabilities(model_path, r.text, r.context)
+        got = nets.onnx_probabilities(session, r.text, r.context)
         assert np.abs(want - got).max() < 1e-4, (r, want, got)
     with open(os.path.join(folder, "eval.tsv"), "w", encoding="utf-8") as f:
         f.write("split\ttext\tcontext\tlabel\tlang\n")

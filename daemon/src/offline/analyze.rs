@@ -118,7 +118,8 @@ pub fn analyze(
         let mut last_end: f64 = 0.0;
         for (leg, start, end, text, prosody) in utterances {
             let started = Instant::now();
-            let agent_line = call.agent_line_before(start);
+            let agent_line =
+                if leg == crate::audio::Leg::Customer { call.agent_line_before(start) } else { String::new() };
             let facts = text_models
                 .facts(leg, &text, &agent_line, prosody)
                 .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;

@@ -145,7 +145,11 @@ impl Understanding {
     async fn utterance(&mut self, u: &UtteranceEvent, registry: &CallRegistry) {
         let models = self.models.clone();
         let (leg, text, prosody) = (u.leg, u.utterance.text.clone(), Some(u.utterance.prosody.clone()));
-        let agent_line = self.core.agent_line_before(&u.call, u.utterance.start_secs);
+        // Only a customer's reply is read in context; the agent's own lines need none.
+        let agent_line = match leg {
+            Leg::Customer => self.core.agent_line_before(&u.call, u.utterance.start_secs),
+            Leg::Agent => String::new(),
+        };
         let computed = tokio::task::spawn_blocking(move || models.facts(leg, &text, &agent_line, prosody)).await;
         let facts = computed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
         let facts = facts.unwrap_or_else(|why| {
