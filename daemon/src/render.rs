@@ -16,7 +16,11 @@ pub fn monitor_item(item: &MonitorItem, latency: Option<f64>) -> String {
 }
 
 fn utterance(u: &UtteranceItem, after: &str) -> String {
-    let intent = u.intent.as_ref().map_or(String::new(), |i| format!("intent {} {:.2}, ", i.label, i.confidence));
+    // A second label over the threshold shows as "human_request+do_not_call".
+    let intent = u.intent.as_ref().map_or(String::new(), |i| {
+        let names = if i.labels.len() > 1 { i.labels.join("+") } else { i.label.clone() };
+        format!("intent {names} {:.2}, ", i.confidence)
+    });
     let rules = if u.rules.is_empty() { String::new() } else { format!("  rules: {}", u.rules.join(", ")) };
     format!(
         "[{:6.2}–{:6.2} s] {:<8} {}\n                    {intent}emotion {}, phase {}{rules}{after}",
@@ -70,14 +74,27 @@ mod tests {
             end_secs: 3.25,
             text: "多少钱".into(),
             pii: vec![],
-            intent: Some(IntentItem { label: "price_inquiry".into(), confidence: 0.912, top3: vec![] }),
+            intent: Some(IntentItem {
+                label: "price_inquiry".into(),
+                confidence: 0.912,
+                top3: vec![],
+                labels: vec!["price_inquiry".into(), "budget_concern".into()],
+            }),
             emotion: Some("neutral".into()),
             phase: "needs_discovery".into(),
             rules: vec!["r1".into()],
         });
         let line = monitor_item(&u, Some(0.8));
-        for part in ["1.50", "3.25", "customer", "多少钱", "price_inquiry 0.91", "needs_discovery", "r1", "+0.80 s"]
-        {
+        for part in [
+            "1.50",
+            "3.25",
+            "customer",
+            "多少钱",
+            "price_inquiry+budget_concern 0.91",
+            "needs_discovery",
+            "r1",
+            "+0.80 s",
+        ] {
             assert!(line.contains(part), "{part} missing from {line}");
         }
         let e = MonitorItem::Event(EventItem {

@@ -124,6 +124,7 @@ pub fn utterance_item(call: &str, u: &UtteranceView) -> wire::UtteranceItem {
             label: c.label.clone(),
             confidence: c.confidence,
             top3: c.top3.iter().map(|s| wire::ScoredLabel { label: s.label.clone(), p: s.p }).collect(),
+            labels: c.labels.clone(),
         }),
         emotion: u.emotion.map(|e| e.name().to_owned()),
         phase: name_of(&u.phase),

@@ -381,6 +381,10 @@ pub struct IntentItem {
     pub label: String,
     pub confidence: f32,
     pub top3: Vec<ScoredLabel>,
+    /// Every label over the model's threshold, best first (added within v1: a line from
+    /// an older daemon without it reads as empty).
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -551,6 +555,7 @@ mod tests {
                 label: "price_inquiry".into(),
                 confidence: 0.5,
                 top3: vec![ScoredLabel { label: "price_inquiry".into(), p: 0.5 }],
+                labels: vec!["price_inquiry".into(), "budget_concern".into()],
             }),
             emotion: Some("neutral".into()),
             phase: "needs_discovery".into(),
@@ -683,8 +688,13 @@ mod tests {
     fn monitor_lines_keep_the_v1_shape() {
         // What `watch --json` consumers parse: a field renamed here is a protocol change.
         let line = encode_line(&MonitorFrame { v: 1, monitor: utterance() });
-        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"]}}"#;
+        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}],"labels":["price_inquiry","budget_concern"]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"]}}"#;
         assert_eq!(String::from_utf8(line).unwrap().trim_end(), expected);
+        // A line from a daemon before `labels` existed still reads.
+        let older = expected.replace(r#","labels":["price_inquiry","budget_concern"]"#, "");
+        let frame: MonitorFrame = serde_json::from_str(&older).unwrap();
+        let MonitorItem::Utterance(u) = frame.monitor else { panic!("not an utterance: {older}") };
+        assert_eq!(u.intent.map(|i| i.labels), Some(vec![]));
     }
 
     #[test]

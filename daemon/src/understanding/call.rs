@@ -143,7 +143,8 @@ impl CallUnderstanding {
         }
         let intent_id = intent.as_ref().map(Classification::intent);
         hits.extend(self.repeated_question(index, leg, intent_id));
-        self.state.utterance(index, leg, start_secs, &masked, intent_id, emotion);
+        let intents = intent.as_ref().map(Classification::intents).unwrap_or_default();
+        self.state.utterance(index, leg, start_secs, &masked, &intents, emotion);
         let fired_here: Vec<String> =
             hits.iter().filter(|h| h.utterances.contains(&index)).map(|h| h.rule.clone()).collect();
         self.utterances.push(UtteranceView {

@@ -163,6 +163,11 @@ impl Classification {
     pub fn intent(&self) -> Intent {
         Intent::from_label(&self.label)
     }
+
+    /// Every intent over the threshold, best first.
+    pub fn intents(&self) -> Vec<Intent> {
+        self.labels.iter().map(|l| Intent::from_label(l)).collect()
+    }
 }
 
 /// A text classifier over the shared featurizer: the intent model (task `intent`, with a

@@ -1,5 +1,6 @@
 //! Call phase, context memory and the customer's tags for one call, sans-IO: fed each
-//! utterance's leg, time, masked text, intent and emotion.
+//! utterance's leg, time, masked text, intents (every label the classifier returned: "get
+//! me a person and stop calling" counts as both) and emotion.
 //!
 //! Phases only move forward: opening → needs discovery (the customer asks about price,
 //! product or customisation, or 30 s have passed) → objection handling (budget,
@@ -82,14 +83,15 @@ impl Default for CallState {
 }
 
 impl CallState {
-    /// One utterance; returns the tags it added.
+    /// One utterance with every intent it carries (none = not classified or `other`);
+    /// returns the tags it added.
     pub fn utterance(
         &mut self,
         index: usize,
         leg: Leg,
         start_secs: f64,
         text: &str,
-        intent: Option<Intent>,
+        intents: &[Intent],
         emotion: Option<Emotion>,
     ) -> Vec<Tag> {
         let before = self.tags.clone();
@@ -103,12 +105,12 @@ impl CallState {
                     self.advance(Phase::Closing);
                 }
             }
-            Leg::Customer => self.customer(index, text, intent, emotion),
+            Leg::Customer => self.customer(index, text, intents, emotion),
         }
         self.tags.difference(&before).copied().collect()
     }
 
-    fn customer(&mut self, index: usize, text: &str, intent: Option<Intent>, emotion: Option<Emotion>) {
+    fn customer(&mut self, index: usize, text: &str, intents: &[Intent], emotion: Option<Emotion>) {
         let f = &mut self.facts;
         if text.contains("预算") || text.contains("budget") {
             f.budget_mentioned.get_or_insert(index);
@@ -116,52 +118,56 @@ impl CallState {
         if emotion == Some(Emotion::Negative) {
             f.negative_utterances += 1;
         }
-        let intent = intent.unwrap_or(Intent::Other);
-        let phase = match intent {
-            Intent::PriceInquiry => {
-                f.price_questions += 1;
-                Some(Phase::NeedsDiscovery)
-            }
-            Intent::ProductQuestion => {
-                f.product_questions += 1;
-                Some(Phase::NeedsDiscovery)
-            }
-            Intent::CustomizationRequest => {
-                f.customization_requests += 1;
-                Some(Phase::NeedsDiscovery)
-            }
-            Intent::BudgetConcern => {
-                f.budget_mentioned.get_or_insert(index);
-                Some(Phase::ObjectionHandling)
-            }
-            Intent::CompetitorComparison => {
-                f.competitor_named.get_or_insert(index);
-                Some(Phase::ObjectionHandling)
-            }
-            Intent::Hesitation => {
-                f.hesitations += 1;
-                Some(Phase::ObjectionHandling)
-            }
-            Intent::Refusal | Intent::Complaint => Some(Phase::ObjectionHandling),
-            Intent::CallbackRequest => {
-                f.callback_asked.get_or_insert(index);
-                Some(Phase::Closing)
-            }
-            Intent::PurchaseIntent | Intent::DoNotCall => Some(Phase::Closing),
-            Intent::HumanRequest | Intent::Other => None,
-        };
-        if let Some(p) = phase {
+        let mut furthest = None;
+        for &intent in intents {
+            let phase = match intent {
+                Intent::PriceInquiry => {
+                    f.price_questions += 1;
+                    Some(Phase::NeedsDiscovery)
+                }
+                Intent::ProductQuestion => {
+                    f.product_questions += 1;
+                    Some(Phase::NeedsDiscovery)
+                }
+                Intent::CustomizationRequest => {
+                    f.customization_requests += 1;
+                    Some(Phase::NeedsDiscovery)
+                }
+                Intent::BudgetConcern => {
+                    f.budget_mentioned.get_or_insert(index);
+                    Some(Phase::ObjectionHandling)
+                }
+                Intent::CompetitorComparison => {
+                    f.competitor_named.get_or_insert(index);
+                    Some(Phase::ObjectionHandling)
+                }
+                Intent::Hesitation => {
+                    f.hesitations += 1;
+                    Some(Phase::ObjectionHandling)
+                }
+                Intent::Refusal | Intent::Complaint => Some(Phase::ObjectionHandling),
+                Intent::CallbackRequest => {
+                    f.callback_asked.get_or_insert(index);
+                    Some(Phase::Closing)
+                }
+                Intent::PurchaseIntent | Intent::DoNotCall => Some(Phase::Closing),
+                Intent::HumanRequest | Intent::Other => None,
+            };
+            furthest = furthest.max(phase);
+        }
+        if let Some(p) = furthest {
             self.advance(p);
         }
         let f = &self.facts;
+        let says = |i: Intent| intents.contains(&i);
         let rules = [
             (f.budget_mentioned.is_some() || f.price_questions >= 2, Tag::PriceSensitive),
             (f.product_questions + f.customization_requests >= 2, Tag::FeatureOriented),
-            (intent == Intent::PurchaseIntent, Tag::HighIntent),
+            (says(Intent::PurchaseIntent), Tag::HighIntent),
             (f.customization_requests >= 3, Tag::HighValue),
-            (intent == Intent::Complaint || f.negative_utterances >= 2, Tag::ComplaintRisk),
+            (says(Intent::Complaint) || f.negative_utterances >= 2, Tag::ComplaintRisk),
             (f.hesitations >= 2 || f.callback_asked.is_some() && f.hesitations >= 1, Tag::LongTermWatcher),
-            (intent == Intent::DoNotCall, Tag::DoNotCall),
+            (says(Intent::DoNotCall), Tag::DoNotCall),
         ];
         for (holds, tag) in rules {
             if holds {
@@ -184,7 +190,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &(leg, at, text, intent))| {
-                state.utterance(i, leg, at, text, intent.map(Intent::from_label), None);
+                let intents: Vec<Intent> = intent.map(Intent::from_label).into_iter().collect();
+                state.utterance(i, leg, at, text, &intents, None);
                 state.phase
             })
             .collect()
@@ -223,7 +230,7 @@ mod tests {
     fn tags_come_from_what_the_customer_keeps_doing() {
         let mut s = CallState::default();
         let c = |s: &mut CallState, i, intent: &str, emotion| {
-            s.utterance(i, Leg::Customer, i as f64, "…", Some(Intent::from_label(intent)), emotion)
+            s.utterance(i, Leg::Customer, i as f64, "…", &[Intent::from_label(intent)], emotion)
         };
         assert!(c(&mut s, 0, "customization_request", None).is_empty());
         assert_eq!(c(&mut s, 1, "customization_request", None), [Tag::FeatureOriented]);
@@ -234,5 +241,17 @@ mod tests {
         assert_eq!(c(&mut s, 6, "refusal", Some(Emotion::Negative)), [Tag::ComplaintRisk]);
         assert_eq!(c(&mut s, 7, "do_not_call", None), [Tag::DoNotCall]);
         assert_eq!(s.facts.callback_asked, Some(4));
+    }
+
+    #[test]
+    fn every_label_of_a_two_intent_reply_counts() {
+        let mut s = CallState::default();
+        let both = [Intent::HumanRequest, Intent::DoNotCall];
+        assert_eq!(s.utterance(0, Leg::Customer, 2.0, "…", &both, None), [Tag::DoNotCall]);
+        assert_eq!(s.phase, Phase::Closing);
+        let mut s = CallState::default();
+        s.utterance(0, Leg::Customer, 2.0, "…", &[Intent::PriceInquiry, Intent::Hesitation], None);
+        assert_eq!((s.facts.price_questions, s.facts.hesitations), (1, 1));
+        assert_eq!(s.phase, Phase::ObjectionHandling);
     }
 }
