@@ -200,6 +200,21 @@ pub enum BenchCommand {
         #[arg(long)]
         whole: bool,
     },
+    /// The encrypted call store: calls written per second (durably, each with its
+    /// utterances) and the latency of one call's audited, decrypted read.
+    Store {
+        /// Where to put the throw-away store (default: a new folder in the temp folder).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+        #[arg(long, default_value_t = 20)]
+        utterances: usize,
+        #[arg(long, default_value_t = 500)]
+        reads: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +338,9 @@ pub fn main() -> u8 {
         Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole }) => {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
+        }
+        Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, json }) => {
+            crate::offline::bench_store(dir.as_deref(), calls, utterances, reads, json).unwrap_or_else(Failure::report)
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -24,6 +24,7 @@ pub mod pii;
 pub mod render;
 pub mod speech;
 pub mod storage;
+pub mod store;
 pub mod supervisor;
 #[cfg(test)]
 mod testdata;

@@ -15,12 +15,14 @@ use crate::understanding::live::UnderstandingModels;
 mod analyze;
 mod bench_asr;
 mod bench_intent;
+mod bench_store;
 mod classify;
 mod transcribe;
 
 pub use analyze::analyze;
 pub use bench_asr::bench_asr;
 pub use bench_intent::bench_intent;
+pub use bench_store::bench_store;
 pub use classify::classify;
 pub use transcribe::transcribe;
 

@@ -1,0 +1,875 @@
+//! The encrypted call store (SQLite + AES-256-GCM): what the box keeps of each call, under
+//! privacy law (PIPL Art. 47 deletion, 51 encryption and access control, 55–56 records).
+//!
+//! Two files under `<state>/store/`, both 0600:
+//! - `calls.sqlite` (WAL, `synchronous = FULL`, incremental auto-vacuum): call metadata and
+//!   what may stay in clear for listing and aggregation (times, legs, intents, emotions,
+//!   phases, rule hits, tags, the customer's keyed hash), the sealed records (masked text;
+//!   unmasked text and audio only when configured), tombstones of forgotten customers, the
+//!   audit chain.
+//! - `keys.sqlite` (rollback journal, `secure_delete = ON`, no WAL): every call's class keys,
+//!   wrapped by the master key, and the audit chain's head. Kept apart so that deleting a
+//!   key overwrites it in place: no WAL frame or free page keeps a copy, and every copy of
+//!   the ciphertext (old pages, WAL, flash blocks, a backup) is then noise.
+//!
+//! Writes go keys first, data second (a crash in between leaves a key without data, which
+//! the sweeper drops); erasure goes keys first too (a crash leaves data without a key:
+//! already unreadable, and swept). So the two files never need one transaction.
+//!
+//! This type is synchronous and owns both connections: one store task calls it, batching
+//! utterances into one transaction per batch (group commit).
+
+pub mod audit;
+pub mod crypto;
+pub mod master;
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use audit::{AuditEntry, AuditEvent, ChainHead};
+use crypto::{ClassKey, CryptoError, DataClass, DataKey, MasterKey, Place, RecordKind, KEY_BYTES};
+
+pub const STORE_DIR: &str = "store";
+pub const CALLS_FILE: &str = "calls.sqlite";
+pub const KEYS_FILE: &str = "keys.sqlite";
+const SCHEMA_VERSION: i64 = 1;
+const MS_PER_DAY: i64 = 86_400_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot make {path} private: {source}")]
+    Permissions { path: PathBuf, source: std::io::Error },
+    #[error("call store {path}: {source}")]
+    Database { path: PathBuf, source: rusqlite::Error },
+    #[error("call store {path} has schema version {found}; this callbox knows {SCHEMA_VERSION}: a newer callbox wrote it, so install that version again (or restore the store from a backup)")]
+    Schema { path: PathBuf, found: i64 },
+    #[error("call store: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("call store: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("the master key (id {found}) is not the one that wrapped this store's keys (id {expected}): restore the right key (see README \"Call store\"); a new key would make every stored call unreadable")]
+    WrongMasterKey { expected: String, found: String },
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error("the system random source failed")]
+    Random,
+    #[error("no call {0} in the store")]
+    NoSuchCall(String),
+    #[error("call {0} is already in the store")]
+    DuplicateCall(String),
+    #[error("call {call}: {what}")]
+    BadInput { call: String, what: String },
+}
+
+/// What becomes of a call's classes, in days from the call's start; 0 keeps forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub audio_days: u32,
+    pub transcript_days: u32,
+    /// The call itself (metadata, tags, rule hits): after this, nothing of it is left.
+    pub metadata_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { audio_days: 30, transcript_days: 180, metadata_days: 3 * 365 }
+    }
+}
+
+/// Whose access this is: the peer's uid and its role, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub uid: u32,
+    pub role: String,
+}
+
+/// A call as it starts (from the input and the PBX's sidecar).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallStart {
+    pub id: String,
+    pub source: String,
+    pub line: String,
+    pub started_unix_ms: i64,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    /// The customer's keyed hash (never the number).
+    pub customer: Option<String>,
+}
+
+/// One utterance as understood; `text` is masked, `unmasked` is kept only when configured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredUtterance {
+    pub index: u64,
+    pub leg: String,
+    pub start_secs: f64,
+    pub end_secs: f64,
+    pub text: String,
+    #[serde(skip)]
+    pub unmasked: Option<String>,
+    pub intents: Vec<String>,
+    pub emotion: Option<String>,
+    pub phase: Option<String>,
+    /// ASR facts and prosody, as the understanding layer gives them (JSON).
+    pub facts: Option<serde_json::Value>,
+}
+
+/// A rule hit with its evidence (utterance indices).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredHit {
+    pub rule: String,
+    pub severity: String,
+    pub event: Option<String>,
+    pub reason: String,
+    pub at_secs: f64,
+    pub utterances: Vec<usize>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallEnd {
+    pub ended_unix_ms: i64,
+    pub phase: String,
+    pub tags: Vec<String>,
+    pub converted: bool,
+}
+
+/// A call's metadata: what technicians see, all in clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallSummary {
+    pub id: String,
+    pub source: String,
+    pub line: String,
+    pub started_unix_ms: i64,
+    pub ended_unix_ms: Option<i64>,
+    /// `open`, `finished` or `interrupted` (open when the daemon stopped).
+    pub status: String,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    pub customer: Option<String>,
+    pub utterances: i64,
+    pub phase: Option<String>,
+    pub tags: Vec<String>,
+    pub converted: bool,
+    /// Intent label → count over the customer's utterances.
+    pub intents: std::collections::BTreeMap<String, i64>,
+    pub rule_hits: Vec<StoredHit>,
+    /// Classes whose keys are gone (retention or erasure).
+    pub shredded: Vec<String>,
+}
+
+/// A call with its transcript (admins; every such read is audited first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallTranscript {
+    pub call: CallSummary,
+    pub utterances: Vec<StoredUtterance>,
+    /// The unmasked text per utterance index, when kept.
+    pub unmasked: Vec<(u64, String)>,
+}
+
+/// What `forget` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    pub customer: String,
+    pub calls: usize,
+    /// False when the customer had been forgotten before (nothing was left to do).
+    pub first_time: bool,
+}
+
+/// What a retention run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepReport {
+    pub audio_shredded: usize,
+    pub transcripts_shredded: usize,
+    pub calls_deleted: usize,
+    pub orphan_keys: usize,
+    pub pages_freed: i64,
+}
+
+pub struct CallStore {
+    calls: Connection,
+    keys: Connection,
+    master: MasterKey,
+    dir: PathBuf,
+    random: SystemRandom,
+    keep_unmasked: bool,
+}
+
+fn private_db(path: &Path) -> Result<Connection, StoreError> {
+    let db_err = |source| StoreError::Database { path: path.to_owned(), source };
+    let conn = Connection::open(path).map_err(db_err)?;
+    // SQLite creates files with the process umask (0077 under the unit); a manual run may
+    // have a laxer one, so the database itself is made private here.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| StoreError::Permissions { path: path.to_owned(), source })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+    Ok(conn)
+}
+
+impl CallStore {
+    /// Opens (creating on first start) the store under `state_dir/store`, with the master
+    /// key the caller loaded (`master::load`). Calls still open from a run that ended
+    /// without closing them are marked `interrupted`.
+    pub fn open(state_dir: &Path, master: MasterKey, keep_unmasked: bool) -> Result<Self, StoreError> {
+        let dir = state_dir.join(STORE_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
+        let keys_path = dir.join(KEYS_FILE);
+        let keys = private_db(&keys_path)?;
+        let kerr = |source| StoreError::Database { path: keys_path.clone(), source };
+        keys.pragma_update(None, "journal_mode", "DELETE").map_err(kerr)?;
+        keys.pragma_update(None, "secure_delete", true).map_err(kerr)?;
+        keys.pragma_update(None, "synchronous", "FULL").map_err(kerr)?;
+        let calls_path = dir.join(CALLS_FILE);
+        let calls = private_db(&calls_path)?;
+        let cerr = |source| StoreError::Database { path: calls_path.clone(), source };
+        // auto_vacuum must be set before the first table exists.
+        calls.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(cerr)?;
+        calls.pragma_update(None, "journal_mode", "WAL").map_err(cerr)?;
+        calls.pragma_update(None, "synchronous", "FULL").map_err(cerr)?;
+        calls.pragma_update(None, "secure_delete", true).map_err(cerr)?;
+        migrate(&keys, &keys_path, KEYS_SCHEMA)?;
+        migrate(&calls, &calls_path, CALLS_SCHEMA)?;
+        // The master key this store was made with; a different one is refused, never used
+        // to start over.
+        let expected: Option<String> =
+            keys.query_row("SELECT value FROM meta WHERE key = 'master_id'", [], |r| r.get(0)).optional()?;
+        match expected {
+            Some(expected) if expected != master.id() => {
+                return Err(StoreError::WrongMasterKey { expected, found: master.id().to_owned() })
+            }
+            Some(_) => {}
+            None => {
+                keys.execute("INSERT INTO meta (key, value) VALUES ('master_id', ?1)", [master.id()])?;
+            }
+        }
+        let store = Self { calls, keys, master, dir, random: SystemRandom::new(), keep_unmasked };
+        store.calls.execute("UPDATE call SET status = 'interrupted' WHERE status = 'open'", [])?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn random_bytes<const N: usize>(&self) -> Result<[u8; N], StoreError> {
+        let mut out = [0u8; N];
+        self.random.fill(&mut out).map_err(|_| StoreError::Random)?;
+        Ok(out)
+    }
+
+    /// A new call: its class keys are made and stored (wrapped) first, then its row.
+    pub fn begin_call(&mut self, call: &CallStart) -> Result<(), StoreError> {
+        if call.id.is_empty() || call.id.len() > 128 {
+            return Err(StoreError::BadInput { call: call.id.clone(), what: "a call id has 1 to 128 bytes".into() });
+        }
+        let exists = self.calls.query_row("SELECT 1 FROM call WHERE id = ?1", [&call.id], |_| Ok(())).optional()?;
+        if exists.is_some() {
+            return Err(StoreError::DuplicateCall(call.id.clone()));
+        }
+        let data = DataKey::from_bytes(self.random_bytes::<KEY_BYTES>()?);
+        let mut wrapped_keys = Vec::new();
+        for class in DataClass::ALL {
+            wrapped_keys.push((class, self.master.wrap(&call.id, class, &data.class_key(class), self.random_bytes()?)));
+        }
+        let tx = self.keys.transaction()?;
+        for (class, wrapped) in wrapped_keys {
+            tx.execute(
+                "INSERT OR REPLACE INTO class_key (call, class, master, wrapped) VALUES (?1, ?2, ?3, ?4)",
+                params![call.id, class.name(), self.master.id(), wrapped],
+            )?;
+        }
+        tx.commit()?;
+        self.calls.execute(
+            "INSERT INTO call (id, source, line, started_ms, status, agent, campaign, script, customer)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8)",
+            params![
+                call.id,
+                call.source,
+                call.line,
+                call.started_unix_ms,
+                call.agent,
+                call.campaign,
+                call.script,
+                call.customer
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn class_key(&self, call: &str, class: DataClass) -> Result<Option<ClassKey>, StoreError> {
+        let wrapped: Option<Vec<u8>> = self
+            .keys
+            .query_row(
+                "SELECT wrapped FROM class_key WHERE call = ?1 AND class = ?2",
+                params![call, class.name()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match wrapped {
+            Some(w) => Some(self.master.unwrap(call, class, &w)?),
+            None => None,
+        })
+    }
+
+    /// A batch of utterances of one open call, in one transaction (group commit). Each is
+    /// sealed under the call's transcript key; the unmasked text only when configured.
+    pub fn append(&mut self, call: &str, batch: &[StoredUtterance]) -> Result<(), StoreError> {
+        let status: Option<String> =
+            self.calls.query_row("SELECT status FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
+        match status.as_deref() {
+            Some("open") => {}
+            Some(other) => {
+                // An interrupted call is never written again: its nonces must not be reused.
+                return Err(StoreError::BadInput { call: call.into(), what: format!("the call is {other}") });
+            }
+            None => return Err(StoreError::NoSuchCall(call.into())),
+        }
+        let transcript =
+            self.class_key(call, DataClass::Transcript)?.ok_or_else(|| StoreError::NoSuchCall(call.into()))?;
+        let unmasked = if self.keep_unmasked { self.class_key(call, DataClass::Unmasked)? } else { None };
+        let tx = self.calls.transaction()?;
+        for u in batch {
+            let place = Place { call, kind: RecordKind::Utterance, index: u.index, last: false };
+            let plain = serde_json::to_vec(&SealedUtterance { text: &u.text, facts: u.facts.as_ref() })
+                .map_err(|e| StoreError::BadInput { call: call.into(), what: e.to_string() })?;
+            tx.execute(
+                "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, intents, emotion, phase, sealed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    call,
+                    RecordKind::Utterance as i64,
+                    u.index as i64,
+                    u.leg,
+                    u.start_secs,
+                    u.end_secs,
+                    u.intents.join(","),
+                    u.emotion,
+                    u.phase,
+                    transcript.seal(place, &plain)
+                ],
+            )?;
+            if let (Some(key), Some(text)) = (&unmasked, &u.unmasked) {
+                let place = Place { call, kind: RecordKind::Unmasked, index: u.index, last: false };
+                tx.execute(
+                    "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, sealed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        call,
+                        RecordKind::Unmasked as i64,
+                        u.index as i64,
+                        u.leg,
+                        u.start_secs,
+                        u.end_secs,
+                        key.seal(place, text.as_bytes())
+                    ],
+                )?;
+            }
+        }
+        tx.execute("UPDATE call SET utterances = utterances + ?2 WHERE id = ?1", params![call, batch.len() as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rule hits of a call (their reasons are the rule's words, not the customer's).
+    pub fn add_hits(&mut self, call: &str, hits: &[StoredHit]) -> Result<(), StoreError> {
+        let tx = self.calls.transaction()?;
+        for h in hits {
+            tx.execute(
+                "INSERT INTO rule_hit (call, rule, severity, event, reason, at_secs, utterances)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    call,
+                    h.rule,
+                    h.severity,
+                    h.event,
+                    h.reason,
+                    h.at_secs,
+                    serde_json::to_string(&h.utterances).unwrap_or_default()
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn finish_call(&mut self, call: &str, end: &CallEnd) -> Result<(), StoreError> {
+        let changed = self.calls.execute(
+            "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4, converted = ?5
+             WHERE id = ?1 AND status = 'open'",
+            params![call, end.ended_unix_ms, end.phase, end.tags.join(","), end.converted],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NoSuchCall(call.into()));
+        }
+        Ok(())
+    }
+
+    /// Calls, newest first, metadata only (no decryption, not audited).
+    pub fn list(&self, filter: &CallFilter) -> Result<Vec<CallSummary>, StoreError> {
+        let ids: Vec<String> = self
+            .calls
+            .prepare(
+                "SELECT id FROM call
+                 WHERE started_ms >= ?1 AND (?2 IS NULL OR customer = ?2)
+                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM rule_hit h WHERE h.call = call.id AND h.event = ?3))
+                 ORDER BY started_ms DESC, id LIMIT ?4",
+            )?
+            .query_map(
+                params![filter.since_unix_ms.unwrap_or(i64::MIN), filter.customer, filter.event, filter.limit],
+                |r| r.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
+        ids.iter().map(|id| self.summary(id)).collect()
+    }
+
+    pub fn summary(&self, id: &str) -> Result<CallSummary, StoreError> {
+        let mut s = self
+            .calls
+            .query_row(
+                "SELECT id, source, line, started_ms, ended_ms, status, agent, campaign, script, customer,
+                        utterances, phase, tags, converted
+                 FROM call WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(CallSummary {
+                        id: r.get(0)?,
+                        source: r.get(1)?,
+                        line: r.get(2)?,
+                        started_unix_ms: r.get(3)?,
+                        ended_unix_ms: r.get(4)?,
+                        status: r.get(5)?,
+                        agent: r.get(6)?,
+                        campaign: r.get(7)?,
+                        script: r.get(8)?,
+                        customer: r.get(9)?,
+                        utterances: r.get(10)?,
+                        phase: r.get(11)?,
+                        tags: split_list(r.get::<_, Option<String>>(12)?),
+                        converted: r.get(13)?,
+                        intents: Default::default(),
+                        rule_hits: vec![],
+                        shredded: vec![],
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NoSuchCall(id.into()))?;
+        let intents: Vec<String> = self
+            .calls
+            .prepare("SELECT intents FROM record WHERE call = ?1 AND kind = ?2 AND leg = 'customer'")?
+            .query_map(params![id, RecordKind::Utterance as i64], |r| r.get::<_, Option<String>>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        for label in intents.iter().flat_map(|l| split_list(Some(l.clone()))) {
+            *s.intents.entry(label).or_default() += 1;
+        }
+        s.rule_hits = self
+            .calls
+            .prepare("SELECT rule, severity, event, reason, at_secs, utterances FROM rule_hit WHERE call = ?1 ORDER BY rowid")?
+            .query_map([id], |r| {
+                Ok(StoredHit {
+                    rule: r.get(0)?,
+                    severity: r.get(1)?,
+                    event: r.get(2)?,
+                    reason: r.get(3)?,
+                    at_secs: r.get(4)?,
+                    utterances: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let present: Vec<String> = self
+            .keys
+            .prepare("SELECT class FROM class_key WHERE call = ?1")?
+            .query_map([id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        s.shredded = DataClass::ALL
+            .into_iter()
+            .filter(|c| !present.iter().any(|p| p == c.name()))
+            .map(|c| c.name().to_owned())
+            .collect();
+        Ok(s)
+    }
+
+    /// The call with its transcript, decrypted. The access is written to the audit trail
+    /// before anything is decrypted; without that entry nothing is returned.
+    pub fn transcript(&mut self, id: &str, actor: &Actor, now_unix_ms: i64) -> Result<CallTranscript, StoreError> {
+        let call = match self.summary(id) {
+            Ok(call) => call,
+            Err(e) => {
+                self.audit(actor, "transcript_read", id, &format!("failed: {e}"), now_unix_ms)?;
+                return Err(e);
+            }
+        };
+        self.audit(actor, "transcript_read", id, "ok", now_unix_ms)?;
+        let mut utterances = Vec::new();
+        if let Some(key) = self.class_key(id, DataClass::Transcript)? {
+            // The clear columns come back as an utterance without its text; the sealed part
+            // fills it in once it opens.
+            let rows: Vec<(StoredUtterance, Vec<u8>)> = self
+                .calls
+                .prepare(
+                    "SELECT idx, leg, start_secs, end_secs, intents, emotion, phase, sealed FROM record
+                     WHERE call = ?1 AND kind = ?2 ORDER BY idx",
+                )?
+                .query_map(params![id, RecordKind::Utterance as i64], |r| {
+                    let utterance = StoredUtterance {
+                        index: u64::try_from(r.get::<_, i64>(0)?).unwrap_or_default(),
+                        leg: r.get(1)?,
+                        start_secs: r.get(2)?,
+                        end_secs: r.get(3)?,
+                        intents: split_list(r.get(4)?),
+                        emotion: r.get(5)?,
+                        phase: r.get(6)?,
+                        ..Default::default()
+                    };
+                    Ok((utterance, r.get(7)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            for (mut utterance, sealed) in rows {
+                let place = Place { call: id, kind: RecordKind::Utterance, index: utterance.index, last: false };
+                let plain = key.open(place, &sealed)?;
+                let opened: OpenedUtterance = serde_json::from_slice(&plain).map_err(|e| StoreError::BadInput {
+                    call: id.into(),
+                    what: format!("record {}: {e}", utterance.index),
+                })?;
+                utterance.text = opened.text;
+                utterance.facts = opened.facts;
+                utterances.push(utterance);
+            }
+        }
+        let mut unmasked = Vec::new();
+        if let Some(key) = self.class_key(id, DataClass::Unmasked)? {
+            let rows: Vec<(i64, Vec<u8>)> = self
+                .calls
+                .prepare("SELECT idx, sealed FROM record WHERE call = ?1 AND kind = ?2 ORDER BY idx")?
+                .query_map(params![id, RecordKind::Unmasked as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (idx, sealed) in rows {
+                let index = u64::try_from(idx).unwrap_or_default();
+                let place = Place { call: id, kind: RecordKind::Unmasked, index, last: false };
+                let text = String::from_utf8_lossy(&key.open(place, &sealed)?).into_owned();
+                unmasked.push((index, text));
+            }
+        }
+        Ok(CallTranscript { call, utterances, unmasked })
+    }
+
+    /// Erases a customer (PIPL Art. 47): every call's keys are shredded first, then its
+    /// records, rule hits and the customer link go; a tombstone (the hash only) stays so a
+    /// later sync can tell headquarters. Idempotent.
+    pub fn forget(&mut self, customer: &str, actor: &Actor, now_unix_ms: i64) -> Result<Forgotten, StoreError> {
+        let before: Option<i64> = self
+            .calls
+            .query_row("SELECT calls FROM tombstone WHERE customer = ?1", [customer], |r| r.get(0))
+            .optional()?;
+        let calls: Vec<String> = self
+            .calls
+            .prepare("SELECT id FROM call WHERE customer = ?1")?
+            .query_map([customer], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let tx = self.keys.transaction()?;
+        for id in &calls {
+            tx.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
+        }
+        tx.commit()?;
+        let tx = self.calls.transaction()?;
+        for id in &calls {
+            tx.execute("DELETE FROM record WHERE call = ?1", [id])?;
+            tx.execute("DELETE FROM rule_hit WHERE call = ?1", [id])?;
+            tx.execute("UPDATE call SET customer = NULL, tags = NULL, status = 'forgotten' WHERE id = ?1", [id])?;
+        }
+        let total = before.unwrap_or(0) + calls.len() as i64;
+        tx.execute(
+            "INSERT INTO tombstone (customer, at_ms, calls) VALUES (?1, ?2, ?3)
+             ON CONFLICT (customer) DO UPDATE SET calls = excluded.calls",
+            params![customer, now_unix_ms, total],
+        )?;
+        tx.commit()?;
+        self.reclaim()?;
+        let first_time = before.is_none() || !calls.is_empty();
+        let outcome = if first_time { format!("ok: {} calls", calls.len()) } else { "ok: already forgotten".into() };
+        self.audit(actor, "forget", customer, &outcome, now_unix_ms)?;
+        Ok(Forgotten { customer: customer.into(), calls: calls.len(), first_time })
+    }
+
+    /// Whether a customer was forgotten (the tombstone).
+    pub fn tombstone(&self, customer: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .calls
+            .query_row("SELECT at_ms FROM tombstone WHERE customer = ?1", [customer], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Applies retention at `now`: keys of expired classes are shredded first, then their
+    /// rows deleted; expired calls go whole; keys without a call (a crash between the two
+    /// files) go too; then the space is reclaimed.
+    pub fn sweep(&mut self, retention: &Retention, now_unix_ms: i64) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        let cutoff = |days: u32| (days > 0).then(|| now_unix_ms - i64::from(days) * MS_PER_DAY);
+        for (class, kinds, days) in [
+            (DataClass::Audio, vec![RecordKind::Audio], retention.audio_days),
+            (DataClass::Transcript, vec![RecordKind::Utterance], retention.transcript_days),
+            (DataClass::Unmasked, vec![RecordKind::Unmasked], retention.transcript_days),
+        ] {
+            let Some(cutoff) = cutoff(days) else { continue };
+            let expired: Vec<String> = self
+                .calls
+                .prepare("SELECT id FROM call WHERE started_ms < ?1")?
+                .query_map([cutoff], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let tx = self.keys.transaction()?;
+            let mut shredded = 0;
+            for id in &expired {
+                shredded +=
+                    tx.execute("DELETE FROM class_key WHERE call = ?1 AND class = ?2", params![id, class.name()])?;
+            }
+            tx.commit()?;
+            let tx = self.calls.transaction()?;
+            for id in &expired {
+                for kind in &kinds {
+                    tx.execute("DELETE FROM record WHERE call = ?1 AND kind = ?2", params![id, *kind as i64])?;
+                }
+            }
+            tx.commit()?;
+            match class {
+                DataClass::Audio => report.audio_shredded += shredded,
+                DataClass::Transcript => report.transcripts_shredded += shredded,
+                DataClass::Unmasked => {}
+            }
+        }
+        if let Some(cutoff) = cutoff(retention.metadata_days) {
+            let expired: Vec<String> = self
+                .calls
+                .prepare("SELECT id FROM call WHERE started_ms < ?1")?
+                .query_map([cutoff], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let tx = self.keys.transaction()?;
+            for id in &expired {
+                tx.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
+            }
+            tx.commit()?;
+            let tx = self.calls.transaction()?;
+            for id in &expired {
+                tx.execute("DELETE FROM record WHERE call = ?1", [id])?;
+                tx.execute("DELETE FROM rule_hit WHERE call = ?1", [id])?;
+                report.calls_deleted += tx.execute("DELETE FROM call WHERE id = ?1", [id])?;
+            }
+            tx.commit()?;
+        }
+        // Keys whose call row never landed (a crash between the two files).
+        let known: std::collections::BTreeSet<String> =
+            self.calls.prepare("SELECT id FROM call")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let keyed: Vec<String> = self
+            .keys
+            .prepare("SELECT DISTINCT call FROM class_key")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in keyed.iter().filter(|id| !known.contains(*id)) {
+            report.orphan_keys += self.keys.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
+        }
+        report.pages_freed = self.reclaim()?;
+        Ok(report)
+    }
+
+    /// Checkpoints the WAL into the file and truncates it, then gives free pages back to the
+    /// file system, so deleted rows do not keep the file large (nor linger in the WAL).
+    fn reclaim(&mut self) -> Result<i64, StoreError> {
+        let free_before: i64 = self.calls.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        self.calls.execute_batch("PRAGMA incremental_vacuum;")?;
+        self.calls.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let free_after: i64 = self.calls.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        Ok(free_before - free_after)
+    }
+
+    /// Appends one audit entry, chained to the head kept in the keys file.
+    pub fn audit(
+        &mut self,
+        actor: &Actor,
+        action: &str,
+        object: &str,
+        outcome: &str,
+        now_unix_ms: i64,
+    ) -> Result<AuditEntry, StoreError> {
+        let head = self.audit_head()?;
+        let entry = audit::chain(
+            &head,
+            AuditEvent {
+                at_unix_ms: now_unix_ms,
+                uid: actor.uid,
+                role: actor.role.clone(),
+                action: action.into(),
+                object: object.into(),
+                outcome: outcome.into(),
+            },
+        );
+        // Entry first, head second: a crash in between leaves an entry past the head, which
+        // `verify` reports (never a head past the entries, which would hide a deletion).
+        self.calls.execute(
+            "INSERT INTO audit (seq, at_ms, uid, role, action, object, outcome, prev, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                entry.seq,
+                entry.at_unix_ms,
+                entry.uid,
+                entry.role,
+                entry.action,
+                entry.object,
+                entry.outcome,
+                entry.prev,
+                entry.hash
+            ],
+        )?;
+        self.keys.execute(
+            "INSERT INTO meta (key, value) VALUES ('audit_head', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [format!("{} {}", entry.seq, entry.hash)],
+        )?;
+        Ok(entry)
+    }
+
+    fn audit_head(&self) -> Result<ChainHead, StoreError> {
+        let value: Option<String> =
+            self.keys.query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| r.get(0)).optional()?;
+        Ok(value
+            .and_then(|v| {
+                let (seq, hash) = v.split_once(' ')?;
+                Some(ChainHead { seq: seq.parse().ok()?, hash: hash.to_owned() })
+            })
+            .unwrap_or_else(ChainHead::empty))
+    }
+
+    /// Entries, oldest first (optionally from a time on).
+    pub fn audit_entries(&self, since_unix_ms: Option<i64>) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(self
+            .calls
+            .prepare(
+                "SELECT seq, at_ms, uid, role, action, object, outcome, prev, hash FROM audit
+                 WHERE at_ms >= ?1 ORDER BY rowid",
+            )?
+            .query_map([since_unix_ms.unwrap_or(i64::MIN)], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    at_unix_ms: r.get(1)?,
+                    uid: r.get(2)?,
+                    role: r.get(3)?,
+                    action: r.get(4)?,
+                    object: r.get(5)?,
+                    outcome: r.get(6)?,
+                    prev: r.get(7)?,
+                    hash: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The whole chain against the head kept apart: how many entries hold, or the first
+    /// broken one.
+    pub fn audit_verify(&self) -> Result<Result<usize, audit::BrokenChain>, StoreError> {
+        Ok(audit::verify(&self.audit_entries(None)?, &self.audit_head()?))
+    }
+
+    /// `PRAGMA integrity_check` of both files: "ok" or the problems.
+    pub fn integrity(&self) -> Result<String, StoreError> {
+        let mut out = Vec::new();
+        for (name, conn) in [(CALLS_FILE, &self.calls), (KEYS_FILE, &self.keys)] {
+            let rows: Vec<String> =
+                conn.prepare("PRAGMA integrity_check")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            if rows != ["ok"] {
+                out.push(format!("{name}: {}", rows.join("; ")));
+            }
+        }
+        Ok(if out.is_empty() { "ok".into() } else { out.join("\n") })
+    }
+}
+
+/// What `list` selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFilter {
+    pub since_unix_ms: Option<i64>,
+    pub customer: Option<String>,
+    pub event: Option<String>,
+    pub limit: i64,
+}
+
+impl Default for CallFilter {
+    fn default() -> Self {
+        Self { since_unix_ms: None, customer: None, event: None, limit: 100 }
+    }
+}
+
+#[derive(Serialize)]
+struct SealedUtterance<'a> {
+    text: &'a str,
+    facts: Option<&'a serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct OpenedUtterance {
+    text: String,
+    facts: Option<serde_json::Value>,
+}
+
+fn split_list(value: Option<String>) -> Vec<String> {
+    value.map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
+}
+
+const KEYS_SCHEMA: &str = "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE class_key (
+        call TEXT NOT NULL, class TEXT NOT NULL, master TEXT NOT NULL, wrapped BLOB NOT NULL,
+        PRIMARY KEY (call, class));
+";
+
+const CALLS_SCHEMA: &str = "
+    CREATE TABLE call (
+        id TEXT PRIMARY KEY, source TEXT NOT NULL, line TEXT NOT NULL,
+        started_ms INTEGER NOT NULL, ended_ms INTEGER, status TEXT NOT NULL,
+        agent TEXT, campaign TEXT, script TEXT, customer TEXT,
+        utterances INTEGER NOT NULL DEFAULT 0, phase TEXT, tags TEXT,
+        converted INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX call_started ON call (started_ms);
+    CREATE INDEX call_customer ON call (customer);
+    CREATE TABLE record (
+        call TEXT NOT NULL REFERENCES call(id), kind INTEGER NOT NULL, idx INTEGER NOT NULL,
+        leg TEXT, start_secs REAL, end_secs REAL, intents TEXT, emotion TEXT, phase TEXT,
+        sealed BLOB NOT NULL,
+        PRIMARY KEY (call, kind, idx));
+    CREATE TABLE rule_hit (
+        call TEXT NOT NULL REFERENCES call(id), rule TEXT NOT NULL, severity TEXT NOT NULL,
+        event TEXT, reason TEXT NOT NULL, at_secs REAL NOT NULL, utterances TEXT NOT NULL);
+    CREATE INDEX rule_hit_call ON rule_hit (call);
+    CREATE TABLE tombstone (customer TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, calls INTEGER NOT NULL);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, uid INTEGER NOT NULL, role TEXT NOT NULL,
+        action TEXT NOT NULL, object TEXT NOT NULL, outcome TEXT NOT NULL,
+        prev TEXT NOT NULL, hash TEXT NOT NULL);
+";
+
+fn migrate(conn: &Connection, path: &Path, schema: &str) -> Result<(), StoreError> {
+    let db_err = |source| StoreError::Database { path: path.to_owned(), source };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
+    match version {
+        0 => conn
+            .execute_batch(&format!("BEGIN; {schema} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+            .map_err(db_err),
+        SCHEMA_VERSION => Ok(()),
+        found => Err(StoreError::Schema { path: path.to_owned(), found }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

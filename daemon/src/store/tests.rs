@@ -1,0 +1,381 @@
+//! The store against real SQLite files in a temporary state directory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use super::crypto::{MasterKey, Place, RecordKind, KEY_BYTES};
+use super::*;
+
+const PHRASE: &str = "这款理财保本零风险";
+const NUMBER: &str = "13812345678";
+const NAME: &str = "欧阳娜娜";
+
+fn admin() -> Actor {
+    Actor { uid: 0, role: "admin".into() }
+}
+
+fn master(byte: u8) -> MasterKey {
+    MasterKey::new(&[byte; KEY_BYTES])
+}
+
+fn start(id: &str, customer: Option<&str>, at_ms: i64) -> CallStart {
+    CallStart {
+        id: id.into(),
+        source: "spool".into(),
+        line: "line-1".into(),
+        started_unix_ms: at_ms,
+        agent: Some("agent-7".into()),
+        campaign: Some("spring".into()),
+        script: Some("v3".into()),
+        customer: customer.map(str::to_owned),
+    }
+}
+
+fn utterance(index: u64, text: &str, unmasked: Option<&str>) -> StoredUtterance {
+    StoredUtterance {
+        index,
+        leg: if index % 2 == 0 { "agent".into() } else { "customer".into() },
+        start_secs: index as f64 * 2.0,
+        end_secs: index as f64 * 2.0 + 1.5,
+        text: text.into(),
+        unmasked: unmasked.map(str::to_owned),
+        intents: if index % 2 == 1 { vec!["price_inquiry".into()] } else { vec![] },
+        emotion: Some("neutral".into()),
+        phase: Some("needs_discovery".into()),
+        facts: Some(serde_json::json!({"asr_ms": 120})),
+    }
+}
+
+/// A finished call with the phrase, and the number and name in the unmasked text.
+fn store_one(store: &mut CallStore, id: &str, customer: Option<&str>, at_ms: i64) {
+    store.begin_call(&start(id, customer, at_ms)).unwrap();
+    let said = format!("我叫{NAME} 电话{NUMBER}");
+    store
+        .append(
+            id,
+            &[
+                utterance(0, PHRASE, Some(PHRASE)),
+                utterance(1, "我叫[name] 电话[mobile]", Some(&said)),
+                utterance(2, "好的", Some("好的")),
+            ],
+        )
+        .unwrap();
+    store
+        .add_hits(
+            id,
+            &[StoredHit {
+                rule: "forbidden_promise".into(),
+                severity: "critical".into(),
+                event: Some("supervisor_alert".into()),
+                reason: "agent promised a guaranteed return".into(),
+                at_secs: 1.0,
+                utterances: vec![0],
+            }],
+        )
+        .unwrap();
+    store
+        .finish_call(
+            id,
+            &CallEnd {
+                ended_unix_ms: at_ms + 60_000,
+                phase: "closing".into(),
+                tags: vec!["price_sensitive".into()],
+                converted: false,
+            },
+        )
+        .unwrap();
+}
+
+/// Every file under `dir`, recursively, as raw bytes.
+fn all_bytes(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+fn assert_nowhere(dir: &Path, secrets: &[&str]) {
+    let files = all_bytes(dir);
+    let names: Vec<_> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    assert!(files.len() >= 2, "expected both databases, found {names:?}");
+    for (path, bytes) in files {
+        for secret in secrets {
+            let needle = secret.as_bytes();
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{secret} in clear in {}", path.display());
+        }
+    }
+}
+
+#[test]
+fn no_phrase_number_or_name_is_in_any_file_with_or_without_the_unmasked_text() {
+    for keep_unmasked in [false, true] {
+        let state = tempfile::tempdir().unwrap();
+        let mut store = CallStore::open(state.path(), master(1), keep_unmasked).unwrap();
+        for i in 0..20 {
+            store_one(&mut store, &format!("call-{i}"), Some("c0ffee"), 1_000 + i);
+        }
+        // While open (the WAL holds the newest pages) and after closing.
+        let wal = state.path().join(STORE_DIR).join("calls.sqlite-wal");
+        assert!(wal.exists());
+        assert_nowhere(state.path(), &[PHRASE, NUMBER, NAME, "理财"]);
+        let read = store.transcript("call-3", &admin(), 5_000).unwrap();
+        assert_eq!(read.utterances[0].text, PHRASE, "and it does come back for an admin");
+        assert_eq!(read.unmasked.len(), if keep_unmasked { 3 } else { 0 });
+        if keep_unmasked {
+            assert!(read.unmasked[1].1.contains(NUMBER));
+        }
+        drop(store);
+        assert_nowhere(state.path(), &[PHRASE, NUMBER, NAME, "理财"]);
+        for (path, _) in all_bytes(&state.path().join(STORE_DIR)) {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+        }
+    }
+}
+
+#[test]
+fn forgetting_a_customer_shreds_their_calls_for_good_and_twice_is_a_no_op() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), true).unwrap();
+    store_one(&mut store, "theirs-1", Some("aaaa"), 1_000);
+    store_one(&mut store, "theirs-2", Some("aaaa"), 2_000);
+    store_one(&mut store, "someone-else", Some("bbbb"), 3_000);
+    // What an attacker copied out before the erasure: the sealed rows.
+    let copied: Vec<(String, i64, i64, Vec<u8>)> = store
+        .calls
+        .prepare("SELECT call, kind, idx, sealed FROM record WHERE call LIKE 'theirs-%'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(copied.len(), 12);
+
+    let done = store.forget("aaaa", &admin(), 10_000).unwrap();
+    assert_eq!((done.calls, done.first_time), (2, true));
+    // No key the box holds opens any of the copied ciphertext.
+    let wrapped: Vec<(String, String, Vec<u8>)> = store
+        .keys
+        .prepare("SELECT call, class, wrapped FROM class_key")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(wrapped.iter().all(|(call, _, _)| call == "someone-else"));
+    for (call, kind, idx, sealed) in &copied {
+        let kind = RecordKind::from_code(*kind).unwrap();
+        let place = Place { call, kind, index: *idx as u64, last: false };
+        for (owner, class, w) in &wrapped {
+            let key = store.master.unwrap(owner, DataClass::from_name(class).unwrap(), w).unwrap();
+            assert!(key.open(place, sealed).is_err());
+        }
+        assert!(store.transcript(call, &admin(), 11_000).unwrap().utterances.is_empty());
+    }
+    let left = store.list(&CallFilter { customer: Some("aaaa".into()), ..Default::default() }).unwrap();
+    assert!(left.is_empty(), "no call is linked to the customer any more: {left:?}");
+    let gone = store.summary("theirs-1").unwrap();
+    assert_eq!((gone.status.as_str(), gone.customer.clone(), gone.tags.len()), ("forgotten", None, 0));
+    assert_eq!(gone.shredded.len(), 3);
+    assert!(store.tombstone("aaaa").unwrap().is_some());
+    assert_eq!(store.transcript("someone-else", &admin(), 12_000).unwrap().utterances.len(), 3);
+
+    let again = store.forget("aaaa", &admin(), 13_000).unwrap();
+    assert_eq!((again.calls, again.first_time), (0, false));
+    let actions: Vec<String> =
+        store.audit_entries(None).unwrap().into_iter().map(|e| e.action + ":" + &e.outcome).collect();
+    assert!(actions.contains(&"forget:ok: 2 calls".to_owned()), "{actions:?}");
+    assert!(actions.contains(&"forget:ok: already forgotten".to_owned()), "{actions:?}");
+}
+
+#[test]
+fn ciphertext_swapped_between_calls_or_rows_or_with_a_flipped_bit_fails() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    store_one(&mut store, "a", None, 1_000);
+    store_one(&mut store, "b", None, 2_000);
+    let sealed = |store: &CallStore, call: &str, idx: i64| -> Vec<u8> {
+        store
+            .calls
+            .query_row("SELECT sealed FROM record WHERE call = ?1 AND kind = 1 AND idx = ?2", params![call, idx], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let set = |store: &CallStore, call: &str, idx: i64, bytes: &[u8]| {
+        store
+            .calls
+            .execute(
+                "UPDATE record SET sealed = ?3 WHERE call = ?1 AND kind = 1 AND idx = ?2",
+                params![call, idx, bytes],
+            )
+            .unwrap();
+    };
+    let (a0, a1, b0) = (sealed(&store, "a", 0), sealed(&store, "a", 1), sealed(&store, "b", 0));
+    // Another call's row.
+    set(&store, "a", 0, &b0);
+    assert!(matches!(store.transcript("a", &admin(), 1), Err(StoreError::Crypto(_))));
+    // Another row of the same call.
+    set(&store, "a", 0, &a1);
+    assert!(matches!(store.transcript("a", &admin(), 2), Err(StoreError::Crypto(_))));
+    // One flipped bit.
+    let mut flipped = a0.clone();
+    flipped[3] ^= 0x10;
+    set(&store, "a", 0, &flipped);
+    assert!(matches!(store.transcript("a", &admin(), 3), Err(StoreError::Crypto(_))));
+    set(&store, "a", 0, &a0);
+    assert_eq!(store.transcript("a", &admin(), 4).unwrap().utterances[0].text, PHRASE);
+    // A wrapped key moved to another call.
+    let key_b: Vec<u8> = store
+        .keys
+        .query_row("SELECT wrapped FROM class_key WHERE call = 'b' AND class = 'transcript'", [], |r| r.get(0))
+        .unwrap();
+    store.keys.execute("UPDATE class_key SET wrapped = ?1 WHERE call = 'a' AND class = 'transcript'", [key_b]).unwrap();
+    assert!(matches!(store.transcript("a", &admin(), 5), Err(StoreError::Crypto(_))));
+}
+
+#[test]
+fn a_call_open_when_the_store_went_away_is_interrupted_and_never_written_again() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    store.begin_call(&start("live", None, 1_000)).unwrap();
+    store.append("live", &[utterance(0, "您好", None), utterance(1, "多少钱", None)]).unwrap();
+    drop(store); // as a kill -9 would leave it: no finish
+    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let s = store.summary("live").unwrap();
+    assert_eq!((s.status.as_str(), s.utterances), ("interrupted", 2));
+    assert_eq!(s.intents.get("price_inquiry"), Some(&1));
+    assert!(matches!(store.append("live", &[utterance(2, "x", None)]), Err(StoreError::BadInput { .. })));
+    assert!(matches!(store.begin_call(&start("live", None, 2_000)), Err(StoreError::DuplicateCall(_))));
+    assert_eq!(store.integrity().unwrap(), "ok");
+}
+
+#[test]
+fn retention_shreds_audio_then_transcripts_then_removes_calls_by_their_age() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), true).unwrap();
+    let day = MS_PER_DAY;
+    let now = 1_000 * day;
+    store_one(&mut store, "today", None, now - 1_000);
+    store_one(&mut store, "40-days", None, now - 40 * day);
+    store_one(&mut store, "200-days", None, now - 200 * day);
+    store_one(&mut store, "4-years", None, now - 4 * 365 * day);
+    let on_disk = || -> u64 {
+        ["store/calls.sqlite", "store/calls.sqlite-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(state.path().join(f)).map_or(0, |m| m.len()))
+            .sum()
+    };
+    let size_before = on_disk();
+    let report = store.sweep(&Retention::default(), now).unwrap();
+    assert_eq!((report.audio_shredded, report.transcripts_shredded, report.calls_deleted), (3, 2, 1));
+    let shredded = |id: &str| store.summary(id).unwrap().shredded;
+    assert!(shredded("today").is_empty());
+    assert_eq!(shredded("40-days"), ["audio"]);
+    assert_eq!(shredded("200-days"), ["transcript", "unmasked", "audio"]);
+    assert!(matches!(store.summary("4-years"), Err(StoreError::NoSuchCall(_))));
+    assert_eq!(store.transcript("40-days", &admin(), now).unwrap().utterances.len(), 3);
+    let old = store.transcript("200-days", &admin(), now).unwrap();
+    assert!(old.utterances.is_empty() && old.unmasked.is_empty());
+    assert_eq!(store.summary("200-days").unwrap().rule_hits.len(), 1, "metadata outlives the transcript");
+    // A second run finds nothing more; the WAL is truncated and the file did not grow.
+    let again = store.sweep(&Retention::default(), now).unwrap();
+    assert_eq!((again.audio_shredded, again.transcripts_shredded, again.calls_deleted), (0, 0, 0));
+    assert_eq!(std::fs::metadata(state.path().join("store/calls.sqlite-wal")).unwrap().len(), 0);
+    assert!(on_disk() < size_before, "{} bytes, {size_before} before the sweep", on_disk());
+    // Keys whose call never landed go too.
+    let data = DataKey::from_bytes([4; KEY_BYTES]);
+    let w = store.master.wrap("ghost", DataClass::Audio, &data.class_key(DataClass::Audio), [0; 12]);
+    store
+        .keys
+        .execute("INSERT INTO class_key VALUES ('ghost', 'audio', ?1, ?2)", params![store.master.id(), w])
+        .unwrap();
+    assert_eq!(store.sweep(&Retention::default(), now).unwrap().orphan_keys, 1);
+}
+
+#[test]
+fn the_audit_chain_finds_an_edited_deleted_or_reordered_entry() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    store_one(&mut store, "a", None, 1_000);
+    for t in 0..5 {
+        store.transcript("a", &admin(), 10_000 + t).unwrap();
+    }
+    assert_eq!(store.audit_verify().unwrap(), Ok(5));
+    let entries = store.audit_entries(Some(10_003)).unwrap();
+    assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+    assert!(entries.iter().all(|e| e.object == "a" && e.action == "transcript_read" && e.uid == 0));
+
+    store.calls.execute("UPDATE audit SET uid = 1000 WHERE seq = 3", []).unwrap();
+    assert_eq!(store.audit_verify().unwrap().unwrap_err().seq, 3);
+    store.calls.execute("UPDATE audit SET uid = 0 WHERE seq = 3", []).unwrap();
+    assert_eq!(store.audit_verify().unwrap(), Ok(5));
+
+    // Reordered: two entries' contents swapped.
+    let row = |seq: i64| -> (i64, String, String) {
+        store
+            .calls
+            .query_row("SELECT at_ms, prev, hash FROM audit WHERE seq = ?1", [seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+    };
+    let (r2, r3) = (row(2), row(3));
+    for (seq, (at, prev, hash)) in [(2, &r3), (3, &r2)] {
+        store
+            .calls
+            .execute("UPDATE audit SET at_ms = ?2, prev = ?3, hash = ?4 WHERE seq = ?1", params![seq, at, prev, hash])
+            .unwrap();
+    }
+    assert_eq!(store.audit_verify().unwrap().unwrap_err().seq, 2);
+    for (seq, (at, prev, hash)) in [(2, &r2), (3, &r3)] {
+        store
+            .calls
+            .execute("UPDATE audit SET at_ms = ?2, prev = ?3, hash = ?4 WHERE seq = ?1", params![seq, at, prev, hash])
+            .unwrap();
+    }
+    assert_eq!(store.audit_verify().unwrap(), Ok(5));
+
+    store.calls.execute("DELETE FROM audit WHERE seq = 4", []).unwrap();
+    assert_eq!(store.audit_verify().unwrap().unwrap_err().seq, 5);
+    store.calls.execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
+    let cut = store.audit_verify().unwrap().unwrap_err();
+    assert_eq!(cut.seq, 4, "{cut}");
+}
+
+#[test]
+fn the_master_key_is_made_once_private_and_a_wrong_or_missing_one_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let (key, source) = master::load(state.path(), None).unwrap();
+    assert!(matches!(source, master::KeySource::Created(_)));
+    let path = state.path().join(master::KEY_FILE);
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let id = key.id().to_owned();
+    let mut store = CallStore::open(state.path(), key, false).unwrap();
+    store_one(&mut store, "a", None, 1);
+    drop(store);
+    let (again, source) = master::load(state.path(), None).unwrap();
+    assert_eq!((again.id(), source), (id.as_str(), master::KeySource::File(path.clone())));
+
+    // A credential from systemd wins over the file; here it is another key, and refused.
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join(master::CREDENTIAL_NAME), [7u8; KEY_BYTES]).unwrap();
+    let (other, source) = master::load(state.path(), Some(creds.path())).unwrap();
+    assert!(matches!(source, master::KeySource::Credential(_)));
+    let err = CallStore::open(state.path(), other, false).err().unwrap();
+    assert!(matches!(err, StoreError::WrongMasterKey { .. }), "{err}");
+    assert!(err.to_string().contains(&id));
+
+    std::fs::write(&path, [1u8; 5]).unwrap();
+    let err = master::load(state.path(), None).err().unwrap();
+    assert!(err.to_string().contains("5 bytes"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    let err = master::load(state.path(), None).err().unwrap();
+    assert!(err.to_string().contains("restore the key"), "{err}");
+}
