@@ -212,6 +212,9 @@ pub enum BenchCommand {
         utterances: usize,
         #[arg(long, default_value_t = 500)]
         reads: usize,
+        /// Calls per transaction (group commit); 1 = a transaction per call.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
         #[arg(long)]
         json: bool,
     },
@@ -339,8 +342,9 @@ pub fn main() -> u8 {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
         }
-        Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, json }) => {
-            crate::offline::bench_store(dir.as_deref(), calls, utterances, reads, json).unwrap_or_else(Failure::report)
+        Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, batch, json }) => {
+            crate::offline::bench_store(dir.as_deref(), calls, utterances, reads, batch, json)
+                .unwrap_or_else(Failure::report)
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::exit::{self, Failure};
 use crate::store::crypto::{MasterKey, KEY_BYTES};
-use crate::store::{Actor, CallEnd, CallStart, CallStore, StoredUtterance};
+use crate::store::{Actor, CallEnd, CallStart, CallStore, StoreOp, StoredUtterance};
 
 /// Writes `calls` calls of `utterances` utterances each into a fresh store under `dir`
 /// (a new folder in the system temp folder by default, removed afterwards), then reads
@@ -16,6 +16,7 @@ pub fn bench_store(
     calls: usize,
     utterances: usize,
     reads: usize,
+    batch_calls: usize,
     json: bool,
 ) -> Result<u8, Failure> {
     let fail = |e: crate::store::StoreError| Failure::new(exit::FAILURE, e.to_string());
@@ -31,7 +32,7 @@ pub fn bench_store(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| Failure::new(exit::FAILURE, "the system random source failed"))?;
     let mut store = CallStore::open(&state, MasterKey::new(&key), false).map_err(fail)?;
-    let batch: Vec<StoredUtterance> = (0..utterances as u64)
+    let said: Vec<StoredUtterance> = (0..utterances as u64)
         .map(|i| StoredUtterance {
             index: i,
             leg: if i % 2 == 0 { "agent".into() } else { "customer".into() },
@@ -45,21 +46,27 @@ pub fn bench_store(
             facts: Some(serde_json::json!({"asr_ms": 180, "pitch_hz": 190.5, "energy_db": -21.0})),
         })
         .collect();
+    // As the store task will write: every call whole (begin, utterances, end), and
+    // `batch_calls` calls per transaction (group commit).
     let started = Instant::now();
+    let mut ops = Vec::new();
     for c in 0..calls {
         let id = format!("bench-{c:06}");
-        let start = CallStart {
+        ops.push(StoreOp::Begin(CallStart {
             id: id.clone(),
             source: "bench".into(),
             line: "line-1".into(),
             started_unix_ms: 1_000 * c as i64,
             customer: Some(format!("{:032x}", c % 97)),
             ..Default::default()
-        };
-        store.begin_call(&start).map_err(fail)?;
-        store.append(&id, &batch).map_err(fail)?;
+        }));
+        ops.push(StoreOp::Append { call: id.clone(), utterances: said.clone() });
         let end = CallEnd { ended_unix_ms: 1_000 * c as i64 + 60_000, phase: "closing".into(), ..Default::default() };
-        store.finish_call(&id, &end).map_err(fail)?;
+        ops.push(StoreOp::Finish { call: id, end });
+        if (c + 1) % batch_calls.max(1) == 0 || c + 1 == calls {
+            store.apply(&ops).map_err(fail)?;
+            ops.clear();
+        }
     }
     let write_secs = started.elapsed().as_secs_f64();
     let actor = Actor { uid: 0, role: "admin".into() };
@@ -92,14 +99,14 @@ pub fn bench_store(
             "{}",
             serde_json::json!({
                 "calls": calls, "utterances_per_call": utterances, "write_secs": write_secs,
-                "calls_per_sec": calls_per_sec, "reads": reads, "read_p50_ms": pct(0.5), "read_p99_ms": pct(0.99),
+                "calls_per_sec": calls_per_sec, "batch_calls": batch_calls, "reads": reads, "read_p50_ms": pct(0.5), "read_p99_ms": pct(0.99),
                 "bytes": bytes,
             })
         );
     } else {
         println!(
-            "{calls} calls × {utterances} utterances written durably in {write_secs:.2} s: {calls_per_sec:.0} calls/s \
-             ({:.0} bytes per call on disk)",
+            "{calls} calls × {utterances} utterances written durably, {batch_calls} per transaction, in \
+             {write_secs:.2} s: {calls_per_sec:.0} calls/s ({:.0} bytes per call on disk)",
             bytes as f64 / calls.max(1) as f64
         );
         println!(

@@ -269,151 +269,154 @@ impl CallStore {
         Ok(out)
     }
 
-    /// A new call: its class keys are made and stored (wrapped) first, then its row.
-    pub fn begin_call(&mut self, call: &CallStart) -> Result<(), StoreError> {
-        if call.id.is_empty() || call.id.len() > 128 {
-            return Err(StoreError::BadInput { call: call.id.clone(), what: "a call id has 1 to 128 bytes".into() });
-        }
-        let exists = self.calls.query_row("SELECT 1 FROM call WHERE id = ?1", [&call.id], |_| Ok(())).optional()?;
-        if exists.is_some() {
-            return Err(StoreError::DuplicateCall(call.id.clone()));
-        }
-        let data = DataKey::from_bytes(self.random_bytes::<KEY_BYTES>()?);
+    /// Writes a batch of operations, possibly of many calls, as one transaction per file
+    /// (group commit: one fsync pair for the batch, however many calls it carries). New
+    /// calls' class keys are committed first, then everything else in order. If any
+    /// operation is refused nothing of the batch's data is written (keys of new calls may
+    /// stay, and are swept); the store task then retries the operations one by one, with
+    /// the same plaintexts, so a nonce never seals two different records.
+    pub fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut fresh: Vec<(&str, [ClassKey; 3])> = Vec::new();
         let mut wrapped_keys = Vec::new();
-        for class in DataClass::ALL {
-            wrapped_keys.push((class, self.master.wrap(&call.id, class, &data.class_key(class), self.random_bytes()?)));
-        }
-        let tx = self.keys.transaction()?;
-        for (class, wrapped) in wrapped_keys {
-            tx.execute(
-                "INSERT OR REPLACE INTO class_key (call, class, master, wrapped) VALUES (?1, ?2, ?3, ?4)",
-                params![call.id, class.name(), self.master.id(), wrapped],
-            )?;
-        }
-        tx.commit()?;
-        self.calls.execute(
-            "INSERT INTO call (id, source, line, started_ms, status, agent, campaign, script, customer)
-             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8)",
-            params![
-                call.id,
-                call.source,
-                call.line,
-                call.started_unix_ms,
-                call.agent,
-                call.campaign,
-                call.script,
-                call.customer
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn class_key(&self, call: &str, class: DataClass) -> Result<Option<ClassKey>, StoreError> {
-        let wrapped: Option<Vec<u8>> = self
-            .keys
-            .query_row(
-                "SELECT wrapped FROM class_key WHERE call = ?1 AND class = ?2",
-                params![call, class.name()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(match wrapped {
-            Some(w) => Some(self.master.unwrap(call, class, &w)?),
-            None => None,
-        })
-    }
-
-    /// A batch of utterances of one open call, in one transaction (group commit). Each is
-    /// sealed under the call's transcript key; the unmasked text only when configured.
-    pub fn append(&mut self, call: &str, batch: &[StoredUtterance]) -> Result<(), StoreError> {
-        let status: Option<String> =
-            self.calls.query_row("SELECT status FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
-        match status.as_deref() {
-            Some("open") => {}
-            Some(other) => {
-                // An interrupted call is never written again: its nonces must not be reused.
-                return Err(StoreError::BadInput { call: call.into(), what: format!("the call is {other}") });
+        for op in ops {
+            let StoreOp::Begin(call) = op else { continue };
+            if call.id.is_empty() || call.id.len() > 128 {
+                return Err(StoreError::BadInput {
+                    call: call.id.clone(),
+                    what: "a call id has 1 to 128 bytes".into(),
+                });
             }
-            None => return Err(StoreError::NoSuchCall(call.into())),
+            let known = self.calls.query_row("SELECT 1 FROM call WHERE id = ?1", [&call.id], |_| Ok(())).optional()?;
+            if known.is_some() || fresh.iter().any(|(id, _)| *id == call.id) {
+                return Err(StoreError::DuplicateCall(call.id.clone()));
+            }
+            let data = DataKey::from_bytes(self.random_bytes::<KEY_BYTES>()?);
+            let keys = DataClass::ALL.map(|class| data.class_key(class));
+            for (class, key) in DataClass::ALL.into_iter().zip(&keys) {
+                wrapped_keys.push((&call.id, class, self.master.wrap(&call.id, class, key, self.random_bytes()?)));
+            }
+            fresh.push((&call.id, keys));
         }
-        let transcript =
-            self.class_key(call, DataClass::Transcript)?.ok_or_else(|| StoreError::NoSuchCall(call.into()))?;
-        let unmasked = if self.keep_unmasked { self.class_key(call, DataClass::Unmasked)? } else { None };
-        let tx = self.calls.transaction()?;
-        for u in batch {
-            let place = Place { call, kind: RecordKind::Utterance, index: u.index, last: false };
-            let plain = serde_json::to_vec(&SealedUtterance { text: &u.text, facts: u.facts.as_ref() })
-                .map_err(|e| StoreError::BadInput { call: call.into(), what: e.to_string() })?;
-            tx.execute(
-                "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, intents, emotion, phase, sealed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    call,
-                    RecordKind::Utterance as i64,
-                    u.index as i64,
-                    u.leg,
-                    u.start_secs,
-                    u.end_secs,
-                    u.intents.join(","),
-                    u.emotion,
-                    u.phase,
-                    transcript.seal(place, &plain)
-                ],
-            )?;
-            if let (Some(key), Some(text)) = (&unmasked, &u.unmasked) {
-                let place = Place { call, kind: RecordKind::Unmasked, index: u.index, last: false };
+        if !wrapped_keys.is_empty() {
+            let tx = self.keys.transaction()?;
+            for (call, class, wrapped) in &wrapped_keys {
                 tx.execute(
-                    "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, sealed)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        call,
-                        RecordKind::Unmasked as i64,
-                        u.index as i64,
-                        u.leg,
-                        u.start_secs,
-                        u.end_secs,
-                        key.seal(place, text.as_bytes())
-                    ],
+                    "INSERT OR REPLACE INTO class_key (call, class, master, wrapped) VALUES (?1, ?2, ?3, ?4)",
+                    params![call, class.name(), self.master.id(), wrapped],
                 )?;
             }
+            tx.commit()?;
         }
-        tx.execute("UPDATE call SET utterances = utterances + ?2 WHERE id = ?1", params![call, batch.len() as i64])?;
+        let tx = self.calls.transaction()?;
+        for op in ops {
+            match op {
+                StoreOp::Begin(call) => {
+                    tx.execute(
+                        "INSERT INTO call (id, source, line, started_ms, status, agent, campaign, script, customer)
+                         VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8)",
+                        params![
+                            call.id,
+                            call.source,
+                            call.line,
+                            call.started_unix_ms,
+                            call.agent,
+                            call.campaign,
+                            call.script,
+                            call.customer
+                        ],
+                    )?;
+                }
+                StoreOp::Append { call, utterances } => {
+                    let status: Option<String> =
+                        tx.query_row("SELECT status FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
+                    match status.as_deref() {
+                        Some("open") => {}
+                        // An interrupted call is never written again: its nonces must not be reused.
+                        Some(other) => {
+                            return Err(StoreError::BadInput {
+                                call: call.clone(),
+                                what: format!("the call is {other}"),
+                            })
+                        }
+                        None => return Err(StoreError::NoSuchCall(call.clone())),
+                    }
+                    let known = fresh.iter().find(|(id, _)| *id == call.as_str()).map(|(_, keys)| keys);
+                    let stored = |class| stored_class_key(&self.keys, &self.master, call, class);
+                    let transcript_owned;
+                    let transcript = match known {
+                        Some(keys) => &keys[0],
+                        None => {
+                            transcript_owned =
+                                stored(DataClass::Transcript)?.ok_or_else(|| StoreError::NoSuchCall(call.clone()))?;
+                            &transcript_owned
+                        }
+                    };
+                    let unmasked_owned;
+                    let unmasked = match (self.keep_unmasked, known) {
+                        (false, _) => None,
+                        (true, Some(keys)) => Some(&keys[1]),
+                        (true, None) => {
+                            unmasked_owned = stored(DataClass::Unmasked)?;
+                            unmasked_owned.as_ref()
+                        }
+                    };
+                    append_records(&tx, call, utterances, transcript, unmasked)?;
+                }
+                StoreOp::Hits { call, hits } => {
+                    for h in hits {
+                        tx.execute(
+                            "INSERT INTO rule_hit (call, rule, severity, event, reason, at_secs, utterances)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![
+                                call,
+                                h.rule,
+                                h.severity,
+                                h.event,
+                                h.reason,
+                                h.at_secs,
+                                serde_json::to_string(&h.utterances).unwrap_or_default()
+                            ],
+                        )?;
+                    }
+                }
+                StoreOp::Finish { call, end } => {
+                    let changed = tx.execute(
+                        "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4, converted = ?5
+                         WHERE id = ?1 AND status = 'open'",
+                        params![call, end.ended_unix_ms, end.phase, end.tags.join(","), end.converted],
+                    )?;
+                    if changed == 0 {
+                        return Err(StoreError::NoSuchCall(call.clone()));
+                    }
+                }
+            }
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// A new call: its class keys are made and stored (wrapped) first, then its row.
+    pub fn begin_call(&mut self, call: &CallStart) -> Result<(), StoreError> {
+        self.apply(&[StoreOp::Begin(call.clone())])
+    }
+
+    /// A batch of utterances of one open call, in one transaction. Each is sealed under the
+    /// call's transcript key; the unmasked text only when configured.
+    pub fn append(&mut self, call: &str, batch: &[StoredUtterance]) -> Result<(), StoreError> {
+        self.apply(&[StoreOp::Append { call: call.into(), utterances: batch.to_vec() }])
     }
 
     /// Rule hits of a call (their reasons are the rule's words, not the customer's).
     pub fn add_hits(&mut self, call: &str, hits: &[StoredHit]) -> Result<(), StoreError> {
-        let tx = self.calls.transaction()?;
-        for h in hits {
-            tx.execute(
-                "INSERT INTO rule_hit (call, rule, severity, event, reason, at_secs, utterances)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    call,
-                    h.rule,
-                    h.severity,
-                    h.event,
-                    h.reason,
-                    h.at_secs,
-                    serde_json::to_string(&h.utterances).unwrap_or_default()
-                ],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.apply(&[StoreOp::Hits { call: call.into(), hits: hits.to_vec() }])
     }
 
     pub fn finish_call(&mut self, call: &str, end: &CallEnd) -> Result<(), StoreError> {
-        let changed = self.calls.execute(
-            "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4, converted = ?5
-             WHERE id = ?1 AND status = 'open'",
-            params![call, end.ended_unix_ms, end.phase, end.tags.join(","), end.converted],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NoSuchCall(call.into()));
-        }
-        Ok(())
+        self.apply(&[StoreOp::Finish { call: call.into(), end: end.clone() }])
+    }
+
+    fn class_key(&self, call: &str, class: DataClass) -> Result<Option<ClassKey>, StoreError> {
+        stored_class_key(&self.keys, &self.master, call, class)
     }
 
     /// Calls, newest first, metadata only (no decryption, not audited).
@@ -794,6 +797,80 @@ impl CallStore {
         }
         Ok(if out.is_empty() { "ok".into() } else { out.join("\n") })
     }
+}
+
+/// One write for the store task; a batch of them is one transaction (`CallStore::apply`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreOp {
+    Begin(CallStart),
+    Append { call: String, utterances: Vec<StoredUtterance> },
+    Hits { call: String, hits: Vec<StoredHit> },
+    Finish { call: String, end: CallEnd },
+}
+
+fn stored_class_key(
+    keys: &Connection,
+    master: &MasterKey,
+    call: &str,
+    class: DataClass,
+) -> Result<Option<ClassKey>, StoreError> {
+    let wrapped: Option<Vec<u8>> = keys
+        .query_row("SELECT wrapped FROM class_key WHERE call = ?1 AND class = ?2", params![call, class.name()], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(match wrapped {
+        Some(w) => Some(master.unwrap(call, class, &w)?),
+        None => None,
+    })
+}
+
+fn append_records(
+    tx: &Connection,
+    call: &str,
+    batch: &[StoredUtterance],
+    transcript: &ClassKey,
+    unmasked: Option<&ClassKey>,
+) -> Result<(), StoreError> {
+    for u in batch {
+        let place = Place { call, kind: RecordKind::Utterance, index: u.index, last: false };
+        let plain = serde_json::to_vec(&SealedUtterance { text: &u.text, facts: u.facts.as_ref() })
+            .map_err(|e| StoreError::BadInput { call: call.into(), what: e.to_string() })?;
+        tx.execute(
+            "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, intents, emotion, phase, sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                call,
+                RecordKind::Utterance as i64,
+                u.index as i64,
+                u.leg,
+                u.start_secs,
+                u.end_secs,
+                u.intents.join(","),
+                u.emotion,
+                u.phase,
+                transcript.seal(place, &plain)
+            ],
+        )?;
+        if let (Some(key), Some(text)) = (unmasked, &u.unmasked) {
+            let place = Place { call, kind: RecordKind::Unmasked, index: u.index, last: false };
+            tx.execute(
+                "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, sealed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    call,
+                    RecordKind::Unmasked as i64,
+                    u.index as i64,
+                    u.leg,
+                    u.start_secs,
+                    u.end_secs,
+                    key.seal(place, text.as_bytes())
+                ],
+            )?;
+        }
+    }
+    tx.execute("UPDATE call SET utterances = utterances + ?2 WHERE id = ?1", params![call, batch.len() as i64])?;
+    Ok(())
 }
 
 /// What `list` selects.

@@ -379,3 +379,45 @@ fn the_master_key_is_made_once_private_and_a_wrong_or_missing_one_is_refused() {
     let err = master::load(state.path(), None).err().unwrap();
     assert!(err.to_string().contains("restore the key"), "{err}");
 }
+
+#[test]
+fn a_batch_of_many_calls_is_one_transaction_and_a_refused_operation_writes_none_of_it() {
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut ops = Vec::new();
+    for c in 0..10 {
+        let id = format!("c{c}");
+        ops.push(StoreOp::Begin(start(&id, None, c)));
+        ops.push(StoreOp::Append {
+            call: id.clone(),
+            utterances: vec![utterance(0, "您好", None), utterance(1, PHRASE, None)],
+        });
+        ops.push(StoreOp::Finish { call: id, end: CallEnd { ended_unix_ms: c + 1, ..Default::default() } });
+    }
+    store.apply(&ops).unwrap();
+    assert_eq!(store.list(&CallFilter::default()).unwrap().len(), 10);
+    assert_eq!(store.transcript("c7", &admin(), 1).unwrap().utterances[1].text, PHRASE);
+
+    // The last operation refers to an unknown call: the two new calls before it are not stored.
+    let bad = vec![
+        StoreOp::Begin(start("d1", None, 1)),
+        StoreOp::Append { call: "d1".into(), utterances: vec![utterance(0, "x", None)] },
+        StoreOp::Begin(start("d2", None, 2)),
+        StoreOp::Finish { call: "nowhere".into(), end: CallEnd::default() },
+    ];
+    assert!(matches!(store.apply(&bad), Err(StoreError::NoSuchCall(_))));
+    assert!(matches!(store.summary("d1"), Err(StoreError::NoSuchCall(_))));
+    assert_eq!(store.list(&CallFilter::default()).unwrap().len(), 10);
+    // Their keys were committed first and are swept as orphans.
+    assert_eq!(
+        store.sweep(&Retention { audio_days: 0, transcript_days: 0, metadata_days: 0 }, 0).unwrap().orphan_keys,
+        6
+    );
+    // One by one, the good ones go in.
+    for op in &bad[..3] {
+        store.apply(std::slice::from_ref(op)).unwrap();
+    }
+    assert_eq!(store.transcript("d1", &admin(), 2).unwrap().utterances.len(), 1);
+    let dup = store.apply(&[StoreOp::Begin(start("c1", None, 0))]);
+    assert!(matches!(dup, Err(StoreError::DuplicateCall(_))));
+}
