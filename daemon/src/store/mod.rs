@@ -579,20 +579,11 @@ impl CallStore {
             .calls
             .query_row("SELECT calls FROM tombstone WHERE customer = ?1", [customer], |r| r.get(0))
             .optional()?;
-        let calls: Vec<String> = self
-            .calls
-            .prepare("SELECT id FROM call WHERE customer = ?1")?
-            .query_map([customer], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let tx = self.keys.transaction()?;
-        for id in &calls {
-            tx.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
-        }
-        tx.commit()?;
+        let calls = self.call_ids("SELECT id FROM call WHERE customer = ?1", customer)?;
+        self.shred(&calls, None)?;
         let tx = self.calls.transaction()?;
         for id in &calls {
-            tx.execute("DELETE FROM record WHERE call = ?1", [id])?;
-            tx.execute("DELETE FROM rule_hit WHERE call = ?1", [id])?;
+            delete_content(&tx, id)?;
             tx.execute("UPDATE call SET customer = NULL, tags = NULL, status = 'forgotten' WHERE id = ?1", [id])?;
         }
         let total = before.unwrap_or(0) + calls.len() as i64;
@@ -629,18 +620,8 @@ impl CallStore {
             (DataClass::Unmasked, vec![RecordKind::Unmasked], retention.transcript_days),
         ] {
             let Some(cutoff) = cutoff(days) else { continue };
-            let expired: Vec<String> = self
-                .calls
-                .prepare("SELECT id FROM call WHERE started_ms < ?1")?
-                .query_map([cutoff], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let tx = self.keys.transaction()?;
-            let mut shredded = 0;
-            for id in &expired {
-                shredded +=
-                    tx.execute("DELETE FROM class_key WHERE call = ?1 AND class = ?2", params![id, class.name()])?;
-            }
-            tx.commit()?;
+            let expired = self.call_ids("SELECT id FROM call WHERE started_ms < ?1", cutoff)?;
+            let shredded = self.shred(&expired, Some(class))?;
             let tx = self.calls.transaction()?;
             for id in &expired {
                 for kind in &kinds {
@@ -655,20 +636,11 @@ impl CallStore {
             }
         }
         if let Some(cutoff) = cutoff(retention.metadata_days) {
-            let expired: Vec<String> = self
-                .calls
-                .prepare("SELECT id FROM call WHERE started_ms < ?1")?
-                .query_map([cutoff], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let tx = self.keys.transaction()?;
-            for id in &expired {
-                tx.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
-            }
-            tx.commit()?;
+            let expired = self.call_ids("SELECT id FROM call WHERE started_ms < ?1", cutoff)?;
+            self.shred(&expired, None)?;
             let tx = self.calls.transaction()?;
             for id in &expired {
-                tx.execute("DELETE FROM record WHERE call = ?1", [id])?;
-                tx.execute("DELETE FROM rule_hit WHERE call = ?1", [id])?;
+                delete_content(&tx, id)?;
                 report.calls_deleted += tx.execute("DELETE FROM call WHERE id = ?1", [id])?;
             }
             tx.commit()?;
@@ -686,6 +658,25 @@ impl CallStore {
         }
         report.pages_freed = self.reclaim()?;
         Ok(report)
+    }
+
+    fn call_ids(&self, sql: &str, param: impl rusqlite::ToSql) -> Result<Vec<String>, StoreError> {
+        Ok(self.calls.prepare(sql)?.query_map([param], |r| r.get(0))?.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes the wrapped keys of these calls (one class, or all), in one transaction of
+    /// the keys file: from then on their ciphertext opens for nobody. Returns keys deleted.
+    fn shred(&mut self, calls: &[String], class: Option<DataClass>) -> Result<usize, StoreError> {
+        let tx = self.keys.transaction()?;
+        let mut deleted = 0;
+        for id in calls {
+            deleted += match class {
+                Some(c) => tx.execute("DELETE FROM class_key WHERE call = ?1 AND class = ?2", params![id, c.name()])?,
+                None => tx.execute("DELETE FROM class_key WHERE call = ?1", [id])?,
+            };
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     /// Checkpoints the WAL into the file and truncates it, then gives free pages back to the
@@ -797,6 +788,13 @@ impl CallStore {
         }
         Ok(if out.is_empty() { "ok".into() } else { out.join("\n") })
     }
+}
+
+/// A call's sealed records and rule hits (after its keys are shredded).
+fn delete_content(tx: &Connection, call: &str) -> Result<(), StoreError> {
+    tx.execute("DELETE FROM record WHERE call = ?1", [call])?;
+    tx.execute("DELETE FROM rule_hit WHERE call = ?1", [call])?;
+    Ok(())
 }
 
 /// One write for the store task; a batch of them is one transaction (`CallStore::apply`).
