@@ -11,11 +11,9 @@ use ring::digest;
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One entry as stored.
+/// What an entry says.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AuditEntry {
-    /// 1, 2, 3, … without gaps.
-    pub seq: i64,
+pub struct AuditEvent {
     pub at_unix_ms: i64,
     /// Who: the peer's uid (SO_PEERCRED) and the role it was given.
     pub uid: u32,
@@ -26,20 +24,18 @@ pub struct AuditEntry {
     pub object: String,
     /// `ok`, or why it was refused or failed.
     pub outcome: String,
+}
+
+/// One entry as stored: the event, chained.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// 1, 2, 3, … without gaps.
+    pub seq: i64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
     /// The previous entry's hash (zeros for the first).
     pub prev: String,
     pub hash: String,
-}
-
-/// What an entry says, before it is chained.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEvent {
-    pub at_unix_ms: i64,
-    pub uid: u32,
-    pub role: String,
-    pub action: String,
-    pub object: String,
-    pub outcome: String,
 }
 
 /// The newest entry's sequence number and hash (kept apart from the chain).
@@ -59,17 +55,7 @@ impl ChainHead {
 pub fn chain(head: &ChainHead, event: AuditEvent) -> AuditEntry {
     let seq = head.seq + 1;
     let hash = entry_hash(seq, &event, &head.hash);
-    AuditEntry {
-        seq,
-        at_unix_ms: event.at_unix_ms,
-        uid: event.uid,
-        role: event.role,
-        action: event.action,
-        object: event.object,
-        outcome: event.outcome,
-        prev: head.hash.clone(),
-        hash,
-    }
+    AuditEntry { seq, event, prev: head.hash.clone(), hash }
 }
 
 fn entry_hash(seq: i64, e: &AuditEvent, prev: &str) -> String {
@@ -111,15 +97,7 @@ pub fn verify(entries: &[AuditEntry], head: &ChainHead) -> Result<usize, BrokenC
         if e.prev != expect.hash {
             return Err(broken("does not link to the entry before it".into()));
         }
-        let event = AuditEvent {
-            at_unix_ms: e.at_unix_ms,
-            uid: e.uid,
-            role: e.role.clone(),
-            action: e.action.clone(),
-            object: e.object.clone(),
-            outcome: e.outcome.clone(),
-        };
-        if entry_hash(e.seq, &event, &e.prev) != e.hash {
+        if entry_hash(e.seq, &e.event, &e.prev) != e.hash {
             return Err(broken("its content does not match its hash (the entry was edited)".into()));
         }
         expect = ChainHead { seq: e.seq, hash: e.hash.clone() };
@@ -173,10 +151,10 @@ mod tests {
     fn edits_deletions_reorders_and_a_cut_tail_are_found_at_the_first_broken_entry() {
         let (entries, head) = chain_of(6);
         let mut edited = entries.clone();
-        edited[2].object = "call-99".into();
+        edited[2].event.object = "call-99".into();
         assert_eq!(verify(&edited, &head).unwrap_err().seq, 3);
         let mut edited_uid = entries.clone();
-        edited_uid[4].uid = 1000;
+        edited_uid[4].event.uid = 1000;
         assert_eq!(verify(&edited_uid, &head).unwrap_err().seq, 5);
 
         let mut deleted = entries.clone();

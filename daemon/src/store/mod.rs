@@ -717,12 +717,12 @@ impl CallStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 entry.seq,
-                entry.at_unix_ms,
-                entry.uid,
-                entry.role,
-                entry.action,
-                entry.object,
-                entry.outcome,
+                entry.event.at_unix_ms,
+                entry.event.uid,
+                entry.event.role,
+                entry.event.action,
+                entry.event.object,
+                entry.event.outcome,
                 entry.prev,
                 entry.hash
             ],
@@ -757,12 +757,14 @@ impl CallStore {
             .query_map([since_unix_ms.unwrap_or(i64::MIN)], |r| {
                 Ok(AuditEntry {
                     seq: r.get(0)?,
-                    at_unix_ms: r.get(1)?,
-                    uid: r.get(2)?,
-                    role: r.get(3)?,
-                    action: r.get(4)?,
-                    object: r.get(5)?,
-                    outcome: r.get(6)?,
+                    event: AuditEvent {
+                        at_unix_ms: r.get(1)?,
+                        uid: r.get(2)?,
+                        role: r.get(3)?,
+                        action: r.get(4)?,
+                        object: r.get(5)?,
+                        outcome: r.get(6)?,
+                    },
                     prev: r.get(7)?,
                     hash: r.get(8)?,
                 })

@@ -189,7 +189,7 @@ fn forgetting_a_customer_shreds_their_calls_for_good_and_twice_is_a_no_op() {
     let again = store.forget("aaaa", &admin(), 13_000).unwrap();
     assert_eq!((again.calls, again.first_time), (0, false));
     let actions: Vec<String> =
-        store.audit_entries(None).unwrap().into_iter().map(|e| e.action + ":" + &e.outcome).collect();
+        store.audit_entries(None).unwrap().into_iter().map(|e| e.event.action + ":" + &e.event.outcome).collect();
     assert!(actions.contains(&"forget:ok: 2 calls".to_owned()), "{actions:?}");
     assert!(actions.contains(&"forget:ok: already forgotten".to_owned()), "{actions:?}");
 }
@@ -310,7 +310,7 @@ fn the_audit_chain_finds_an_edited_deleted_or_reordered_entry() {
     assert_eq!(store.audit_verify().unwrap(), Ok(5));
     let entries = store.audit_entries(Some(10_003)).unwrap();
     assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
-    assert!(entries.iter().all(|e| e.object == "a" && e.action == "transcript_read" && e.uid == 0));
+    assert!(entries.iter().all(|e| e.event.object == "a" && e.event.action == "transcript_read" && e.event.uid == 0));
 
     store.calls.execute("UPDATE audit SET uid = 1000 WHERE seq = 3", []).unwrap();
     assert_eq!(store.audit_verify().unwrap().unwrap_err().seq, 3);
