@@ -157,7 +157,7 @@ HOMOPHONES_ZH = {
     "骗": "片", "真": "针", "人": "仁", "号": "好", "码": "马", "费": "废", "价": "假", "格": "个",
 }
 
-# More paraphrases, appended per label (positions continue, so every fifth is held out).
+# More paraphrases, appended per label at the end of this file.
 MORE_ZH = {
     "price_inquiry": ["大概什么价钱", "便宜的那个多少", "怎么算钱的", "一次性付清多少", "月租多少钱",
                       "有没有收费标准", "这个贵吗 具体多少", "报价单能发我吗", "价钱怎么样", "你先说说多少钱"],
@@ -211,9 +211,6 @@ MORE_EN = {
                     "who gave you my number"],
 }
 
-for _table, _more in ((ZH, MORE_ZH), (EN, MORE_EN)):
-    for _label, _rows in _more.items():
-        _table[_label].extend(_rows)
 
 # Replies as they come in bill-collection and service calls (utility, phone and card bills):
 # colloquial, clipped, often without a subject; written for the phrasings the real sets above
@@ -253,5 +250,7 @@ CALL_ZH = {
                     "以后别打这个电话", "再打拉黑", "骚扰啊你们"],
 }
 
-for _label, _rows in CALL_ZH.items():
-    ZH[_label].extend(_rows)
+# Appended per label in this order (positions continue, so every fifth is held out).
+for _table, _more in ((ZH, MORE_ZH), (EN, MORE_EN), (ZH, CALL_ZH)):
+    for _label, _rows in _more.items():
+        _table[_label].extend(_rows)
