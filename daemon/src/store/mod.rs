@@ -72,6 +72,7 @@ pub enum StoreError {
 #[serde(deny_unknown_fields, default)]
 pub struct Retention {
     pub audio_days: u32,
+    /// The masked transcript, and the unmasked one where it is kept.
     pub transcript_days: u32,
     /// The call itself (metadata, tags, rule hits): after this, nothing of it is left.
     pub metadata_days: u32,
@@ -293,16 +294,20 @@ impl CallStore {
             let data = DataKey::from_bytes(self.random_bytes::<KEY_BYTES>()?);
             let keys = DataClass::ALL.map(|class| data.class_key(class));
             for (class, key) in DataClass::ALL.into_iter().zip(&keys) {
-                wrapped_keys.push((&call.id, class, self.master.wrap(&call.id, class, key, self.random_bytes()?)));
+                let wrapped = self.master.wrap(&call.id, class, key, self.random_bytes()?);
+                wrapped_keys.push((call, class, wrapped));
             }
             fresh.push((&call.id, keys));
         }
         if !wrapped_keys.is_empty() {
             let tx = self.keys.transaction()?;
+            // The start time rides along (it is clear metadata anyway) so that retention
+            // finds expiring keys without reading the calls file.
             for (call, class, wrapped) in &wrapped_keys {
                 tx.execute(
-                    "INSERT OR REPLACE INTO class_key (call, class, master, wrapped) VALUES (?1, ?2, ?3, ?4)",
-                    params![call, class.name(), self.master.id(), wrapped],
+                    "INSERT OR REPLACE INTO class_key (call, class, master, wrapped, started_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![call.id, class.name(), self.master.id(), wrapped, call.started_unix_ms],
                 )?;
             }
             tx.commit()?;
@@ -421,19 +426,14 @@ impl CallStore {
 
     /// Calls, newest first, metadata only (no decryption, not audited).
     pub fn list(&self, filter: &CallFilter) -> Result<Vec<CallSummary>, StoreError> {
-        let ids: Vec<String> = self
-            .calls
-            .prepare(
-                "SELECT id FROM call
-                 WHERE started_ms >= ?1 AND (?2 IS NULL OR customer = ?2)
-                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM rule_hit h WHERE h.call = call.id AND h.event = ?3))
-                 ORDER BY started_ms DESC, id LIMIT ?4",
-            )?
-            .query_map(
-                params![filter.since_unix_ms.unwrap_or(i64::MIN), filter.customer, filter.event, filter.limit],
-                |r| r.get(0),
-            )?
-            .collect::<Result<_, _>>()?;
+        let ids: Vec<String> = column(
+            &self.calls,
+            "SELECT id FROM call
+             WHERE started_ms >= ?1 AND (?2 IS NULL OR customer = ?2)
+               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM rule_hit h WHERE h.call = call.id AND h.event = ?3))
+             ORDER BY started_ms DESC, id LIMIT ?4",
+            params![filter.since_unix_ms.unwrap_or(i64::MIN), filter.customer, filter.event, filter.limit],
+        )?;
         ids.iter().map(|id| self.summary(id)).collect()
     }
 
@@ -469,15 +469,12 @@ impl CallStore {
             )
             .optional()?
             .ok_or_else(|| StoreError::NoSuchCall(id.into()))?;
-        let intents: Vec<String> = self
-            .calls
-            .prepare("SELECT intents FROM record WHERE call = ?1 AND kind = ?2 AND leg = 'customer'")?
-            .query_map(params![id, RecordKind::Utterance as i64], |r| r.get::<_, Option<String>>(0))?
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        for label in intents.iter().flat_map(|l| split_list(Some(l.clone()))) {
+        let intents: Vec<Option<String>> = column(
+            &self.calls,
+            "SELECT intents FROM record WHERE call = ?1 AND kind = ?2 AND leg = 'customer'",
+            params![id, RecordKind::Utterance as i64],
+        )?;
+        for label in intents.into_iter().flat_map(split_list) {
             *s.intents.entry(label).or_default() += 1;
         }
         s.rule_hits = self
@@ -494,11 +491,7 @@ impl CallStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let present: Vec<String> = self
-            .keys
-            .prepare("SELECT class FROM class_key WHERE call = ?1")?
-            .query_map([id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let present: Vec<String> = column(&self.keys, "SELECT class FROM class_key WHERE call = ?1", [id])?;
         s.shredded = DataClass::ALL
             .into_iter()
             .filter(|c| !present.iter().any(|p| p == c.name()))
@@ -579,7 +572,7 @@ impl CallStore {
             .calls
             .query_row("SELECT calls FROM tombstone WHERE customer = ?1", [customer], |r| r.get(0))
             .optional()?;
-        let calls = self.call_ids("SELECT id FROM call WHERE customer = ?1", customer)?;
+        let calls: Vec<String> = column(&self.calls, "SELECT id FROM call WHERE customer = ?1", [customer])?;
         self.shred(&calls, None)?;
         let tx = self.calls.transaction()?;
         for id in &calls {
@@ -612,23 +605,24 @@ impl CallStore {
     /// rows deleted; expired calls go whole; keys without a call (a crash between the two
     /// files) go too; then the space is reclaimed.
     pub fn sweep(&mut self, retention: &Retention, now_unix_ms: i64) -> Result<SweepReport, StoreError> {
+        // Every step is one statement over an index (class_key by class and start time,
+        // call by start time): the work and the memory follow what expires now, not the
+        // years of history that expired before.
         let mut report = SweepReport::default();
         let cutoff = |days: u32| (days > 0).then(|| now_unix_ms - i64::from(days) * MS_PER_DAY);
-        for (class, kinds, days) in [
-            (DataClass::Audio, vec![RecordKind::Audio], retention.audio_days),
-            (DataClass::Transcript, vec![RecordKind::Utterance], retention.transcript_days),
-            (DataClass::Unmasked, vec![RecordKind::Unmasked], retention.transcript_days),
+        for (class, kind, days) in [
+            (DataClass::Audio, RecordKind::Audio, retention.audio_days),
+            (DataClass::Transcript, RecordKind::Utterance, retention.transcript_days),
+            (DataClass::Unmasked, RecordKind::Unmasked, retention.transcript_days),
         ] {
             let Some(cutoff) = cutoff(days) else { continue };
-            let expired = self.call_ids("SELECT id FROM call WHERE started_ms < ?1", cutoff)?;
-            let shredded = self.shred(&expired, Some(class))?;
-            let tx = self.calls.transaction()?;
-            for id in &expired {
-                for kind in &kinds {
-                    tx.execute("DELETE FROM record WHERE call = ?1 AND kind = ?2", params![id, *kind as i64])?;
-                }
-            }
-            tx.commit()?;
+            let shredded = self
+                .keys
+                .execute("DELETE FROM class_key WHERE class = ?1 AND started_ms < ?2", params![class.name(), cutoff])?;
+            self.calls.execute(
+                "DELETE FROM record WHERE kind = ?1 AND call IN (SELECT id FROM call WHERE started_ms < ?2)",
+                params![kind as i64, cutoff],
+            )?;
             match class {
                 DataClass::Audio => report.audio_shredded += shredded,
                 DataClass::Transcript => report.transcripts_shredded += shredded,
@@ -636,32 +630,31 @@ impl CallStore {
             }
         }
         if let Some(cutoff) = cutoff(retention.metadata_days) {
-            let expired = self.call_ids("SELECT id FROM call WHERE started_ms < ?1", cutoff)?;
-            self.shred(&expired, None)?;
+            self.keys.execute("DELETE FROM class_key WHERE started_ms < ?1", [cutoff])?;
             let tx = self.calls.transaction()?;
-            for id in &expired {
-                delete_content(&tx, id)?;
-                report.calls_deleted += tx.execute("DELETE FROM call WHERE id = ?1", [id])?;
-            }
+            let expired = "(SELECT id FROM call WHERE started_ms < ?1)";
+            tx.execute(&format!("DELETE FROM record WHERE call IN {expired}"), [cutoff])?;
+            tx.execute(&format!("DELETE FROM rule_hit WHERE call IN {expired}"), [cutoff])?;
+            report.calls_deleted = tx.execute("DELETE FROM call WHERE started_ms < ?1", [cutoff])?;
             tx.commit()?;
         }
-        // Keys whose call row never landed (a crash between the two files).
-        let known: std::collections::BTreeSet<String> =
-            self.calls.prepare("SELECT id FROM call")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        let keyed: Vec<String> = self
-            .keys
-            .prepare("SELECT DISTINCT call FROM class_key")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for id in keyed.iter().filter(|id| !known.contains(*id)) {
-            report.orphan_keys += self.keys.execute("DELETE FROM class_key WHERE call = ?1", [id])?;
+        // Keys whose call row never landed (a batch refused after its keys were committed):
+        // streamed, one indexed lookup each, only the orphans kept.
+        let mut orphans = Vec::new();
+        {
+            let mut known = self.calls.prepare("SELECT 1 FROM call WHERE id = ?1")?;
+            let mut keyed = self.keys.prepare("SELECT DISTINCT call FROM class_key")?;
+            let mut rows = keyed.query([])?;
+            while let Some(row) = rows.next()? {
+                let id: String = row.get(0)?;
+                if !known.exists([&id])? {
+                    orphans.push(id);
+                }
+            }
         }
+        report.orphan_keys = self.shred(&orphans, None)?;
         report.pages_freed = self.reclaim()?;
         Ok(report)
-    }
-
-    fn call_ids(&self, sql: &str, param: impl rusqlite::ToSql) -> Result<Vec<String>, StoreError> {
-        Ok(self.calls.prepare(sql)?.query_map([param], |r| r.get(0))?.collect::<Result<_, _>>()?)
     }
 
     /// Deletes the wrapped keys of these calls (one class, or all), in one transaction of
@@ -792,6 +785,15 @@ impl CallStore {
     }
 }
 
+/// The first column of every row.
+fn column<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<T>, StoreError> {
+    Ok(conn.prepare(sql)?.query_map(params, |r| r.get(0))?.collect::<Result<_, _>>()?)
+}
+
 /// A call's sealed records and rule hits (after its keys are shredded).
 fn delete_content(tx: &Connection, call: &str) -> Result<(), StoreError> {
     tx.execute("DELETE FROM record WHERE call = ?1", [call])?;
@@ -908,7 +910,9 @@ const KEYS_SCHEMA: &str = "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE class_key (
         call TEXT NOT NULL, class TEXT NOT NULL, master TEXT NOT NULL, wrapped BLOB NOT NULL,
+        started_ms INTEGER NOT NULL,
         PRIMARY KEY (call, class));
+    CREATE INDEX class_key_expiry ON class_key (class, started_ms);
 ";
 
 const CALLS_SCHEMA: &str = "

@@ -294,7 +294,7 @@ fn retention_shreds_audio_then_transcripts_then_removes_calls_by_their_age() {
     let w = store.master.wrap("ghost", DataClass::Audio, &data.class_key(DataClass::Audio), [0; 12]);
     store
         .keys
-        .execute("INSERT INTO class_key VALUES ('ghost', 'audio', ?1, ?2)", params![store.master.id(), w])
+        .execute("INSERT INTO class_key VALUES ('ghost', 'audio', ?1, ?2, ?3)", params![store.master.id(), w, now])
         .unwrap();
     assert_eq!(store.sweep(&Retention::default(), now).unwrap().orphan_keys, 1);
 }
