@@ -1,6 +1,6 @@
-//! The speech path and call understanding on files, from the CLI: one file per command
-//! (`transcribe`, `bench_asr`, `bench_intent`, `classify`, `analyze`) and the loaders they
-//! share. Each command returns `Result<u8, Failure>`: the exit code of a run that did its
+//! The speech path, call understanding and the call store run from the CLI without the
+//! daemon: one file per command (`transcribe`, `bench_asr`, `bench_intent`, `bench_store`,
+//! `classify`, `analyze`) and the loaders they share. Each command returns `Result<u8, Failure>`: the exit code of a run that did its
 //! job (possibly with some inputs refused), or why it could not.
 
 use std::path::Path;
