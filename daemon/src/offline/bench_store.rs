@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::exit::{self, Failure};
 use crate::store::crypto::{MasterKey, KEY_BYTES};
-use crate::store::{Actor, CallEnd, CallStart, CallStore, StoreOp, StoredUtterance};
+use crate::store::{Actor, CallEnd, CallStart, CallStore, MasterKeys, StoreOp, StoredUtterance};
 
 /// Writes `calls` calls of `utterances` utterances each into a fresh store under `dir`
 /// (a new folder in the system temp folder by default, removed afterwards), then reads
@@ -31,7 +31,7 @@ pub fn bench_store(
     let mut key = [0u8; KEY_BYTES];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| Failure::new(exit::FAILURE, "the system random source failed"))?;
-    let mut store = CallStore::open(&state, MasterKey::new(&key), false).map_err(fail)?;
+    let mut store = CallStore::open(&state, MasterKeys::only(MasterKey::new(&key)), false).map_err(fail)?;
     let said: Vec<StoredUtterance> = (0..utterances as u64)
         .map(|i| StoredUtterance {
             index: i,

@@ -84,6 +84,18 @@ impl Default for Retention {
     }
 }
 
+/// The master key, and the next one while a rotation is under way.
+pub struct MasterKeys {
+    pub current: MasterKey,
+    pub next: Option<MasterKey>,
+}
+
+impl MasterKeys {
+    pub fn only(current: MasterKey) -> Self {
+        Self { current, next: None }
+    }
+}
+
 /// Whose access this is: the peer's uid and its role, for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
@@ -217,9 +229,12 @@ fn private_db(path: &Path) -> Result<Connection, StoreError> {
 
 impl CallStore {
     /// Opens (creating on first start) the store under `state_dir/store`, with the master
-    /// key the caller loaded (`master::load`). Calls still open from a run that ended
-    /// without closing them are marked `interrupted`.
-    pub fn open(state_dir: &Path, master: MasterKey, keep_unmasked: bool) -> Result<Self, StoreError> {
+    /// key the caller loaded (`master::load`). With a next key (`keys/master.key.new`: a
+    /// rotation was asked for, or stopped half-way), every class key still wrapped by the
+    /// current one is re-wrapped first; the caller then promotes the new key file
+    /// (`master::promote_next`). Calls still open from a run that ended without closing
+    /// them are marked `interrupted`.
+    pub fn open(state_dir: &Path, keys_in: MasterKeys, keep_unmasked: bool) -> Result<Self, StoreError> {
         let dir = state_dir.join(STORE_DIR);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -243,21 +258,83 @@ impl CallStore {
         migrate(&keys, &keys_path, KEYS_SCHEMA)?;
         migrate(&calls, &calls_path, CALLS_SCHEMA)?;
         // The master key this store was made with; a different one is refused, never used
-        // to start over.
+        // to start over. A rotation that finished before its key file was promoted leaves
+        // the store on the next key.
         let expected: Option<String> =
             keys.query_row("SELECT value FROM meta WHERE key = 'master_id'", [], |r| r.get(0)).optional()?;
-        match expected {
-            Some(expected) if expected != master.id() => {
-                return Err(StoreError::WrongMasterKey { expected, found: master.id().to_owned() })
+        let MasterKeys { current, next } = keys_in;
+        let (master, pending) = match (expected, next) {
+            (None, next) => {
+                keys.execute("INSERT INTO meta (key, value) VALUES ('master_id', ?1)", [current.id()])?;
+                (current, next)
             }
-            Some(_) => {}
-            None => {
-                keys.execute("INSERT INTO meta (key, value) VALUES ('master_id', ?1)", [master.id()])?;
-            }
+            (Some(e), next) if e == current.id() => (current, next),
+            (Some(e), Some(next)) if e == next.id() => (next, None),
+            (Some(expected), _) => return Err(StoreError::WrongMasterKey { expected, found: current.id().to_owned() }),
+        };
+        let mut store = Self { calls, keys, master, dir, random: SystemRandom::new(), keep_unmasked };
+        if let Some(next) = pending {
+            store.rotate(next, None)?;
         }
-        let store = Self { calls, keys, master, dir, random: SystemRandom::new(), keep_unmasked };
         store.calls.execute("UPDATE call SET status = 'interrupted' WHERE status = 'open'", [])?;
         Ok(store)
+    }
+
+    /// Re-wraps every class key under `next` (payloads are not touched), 256 keys per
+    /// transaction. Each row names the key that wrapped it, so a stop at any point leaves
+    /// every row openable by one of the two keys, and the next `open` with both finishes
+    /// the job. Only when no row is left under the old key does the store switch to the new
+    /// one. `stop_after` (tests) stops after that many rows, as a crash would.
+    fn rotate(&mut self, next: MasterKey, stop_after: Option<usize>) -> Result<usize, StoreError> {
+        let (old, new) = (self.master.id().to_owned(), next.id().to_owned());
+        let mut done = 0;
+        loop {
+            if stop_after.is_some_and(|n| done >= n) {
+                return Ok(done);
+            }
+            let take = stop_after.map_or(256, |n| (n - done).min(256));
+            let rows: Vec<(String, String, Vec<u8>)> = self
+                .keys
+                .prepare("SELECT call, class, wrapped FROM class_key WHERE master = ?1 LIMIT ?2")?
+                .query_map(params![old, take as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut rewrapped = Vec::with_capacity(rows.len());
+            for (call, class_name, wrapped) in rows {
+                let class = DataClass::from_name(&class_name).ok_or_else(|| StoreError::BadInput {
+                    call: call.clone(),
+                    what: format!("a key of unknown class {class_name:?} in {KEYS_FILE}"),
+                })?;
+                let key = self.master.unwrap(&call, class, &wrapped)?;
+                rewrapped.push((next.wrap(&call, class, &key, self.random_bytes()?), call, class_name));
+            }
+            let tx = self.keys.transaction()?;
+            for (wrapped, call, class) in &rewrapped {
+                tx.execute(
+                    "UPDATE class_key SET wrapped = ?3, master = ?4 WHERE call = ?1 AND class = ?2 AND master = ?5",
+                    params![call, class, wrapped, new, old],
+                )?;
+            }
+            tx.commit()?;
+            done += rewrapped.len();
+        }
+        let strays: i64 =
+            self.keys.query_row("SELECT count(*) FROM class_key WHERE master != ?1", [&new], |r| r.get(0))?;
+        if strays > 0 {
+            return Err(StoreError::MasterKey(format!(
+                "{strays} keys in {KEYS_FILE} are wrapped by neither the current nor the next master key"
+            )));
+        }
+        self.keys.execute("UPDATE meta SET value = ?1 WHERE key = 'master_id'", [&new])?;
+        self.master = next;
+        let actor = Actor { uid: nix::unistd::geteuid().as_raw(), role: "store".into() };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        self.audit(&actor, "key_rotation", "-", &format!("ok: {done} keys re-wrapped, master {old} -> {new}"), now)?;
+        Ok(done)
     }
 
     pub fn dir(&self) -> &Path {

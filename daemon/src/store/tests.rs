@@ -116,7 +116,7 @@ fn assert_nowhere(dir: &Path, secrets: &[&str]) {
 fn no_phrase_number_or_name_is_in_any_file_with_or_without_the_unmasked_text() {
     for keep_unmasked in [false, true] {
         let state = tempfile::tempdir().unwrap();
-        let mut store = CallStore::open(state.path(), master(1), keep_unmasked).unwrap();
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), keep_unmasked).unwrap();
         for i in 0..20 {
             store_one(&mut store, &format!("call-{i}"), Some("c0ffee"), 1_000 + i);
         }
@@ -142,7 +142,7 @@ fn no_phrase_number_or_name_is_in_any_file_with_or_without_the_unmasked_text() {
 #[test]
 fn forgetting_a_customer_shreds_their_calls_for_good_and_twice_is_a_no_op() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), true).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), true).unwrap();
     store_one(&mut store, "theirs-1", Some("aaaa"), 1_000);
     store_one(&mut store, "theirs-2", Some("aaaa"), 2_000);
     store_one(&mut store, "someone-else", Some("bbbb"), 3_000);
@@ -197,7 +197,7 @@ fn forgetting_a_customer_shreds_their_calls_for_good_and_twice_is_a_no_op() {
 #[test]
 fn ciphertext_swapped_between_calls_or_rows_or_with_a_flipped_bit_fails() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
     store_one(&mut store, "a", None, 1_000);
     store_one(&mut store, "b", None, 2_000);
     let sealed = |store: &CallStore, call: &str, idx: i64| -> Vec<u8> {
@@ -243,11 +243,11 @@ fn ciphertext_swapped_between_calls_or_rows_or_with_a_flipped_bit_fails() {
 #[test]
 fn a_call_open_when_the_store_went_away_is_interrupted_and_never_written_again() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
     store.begin_call(&start("live", None, 1_000)).unwrap();
     store.append("live", &[utterance(0, "您好", None), utterance(1, "多少钱", None)]).unwrap();
     drop(store); // as a kill -9 would leave it: no finish
-    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
     let s = store.summary("live").unwrap();
     assert_eq!((s.status.as_str(), s.utterances), ("interrupted", 2));
     assert_eq!(s.intents.get("price_inquiry"), Some(&1));
@@ -259,7 +259,7 @@ fn a_call_open_when_the_store_went_away_is_interrupted_and_never_written_again()
 #[test]
 fn retention_shreds_audio_then_transcripts_then_removes_calls_by_their_age() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), true).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), true).unwrap();
     let day = MS_PER_DAY;
     let now = 1_000 * day;
     store_one(&mut store, "today", None, now - 1_000);
@@ -302,7 +302,7 @@ fn retention_shreds_audio_then_transcripts_then_removes_calls_by_their_age() {
 #[test]
 fn the_audit_chain_finds_an_edited_deleted_or_reordered_entry() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
     store_one(&mut store, "a", None, 1_000);
     for t in 0..5 {
         store.transcript("a", &admin(), 10_000 + t).unwrap();
@@ -356,12 +356,13 @@ fn the_master_key_is_made_once_private_and_a_wrong_or_missing_one_is_refused() {
     assert!(matches!(source, master::KeySource::Created(_)));
     let path = state.path().join(master::KEY_FILE);
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    let id = key.id().to_owned();
+    let id = key.current.id().to_owned();
     let mut store = CallStore::open(state.path(), key, false).unwrap();
     store_one(&mut store, "a", None, 1);
     drop(store);
     let (again, source) = master::load(state.path(), None).unwrap();
-    assert_eq!((again.id(), source), (id.as_str(), master::KeySource::File(path.clone())));
+    assert_eq!((again.current.id(), source), (id.as_str(), master::KeySource::File(path.clone())));
+    assert!(again.next.is_none());
 
     // A credential from systemd wins over the file; here it is another key, and refused.
     let creds = tempfile::tempdir().unwrap();
@@ -383,7 +384,7 @@ fn the_master_key_is_made_once_private_and_a_wrong_or_missing_one_is_refused() {
 #[test]
 fn a_batch_of_many_calls_is_one_transaction_and_a_refused_operation_writes_none_of_it() {
     let state = tempfile::tempdir().unwrap();
-    let mut store = CallStore::open(state.path(), master(1), false).unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
     let mut ops = Vec::new();
     for c in 0..10 {
         let id = format!("c{c}");
@@ -420,4 +421,71 @@ fn a_batch_of_many_calls_is_one_transaction_and_a_refused_operation_writes_none_
     assert_eq!(store.transcript("d1", &admin(), 2).unwrap().utterances.len(), 1);
     let dup = store.apply(&[StoreOp::Begin(start("c1", None, 0))]);
     assert!(matches!(dup, Err(StoreError::DuplicateCall(_))));
+}
+
+/// Every call's transcript opens and every key row is under `id`.
+fn all_readable_under(store: &mut CallStore, calls: usize, id: &str) {
+    for c in 0..calls {
+        assert_eq!(store.transcript(&format!("c{c}"), &admin(), 1).unwrap().utterances.len(), 3);
+    }
+    let masters: Vec<String> = column(&store.keys, "SELECT DISTINCT master FROM class_key", []).unwrap();
+    assert_eq!(masters, [id]);
+}
+
+#[test]
+fn a_key_rotation_stopped_after_any_row_is_finished_by_the_next_open() {
+    const CALLS: usize = 4; // 12 class keys
+    for stop in 0..=12 {
+        let state = tempfile::tempdir().unwrap();
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), true).unwrap();
+        for c in 0..CALLS {
+            store_one(&mut store, &format!("c{c}"), None, c as i64);
+        }
+        assert_eq!(store.rotate(master(2), Some(stop)).unwrap(), stop.min(12));
+        drop(store); // as a crash would leave it: some rows under each key
+        let both = MasterKeys { current: master(1), next: Some(master(2)) };
+        let mut store = CallStore::open(state.path(), both, true).unwrap();
+        all_readable_under(&mut store, CALLS, master(2).id());
+        let rotations =
+            store.audit_entries(None).unwrap().into_iter().filter(|e| e.event.action == "key_rotation").count();
+        assert_eq!(rotations, 1, "stop after {stop}");
+        drop(store);
+        // The key file not yet promoted: old + new still opens, on the new key.
+        let both = MasterKeys { current: master(1), next: Some(master(2)) };
+        drop(CallStore::open(state.path(), both, true).unwrap());
+        // Promoted: the new key alone opens; the old one alone is refused.
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(2)), true).unwrap();
+        all_readable_under(&mut store, CALLS, master(2).id());
+        drop(store);
+        let err = CallStore::open(state.path(), MasterKeys::only(master(1)), true).err().unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey { .. }), "{err}");
+    }
+}
+
+#[test]
+fn rotating_the_key_file_replaces_it_and_a_stop_between_the_steps_is_finished_at_start() {
+    let state = tempfile::tempdir().unwrap();
+    let (keys, _) = master::load(state.path(), None).unwrap();
+    let old_id = keys.current.id().to_owned();
+    let mut store = CallStore::open(state.path(), keys, false).unwrap();
+    store_one(&mut store, "c0", None, 1);
+    drop(store);
+    // Step 1 only (a stop right after the new key file was written).
+    let next = master::create_next(state.path()).unwrap();
+    let new_id = next.id().to_owned();
+    assert_ne!(new_id, old_id);
+    let next_path = state.path().join(master::NEXT_KEY_FILE);
+    assert_eq!(std::fs::metadata(&next_path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(master::create_next(state.path()).unwrap().id(), new_id, "a second call reuses it");
+    // The next start loads both, the open finishes the rotation, the file is promoted.
+    let (keys, _) = master::load(state.path(), None).unwrap();
+    assert_eq!(keys.next.as_ref().map(|k| k.id().to_owned()), Some(new_id.clone()));
+    let mut store = CallStore::open(state.path(), keys, false).unwrap();
+    master::promote_next(state.path()).unwrap();
+    all_readable_under(&mut store, 1, &new_id);
+    drop(store);
+    assert!(!next_path.exists());
+    let (keys, _) = master::load(state.path(), None).unwrap();
+    assert_eq!((keys.current.id(), keys.next.is_none()), (new_id.as_str(), true));
+    CallStore::open(state.path(), keys, false).unwrap();
 }
