@@ -16,9 +16,9 @@ target="$CALLBOX_CROSS_TARGET"
 # The speech unit tests (front end against the reference, segmenter, guards, prosody) do
 # run here; model inference on arm64 needs arm64 hardware to be measured meaningfully.
 "$CARGO" test --release --locked --target "$target" --no-fail-fast --lib --bins
-# `--skip speech::` matches the integration binary's speech module only (lib unit tests
+# `--skip speech:: --skip store::` match the integration binary's model-heavy modules only (lib unit tests
 # ran above, unfiltered); the build is shared with the command before.
-"$CARGO" test --release --locked --target "$target" --no-fail-fast --test integration -- --skip speech::
+"$CARGO" test --release --locked --target "$target" --no-fail-fast --test integration -- --skip speech:: --skip store::
 "$CARGO" build --release --locked --target "$target" -p callbox
 file "target/$target/release/callbox"
 bash packaging/build-deb.sh "$target"

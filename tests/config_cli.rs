@@ -151,6 +151,9 @@ fn doctor_passes_against_a_healthy_daemon_and_fails_without_one() {
     assert_eq!(verdict("daemon").as_deref(), Some("pass"), "{checks}");
     assert_eq!(verdict("access").as_deref(), Some("pass"), "root is an admin: {checks}");
     assert!(verdict("clock").is_some());
+    let store = |key: &str| checks.as_array().unwrap().iter().find(|c| c["name"] == "call store").unwrap()[key].clone();
+    assert_eq!(store("verdict"), "pass", "{checks}");
+    assert!(store("detail").as_str().unwrap().contains("integrity ok"), "{checks}");
     // Exit status follows the worst verdict (the clock may only warn here).
     assert_eq!(out.status.code(), Some(0), "{checks}");
 
@@ -158,6 +161,11 @@ fn doctor_passes_against_a_healthy_daemon_and_fails_without_one() {
     let out = run_cli(&["--config", daemon.config.to_str().unwrap(), "--socket", gone.to_str().unwrap(), "doctor"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout_of(&out).contains("FAIL  daemon"), "{}", stdout_of(&out));
+    // A damaged master key is named, with what to do.
+    std::fs::write(daemon.dir.path().join("data/keys/master.key"), b"short").unwrap();
+    let out = daemon.cli(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout_of(&out).contains("has 5 bytes, not 32: restore it"), "{}", stdout_of(&out));
 }
 
 #[test]

@@ -22,6 +22,10 @@ fn socket_mode(daemon: &TestDaemon) -> u32 {
 fn root_gets_status_as_admin() {
     let daemon = TestDaemon::start("", &[]);
     assert_eq!(socket_mode(&daemon), 0o660);
+    // The storage probe reports once it has run.
+    crate::support::wait_until(Duration::from_secs(10), || {
+        daemon.status_json()["components"].as_array().is_some_and(|c| c.len() == 4)
+    });
     let status = daemon.status_json();
     assert_eq!(status["caller"]["uid"], 0);
     assert_eq!(status["caller"]["role"], "admin");
@@ -30,7 +34,7 @@ fn root_gets_status_as_admin() {
     let components: Vec<_> =
         status["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect();
     // The customer store is a supervised component of its own (its thread owns the database).
-    assert_eq!(components, vec!["control", "customers", "storage"]);
+    assert_eq!(components, vec!["control", "customers", "storage", "store"]);
     assert!(status["components"].as_array().unwrap().iter().all(|c| c["state"] == "ok"), "{status}");
 
     let human = daemon.cli(&["status"]);

@@ -309,7 +309,7 @@ fn a_live_call_stays_open_for_its_last_utterance_after_hang_up() {
         "[[rule]]\nid = \"twice\"\nseverity = \"info\"\nevent = \"x_alert\"\nmin_count = 2\nwhen = { keywords_any = [\"投诉\"] }\n",
     )
     .unwrap();
-    let u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules, None);
+    let u = Understanding::new(UnderstandingModels::load(Path::new(MODELS)).unwrap(), rules, None, None);
     let mut monitor = u.bus().subscribe();
     let registry = callbox::calls::registry::CallRegistry::new(4);
     let running = callbox::config::RunningConfig {

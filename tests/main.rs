@@ -18,3 +18,4 @@ mod intent;
 mod layers;
 mod speech;
 mod spool;
+mod store;

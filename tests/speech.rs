@@ -355,7 +355,8 @@ fn a_spooled_stereo_recording_gets_both_legs_transcribed_in_its_result() {
     // Agent left: the clip; customer right: silence. 8 kHz µ-law, as a PBX records.
     let (input, out) = (clip("zh/BAC009S0764W0121.wav"), stereo.to_str().unwrap().to_owned());
     sox(&[&input, "-r", "8000", "-e", "u-law", "-b", "8", &out, "remix", "1", "0"]);
-    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
+    let settings =
+        format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.keep_in_clear = true", spool.display());
     let d = speech_daemon(dir, &settings, &[]);
     std::fs::copy(&stereo, spool.join(".incoming")).unwrap();
     std::fs::rename(spool.join(".incoming"), spool.join("call-7.wav")).unwrap();
@@ -671,7 +672,8 @@ fn a_long_spooled_recording_streams_through_in_flat_memory() {
     let (input, out) = (clip("zh/BAC009S0764W0121.wav"), long.to_str().unwrap().to_owned());
     sox(&[&input, "-r", "48000", "-b", "16", &out, "remix", "1", "0", "pad", "1200", "0"]);
     assert!(std::fs::metadata(&long).unwrap().len() > 230_000_000);
-    let settings = format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100", spool.display());
+    let settings =
+        format!("spool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.keep_in_clear = true", spool.display());
     let d = speech_daemon(dir, &settings, &[]);
     let loaded = peak_rss_mib(d.pid());
     std::fs::rename(&long, spool.join("long-call.wav")).unwrap();

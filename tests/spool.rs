@@ -13,8 +13,10 @@ fn spool_daemon(extra: &str) -> (TestDaemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     // Speech off: these tests are about pickup and filing (tests/speech.rs transcribes).
-    let settings =
-        format!("speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\n{extra}", spool.display());
+    let settings = format!(
+        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.keep_in_clear = true\n{extra}",
+        spool.display()
+    );
     let d = TestDaemon::start_in(dir, &settings, &[]);
     (d, spool)
 }
@@ -98,7 +100,7 @@ fn a_recording_that_arrives_at_capacity_waits_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let settings = format!(
-        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\ncalls.max_concurrent = 1\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]",
+        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.keep_in_clear = true\ncalls.max_concurrent = 1\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]",
         spool.display()
     );
     let d = TestDaemon::start_in(dir, &settings, &[]);
@@ -268,7 +270,7 @@ fn kill_9_at_any_moment_loses_no_result_and_files_each_recording_once() {
     let spool = dir.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
     let settings = format!(
-        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.settle_ms = 0",
+        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.settle_ms = 0\nspool.keep_in_clear = true",
         spool.display()
     );
     let config = dir.path().join("callbox.toml");
@@ -358,7 +360,7 @@ fn a_full_disk_keeps_recordings_in_the_spool_until_space_returns() {
         while f.write_all(&[0]).is_ok() {}
     }
     let settings = format!(
-        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.settle_ms = 0",
+        "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.settle_ms = 0\nspool.keep_in_clear = true",
         spool.display()
     );
     let d = TestDaemon::start_in(dir, &settings, &[]);

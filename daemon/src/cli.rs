@@ -7,11 +7,12 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{self, ConfigSource};
-use crate::control::client::{self, ClientError};
-use crate::control::protocol::{ErrorReply, ReloadReport, Request, Response, StatusReport};
+use crate::control::client::{self, ask, refused, unexpected, ClientError};
+use crate::control::protocol::{ReloadReport, Request, Response, StatusReport};
 use crate::doctor::{self, Verdict};
 use crate::exit::{self, Failure};
 use crate::paths::{PathEnv, DEFAULT_CONFIG_PATH};
+use crate::render::{print_json, show};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,13 +73,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A customer's tags across calls, looked up by caller number (kept only as a keyed hash).
+    /// A customer's tags across calls, looked up by caller number (kept only as a keyed
+    /// hash); `customer forget NUMBER` erases them (admins).
+    #[command(args_conflicts_with_subcommands = true)]
     Customer {
-        #[arg(value_name = "NUMBER")]
-        number: String,
+        #[command(subcommand)]
+        action: Option<crate::cli_store::CustomerCommand>,
+        #[arg(value_name = "NUMBER", required = true)]
+        number: Option<String>,
         #[arg(long)]
         json: bool,
     },
+    /// Stored calls (the encrypted call store): list, show, export.
+    #[command(subcommand)]
+    Calls(crate::cli_store::CallsCommand),
+    /// The call store's tamper-evident audit trail: verify, show.
+    #[command(subcommand)]
+    Audit(crate::cli_store::AuditCommand),
+    /// The call store's master key: rotate.
+    #[command(subcommand)]
+    Keys(crate::cli_store::KeysCommand),
+    /// The call store: stats.
+    #[command(subcommand)]
+    Store(crate::cli_store::StoreCommand),
     /// Show version, uptime, configuration and component health of the running daemon.
     Status {
         /// Print the daemon's report as JSON.
@@ -298,9 +315,24 @@ pub fn main() -> u8 {
             crate::demo::DemoOptions { call: call.clone(), models: models.clone(), language: lang.clone(), rate, json },
         ),
         Command::Watch { json } => watch(&socket_for(&cli), json).unwrap_or_else(Failure::report),
-        Command::Customer { ref number, json } => {
-            customer_request(&socket_for(&cli), Request::Customer { caller: number.clone() }, json)
+        Command::Customer { action: Some(crate::cli_store::CustomerCommand::Forget { ref number, json }), .. } => {
+            crate::cli_store::customer_forget(&socket_for(&cli), number, json).unwrap_or_else(Failure::report)
+        }
+        Command::Customer { action: None, ref number, json } => {
+            customer_request(&socket_for(&cli), Request::Customer { caller: number.clone().unwrap_or_default() }, json)
                 .unwrap_or_else(Failure::report)
+        }
+        Command::Calls(ref command) => {
+            crate::cli_store::calls(&socket_for(&cli), command).unwrap_or_else(Failure::report)
+        }
+        Command::Audit(ref command) => {
+            crate::cli_store::audit(&socket_for(&cli), command).unwrap_or_else(Failure::report)
+        }
+        Command::Keys(ref command) => {
+            crate::cli_store::keys(&socket_for(&cli), command).unwrap_or_else(Failure::report)
+        }
+        Command::Store(ref command) => {
+            crate::cli_store::store(&socket_for(&cli), command).unwrap_or_else(Failure::report)
         }
         Command::Call(CallCommand::Info { ref call, ref caller, converted, json }) => customer_request(
             &socket_for(&cli),
@@ -398,45 +430,6 @@ impl From<ClientError> for Failure {
 }
 
 /// The daemon said no: its reason, and the exit code for the kind of refusal.
-fn refused(reply: ErrorReply) -> Failure {
-    use crate::control::protocol::ErrorCode::*;
-    let code = match reply.code {
-        Forbidden => exit::NO_PERMISSION,
-        UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
-        ShuttingDown | Busy => exit::UNAVAILABLE,
-        Rejected | Timeout | Internal => exit::FAILURE,
-    };
-    Failure::new(code, format!("the daemon refused: {}", reply.message))
-}
-
-fn unexpected(response: &Response) -> Failure {
-    Failure::new(exit::PROTOCOL, format!("unexpected response from the daemon: {response:?}"))
-}
-
-/// Sends one request; a refusal or a transport failure is the command's failure.
-fn ask(socket: &Path, request: Request) -> Result<Response, Failure> {
-    match client::request(socket, request)? {
-        Response::Error(reply) => Err(refused(reply)),
-        response => Ok(response),
-    }
-}
-
-fn print_json<T: Serialize>(value: &T) {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
-        Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
-    }
-}
-
-/// Prints a reply: pretty JSON with `--json`, else its rendering for people.
-fn show<T: Serialize>(reply: &T, json: bool, human: impl FnOnce(&T) -> String) {
-    if json {
-        print_json(reply);
-    } else {
-        print!("{}", human(reply));
-    }
-}
-
 fn status(socket: &Path, json: bool) -> Result<u8, Failure> {
     let report = match ask(socket, Request::Status {})? {
         Response::Status(report) => report,

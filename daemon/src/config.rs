@@ -34,6 +34,40 @@ pub struct Config {
     pub alsa: AlsaConfig,
     pub speech: SpeechConfig,
     pub understanding: UnderstandingConfig,
+    pub store: StoreConfig,
+}
+
+/// The encrypted call store (`<data_dir>/store`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Keep every understood call (metadata in clear, text sealed). Off: nothing of a
+    /// call outlives the process but the customer tags.
+    pub enabled: bool,
+    /// Also keep the unmasked transcript, sealed under its own key (off: only the masked
+    /// text is kept, and an admin's `calls show --transcript` shows that).
+    pub keep_unmasked: bool,
+    /// Days from a call's start after which its audio key is shredded (0: keep).
+    pub audio_days: u32,
+    /// Days after which the transcript (masked and unmasked) is shredded (0: keep).
+    pub transcript_days: u32,
+    /// Days after which nothing of the call is left (0: keep).
+    pub metadata_days: u32,
+    /// How often retention is applied, in minutes (and once at start).
+    pub sweep_interval_mins: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keep_unmasked: false,
+            audio_days: 30,
+            transcript_days: 180,
+            metadata_days: 3 * 365,
+            sweep_interval_mins: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -213,6 +247,12 @@ pub struct SpoolConfig {
     pub settle_ms: u64,
     /// Larger recordings go to failed/.
     pub max_file_mb: u64,
+    /// Keep processed recordings (and sidecars) in done/ and the masked utterances in the
+    /// result file, as before the call store. Outside the privacy guarantees: clear audio
+    /// and text on disk, never erased by retention or `customer forget`. Off: a processed
+    /// recording and its sidecar are deleted once its result (ids, status, metadata) is
+    /// written; the call itself is in the encrypted store.
+    pub keep_in_clear: bool,
 }
 
 impl Default for SpoolConfig {
@@ -224,6 +264,7 @@ impl Default for SpoolConfig {
             poll_interval_ms: 1000,
             settle_ms: 1000,
             max_file_mb: 512,
+            keep_in_clear: false,
         }
     }
 }
@@ -609,7 +650,12 @@ impl Config {
         let (d, c, a, sp, s) = (&self.daemon, &self.control, &self.audiosocket, &self.spool, &self.storage);
         let sp2 = &self.speech;
         let al = &self.alsa;
-        let ranges: [(&str, u64, u64, u64); 24] = [
+        let st = &self.store;
+        let ranges: [(&str, u64, u64, u64); 28] = [
+            ("store.audio_days", u64::from(st.audio_days), 0, 36_500),
+            ("store.transcript_days", u64::from(st.transcript_days), 0, 36_500),
+            ("store.metadata_days", u64::from(st.metadata_days), 0, 36_500),
+            ("store.sweep_interval_mins", st.sweep_interval_mins, 1, 24 * 60),
             ("alsa.channels", u64::from(al.channels), 1, 64),
             ("alsa.sample_rate", u64::from(al.sample_rate), 8000, 48_000),
             ("alsa.period_ms", u64::from(al.period_ms), 5, 200),
@@ -684,6 +730,15 @@ impl Config {
         {
             check(is_valid_group_name(name), key, format!("{name:?} is not a valid group name"));
         }
+        let outlives = |longer: u32, shorter: u32| longer == 0 || (shorter != 0 && shorter <= longer);
+        check(
+            outlives(st.metadata_days, st.transcript_days) && outlives(st.metadata_days, st.audio_days),
+            "store.metadata_days",
+            format!(
+                "must be at least store.transcript_days and store.audio_days (a call's metadata outlives its content; 0 keeps forever), got {} with {} and {}",
+                st.metadata_days, st.transcript_days, st.audio_days
+            ),
+        );
         check(
             (-90.0..=0.0).contains(&al.start_level_dbfs),
             "alsa.start_level_dbfs",
@@ -740,6 +795,8 @@ impl Config {
             ),
             (old.audiosocket.listeners != new.audiosocket.listeners, "audiosocket.listeners"),
             (old.spool.dir != new.spool.dir, "spool.dir"),
+            (old.store.enabled != new.store.enabled, "store.enabled"),
+            (old.store.keep_unmasked != new.store.keep_unmasked, "store.keep_unmasked"),
             (old.alsa != new.alsa, "alsa"),
             (sp.enabled != nsp.enabled, "speech.enabled"),
             (sp.models_dir != nsp.models_dir, "speech.models_dir"),

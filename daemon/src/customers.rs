@@ -313,6 +313,19 @@ impl CustomerStore {
         }
     }
 
+    /// Consent withdrawn: the customer's row, tags, call links and those calls' tags go.
+    /// Returns the rows deleted (0 when there was nothing: idempotent).
+    pub fn forget(&mut self, customer: &str) -> Result<usize, CustomerError> {
+        let tx = self.conn.transaction()?;
+        let mut rows =
+            tx.execute("DELETE FROM call_tag WHERE call IN (SELECT id FROM call WHERE customer = ?1)", [customer])?;
+        rows += tx.execute("DELETE FROM call WHERE customer = ?1", [customer])?;
+        rows += tx.execute("DELETE FROM customer_tag WHERE customer = ?1", [customer])?;
+        rows += tx.execute("DELETE FROM customer WHERE id = ?1", [customer])?;
+        tx.commit()?;
+        Ok(rows)
+    }
+
     pub fn customer_count(&self) -> Result<i64, CustomerError> {
         Ok(self.conn.query_row("SELECT count(*) FROM customer", [], |r| r.get(0))?)
     }
@@ -449,6 +462,14 @@ impl Customers {
         .await
     }
 
+    /// Erases a caller from the customer store; returns their keyed hash and the rows deleted.
+    pub async fn forget(&self, caller: &str) -> Result<(String, usize), CustomerError> {
+        let customer = self.hasher.customer_id(caller)?;
+        let id = customer.clone();
+        let rows = self.run(move |s| s.forget(&id)).await?;
+        Ok((customer, rows))
+    }
+
     pub async fn by_caller(&self, caller: &str) -> Result<Option<CustomerRecord>, CustomerError> {
         let customer = self.hasher.customer_id(caller)?;
         self.run(move |s| s.customer(&customer)).await
@@ -563,5 +584,16 @@ mod tests {
         assert!(r.tags.iter().any(|t| t.tag == CONVERTED));
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // Consent withdrawn: the customer, their tags, their calls and those calls' tags go;
+        // an unlinked call stays; a second time deletes nothing.
+        assert!(s.forget("cust").unwrap() > 0);
+        assert_eq!(s.customer("cust").unwrap(), None);
+        assert_eq!(s.customer_of_call("c1").unwrap(), None);
+        let left: i64 =
+            s.conn.query_row("SELECT count(*) FROM call_tag WHERE call IN ('c1','c2')", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0);
+        let kept: i64 = s.conn.query_row("SELECT count(*) FROM call_tag WHERE call = 'c3'", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, 1);
+        assert_eq!(s.forget("cust").unwrap(), 0);
     }
 }

@@ -161,12 +161,38 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
             return Err(exit::OS_ERROR);
         }
     };
+    // The encrypted call store: its master key (systemd credential or key file) is checked
+    // here; a missing or wrong key stops the start (exit 71), never a silent new key.
+    let vault = if cfg.store.enabled {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let (dir, cred, store_cfg) = (data_dir.clone(), credentials, cfg.store.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg))
+                .await;
+        match opened {
+            Ok(Ok(opened)) => Some(opened),
+            Ok(Err(e)) => {
+                log::error!(component = "store"; "{e}");
+                return Err(exit::OS_ERROR);
+            }
+            Err(e) => {
+                log::error!(component = "store"; "opening the call store panicked: {e}");
+                return Err(exit::OS_ERROR);
+            }
+        }
+    } else {
+        None
+    };
+    let (vault, vault_thread) = match vault {
+        Some((vault, thread)) => (Some(vault), Some(thread)),
+        None => (None, None),
+    };
     let speech = match load_speech(cfg).await {
         Ok(speech) => speech,
         Err(code) => return Err(code),
     };
     let understanding = match &speech {
-        Some(service) => match load_understanding(cfg, service, customers.clone()).await {
+        Some(service) => match load_understanding(cfg, service, customers.clone(), vault.clone()).await {
             Ok(u) => Some(u),
             Err(code) => return Err(code),
         },
@@ -215,6 +241,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         status,
         line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
         customers: customers.clone(),
+        vault: vault.clone(),
         monitor: understanding.as_ref().map(Understanding::bus),
         reload_tx,
     };
@@ -231,6 +258,10 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
             crate::customers::run(customer_store, health.clone(), stages.signal(Stage::Stores)),
         ),
     ];
+    if let Some(thread) = vault_thread {
+        let run = crate::store::live::run(thread, config_rx.clone(), health.clone(), stages.signal(Stage::Stores));
+        components.push(Component::new("store", Stage::Stores, run));
+    }
     if !audiosocket.is_empty() {
         let serve = crate::inputs::audiosocket::serve(
             audiosocket,
@@ -244,9 +275,8 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
     }
     if let Some(spool) = cfg.spool.dir.clone() {
         let (config, calls, speech) = (config_rx.clone(), calls.clone(), speech.clone());
-        let customers = Some(customers.clone());
-        let watch =
-            crate::inputs::spool::watch(spool, config, calls, customers, speech, health.clone(), shutdown.clone());
+        let stores = crate::inputs::spool::Stores { customers: Some(customers.clone()), vault: vault.clone() };
+        let watch = crate::inputs::spool::watch(spool, config, calls, stores, speech, health.clone(), shutdown.clone());
         components.push(Component::new("spool", Stage::Inputs, watch));
     }
     if let Some(service) = &speech {
@@ -333,6 +363,7 @@ async fn load_understanding(
     cfg: &config::Config,
     speech: &SpeechService,
     customers: crate::customers::Customers,
+    vault: Option<crate::store::live::CallVault>,
 ) -> Result<Understanding, u8> {
     let dir = speech.models().dir.clone();
     let load_dir = dir.clone();
@@ -348,7 +379,7 @@ async fn load_understanding(
         }
     };
     match load_rules(cfg.understanding.rules_file.as_deref()) {
-        Ok(rules) => Ok(Understanding::new(models, rules, Some(customers))),
+        Ok(rules) => Ok(Understanding::new(models, rules, Some(customers), vault)),
         Err(problems) => {
             for p in problems {
                 log::error!(component = "understanding"; "rules: {p}");

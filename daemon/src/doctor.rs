@@ -52,6 +52,7 @@ pub fn run(config_path: &Path, data_dir: impl Fn(&Config) -> std::path::PathBuf,
     let config = config::load_lenient(config_path);
     checks.push(access(&config.control));
     checks.push(data_directory(&data_dir(&config), config.storage.min_free_mb));
+    checks.push(call_store(&config, &data_dir(&config), socket));
     checks.push(models(&config));
     checks.push(clock());
     checks.push(daemon(socket));
@@ -234,4 +235,83 @@ fn daemon(socket: &Path) -> Check {
         Ok(other) => check("daemon", Verdict::Fail, format!("unexpected response {other:?}")),
         Err(e) => check("daemon", Verdict::Fail, e.to_string()),
     }
+}
+
+/// The encrypted call store: the master key where the daemon will look for it, both files'
+/// integrity (read-only, safe beside the running daemon), and the sweeper's lag.
+fn call_store(config: &Config, data_dir: &Path, socket: &Path) -> Check {
+    use crate::store::{master, CALLS_FILE, KEYS_FILE, STORE_DIR};
+    const NAME: &str = "call store";
+    if !config.store.enabled {
+        return check(NAME, Verdict::Pass, "store.enabled = false: no calls are kept");
+    }
+    let store_dir = data_dir.join(STORE_DIR);
+    let exists = store_dir.join(KEYS_FILE).exists();
+    let key = data_dir.join(master::KEY_FILE);
+    let mut notes = Vec::new();
+    match std::fs::metadata(&key) {
+        Ok(m) if m.mode() & 0o077 != 0 => {
+            return check(
+                NAME,
+                Verdict::Fail,
+                format!("{} has mode {:o}: make it 0600", key.display(), m.mode() & 0o777),
+            );
+        }
+        Ok(m) if m.len() != crate::store::crypto::KEY_BYTES as u64 => {
+            return check(
+                NAME,
+                Verdict::Fail,
+                format!("{} has {} bytes, not 32: restore it from its backup", key.display(), m.len()),
+            );
+        }
+        Ok(_) => notes.push(format!("master key {}", key.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && exists => notes.push(format!(
+            "no {}: the key must come from the systemd credential {} (else the daemon will not start)",
+            key.display(),
+            master::CREDENTIAL_NAME
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return check(NAME, Verdict::Pass, "no store yet: the daemon creates it and its master key on first start");
+        }
+        Err(e) => {
+            return check(NAME, Verdict::Warn, format!("cannot check {} ({e}): run doctor as root", key.display()))
+        }
+    }
+    for file in [CALLS_FILE, KEYS_FILE] {
+        let path = store_dir.join(file);
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let verdict = rusqlite::Connection::open_with_flags(&path, flags)
+            .and_then(|c| c.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
+        match verdict {
+            Ok(v) if v == "ok" => {}
+            Ok(v) => return check(NAME, Verdict::Fail, format!("{}: integrity check: {v}", path.display())),
+            Err(e) => {
+                return check(NAME, Verdict::Warn, format!("cannot check {} ({e}): run doctor as root", path.display()))
+            }
+        }
+    }
+    notes.push("integrity ok".into());
+    if let Ok(Response::StoreStats(stats)) = client::request(socket, Request::StoreStats {}) {
+        notes.push(format!("{} calls, {:.1} MiB", stats.calls, stats.bytes as f64 / (1024.0 * 1024.0)));
+        let now = crate::store::live::now_ms();
+        let allowed_ms = (config.store.sweep_interval_mins as i64 * 2 + 5) * 60_000;
+        if let Some(at) = stats.last_sweep_unix_ms {
+            if now - at > allowed_ms {
+                let mins = (now - at) / 60_000;
+                return check(
+                    NAME,
+                    Verdict::Warn,
+                    format!("{}; the retention sweep last ran {mins} min ago", notes.join("; ")),
+                );
+            }
+        }
+        if stats.writes_refused > 0 {
+            return check(
+                NAME,
+                Verdict::Warn,
+                format!("{}; {} writes refused (see the log)", notes.join("; "), stats.writes_refused),
+            );
+        }
+    }
+    check(NAME, Verdict::Pass, notes.join("; "))
 }

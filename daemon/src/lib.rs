@@ -5,6 +5,7 @@
 pub mod audio;
 pub mod calls;
 pub mod cli;
+pub mod cli_store;
 pub mod config;
 pub mod control;
 pub mod customers;

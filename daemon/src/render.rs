@@ -2,6 +2,8 @@
 //! `callbox watch`, `callbox demo` (both from the protocol's monitor items) and
 //! `callbox analyze` (which converts its offline results to the same items).
 
+use serde::Serialize;
+
 use crate::control::protocol::{CallFinishedItem, EventItem, MonitorItem, UtteranceItem};
 
 /// One block for a monitor item. `latency` is how long after the end of the utterance's
@@ -57,6 +59,22 @@ fn call_finished(f: &CallFinishedItem) -> String {
         f.phase,
         f.tags.join(", "),
     )
+}
+/// Pretty JSON on stdout (`--json`).
+pub fn print_json<T: Serialize + ?Sized>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("callbox: cannot print JSON: {e}"),
+    }
+}
+
+/// Prints a reply: pretty JSON with `--json`, else its rendering for people.
+pub fn show<T: Serialize + ?Sized>(reply: &T, json: bool, human: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(reply);
+    } else {
+        print!("{}", human(reply));
+    }
 }
 
 #[cfg(test)]

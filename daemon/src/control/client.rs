@@ -158,3 +158,27 @@ pub fn watch(socket: &Path, mut on_item: impl FnMut(WatchLine) -> bool) -> Resul
     }
     Ok(Ok(()))
 }
+
+/// A refusal from the daemon as the CLI's failure, with the exit code that says which kind.
+pub fn refused(reply: super::protocol::ErrorReply) -> exit::Failure {
+    use crate::control::protocol::ErrorCode::*;
+    let code = match reply.code {
+        Forbidden => exit::NO_PERMISSION,
+        UnsupportedVersion | BadRequest | RequestTooLarge => exit::PROTOCOL,
+        ShuttingDown | Busy => exit::UNAVAILABLE,
+        Rejected | Timeout | Internal => exit::FAILURE,
+    };
+    exit::Failure::new(code, format!("the daemon refused: {}", reply.message))
+}
+
+pub fn unexpected(response: &Response) -> exit::Failure {
+    exit::Failure::new(exit::PROTOCOL, format!("unexpected response from the daemon: {response:?}"))
+}
+
+/// Sends one request; a refusal or a transport failure is the command's failure.
+pub fn ask(socket: &Path, request: Request) -> Result<Response, exit::Failure> {
+    match self::request(socket, request)? {
+        Response::Error(reply) => Err(refused(reply)),
+        response => Ok(response),
+    }
+}

@@ -163,3 +163,103 @@ impl From<&Monitor> for wire::MonitorItem {
         }
     }
 }
+
+impl From<crate::store::StoredHit> for wire::StoredHitItem {
+    fn from(h: crate::store::StoredHit) -> Self {
+        Self {
+            rule: h.rule,
+            severity: h.severity,
+            event: h.event,
+            reason: h.reason,
+            at_secs: h.at_secs,
+            utterances: h.utterances,
+        }
+    }
+}
+
+impl From<crate::store::CallSummary> for wire::StoredCallItem {
+    fn from(c: crate::store::CallSummary) -> Self {
+        Self {
+            call: c.id,
+            source: c.source,
+            line: c.line,
+            started_unix_ms: c.started_unix_ms,
+            ended_unix_ms: c.ended_unix_ms,
+            status: c.status,
+            agent: c.agent,
+            campaign: c.campaign,
+            script: c.script,
+            customer: c.customer,
+            utterances: c.utterances,
+            phase: c.phase,
+            tags: c.tags,
+            converted: c.converted,
+            intents: c.intents,
+            rule_hits: c.rule_hits.into_iter().map(Into::into).collect(),
+            shredded: c.shredded,
+        }
+    }
+}
+
+impl From<crate::store::CallTranscript> for wire::StoredCallReply {
+    fn from(t: crate::store::CallTranscript) -> Self {
+        let mut unmasked: std::collections::BTreeMap<u64, String> = t.unmasked.into_iter().collect();
+        let utterances = t
+            .utterances
+            .into_iter()
+            .map(|u| wire::StoredUtteranceItem {
+                unmasked: unmasked.remove(&u.index),
+                index: u.index,
+                leg: u.leg,
+                start_secs: u.start_secs,
+                end_secs: u.end_secs,
+                text: u.text,
+                intents: u.intents,
+                emotion: u.emotion,
+                phase: u.phase,
+            })
+            .collect();
+        Self { call: t.call.into(), utterances }
+    }
+}
+
+impl From<crate::store::audit::AuditEntry> for wire::AuditItem {
+    fn from(e: crate::store::audit::AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            at_unix_ms: e.event.at_unix_ms,
+            uid: e.event.uid,
+            role: e.event.role,
+            action: e.event.action,
+            object: e.event.object,
+            outcome: e.event.outcome,
+            hash: e.hash,
+        }
+    }
+}
+
+/// The store's own figures and the store thread's counters.
+pub fn store_stats(s: crate::store::StoreStats, c: crate::store::live::VaultCounters) -> wire::StoreStatsReply {
+    let (last_sweep_unix_ms, last_sweep) = match c.last_sweep {
+        Some((at, what)) => (Some(at), Some(what)),
+        None => (None, None),
+    };
+    wire::StoreStatsReply {
+        calls: s.calls,
+        open: s.open,
+        finished: s.finished,
+        interrupted: s.interrupted,
+        forgotten: s.forgotten,
+        utterances: s.utterances,
+        oldest_call_unix_ms: s.oldest_call_unix_ms,
+        class_keys: s.class_keys,
+        tombstones: s.tombstones,
+        audit_entries: s.audit_entries,
+        bytes: s.bytes,
+        master_key: s.master_key,
+        writes: c.written,
+        writes_refused: c.failed,
+        last_sweep_unix_ms,
+        last_sweep,
+    }
+}

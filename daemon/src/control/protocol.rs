@@ -59,6 +59,42 @@ pub enum Request {
     Customer { caller: String },
     /// Follow understood utterances, events and finished calls as they happen.
     Watch {},
+    /// Stored calls, newest first, metadata only (no decryption).
+    CallsList {
+        #[serde(default)]
+        since_unix_ms: Option<i64>,
+        /// A caller number: the daemon hashes it and lists that customer's calls.
+        #[serde(default)]
+        caller: Option<String>,
+        /// Only calls that raised this event (`transfer_to_human`, …).
+        #[serde(default)]
+        event: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// One stored call: metadata and the masked summary; with `transcript`, the decrypted
+    /// text too (admins; audited before anything is decrypted).
+    CallsShow {
+        call: String,
+        #[serde(default)]
+        transcript: bool,
+    },
+    /// One call, decrypted, for an export file the CLI writes 0600 (admins; audited).
+    CallsExport { call: String },
+    /// Consent withdrawn: shred every call of this caller, delete their customer rows and
+    /// tags, keep a tombstone (the hash only). Admins; idempotent.
+    CustomerForget { caller: String },
+    /// Audit trail entries (admins).
+    AuditShow {
+        #[serde(default)]
+        since_unix_ms: Option<i64>,
+    },
+    /// Checks the audit trail's hash chain.
+    AuditVerify {},
+    /// Re-wraps every call key under a new master key (admins).
+    KeysRotate {},
+    /// Counts and sizes of the call store.
+    StoreStats {},
 }
 
 /// Longest line name a request may carry (config allows 32 characters).
@@ -85,6 +121,15 @@ impl Request {
             Self::CallInfo { .. } => "call_info",
             Self::Customer { .. } => "customer",
             Self::Watch {} => "watch",
+            Self::CallsList { .. } => "calls_list",
+            Self::CallsShow { transcript: false, .. } => "calls_show",
+            Self::CallsShow { transcript: true, .. } => "calls_show_transcript",
+            Self::CallsExport { .. } => "calls_export",
+            Self::CustomerForget { .. } => "customer_forget",
+            Self::AuditShow { .. } => "audit_show",
+            Self::AuditVerify {} => "audit_verify",
+            Self::KeysRotate {} => "keys_rotate",
+            Self::StoreStats {} => "store_stats",
         }
     }
 
@@ -96,8 +141,17 @@ impl Request {
             | Self::CallStop { .. }
             | Self::CallInfo { .. }
             | Self::Customer { .. }
-            | Self::Watch {} => Role::Technician,
-            Self::Reload {} => Role::Admin,
+            | Self::Watch {}
+            | Self::CallsList { .. }
+            | Self::CallsShow { transcript: false, .. }
+            | Self::AuditVerify {}
+            | Self::StoreStats {} => Role::Technician,
+            Self::Reload {}
+            | Self::CallsShow { transcript: true, .. }
+            | Self::CallsExport { .. }
+            | Self::CustomerForget { .. }
+            | Self::AuditShow { .. }
+            | Self::KeysRotate {} => Role::Admin,
         }
     }
 
@@ -126,7 +180,149 @@ pub enum Response {
     Customer(CustomerReply),
     /// The stream of `monitor` lines follows.
     Watching,
+    /// Stored calls (`calls_list`).
+    Calls(CallsReply),
+    /// One stored call (`calls_show`, `calls_export`).
+    StoredCall(Box<StoredCallReply>),
+    Forgotten(ForgottenReply),
+    Audit(AuditReply),
+    AuditVerified(AuditVerifyReply),
+    KeysRotated(KeysRotatedReply),
+    StoreStats(StoreStatsReply),
     Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallsReply {
+    pub calls: Vec<StoredCallItem>,
+}
+
+/// A stored call's metadata and masked summary: nothing here identifies a person.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredCallItem {
+    pub call: String,
+    pub source: String,
+    pub line: String,
+    pub started_unix_ms: i64,
+    pub ended_unix_ms: Option<i64>,
+    /// open, finished, interrupted or forgotten.
+    pub status: String,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    /// The customer's keyed hash.
+    pub customer: Option<String>,
+    pub utterances: i64,
+    pub phase: Option<String>,
+    pub tags: Vec<String>,
+    pub converted: bool,
+    /// Customer intents and how many utterances carried each.
+    pub intents: std::collections::BTreeMap<String, i64>,
+    pub rule_hits: Vec<StoredHitItem>,
+    /// Data classes whose key is shredded (retention, erasure).
+    pub shredded: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredHitItem {
+    pub rule: String,
+    pub severity: String,
+    pub event: Option<String>,
+    pub reason: String,
+    pub at_secs: f64,
+    pub utterances: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredCallReply {
+    pub call: StoredCallItem,
+    /// Decrypted utterances (masked text), when asked for and permitted.
+    pub utterances: Vec<StoredUtteranceItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredUtteranceItem {
+    pub index: u64,
+    pub leg: String,
+    pub start_secs: f64,
+    pub end_secs: f64,
+    /// Personal data masked.
+    pub text: String,
+    /// The unmasked text, only where `store.keep_unmasked` kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmasked: Option<String>,
+    pub intents: Vec<String>,
+    pub emotion: Option<String>,
+    pub phase: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgottenReply {
+    /// The customer's keyed hash (the tombstone's key).
+    pub customer: String,
+    /// Calls erased by this request (0 when repeated).
+    pub calls: usize,
+    /// Customer rows and tags deleted from the customer store.
+    pub customer_rows: usize,
+    pub first_time: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReply {
+    pub entries: Vec<AuditItem>,
+    /// Entries left out (only the newest are sent).
+    pub omitted: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditItem {
+    pub seq: i64,
+    pub at_unix_ms: i64,
+    pub uid: u32,
+    pub role: String,
+    pub action: String,
+    /// A call id, a customer hash or `-`: never personal data.
+    pub object: String,
+    pub outcome: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerifyReply {
+    pub ok: bool,
+    /// Entries that hold (all of them when ok).
+    pub entries: usize,
+    /// The first broken entry and why.
+    pub broken_seq: Option<i64>,
+    pub why: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysRotatedReply {
+    pub keys: usize,
+    /// The new master key's id (never the key).
+    pub master_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatsReply {
+    pub calls: i64,
+    pub open: i64,
+    pub finished: i64,
+    pub interrupted: i64,
+    pub forgotten: i64,
+    pub utterances: i64,
+    pub oldest_call_unix_ms: Option<i64>,
+    pub class_keys: i64,
+    pub tombstones: i64,
+    pub audit_entries: i64,
+    pub bytes: u64,
+    pub master_key: String,
+    pub writes: u64,
+    pub writes_refused: u64,
+    /// When retention last ran (ms since the epoch) and what it did.
+    pub last_sweep_unix_ms: Option<i64>,
+    pub last_sweep: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,6 +770,14 @@ mod tests {
             Request::CallInfo { call: "c".into(), caller: Some("+86 138".into()), converted: Some(true) },
             Request::Customer { caller: "138".into() },
             Request::Watch {},
+            Request::CallsList { since_unix_ms: Some(1), caller: Some("138".into()), event: None, limit: Some(5) },
+            Request::CallsShow { call: "c".into(), transcript: true },
+            Request::CallsExport { call: "c".into() },
+            Request::CustomerForget { caller: "138".into() },
+            Request::AuditShow { since_unix_ms: None },
+            Request::AuditVerify {},
+            Request::KeysRotate {},
+            Request::StoreStats {},
         ] {
             let line = encode_line(&request.clone().frame());
             assert_eq!(decode_request(&line[..line.len() - 1]), Ok(request.clone()));
@@ -652,9 +856,92 @@ mod tests {
             Response::Customer(CustomerReply { customer: Some(customer()) }),
             Response::Customer(CustomerReply { customer: None }),
             Response::Watching,
+            Response::Calls(CallsReply { calls: vec![stored_call()] }),
+            Response::StoredCall(Box::new(StoredCallReply {
+                call: stored_call(),
+                utterances: vec![StoredUtteranceItem {
+                    index: 0,
+                    leg: "customer".into(),
+                    start_secs: 1.0,
+                    end_secs: 2.5,
+                    text: "[手机号]".into(),
+                    unmasked: Some("x".into()),
+                    intents: vec!["price_question".into()],
+                    emotion: Some("neutral".into()),
+                    phase: Some("opening".into()),
+                }],
+            })),
+            Response::Forgotten(ForgottenReply { customer: "ab".into(), calls: 2, customer_rows: 3, first_time: true }),
+            Response::Audit(AuditReply {
+                entries: vec![AuditItem {
+                    seq: 1,
+                    at_unix_ms: 2,
+                    uid: 0,
+                    role: "admin".into(),
+                    action: "transcript_read".into(),
+                    object: "c".into(),
+                    outcome: "ok".into(),
+                    hash: "h".into(),
+                }],
+                omitted: 0,
+            }),
+            Response::AuditVerified(AuditVerifyReply {
+                ok: false,
+                entries: 3,
+                broken_seq: Some(4),
+                why: Some("hash".into()),
+            }),
+            Response::KeysRotated(KeysRotatedReply { keys: 9, master_key: "id".into() }),
+            Response::StoreStats(StoreStatsReply {
+                calls: 1,
+                open: 0,
+                finished: 1,
+                interrupted: 0,
+                forgotten: 0,
+                utterances: 3,
+                oldest_call_unix_ms: Some(5),
+                class_keys: 3,
+                tombstones: 0,
+                audit_entries: 1,
+                bytes: 4096,
+                master_key: "id".into(),
+                writes: 4,
+                writes_refused: 0,
+                last_sweep_unix_ms: None,
+                last_sweep: None,
+            }),
             Response::error(ErrorCode::ShuttingDown, "stopping"),
         ] {
             round_trip(response.frame());
+        }
+    }
+
+    fn stored_call() -> StoredCallItem {
+        StoredCallItem {
+            call: "c".into(),
+            source: "spool".into(),
+            line: "".into(),
+            started_unix_ms: 1,
+            ended_unix_ms: Some(2),
+            status: "finished".into(),
+            agent: Some("a7".into()),
+            campaign: None,
+            script: Some("v2".into()),
+            customer: Some("ab".into()),
+            utterances: 3,
+            phase: Some("closing".into()),
+            tags: vec!["high_intent".into()],
+            converted: true,
+            intents: [("price_question".to_owned(), 2)].into(),
+            rule_hits: vec![StoredHitItem {
+                rule: "r".into(),
+                severity: "warning".into(),
+                event: Some("supervisor_alert".into()),
+                reason: "why".into(),
+                at_secs: 3.5,
+                utterances: vec![1],
+            }],
+            shredded: vec!["audio".into()],
         }
     }
 

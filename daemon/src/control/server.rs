@@ -78,6 +78,8 @@ pub struct ControlContext {
     /// Start/stop requests for ALSA capture lines; None when capture is off.
     pub line_requests: Option<crate::inputs::alsa::LineRequests>,
     pub customers: crate::customers::Customers,
+    /// The encrypted call store; None when `store.enabled` is off.
+    pub vault: Option<crate::store::live::CallVault>,
     /// The understanding bus, for `watch`; None when speech is off.
     pub monitor: Option<tokio::sync::broadcast::Sender<Arc<crate::understanding::live::Monitor>>>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
@@ -432,6 +434,14 @@ async fn respond(
             control.admin_group,
             peer.who
         );
+        if let Some(vault) = &ctx.vault {
+            // A refused request is part of the processing record (PIPL Art. 55).
+            let (actor, kind) = (actor(peer.uid, role), request.kind());
+            let now = crate::store::live::now_ms();
+            if let Err(e) = vault.run(move |s| s.audit(&actor, kind, "-", "refused: needs the admin role", now)).await {
+                log::error!(component = COMPONENT; "refusal not audited: {e}");
+            }
+        }
         return (Response::error(ErrorCode::Forbidden, message), After::KeepOpen);
     }
     log::debug!(component = COMPONENT; "{} from {} as {role:?}", request.kind(), peer.who);
@@ -448,6 +458,17 @@ async fn respond(
             call_info(ctx, call, number, converted, peer.who).await
         }
         Request::Customer { caller: number } => customer_lookup(ctx, number, peer.who).await,
+        Request::CallsList { .. }
+        | Request::CallsShow { .. }
+        | Request::CallsExport { .. }
+        | Request::CustomerForget { .. }
+        | Request::AuditShow { .. }
+        | Request::AuditVerify {}
+        | Request::KeysRotate {}
+        | Request::StoreStats {} => match &ctx.vault {
+            Some(vault) => store_request(ctx, vault, request, actor(peer.uid, role), peer.who).await,
+            None => Response::error(ErrorCode::Rejected, "the call store is off (store.enabled = false)"),
+        },
         Request::Watch {} => match &ctx.monitor {
             Some(bus) => return (Response::Watching, After::Watch(bus.subscribe())),
             None => {
@@ -456,6 +477,129 @@ async fn respond(
         },
     };
     (response, After::KeepOpen)
+}
+
+fn actor(uid: u32, role: Role) -> crate::store::Actor {
+    let role = match role {
+        Role::Technician => "technician",
+        Role::Admin => "admin",
+    };
+    crate::store::Actor { uid, role: role.into() }
+}
+
+/// Most calls one `calls list` returns, and most audit entries one `audit show` sends
+/// (the newest): replies stay under the CLI's 1 MiB.
+const MAX_LISTED: u32 = 1000;
+const MAX_AUDIT_ENTRIES: usize = 2000;
+
+/// The call-store requests. Every decrypting one is audited by the store before it
+/// decrypts; erasure and rotation audit themselves too.
+async fn store_request(
+    ctx: &ControlContext,
+    vault: &crate::store::live::CallVault,
+    request: Request,
+    actor: crate::store::Actor,
+    who: &str,
+) -> Response {
+    use crate::control::protocol as wire;
+    let now = crate::store::live::now_ms();
+    let result: Result<Response, crate::store::StoreError> = match request {
+        Request::CallsList { since_unix_ms, caller, event, limit } => {
+            let customer = match caller.map(|c| ctx.customers.customer_id(&c)).transpose() {
+                Ok(c) => c,
+                Err(e) => return Response::error(ErrorCode::Rejected, e.to_string()),
+            };
+            let filter = crate::store::CallFilter {
+                since_unix_ms,
+                customer,
+                event,
+                limit: i64::from(limit.unwrap_or(100).clamp(1, MAX_LISTED)),
+            };
+            vault.run(move |s| s.list(&filter)).await.map(|calls| {
+                Response::Calls(wire::CallsReply { calls: calls.into_iter().map(Into::into).collect() })
+            })
+        }
+        Request::CallsShow { call, transcript: false } => vault.run(move |s| s.summary(&call)).await.map(|c| {
+            Response::StoredCall(Box::new(wire::StoredCallReply { call: c.into(), utterances: vec![] }))
+        }),
+        Request::CallsShow { call, transcript: true } => decrypt(vault, call, actor, "transcript_read", now, who).await,
+        Request::CallsExport { call } => decrypt(vault, call, actor, "export", now, who).await,
+        Request::CustomerForget { caller } => {
+            let customer = match ctx.customers.customer_id(&caller) {
+                Ok(c) => c,
+                Err(e) => return Response::error(ErrorCode::Rejected, e.to_string()),
+            };
+            // Calls first (keys shredded, content deleted, tombstone), then the customer
+            // store's rows; both are idempotent, so a failure half-way is fixed by repeating.
+            let id = customer.clone();
+            match vault.run(move |s| s.forget(&id, &actor, now)).await {
+                Ok(forgotten) => match ctx.customers.forget(&caller).await {
+                    Ok((_, rows)) => {
+                        log::info!(component = COMPONENT; "{who} erased customer {customer}: {} calls, {rows} customer rows", forgotten.calls);
+                        Ok(Response::Forgotten(wire::ForgottenReply {
+                            customer,
+                            calls: forgotten.calls,
+                            customer_rows: rows,
+                            first_time: forgotten.first_time,
+                        }))
+                    }
+                    Err(e) => return Response::error(ErrorCode::Internal, format!("customer store: {e}; repeat the request")),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        Request::AuditShow { since_unix_ms } => vault.run(move |s| s.audit_entries(since_unix_ms)).await.map(|mut entries| {
+            let omitted = entries.len().saturating_sub(MAX_AUDIT_ENTRIES);
+            entries.drain(..omitted);
+            Response::Audit(wire::AuditReply { entries: entries.into_iter().map(Into::into).collect(), omitted })
+        }),
+        Request::AuditVerify {} => vault.run(|s| s.audit_verify()).await.map(|verdict| {
+            Response::AuditVerified(match verdict {
+                Ok(entries) => wire::AuditVerifyReply { ok: true, entries, broken_seq: None, why: None },
+                Err(broken) => wire::AuditVerifyReply {
+                    ok: false,
+                    entries: usize::try_from(broken.seq.saturating_sub(1)).unwrap_or(0),
+                    broken_seq: Some(broken.seq),
+                    why: Some(broken.why),
+                },
+            })
+        }),
+        Request::KeysRotate {} => vault.rotate_master_key().await.map(|(keys, master_key)| {
+            log::info!(component = COMPONENT; "{who} rotated the master key: {keys} call keys re-wrapped, now key {master_key}");
+            Response::KeysRotated(wire::KeysRotatedReply { keys, master_key })
+        }),
+        Request::StoreStats {} => {
+            let counters = vault.counters();
+            vault.run(|s| s.stats()).await.map(|stats| Response::StoreStats(super::convert::store_stats(stats, counters)))
+        }
+        other => return Response::error(ErrorCode::Internal, format!("{} is not a call-store request", other.kind())),
+    };
+    match result {
+        Ok(response) => response,
+        Err(crate::store::StoreError::NoSuchCall(call)) => {
+            Response::error(ErrorCode::Rejected, format!("no call {call} in the store"))
+        }
+        Err(e) => {
+            log::error!(component = COMPONENT; "call store request from {who}: {e}");
+            Response::error(ErrorCode::Internal, format!("call store: {e}; see `callbox doctor` and the log"))
+        }
+    }
+}
+
+/// A decrypting read (`calls show --transcript`, `calls export`): the store audits it
+/// before it decrypts, and refuses to decrypt if the audit entry cannot be written.
+async fn decrypt(
+    vault: &crate::store::live::CallVault,
+    call: String,
+    actor: crate::store::Actor,
+    action: &'static str,
+    now: i64,
+    who: &str,
+) -> Result<Response, crate::store::StoreError> {
+    let id = call.clone();
+    let transcript = vault.run(move |s| s.decrypt_call(&id, &actor, action, now)).await?;
+    log::info!(component = COMPONENT, call_id = call.as_str(); "{who}: {action} of a stored call");
+    Ok(Response::StoredCall(Box::new(transcript.into())))
 }
 
 async fn call_info(
@@ -467,6 +611,15 @@ async fn call_info(
 ) -> Response {
     let converted = converted == Some(true);
     let done = ctx.customers.call_info(&call, number.as_deref(), converted).await;
+    if let (Some(vault), Ok(_)) = (&ctx.vault, &done) {
+        let customer = number.as_deref().and_then(|n| ctx.customers.customer_id(n).ok());
+        if customer.is_some() || converted {
+            let info = crate::store::CallInfo { customer, converted, ..Default::default() };
+            if let Err(e) = vault.write(crate::store::StoreOp::Describe { call: call.clone(), info }).await {
+                log::error!(component = COMPONENT, call_id = call.as_str(); "call info not kept in the call store: {e}");
+            }
+        }
+    }
     if done.is_ok() && (number.is_some() || converted) {
         log::info!(component = COMPONENT, call_id = call.as_str();
             "call info from {who}:{}{}", if number.is_some() { " caller number" } else { "" },

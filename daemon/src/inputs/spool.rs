@@ -42,6 +42,15 @@ pub struct Sidecar {
     pub script_version: Option<String>,
 }
 
+/// Where a spooled call's outcome is kept besides the result file.
+#[derive(Clone, Default)]
+pub struct Stores {
+    /// Customer tags across calls (the caller number becomes a keyed hash there).
+    pub customers: Option<Customers>,
+    /// The encrypted call store: the sidecar's agent, campaign, script and customer.
+    pub vault: Option<crate::store::live::CallVault>,
+}
+
 /// What `done/<name>.result.json` holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpoolResult {
@@ -209,9 +218,10 @@ fn process(
     path: &Path,
     settings: &crate::config::SpoolConfig,
     calls: &CallRegistry,
-    customers: Option<&Customers>,
+    stores: &Stores,
     speech: Speech,
 ) -> FileOutcome {
+    let customers = stores.customers.as_ref();
     let name = crate::escape::file_name(path);
     let metadata = match read_sidecar(&path.with_extension("json")) {
         Ok(sidecar) => sidecar,
@@ -237,6 +247,21 @@ fn process(
         },
         _ => None,
     };
+    // Told to the store before the first utterance is understood (the store keeps it
+    // until the call's record begins).
+    if let Some(vault) = &stores.vault {
+        let info = crate::store::CallInfo {
+            source: Some("spool".into()),
+            agent: metadata.agent_id.clone(),
+            campaign: metadata.campaign.clone(),
+            script: metadata.script_version.clone(),
+            customer: customer.clone(),
+            converted: false,
+        };
+        if let Err(e) = vault.write_blocking(crate::store::StoreOp::Describe { call: call_id.clone(), info }) {
+            log::warn!(component = COMPONENT, call_id = call_id.as_str(); "{name}: sidecar not kept in the call store: {e}");
+        }
+    }
     let mut guards = Vec::new();
     for leg in &legs {
         match calls.open(&call_id, *leg, &format!("spool {name}")) {
@@ -276,7 +301,7 @@ fn process(
         metadata: Sidecar { caller_number: None, ..metadata },
         customer,
         call,
-        utterances,
+        utterances: utterances.filter(|_| settings.keep_in_clear),
         real_time_factor,
     }))
 }
@@ -385,6 +410,18 @@ fn move_recording(path: &Path, dir: &Path, stem: &OsStr) -> std::io::Result<()> 
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Deletes a processed recording and its sidecar (the sidecar first, for the same reason
+/// `move_recording` moves it first), then syncs the spool folder. The call is in the
+/// encrypted store; a clear copy would outlive retention and erasure.
+fn delete_recording(path: &Path) -> std::io::Result<()> {
+    let sidecar = path.with_extension("json");
+    if std::fs::symlink_metadata(&sidecar).is_ok() {
+        std::fs::remove_file(&sidecar)?;
+    }
+    std::fs::remove_file(path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
 /// What a reason file says: the reason, then the recording's original (escaped) name,
 /// which the start-up repair matches on.
 fn reason_text(reason: &str, name: &str, size_bytes: u64) -> String {
@@ -394,7 +431,13 @@ fn reason_text(reason: &str, name: &str, size_bytes: u64) -> String {
 /// Files a processed recording away: its result (or reason) first, durably, then the
 /// recording, so a crash or a full disk never leaves a filed recording without its
 /// result. Returns whether it was postponed (left in place on purpose).
-fn file_away(path: &Path, dir: &Path, outcome: &FileOutcome, log_postponed: bool) -> std::io::Result<bool> {
+fn file_away(
+    path: &Path,
+    dir: &Path,
+    outcome: &FileOutcome,
+    log_postponed: bool,
+    keep_in_clear: bool,
+) -> std::io::Result<bool> {
     let name = crate::escape::file_name(path);
     match outcome {
         FileOutcome::Done(result) => {
@@ -402,7 +445,11 @@ fn file_away(path: &Path, dir: &Path, outcome: &FileOutcome, log_postponed: bool
             let stem = free_stem(path, &done);
             let json = serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?;
             write_durably(&with_suffix(&done, &stem, ".result.json"), &json)?;
-            move_recording(path, &done, &stem)?;
+            if keep_in_clear {
+                move_recording(path, &done, &stem)?;
+            } else {
+                delete_recording(path)?;
+            }
             log::info!(component = COMPONENT; "{name}: done ({} ms)", result.duration_ms);
         }
         FileOutcome::Failed(reason) => {
@@ -427,7 +474,7 @@ fn file_away(path: &Path, dir: &Path, outcome: &FileOutcome, log_postponed: bool
 
 /// Finishes what a crash interrupted: a result or reason file written whose recording
 /// is still in the spool gets its recording moved beside it; stray temp files go.
-fn repair(dir: &Path) {
+fn repair(dir: &Path, keep_in_clear: bool) {
     let waiting: HashMap<(String, u64), PathBuf> =
         scan(dir).files.into_iter().map(|(_, path, size)| ((crate::escape::file_name(&path), size), path)).collect();
     for (sub, suffix) in [("done", ".result.json"), ("failed", ".reason.txt")] {
@@ -456,7 +503,12 @@ fn repair(dir: &Path) {
                 field("file: ").zip(field("size: ").and_then(|n| n.parse().ok()))
             };
             if let Some(path) = original.and_then(|key| waiting.get(&key)) {
-                match move_recording(path, &folder, stem) {
+                let finished = if sub == "done" && !keep_in_clear {
+                    delete_recording(path)
+                } else {
+                    move_recording(path, &folder, stem)
+                };
+                match finished {
                     Ok(()) => {
                         log::info!(component = COMPONENT; "{}: filing finished after an interrupted run", crate::escape::file_name(path))
                     }
@@ -473,7 +525,7 @@ fn repair(dir: &Path) {
 /// moved, never followed), with the reason.
 fn file_away_not_regular(path: &Path, kind: &str, dir: &Path) -> std::io::Result<()> {
     let reason = format!("not a regular file ({kind}); never read");
-    file_away(path, dir, &FileOutcome::Failed(reason), false).map(|_| ())
+    file_away(path, dir, &FileOutcome::Failed(reason), false, true).map(|_| ())
 }
 
 /// Watches the spool folder until shutdown; the file in hand is finished first.
@@ -481,7 +533,7 @@ pub async fn watch(
     dir: PathBuf,
     config: watch::Receiver<Arc<RunningConfig>>,
     calls: CallRegistry,
-    customers: Option<Customers>,
+    stores: Stores,
     speech: Option<SpeechService>,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
@@ -489,7 +541,8 @@ pub async fn watch(
     let watching = format!("watching {}", dir.display());
     {
         let d = dir.clone();
-        let _ = tokio::task::spawn_blocking(move || repair(&d)).await;
+        let keep = config.borrow().config.spool.keep_in_clear;
+        let _ = tokio::task::spawn_blocking(move || repair(&d, keep)).await;
     }
     health.set(COMPONENT, HealthState::Ok, watching.clone());
     log::info!(component = COMPONENT; "{watching}");
@@ -509,7 +562,8 @@ pub async fn watch(
         'pass: {
             if let Some((path, outcome)) = unfiled.take() {
                 let (p, d, o) = (path.clone(), dir.clone(), outcome.clone());
-                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, false)).await {
+                let keep = settings.keep_in_clear;
+                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, false, keep)).await {
                     Ok(Ok(_)) => health.set(COMPONENT, HealthState::Ok, watching.clone()),
                     Ok(Err(e)) if std::fs::symlink_metadata(&path).is_ok() => {
                         health.set(COMPONENT, HealthState::Degraded, unfiled_reason(&path, &e));
@@ -542,9 +596,9 @@ pub async fn watch(
                     break;
                 }
                 let (p, s, c) = (path.clone(), settings.clone(), calls.clone());
-                let (service, sc, cu) = (speech.clone(), speech_config.clone(), customers.clone());
+                let (service, sc, st) = (speech.clone(), speech_config.clone(), stores.clone());
                 let processed = tokio::task::spawn_blocking(move || {
-                    Arc::new(process(&p, &s, &c, cu.as_ref(), service.as_ref().map(|service| (service, &sc))))
+                    Arc::new(process(&p, &s, &c, &st, service.as_ref().map(|service| (service, &sc))))
                 })
                 .await;
                 let outcome = match processed {
@@ -556,7 +610,8 @@ pub async fn watch(
                 };
                 let first_time = !postponed.contains(&path);
                 let (p, d, o) = (path.clone(), dir.clone(), outcome.clone());
-                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, first_time)).await {
+                let keep = settings.keep_in_clear;
+                match tokio::task::spawn_blocking(move || file_away(&p, &d, &o, first_time, keep)).await {
                     Ok(Ok(waiting)) => {
                         if waiting {
                             postponed.insert(path);
@@ -622,7 +677,7 @@ mod tests {
             let file = dir.path().join("call.wav");
             std::fs::write(&file, format!("{round}")).unwrap();
             std::fs::write(file.with_extension("json"), "{}").unwrap();
-            file_away(&file, dir.path(), &failed("bad"), false).unwrap();
+            file_away(&file, dir.path(), &failed("bad"), false, false).unwrap();
         }
         let done = dir.path().join("failed");
         assert_eq!(std::fs::read_to_string(done.join("call.wav")).unwrap(), "0");
@@ -640,7 +695,7 @@ mod tests {
         let name = &name[..name.len().min(250)];
         let file = dir.path().join(name);
         std::fs::write(&file, "x").unwrap();
-        file_away(&file, dir.path(), &failed("bad"), false).unwrap();
+        file_away(&file, dir.path(), &failed("bad"), false, false).unwrap();
         let filed: Vec<_> =
             std::fs::read_dir(dir.path().join("failed")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(filed.len(), 2, "{filed:?}");
@@ -672,12 +727,18 @@ mod tests {
             utterances: None,
             real_time_factor: None,
         }));
-        assert!(file_away(&file, dir.path(), &outcome, false).is_err());
+        assert!(file_away(&file, dir.path(), &outcome, false, false).is_err());
         assert!(file.exists(), "the recording must stay in the spool");
         std::fs::remove_file(&done).unwrap();
         prepare(dir.path()).unwrap();
-        file_away(&file, dir.path(), &outcome, false).unwrap();
+        file_away(&file, dir.path(), &outcome, false, true).unwrap();
         assert!(done.join("call.wav").exists() && done.join("call.result.json").exists());
+        // The default: once the result is written the recording and its sidecar are gone.
+        std::fs::write(&file, "x").unwrap();
+        std::fs::write(file.with_extension("json"), r#"{"caller_number":"13800138000"}"#).unwrap();
+        file_away(&file, dir.path(), &outcome, false, false).unwrap();
+        assert!(!file.exists() && !file.with_extension("json").exists());
+        assert!(done.join("call.1.result.json").exists() && !done.join("call.1.wav").exists());
     }
 
     #[test]
@@ -693,10 +754,18 @@ mod tests {
         // Same name, different size: a new recording, to be processed, not filed.
         std::fs::write(dir.path().join("new.wav"), "abcdef").unwrap();
         std::fs::write(done.join("new.result.json"), r#"{"file":"new.wav","size_bytes":3}"#).unwrap();
-        repair(dir.path());
+        repair(dir.path(), true);
         assert!(done.join("call.wav").exists());
         assert!(!dir.path().join("call.wav").exists());
         assert!(!done.join(".other.result.json.tmp").exists());
+        assert!(dir.path().join("new.wav").exists());
+        // Without keep_in_clear, the interrupted step was a deletion: finished as one.
+        std::fs::write(dir.path().join("later.wav"), "abc").unwrap();
+        std::fs::write(dir.path().join("later.json"), "{}").unwrap();
+        std::fs::write(done.join("later.result.json"), r#"{"file":"later.wav","size_bytes":3}"#).unwrap();
+        repair(dir.path(), false);
+        assert!(!dir.path().join("later.wav").exists() && !dir.path().join("later.json").exists());
+        assert!(!done.join("later.wav").exists() && done.join("later.result.json").exists());
         assert!(dir.path().join("new.wav").exists());
     }
 

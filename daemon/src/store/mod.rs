@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod crypto;
+pub mod live;
 pub mod master;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -65,6 +66,8 @@ pub enum StoreError {
     DuplicateCall(String),
     #[error("call {call}: {what}")]
     BadInput { call: String, what: String },
+    #[error("{0}")]
+    Thread(String),
 }
 
 /// What becomes of a call's classes, in days from the call's start; 0 keeps forever.
@@ -207,6 +210,25 @@ pub struct SweepReport {
     pub pages_freed: i64,
 }
 
+/// What `store stats` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStats {
+    pub calls: i64,
+    pub open: i64,
+    pub finished: i64,
+    pub interrupted: i64,
+    pub forgotten: i64,
+    pub utterances: i64,
+    pub oldest_call_unix_ms: Option<i64>,
+    pub class_keys: i64,
+    pub tombstones: i64,
+    pub audit_entries: i64,
+    /// Both files with their WAL and journal.
+    pub bytes: u64,
+    /// The id of the master key in use.
+    pub master_key: String,
+}
+
 pub struct CallStore {
     calls: Connection,
     keys: Connection,
@@ -214,7 +236,16 @@ pub struct CallStore {
     dir: PathBuf,
     random: SystemRandom,
     keep_unmasked: bool,
+    /// What was said about calls before they began (a spool sidecar is read before the
+    /// first utterance is understood); taken in by their `Begin`. Bounded.
+    described: std::collections::HashMap<String, (u64, CallInfo)>,
+    /// Arrival order of descriptions (the oldest pending one is dropped first).
+    described_seq: u64,
 }
+
+/// Most descriptions kept for calls that have not begun (older ones are dropped first
+/// when a call never begins: a refused spool file, say).
+const MAX_PENDING_DESCRIPTIONS: usize = 1024;
 
 fn private_db(path: &Path) -> Result<Connection, StoreError> {
     let db_err = |source| StoreError::Database { path: path.to_owned(), source };
@@ -272,7 +303,16 @@ impl CallStore {
             (Some(e), Some(next)) if e == next.id() => (next, None),
             (Some(expected), _) => return Err(StoreError::WrongMasterKey { expected, found: current.id().to_owned() }),
         };
-        let mut store = Self { calls, keys, master, dir, random: SystemRandom::new(), keep_unmasked };
+        let mut store = Self {
+            calls,
+            keys,
+            master,
+            dir,
+            random: SystemRandom::new(),
+            keep_unmasked,
+            described: Default::default(),
+            described_seq: 0,
+        };
         if let Some(next) = pending {
             store.rotate(next, None)?;
         }
@@ -341,6 +381,46 @@ impl CallStore {
         &self.dir
     }
 
+    /// Re-wraps every class key under `next` now (`callbox keys rotate`); the caller has
+    /// written `next` as `master.key.new` first and promotes it after, so a stop anywhere
+    /// is finished by the next start.
+    pub fn rotate_master(&mut self, next: MasterKey) -> Result<usize, StoreError> {
+        self.rotate(next, None)
+    }
+
+    /// The id of the master key in use (never the key).
+    pub fn master_id(&self) -> &str {
+        self.master.id()
+    }
+
+    /// Counts and sizes for `store stats`, `status` and `doctor` (metadata only).
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let count =
+            |conn: &Connection, sql: &str| -> Result<i64, StoreError> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
+        let by_status = |status: &str| -> Result<i64, StoreError> {
+            Ok(self.calls.query_row("SELECT count(*) FROM call WHERE status = ?1", [status], |r| r.get(0))?)
+        };
+        let bytes = [CALLS_FILE, "calls.sqlite-wal", "calls.sqlite-shm", KEYS_FILE, "keys.sqlite-journal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(StoreStats {
+            calls: count(&self.calls, "SELECT count(*) FROM call")?,
+            open: by_status("open")?,
+            finished: by_status("finished")?,
+            interrupted: by_status("interrupted")?,
+            forgotten: by_status("forgotten")?,
+            utterances: count(&self.calls, "SELECT coalesce(sum(utterances), 0) FROM call")?,
+            oldest_call_unix_ms: self.calls.query_row("SELECT min(started_ms) FROM call", [], |r| r.get(0))?,
+            class_keys: count(&self.keys, "SELECT count(*) FROM class_key")?,
+            tombstones: count(&self.calls, "SELECT count(*) FROM tombstone")?,
+            audit_entries: count(&self.calls, "SELECT count(*) FROM audit")?,
+            bytes,
+            master_key: self.master.id().to_owned(),
+        })
+    }
+
     fn random_bytes<const N: usize>(&self) -> Result<[u8; N], StoreError> {
         let mut out = [0u8; N];
         self.random.fill(&mut out).map_err(|_| StoreError::Random)?;
@@ -389,10 +469,17 @@ impl CallStore {
             }
             tx.commit()?;
         }
+        let mut pending: Vec<(String, CallInfo)> = Vec::new();
         let tx = self.calls.transaction()?;
         for op in ops {
             match op {
                 StoreOp::Begin(call) => {
+                    let described = self.described.get(&call.id).map(|(_, info)| info);
+                    let converted = described.is_some_and(|i| i.converted);
+                    let call = &match described {
+                        Some(info) => info.merged_into(call.clone()),
+                        None => call.clone(),
+                    };
                     tx.execute(
                         "INSERT INTO call (id, source, line, started_ms, status, agent, campaign, script, customer)
                          VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8)",
@@ -407,6 +494,9 @@ impl CallStore {
                             call.customer
                         ],
                     )?;
+                    if converted {
+                        tx.execute("UPDATE call SET converted = 1 WHERE id = ?1", [&call.id])?;
+                    }
                 }
                 StoreOp::Append { call, utterances } => {
                     let status: Option<String> =
@@ -461,9 +551,32 @@ impl CallStore {
                         )?;
                     }
                 }
+                StoreOp::Describe { call, info } => {
+                    // Applies to a call in any state (the PBX may say "converted" after
+                    // the hang-up); a call not begun yet takes it in at its `Begin`.
+                    let changed = tx.execute(
+                        "UPDATE call SET agent = coalesce(?2, agent), campaign = coalesce(?3, campaign),
+                             script = coalesce(?4, script), customer = coalesce(?5, customer),
+                             converted = max(converted, ?6), source = coalesce(?7, source)
+                         WHERE id = ?1 AND status != 'forgotten'",
+                        params![
+                            call,
+                            info.agent,
+                            info.campaign,
+                            info.script,
+                            info.customer,
+                            info.converted,
+                            info.source
+                        ],
+                    )?;
+                    if changed == 0 {
+                        pending.push((call.clone(), info.clone()));
+                    }
+                }
                 StoreOp::Finish { call, end } => {
                     let changed = tx.execute(
-                        "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4, converted = ?5
+                        "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4,
+                             converted = max(converted, ?5)
                          WHERE id = ?1 AND status = 'open'",
                         params![call, end.ended_unix_ms, end.phase, end.tags.join(","), end.converted],
                     )?;
@@ -474,6 +587,24 @@ impl CallStore {
             }
         }
         tx.commit()?;
+        for op in ops {
+            if let StoreOp::Begin(call) = op {
+                self.described.remove(&call.id);
+            }
+        }
+        for (call, info) in pending {
+            if self.described.len() >= MAX_PENDING_DESCRIPTIONS && !self.described.contains_key(&call) {
+                if let Some(oldest) = self.described.iter().min_by_key(|(_, (seq, _))| *seq).map(|(k, _)| k.clone()) {
+                    self.described.remove(&oldest);
+                }
+            }
+            self.described_seq += 1;
+            let merged = match self.described.remove(&call) {
+                Some((_, old)) => old.updated_by(info),
+                None => info,
+            };
+            self.described.insert(call, (self.described_seq, merged));
+        }
         Ok(())
     }
 
@@ -580,14 +711,25 @@ impl CallStore {
     /// The call with its transcript, decrypted. The access is written to the audit trail
     /// before anything is decrypted; without that entry nothing is returned.
     pub fn transcript(&mut self, id: &str, actor: &Actor, now_unix_ms: i64) -> Result<CallTranscript, StoreError> {
+        self.decrypt_call(id, actor, "transcript_read", now_unix_ms)
+    }
+
+    /// The same, audited as `action` (`transcript_read`, `export`).
+    pub fn decrypt_call(
+        &mut self,
+        id: &str,
+        actor: &Actor,
+        action: &str,
+        now_unix_ms: i64,
+    ) -> Result<CallTranscript, StoreError> {
         let call = match self.summary(id) {
             Ok(call) => call,
             Err(e) => {
-                self.audit(actor, "transcript_read", id, &format!("failed: {e}"), now_unix_ms)?;
+                self.audit(actor, action, id, &format!("failed: {e}"), now_unix_ms)?;
                 return Err(e);
             }
         };
-        self.audit(actor, "transcript_read", id, "ok", now_unix_ms)?;
+        self.audit(actor, action, id, "ok", now_unix_ms)?;
         let mut utterances = Vec::new();
         if let Some(key) = self.class_key(id, DataClass::Transcript)? {
             // The clear columns come back as an utterance without its text; the sealed part
@@ -882,9 +1024,86 @@ fn delete_content(tx: &Connection, call: &str) -> Result<(), StoreError> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
     Begin(CallStart),
-    Append { call: String, utterances: Vec<StoredUtterance> },
-    Hits { call: String, hits: Vec<StoredHit> },
-    Finish { call: String, end: CallEnd },
+    Append {
+        call: String,
+        utterances: Vec<StoredUtterance>,
+    },
+    Hits {
+        call: String,
+        hits: Vec<StoredHit>,
+    },
+    Finish {
+        call: String,
+        end: CallEnd,
+    },
+    /// What the PBX, its sidecar or a technician says about a call, at any time.
+    Describe {
+        call: String,
+        info: CallInfo,
+    },
+}
+
+impl StoreOp {
+    /// The call it is about (for logs).
+    pub fn call(&self) -> &str {
+        match self {
+            Self::Begin(c) => &c.id,
+            Self::Append { call, .. }
+            | Self::Hits { call, .. }
+            | Self::Finish { call, .. }
+            | Self::Describe { call, .. } => call,
+        }
+    }
+
+    /// Its name (for logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Begin(_) => "begin",
+            Self::Append { .. } => "utterances",
+            Self::Hits { .. } => "rule hits",
+            Self::Finish { .. } => "finish",
+            Self::Describe { .. } => "call info",
+        }
+    }
+}
+
+/// Facts about a call from outside the audio; each given one replaces the stored one,
+/// `converted` only ever turns on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallInfo {
+    /// The input kind, when the one that took the call knows better than the registry
+    /// (the spool: its calls can be gone from the registry before they are understood).
+    pub source: Option<String>,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    /// The customer's keyed hash.
+    pub customer: Option<String>,
+    pub converted: bool,
+}
+
+impl CallInfo {
+    fn updated_by(self, newer: CallInfo) -> CallInfo {
+        CallInfo {
+            source: newer.source.or(self.source),
+            agent: newer.agent.or(self.agent),
+            campaign: newer.campaign.or(self.campaign),
+            script: newer.script.or(self.script),
+            customer: newer.customer.or(self.customer),
+            converted: self.converted || newer.converted,
+        }
+    }
+
+    fn merged_into(&self, call: CallStart) -> CallStart {
+        CallStart {
+            source: self.source.clone().unwrap_or(call.source),
+            agent: self.agent.clone().or(call.agent),
+            campaign: self.campaign.clone().or(call.campaign),
+            script: self.script.clone().or(call.script),
+            customer: self.customer.clone().or(call.customer),
+            ..call
+        }
+    }
 }
 
 fn stored_class_key(

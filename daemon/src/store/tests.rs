@@ -489,3 +489,48 @@ fn rotating_the_key_file_replaces_it_and_a_stop_between_the_steps_is_finished_at
     assert_eq!((keys.current.id(), keys.next.is_none()), (new_id.as_str(), true));
     CallStore::open(state.path(), keys, false).unwrap();
 }
+
+#[test]
+fn what_the_pbx_says_about_a_call_is_kept_whether_it_comes_before_or_after_the_call_begins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(dir.path(), MasterKeys::only(master(1)), false).unwrap();
+    let info = |agent: Option<&str>, customer: Option<&str>, converted| CallInfo {
+        source: None,
+        agent: agent.map(str::to_owned),
+        campaign: Some("spring".into()),
+        script: None,
+        customer: customer.map(str::to_owned),
+        converted,
+    };
+    // A spool sidecar is told before the first utterance is understood: kept, then merged.
+    store.apply(&[StoreOp::Describe { call: "early".into(), info: info(Some("a1"), None, false) }]).unwrap();
+    store.apply(&[StoreOp::Describe { call: "early".into(), info: info(None, Some("cust"), true) }]).unwrap();
+    let bare = CallStart { id: "early".into(), source: "spool".into(), started_unix_ms: 5, ..Default::default() };
+    store.begin_call(&bare).unwrap();
+    let s = store.summary("early").unwrap();
+    assert_eq!(
+        (s.agent.as_deref(), s.campaign.as_deref(), s.customer.as_deref()),
+        (Some("a1"), Some("spring"), Some("cust"))
+    );
+    assert!(s.converted);
+    // The PBX says "converted" after the hang-up: the finish does not turn it off.
+    let late = CallStart { id: "late".into(), source: "audiosocket".into(), started_unix_ms: 6, ..Default::default() };
+    store.begin_call(&late).unwrap();
+    store.apply(&[StoreOp::Describe { call: "late".into(), info: info(None, Some("cust"), true) }]).unwrap();
+    let end = CallEnd { ended_unix_ms: 9, phase: "closing".into(), tags: vec![], converted: false };
+    store.finish_call("late", &end).unwrap();
+    let s = store.summary("late").unwrap();
+    assert!(s.converted && s.customer.as_deref() == Some("cust") && s.status == "finished");
+    // A description is kept only once: a second call of the same id begins without it.
+    assert_eq!(store.list(&CallFilter { customer: Some("cust".into()), ..Default::default() }).unwrap().len(), 2);
+    // Pending descriptions are bounded: the oldest go first.
+    for i in 0..(MAX_PENDING_DESCRIPTIONS + 10) {
+        store.apply(&[StoreOp::Describe { call: format!("never-{i}"), info: info(Some("x"), None, false) }]).unwrap();
+    }
+    assert_eq!(store.described.len(), MAX_PENDING_DESCRIPTIONS);
+    assert!(!store.described.contains_key("never-0"));
+    // A forgotten call takes no new description.
+    store.forget("cust", &admin(), 10).unwrap();
+    store.apply(&[StoreOp::Describe { call: "late".into(), info: info(None, Some("cust"), false) }]).unwrap();
+    assert_eq!(store.summary("late").unwrap().customer, None);
+}

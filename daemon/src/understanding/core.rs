@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::call::{CallEvent, CallUnderstanding, UtteranceFacts, UtteranceView};
-use super::rules::RuleSet;
+use super::rules::{RuleHit, RuleSet};
 use super::state::{Phase, Tag};
 use crate::audio::Leg;
 
@@ -52,12 +52,17 @@ pub struct FinishedCall {
 /// What the shell does, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// A call is seen for the first time (before any other action of it): `age` is how
+    /// long ago it started. Keep its record from here on.
+    Began { call: String, age: Duration },
     /// An understood utterance (masked): log it and publish it.
     Utterance { call: String, view: UtteranceView },
     /// A real-time event: log it and publish it.
     Event { call: String, event: CallEvent },
     /// Tags the call raised just now: keep them (and so the customer's, once linked).
     StoreTags { call: String, tags: Vec<Tag> },
+    /// Rules that fired (with or without an event), at `at_secs` into the call: keep them.
+    Hits { call: String, hits: Vec<RuleHit>, at_secs: f64 },
     /// The call is finished: look up its customer, log and publish the end.
     Finished(FinishedCall),
 }
@@ -71,11 +76,29 @@ struct LiveCall {
     ended_legs: BTreeSet<Leg>,
     /// When the registry was first seen without the call.
     gone_since: Option<Instant>,
+    /// Whether `Began` was returned for it.
+    announced: bool,
 }
 
 impl LiveCall {
     fn secs(&self, now: Instant) -> f64 {
         now.saturating_duration_since(self.started).as_secs_f64()
+    }
+
+    /// `Began` the first time the call shows in the actions.
+    fn announce(&mut self, id: &str, now: Instant, actions: &mut Vec<Action>) {
+        if !self.announced {
+            self.announced = true;
+            actions.push(Action::Began { call: id.to_owned(), age: now.saturating_duration_since(self.started) });
+        }
+    }
+
+    /// The hits recorded since the call had `before` of them.
+    fn hits_since(&self, id: &str, before: usize, at_secs: f64, actions: &mut Vec<Action>) {
+        let hits = self.understanding.hits.get(before..).unwrap_or_default();
+        if !hits.is_empty() {
+            actions.push(Action::Hits { call: id.to_owned(), hits: hits.to_vec(), at_secs });
+        }
     }
 }
 
@@ -111,14 +134,17 @@ impl UnderstandingCore {
     /// One finished utterance, in the leg's time order.
     pub fn utterance(&mut self, u: HeardUtterance, now: Instant) -> Vec<Action> {
         let call = self.live_call(&u.call, u.call_started.unwrap_or(now));
+        let mut actions = Vec::new();
+        call.announce(&u.call, now, &mut actions);
         call.legs.insert(u.leg);
         let tags_before = call.understanding.state.tags.clone();
+        let hits_before = call.understanding.hits.len();
         let events = call.understanding.utterance(u.leg, u.start_secs, u.end_secs, &u.text, u.facts);
         let new_tags: Vec<Tag> = call.understanding.state.tags.difference(&tags_before).copied().collect();
-        let mut actions = Vec::new();
         if let Some(view) = call.understanding.utterances.last() {
             actions.push(Action::Utterance { call: u.call.clone(), view: view.clone() });
         }
+        call.hits_since(&u.call, hits_before, u.end_secs, &mut actions);
         if !new_tags.is_empty() {
             actions.push(Action::StoreTags { call: u.call.clone(), tags: new_tags });
         }
@@ -144,6 +170,7 @@ impl UnderstandingCore {
             legs: BTreeSet::new(),
             ended_legs: BTreeSet::new(),
             gone_since: None,
+            announced: false,
         })
     }
 
@@ -160,7 +187,9 @@ impl UnderstandingCore {
         ids.sort();
         for id in ids {
             let Some(call) = self.calls.get_mut(&id) else { continue };
+            call.announce(&id, now, &mut actions);
             let secs = call.secs(now);
+            let hits_before = call.understanding.hits.len();
             let events = match live.get(&id) {
                 Some(legs) => {
                     call.legs.extend(legs.iter().copied());
@@ -178,6 +207,7 @@ impl UnderstandingCore {
                     }
                 }
             };
+            call.hits_since(&id, hits_before, secs, &mut actions);
             actions.extend(events.into_iter().map(|event| Action::Event { call: id.clone(), event }));
         }
         for id in ended {
@@ -196,8 +226,11 @@ impl UnderstandingCore {
         let mut actions = Vec::new();
         for id in ids {
             if let Some(mut call) = self.calls.remove(&id) {
+                call.announce(&id, now, &mut actions);
                 let secs = call.secs(now);
+                let hits_before = call.understanding.hits.len();
                 let events = call.understanding.end(secs);
+                call.hits_since(&id, hits_before, secs, &mut actions);
                 actions.extend(events.into_iter().map(|event| Action::Event { call: id.clone(), event }));
                 actions.push(Action::Finished(finished(&id, &call.understanding)));
             }
@@ -324,10 +357,28 @@ mod tests {
         let mut c = core();
         let a =
             c.utterance(heard("c3", Leg::Customer, 1.0, "我的手机号是13800138000，以后别再给我打电话了", Some(t0)), t0);
-        let Action::Utterance { view, .. } = &a[0] else { panic!("{a:?}") };
+        // The call's record begins before anything else of it.
+        assert!(matches!(&a[0], Action::Began { call, .. } if call == "c3"), "{a:?}");
+        let Action::Utterance { view, .. } = &a[1] else { panic!("{a:?}") };
         assert!(!view.text.contains("13800138000") && view.text.contains("[手机号]"), "{}", view.text);
         assert!(events(&a).contains(&"dnc_request".to_owned()), "{a:?}");
+        // Every rule that fired is handed over to be kept, with its severity and evidence.
+        let kept: Vec<&str> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::Hits { hits, .. } => Some(hits.iter().map(|h| h.rule.as_str())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            !kept.is_empty()
+                && a.iter().any(|x| matches!(x, Action::Hits { hits, at_secs, .. }
+            if hits.iter().all(|h| h.utterances == [0]) && *at_secs == 2.0)),
+            "{a:?}"
+        );
         let d = c.utterance(heard("c3", Leg::Customer, 3.0, "太贵了，我的预算不够", None), t0);
+        assert!(!d.iter().any(|x| matches!(x, Action::Began { .. })), "Began comes once: {d:?}");
         assert!(
             d.iter().any(|x| matches!(x, Action::StoreTags { tags, .. } if tags.contains(&Tag::PriceSensitive))),
             "{d:?}"

@@ -36,6 +36,8 @@ use crate::pii;
 use crate::speech::live::{SpeechEvent, UtteranceEvent};
 use crate::speech::prosody::Prosody;
 use crate::speech::{ModelSet, SpeechError};
+use crate::store::live::{now_ms, CallVault};
+use crate::store::{CallEnd, CallInfo, CallStart, StoreOp, StoredHit, StoredUtterance};
 
 const COMPONENT: &str = "understanding";
 /// Events buffered for each subscriber; a slower one loses the oldest.
@@ -124,12 +126,19 @@ pub struct Understanding {
     bus: broadcast::Sender<Arc<Monitor>>,
     /// Customer tags across calls; None where no store is kept.
     customers: Option<Customers>,
+    /// The encrypted call store; None when `store.enabled` is off.
+    vault: Option<CallVault>,
 }
 
 impl Understanding {
-    pub fn new(models: UnderstandingModels, rules: RuleSet, customers: Option<Customers>) -> Self {
+    pub fn new(
+        models: UnderstandingModels,
+        rules: RuleSet,
+        customers: Option<Customers>,
+        vault: Option<CallVault>,
+    ) -> Self {
         let (bus, _) = broadcast::channel(EVENT_BUS_CAPACITY);
-        Self { core: UnderstandingCore::new(rules), models: Arc::new(models), bus, customers }
+        Self { core: UnderstandingCore::new(rules), models: Arc::new(models), bus, customers, vault }
     }
 
     /// The bus, for subscribers that come and go (control-socket watchers).
@@ -167,7 +176,9 @@ impl Understanding {
             call_started: registry.started(&u.call),
         };
         let actions = self.core.utterance(heard, Instant::now());
-        self.perform(actions).await;
+        // The raw text goes to the store only to be sealed, and only when configured.
+        let unmasked = self.vault.as_ref().filter(|v| v.keep_unmasked()).map(|_| u.utterance.text.as_str());
+        self.perform(actions, registry, unmasked).await;
     }
 
     async fn tick(&mut self, registry: &CallRegistry) {
@@ -178,13 +189,47 @@ impl Understanding {
             .map(|c| (c.call, c.legs.into_iter().map(|l| l.leg).collect()))
             .collect();
         let actions = self.core.tick(&live, Instant::now());
-        self.perform(actions).await;
+        self.perform(actions, registry, None).await;
     }
 
-    async fn perform(&self, actions: Vec<Action>) {
+    /// Queues a write for the call store (waiting while its queue is full); a store that
+    /// is closed is logged and the call goes on.
+    async fn store(&self, op: StoreOp) {
+        let Some(vault) = &self.vault else { return };
+        let call = op.call().to_owned();
+        if let Err(e) = vault.write(op).await {
+            log::error!(component = COMPONENT, call_id = call.as_str(); "not stored: {e}");
+        }
+    }
+
+    /// `unmasked`: the raw text of the utterance these actions come from, when kept.
+    async fn perform(&self, actions: Vec<Action>, registry: &CallRegistry, unmasked: Option<&str>) {
         for action in actions {
             match action {
+                Action::Began { call, age } => {
+                    if self.vault.is_some() {
+                        self.store(StoreOp::Begin(call_start(&call, age, registry))).await;
+                    }
+                }
+                Action::Hits { call, hits, at_secs } => {
+                    let hits = hits
+                        .into_iter()
+                        .map(|h| StoredHit {
+                            rule: h.rule,
+                            severity: name_of(&h.severity),
+                            event: h.event,
+                            reason: h.reason,
+                            at_secs,
+                            utterances: h.utterances,
+                        })
+                        .collect();
+                    self.store(StoreOp::Hits { call, hits }).await;
+                }
                 Action::Utterance { call, view } => {
+                    if self.vault.is_some() {
+                        let stored = stored_utterance(&view, unmasked);
+                        self.store(StoreOp::Append { call: call.clone(), utterances: vec![stored] }).await;
+                    }
                     let intent = view.intent.as_ref().map(|c| c.label.as_str()).unwrap_or("-");
                     let emotion = view.emotion.map(|e| e.name()).unwrap_or("-");
                     log::info!(component = COMPONENT, call_id = call.as_str(), leg = view.leg.name();
@@ -224,6 +269,19 @@ impl Understanding {
             None => None,
         };
         let tags: Vec<&str> = f.tags.iter().map(|t| t.name()).collect();
+        if self.vault.is_some() {
+            if let Some(c) = &customer {
+                let info = CallInfo { customer: Some(c.customer.clone()), ..Default::default() };
+                self.store(StoreOp::Describe { call: f.call.clone(), info }).await;
+            }
+            let end = CallEnd {
+                ended_unix_ms: now_ms(),
+                phase: name_of(&f.phase),
+                tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+                converted: false,
+            };
+            self.store(StoreOp::Finish { call: f.call.clone(), end }).await;
+        }
         log::info!(component = COMPONENT, call_id = f.call.as_str();
             "call understood: {} utterances, {} rule hits, {} events; phase {:?}; customer tags [{}]{}",
             f.utterances, f.rule_hits, f.events, f.phase, tags.join(", "),
@@ -244,6 +302,64 @@ impl Understanding {
             SpeechEvent::Utterance(u) => self.utterance(u, registry).await,
             SpeechEvent::LegEnded { call, leg } => self.core.leg_ended(call, *leg, Instant::now()),
         }
+    }
+}
+
+/// A serde enum's snake_case name.
+fn name_of<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "-".to_owned(),
+    }
+}
+
+/// A call's record as it begins: where it came from (the input kind and line, never a
+/// file name, which may carry a caller number) and when it started.
+fn call_start(call: &str, age: Duration, registry: &CallRegistry) -> CallStart {
+    let summary = registry.summary(call);
+    let started_unix_ms = summary
+        .as_ref()
+        .map(|s| i64::try_from(s.started_at_unix_ms).unwrap_or(i64::MAX))
+        .unwrap_or_else(|| now_ms() - i64::try_from(age.as_millis()).unwrap_or(0));
+    let source = summary.as_ref().and_then(|s| s.legs.first()).map(|l| l.source.as_str()).unwrap_or("");
+    let (source, line) = source_and_line(source);
+    CallStart { id: call.to_owned(), source, line, started_unix_ms, ..Default::default() }
+}
+
+/// The registry's leg source ("alsa hw:1,0 line sales-3", "spool NAME", "10.0.0.5:40112")
+/// as the store keeps it: the input kind, and the line or the peer's address.
+fn source_and_line(source: &str) -> (String, String) {
+    if let Some(rest) = source.strip_prefix("alsa ") {
+        let line = rest.rsplit_once(" line ").map(|(_, l)| l).unwrap_or("");
+        ("alsa".into(), line.into())
+    } else if source.starts_with("spool") {
+        ("spool".into(), String::new())
+    } else if let Ok(peer) = source.parse::<std::net::SocketAddr>() {
+        ("audiosocket".into(), peer.ip().to_string())
+    } else {
+        // Gone from the registry already (a spooled call says so itself, see CallInfo).
+        ("unknown".into(), String::new())
+    }
+}
+
+fn stored_utterance(view: &UtteranceView, unmasked: Option<&str>) -> StoredUtterance {
+    let intents = view.intent.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
+    let confidence = view.intent.as_ref().map(|c| c.confidence);
+    StoredUtterance {
+        index: view.index as u64,
+        leg: view.leg.name().to_owned(),
+        start_secs: view.start_secs,
+        end_secs: view.end_secs,
+        text: view.text.clone(),
+        unmasked: unmasked.map(str::to_owned),
+        intents,
+        emotion: view.emotion.map(|e| e.name().to_owned()),
+        phase: Some(name_of(&view.phase)),
+        facts: Some(serde_json::json!({
+            "pii": view.pii.iter().map(name_of).collect::<Vec<_>>(),
+            "rules": view.rules,
+            "confidence": confidence,
+        })),
     }
 }
 
@@ -311,7 +427,7 @@ pub async fn run(
     let open = understanding.core.calls_in_progress();
     log::info!(component = COMPONENT; "stopping: {drained} speech events drained, {open} calls finished at shutdown");
     let actions = understanding.core.finish_all(Instant::now());
-    understanding.perform(actions).await;
+    understanding.perform(actions, &registry, None).await;
     health.set(COMPONENT, HealthState::Stopped, "stopped");
     Ok(())
 }
