@@ -140,7 +140,7 @@ fn completions_and_man_pages_are_generated_from_the_cli_definition() {
 
 #[test]
 fn doctor_passes_against_a_healthy_daemon_and_fails_without_one() {
-    let daemon = TestDaemon::start("storage.min_free_mb = 1", &[]);
+    let daemon = TestDaemon::start("storage.min_free_mb = 1\nstorage.refuse_calls_below_mb = 1", &[]);
     let out = daemon.cli(&["doctor", "--json"]);
     let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let verdict = |name: &str| {

@@ -232,6 +232,10 @@ pub enum BenchCommand {
         /// Calls per transaction (group commit); 1 = a transaction per call.
         #[arg(long, default_value_t = 32)]
         batch: usize,
+        /// Stream calls as the daemon does instead: through the store thread, this many
+        /// calls at a time, one utterance per write; the store in --dir is kept and added to.
+        #[arg(long, value_name = "CALLS", requires = "dir")]
+        stream: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -374,9 +378,14 @@ pub fn main() -> u8 {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
         }
-        Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, batch, json }) => {
-            crate::offline::bench_store(dir.as_deref(), calls, utterances, reads, batch, json)
-                .unwrap_or_else(Failure::report)
+        Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, batch, stream, json }) => {
+            match (stream, dir) {
+                (Some(concurrent), Some(dir)) => {
+                    crate::offline::bench_store_stream(dir, calls, utterances, concurrent, json)
+                }
+                _ => crate::offline::bench_store(dir.as_deref(), calls, utterances, reads, batch, json),
+            }
+            .unwrap_or_else(Failure::report)
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -167,11 +167,15 @@ pub struct StorageConfig {
     pub min_free_mb: u64,
     /// How often the data directory is checked (writable, free space).
     pub check_interval_secs: u64,
+    /// Below this much free space new calls are refused (AudioSocket: hung up with the
+    /// reason; spool: postponed; ALSA: not started), so the store never has to refuse the
+    /// utterances of a call it took; calls in progress go on. 0: never refuse.
+    pub refuse_calls_below_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { min_free_mb: 1024, check_interval_secs: 30 }
+        Self { min_free_mb: 1024, check_interval_secs: 30, refuse_calls_below_mb: 256 }
     }
 }
 
@@ -651,7 +655,7 @@ impl Config {
         let sp2 = &self.speech;
         let al = &self.alsa;
         let st = &self.store;
-        let ranges: [(&str, u64, u64, u64); 28] = [
+        let ranges: [(&str, u64, u64, u64); 29] = [
             ("store.audio_days", u64::from(st.audio_days), 0, 36_500),
             ("store.transcript_days", u64::from(st.transcript_days), 0, 36_500),
             ("store.metadata_days", u64::from(st.metadata_days), 0, 36_500),
@@ -680,6 +684,7 @@ impl Config {
             ("spool.max_file_mb", sp.max_file_mb, 1, 4096),
             ("storage.check_interval_secs", s.check_interval_secs, 1, 3600),
             ("storage.min_free_mb", s.min_free_mb, 0, 16 * 1024 * 1024),
+            ("storage.refuse_calls_below_mb", s.refuse_calls_below_mb, 0, 16 * 1024 * 1024),
         ];
         for (key, value, lo, hi) in ranges {
             check((lo..=hi).contains(&value), key, format!("must be between {lo} and {hi}, got {value}"));
@@ -730,6 +735,14 @@ impl Config {
         {
             check(is_valid_group_name(name), key, format!("{name:?} is not a valid group name"));
         }
+        check(
+            s.refuse_calls_below_mb <= s.min_free_mb,
+            "storage.refuse_calls_below_mb",
+            format!(
+                "must not exceed storage.min_free_mb ({}): the box reports low space before it refuses calls, got {}",
+                s.min_free_mb, s.refuse_calls_below_mb
+            ),
+        );
         let outlives = |longer: u32, shorter: u32| longer == 0 || (shorter != 0 && shorter <= longer);
         check(
             outlives(st.metadata_days, st.transcript_days) && outlives(st.metadata_days, st.audio_days),

@@ -250,7 +250,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         Component::new(
             "storage",
             Stage::Inputs,
-            storage::monitor(data_dir.clone(), config_rx.clone(), health.clone(), shutdown.clone()),
+            storage::monitor(data_dir.clone(), config_rx.clone(), calls.clone(), health.clone(), shutdown.clone()),
         ),
         Component::new(
             "customers",

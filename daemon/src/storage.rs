@@ -118,6 +118,17 @@ pub fn assess(report: &DirReport, min_free_mb: u64) -> (HealthState, String) {
     }
 }
 
+/// Why new calls must be refused, if they must: less free space than `below_mb` (0: never).
+pub fn refuse_calls(report: &DirReport, below_mb: u64) -> Option<String> {
+    let free = report.free_bytes?;
+    (below_mb > 0 && free < below_mb.saturating_mul(1024 * 1024)).then(|| {
+        format!(
+            "only {} free in the data directory, below storage.refuse_calls_below_mb = {below_mb}",
+            human_bytes(free)
+        )
+    })
+}
+
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -137,17 +148,32 @@ pub fn human_bytes(bytes: u64) -> String {
 pub async fn monitor(
     dir: PathBuf,
     mut config: watch::Receiver<Arc<RunningConfig>>,
+    calls: crate::calls::registry::CallRegistry,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), StorageError> {
     let mut last_state = None;
+    let mut last_refusal: Option<String> = None;
     loop {
         let storage = config.borrow_and_update().config.storage.clone();
         let probe_dir = dir.clone();
         let report = tokio::task::spawn_blocking(move || probe(&probe_dir))
             .await
             .unwrap_or(DirReport { free_bytes: None, writable: Err("probe task failed".into()) });
-        let (state, detail) = assess(&report, storage.min_free_mb);
+        let (state, mut detail) = assess(&report, storage.min_free_mb);
+        let refusal = refuse_calls(&report, storage.refuse_calls_below_mb);
+        if refusal != last_refusal {
+            match &refusal {
+                Some(why) => log::error!(component = COMPONENT; "refusing new calls: {why}"),
+                None if last_refusal.is_some() => log::info!(component = COMPONENT; "taking new calls again"),
+                None => {}
+            }
+            calls.refuse_new_calls(refusal.clone());
+            last_refusal = refusal.clone();
+        }
+        if let Some(why) = &refusal {
+            detail = format!("REFUSING NEW CALLS ({why}); {detail}");
+        }
         if last_state != Some(state) {
             match state {
                 HealthState::Ok => log::info!(component = COMPONENT; "data directory {}: {detail}", dir.display()),
@@ -171,6 +197,15 @@ pub async fn monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_calls_are_refused_only_below_their_own_threshold() {
+        let report = DirReport { free_bytes: Some(100 << 20), writable: Ok(()) };
+        assert_eq!(refuse_calls(&report, 64), None);
+        assert!(refuse_calls(&report, 128).is_some_and(|why| why.contains("100.0 MiB free")));
+        assert_eq!(refuse_calls(&report, 0), None, "0 never refuses");
+        assert_eq!(refuse_calls(&DirReport { free_bytes: None, writable: Ok(()) }, 128), None);
+    }
 
     #[test]
     fn low_space_and_unwritable_are_degraded() {

@@ -67,6 +67,10 @@ pub enum Refusal {
     LegAlreadyOpen { call: String, leg: Leg },
     #[error("at capacity: {max_calls} concurrent calls (calls.max_concurrent)")]
     AtCapacity { max_calls: usize },
+    /// The data directory is nearly full: new calls are refused so the store never has to
+    /// refuse the utterances of calls it took; calls in progress go on.
+    #[error("refusing new calls: {reason}")]
+    DiskFull { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +124,8 @@ const MAX_DTMF: usize = 64;
 
 #[derive(Debug)]
 pub struct CallTable {
+    /// Why new calls are refused for now (the data directory is nearly full).
+    refusing: Option<String>,
     max_calls: usize,
     calls: BTreeMap<String, CallEntry>,
     pub total_started: u64,
@@ -128,7 +134,13 @@ pub struct CallTable {
 
 impl CallTable {
     pub fn new(max_calls: usize) -> Self {
-        Self { max_calls, calls: BTreeMap::new(), total_started: 0, total_refused: 0 }
+        Self { max_calls, calls: BTreeMap::new(), total_started: 0, total_refused: 0, refusing: None }
+    }
+
+    /// New calls are refused with `reason` until this is given None (legs of calls already
+    /// admitted still open).
+    pub fn refuse_new_calls(&mut self, reason: Option<String>) {
+        self.refusing = reason;
     }
 
     pub fn set_max_calls(&mut self, max_calls: usize) {
@@ -148,6 +160,9 @@ impl CallTable {
             }
             Some(_) => None,
             None if self.calls.len() >= self.max_calls => Some(Refusal::AtCapacity { max_calls: self.max_calls }),
+            None if self.refusing.is_some() => {
+                Some(Refusal::DiskFull { reason: self.refusing.clone().unwrap_or_default() })
+            }
             None => None,
         };
         match refusal {
@@ -304,6 +319,20 @@ mod tests {
         assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(Refusal::AtCapacity { max_calls: 1 })));
         assert_eq!(t.total_refused, 2);
         t.handle(closed("a", Leg::Customer), now);
+        assert_eq!(t.admit("b", Leg::Customer), Admission::Admitted);
+    }
+
+    #[test]
+    fn a_nearly_full_disk_refuses_new_calls_but_not_the_legs_of_admitted_ones() {
+        let now = Stamp { wall: SystemTime::now(), mono: Instant::now() };
+        let mut t = CallTable::new(8);
+        t.handle(opened("a", Leg::Customer), now);
+        t.refuse_new_calls(Some("only 10 MiB free".into()));
+        assert!(
+            matches!(t.admit("b", Leg::Customer), Admission::Refused(Refusal::DiskFull { reason }) if reason == "only 10 MiB free")
+        );
+        assert_eq!(t.admit("a", Leg::Agent), Admission::Admitted, "a call in progress is never cut short");
+        t.refuse_new_calls(None);
         assert_eq!(t.admit("b", Leg::Customer), Admission::Admitted);
     }
 

@@ -40,6 +40,11 @@ impl CallRegistry {
         self.with(|t| t.set_max_calls(max_calls));
     }
 
+    /// New calls are refused with `reason` (the data directory is nearly full), or taken again.
+    pub fn refuse_new_calls(&self, reason: Option<String>) {
+        self.with(|t| t.refuse_new_calls(reason));
+    }
+
     /// Admits and opens a leg in one step, or says why not.
     pub fn open(&self, call: &str, leg: Leg, source: &str) -> Result<LegGuard, Refusal> {
         let actions = self.with(|t| match t.admit(call, leg) {

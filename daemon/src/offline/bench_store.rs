@@ -117,3 +117,103 @@ pub fn bench_store(
     }
     Ok(exit::OK)
 }
+
+/// `bench store --stream`: calls written the way the daemon writes them, through the
+/// store thread (`CallVault`): `concurrent` calls at a time, each begun, fed one utterance
+/// per write, given a rule hit and finished, interleaved with the others, every write
+/// queued and group-committed by the thread. The store under `dir/state` is kept, with its
+/// master key file, and a new run adds to it: that is what the kill -9 test drives.
+pub fn bench_store_stream(
+    dir: &Path,
+    calls: usize,
+    utterances: usize,
+    concurrent: usize,
+    json: bool,
+) -> Result<u8, Failure> {
+    use crate::store::live::CallVault;
+    use crate::store::StoredHit;
+    let fail = |e: crate::store::StoreError| Failure::new(exit::FAILURE, e.to_string());
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state)
+        .map_err(|e| Failure::new(exit::OS_ERROR, format!("cannot create {}: {e}", state.display())))?;
+    let (vault, thread) = CallVault::open(&state, None, &crate::config::StoreConfig::default()).map_err(fail)?;
+    let utterance = |i: u64| StoredUtterance {
+        index: i,
+        leg: if i % 2 == 0 { "agent".into() } else { "customer".into() },
+        start_secs: i as f64 * 3.0,
+        end_secs: i as f64 * 3.0 + 2.5,
+        text: format!("第{i}句 您好 这边是客服中心 想跟您确认一下本月的账单"),
+        unmasked: None,
+        intents: vec![],
+        emotion: Some("neutral".into()),
+        phase: Some("opening".into()),
+        facts: None,
+    };
+    let run = std::process::id();
+    let started = Instant::now();
+    let mut live: Vec<(String, u64)> = Vec::new();
+    let (mut begun, mut finished) = (0usize, 0usize);
+    while finished < calls {
+        while live.len() < concurrent.max(1) && begun < calls {
+            let id = format!("stream-{run}-{begun:07}");
+            let start = CallStart {
+                id: id.clone(),
+                source: "bench".into(),
+                started_unix_ms: crate::store::live::now_ms(),
+                ..Default::default()
+            };
+            vault.write_blocking(StoreOp::Begin(start)).map_err(fail)?;
+            live.push((id, 0));
+            begun += 1;
+        }
+        for (id, said) in live.iter_mut() {
+            vault
+                .write_blocking(StoreOp::Append { call: id.clone(), utterances: vec![utterance(*said)] })
+                .map_err(fail)?;
+            *said += 1;
+        }
+        let mut still = Vec::with_capacity(live.len());
+        for (id, said) in live.drain(..) {
+            if said < utterances as u64 {
+                still.push((id, said));
+                continue;
+            }
+            let hit = StoredHit {
+                rule: "bench".into(),
+                severity: "info".into(),
+                event: None,
+                reason: "a streamed call".into(),
+                at_secs: 1.0,
+                utterances: vec![0],
+            };
+            vault.write_blocking(StoreOp::Hits { call: id.clone(), hits: vec![hit] }).map_err(fail)?;
+            let end =
+                CallEnd { ended_unix_ms: crate::store::live::now_ms(), phase: "closing".into(), ..Default::default() };
+            vault.write_blocking(StoreOp::Finish { call: id, end }).map_err(fail)?;
+            finished += 1;
+        }
+        live = still;
+    }
+    let counters = thread.close_blocking().map_err(fail)?;
+    let secs = started.elapsed().as_secs_f64();
+    let (calls_per_sec, writes_per_commit) =
+        (calls as f64 / secs, counters.written as f64 / counters.batches.max(1) as f64);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "calls": calls, "utterances_per_call": utterances, "concurrent": concurrent, "secs": secs,
+                "calls_per_sec": calls_per_sec, "writes": counters.written, "commits": counters.batches,
+                "refused": counters.failed,
+            })
+        );
+    } else {
+        println!(
+            "{calls} calls × {utterances} utterances streamed through the store thread, {concurrent} at a time, \
+             one utterance per write, in {secs:.2} s: {calls_per_sec:.0} calls/s; {} writes in {} group commits \
+             ({writes_per_commit:.1} per commit), {} refused",
+            counters.written, counters.batches, counters.failed
+        );
+    }
+    Ok(if counters.failed == 0 { exit::OK } else { exit::FAILURE })
+}

@@ -22,7 +22,7 @@ mod transcribe;
 pub use analyze::analyze;
 pub use bench_asr::bench_asr;
 pub use bench_intent::bench_intent;
-pub use bench_store::bench_store;
+pub use bench_store::{bench_store, bench_store_stream};
 pub use classify::classify;
 pub use transcribe::transcribe;
 

@@ -232,6 +232,17 @@ impl CallVault {
     }
 }
 
+impl VaultThread {
+    /// Closes the store from a plain thread (the offline bench): everything queued is
+    /// written, the connections closed, the thread joined; returns the final counters.
+    pub fn close_blocking(self) -> Result<VaultCounters, StoreError> {
+        let VaultThread { handle, thread } = self;
+        let _ = handle.jobs.blocking_send(Job::Close);
+        thread.join().map_err(|_| StoreError::Thread("the store thread panicked".into()))?;
+        Ok(handle.counters())
+    }
+}
+
 /// One group commit; on refusal, each operation alone.
 fn write(store: &mut CallStore, batch: &[StoreOp], counters: &Counters) {
     counters.batches.fetch_add(1, Ordering::Relaxed);
