@@ -4,6 +4,7 @@
 //! erasure, key rotation, the audit trail) and audits every decrypting access.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -118,10 +119,6 @@ pub fn parse_since(text: &str, now_unix_ms: i64) -> Result<i64, Failure> {
     Ok(now_unix_ms - n * unit)
 }
 
-fn now_ms() -> i64 {
-    crate::store::live::now_ms()
-}
-
 fn stamp(ms: i64) -> String {
     crate::logging::utc_timestamp(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
@@ -131,7 +128,7 @@ fn stamp(ms: i64) -> String {
 pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
     match command {
         CallsCommand::List { since, customer, event, limit, json } => {
-            let since_unix_ms = since.as_deref().map(|s| parse_since(s, now_ms())).transpose()?;
+            let since_unix_ms = since.as_deref().map(|s| parse_since(s, crate::store::now_ms())).transpose()?;
             let request = Request::CallsList {
                 since_unix_ms,
                 caller: customer.clone(),
@@ -163,7 +160,7 @@ pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode_0600()
+                .mode(0o600)
                 .open(out)
                 .map_err(|e| Failure::new(exit::FAILURE, format!("cannot create {}: {e}", out.display())))?;
             let written = (|| {
@@ -191,16 +188,6 @@ pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
                 }
             }
         }
-    }
-}
-
-trait Private {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Private for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 
@@ -308,7 +295,7 @@ pub fn audit(socket: &Path, command: &AuditCommand) -> Result<u8, Failure> {
             Ok(if reply.ok { exit::OK } else { exit::FAILURE })
         }
         AuditCommand::Show { since, json } => {
-            let since_unix_ms = since.as_deref().map(|s| parse_since(s, now_ms())).transpose()?;
+            let since_unix_ms = since.as_deref().map(|s| parse_since(s, crate::store::now_ms())).transpose()?;
             let reply = match ask(socket, Request::AuditShow { since_unix_ms })? {
                 Response::Audit(reply) => reply,
                 other => return Err(unexpected(&other)),

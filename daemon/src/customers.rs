@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
+use crate::store::now_ms;
 
 const COMPONENT: &str = "customers";
 
@@ -462,12 +463,11 @@ impl Customers {
         .await
     }
 
-    /// Erases a caller from the customer store; returns their keyed hash and the rows deleted.
-    pub async fn forget(&self, caller: &str) -> Result<(String, usize), CustomerError> {
-        let customer = self.hasher.customer_id(caller)?;
-        let id = customer.clone();
-        let rows = self.run(move |s| s.forget(&id)).await?;
-        Ok((customer, rows))
+    /// Erases a customer (by keyed hash, `customer_id`) from the customer store; returns
+    /// the rows deleted.
+    pub async fn forget(&self, customer: &str) -> Result<usize, CustomerError> {
+        let customer = customer.to_owned();
+        self.run(move |s| s.forget(&customer)).await
     }
 
     pub async fn by_caller(&self, caller: &str) -> Result<Option<CustomerRecord>, CustomerError> {
@@ -504,12 +504,6 @@ pub async fn run(store: StoreThread, health: HealthBoard, mut shutdown: Shutdown
 
 fn check_call_id(call: &str) -> Result<(), CustomerError> {
     crate::calls::check_call_id(call).map_err(CustomerError::BadInput)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -293,7 +293,7 @@ fn call_store(config: &Config, data_dir: &Path, socket: &Path) -> Check {
     notes.push("integrity ok".into());
     if let Ok(Response::StoreStats(stats)) = client::request(socket, Request::StoreStats {}) {
         notes.push(format!("{} calls, {:.1} MiB", stats.calls, stats.bytes as f64 / (1024.0 * 1024.0)));
-        let now = crate::store::live::now_ms();
+        let now = crate::store::now_ms();
         let allowed_ms = (config.store.sweep_interval_mins as i64 * 2 + 5) * 60_000;
         if let Some(at) = stats.last_sweep_unix_ms {
             if now - at > allowed_ms {

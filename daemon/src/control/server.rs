@@ -437,7 +437,7 @@ async fn respond(
         if let Some(vault) = &ctx.vault {
             // A refused request is part of the processing record (PIPL Art. 55).
             let (actor, kind) = (actor(peer.uid, role), request.kind());
-            let now = crate::store::live::now_ms();
+            let now = crate::store::now_ms();
             if let Err(e) = vault.run(move |s| s.audit(&actor, kind, "-", "refused: needs the admin role", now)).await {
                 log::error!(component = COMPONENT; "refusal not audited: {e}");
             }
@@ -502,7 +502,7 @@ async fn store_request(
     who: &str,
 ) -> Response {
     use crate::control::protocol as wire;
-    let now = crate::store::live::now_ms();
+    let now = crate::store::now_ms();
     let result: Result<Response, crate::store::StoreError> = match request {
         Request::CallsList { since_unix_ms, caller, event, limit } => {
             let customer = match caller.map(|c| ctx.customers.customer_id(&c)).transpose() {
@@ -533,8 +533,8 @@ async fn store_request(
             // store's rows; both are idempotent, so a failure half-way is fixed by repeating.
             let id = customer.clone();
             match vault.run(move |s| s.forget(&id, &actor, now)).await {
-                Ok(forgotten) => match ctx.customers.forget(&caller).await {
-                    Ok((_, rows)) => {
+                Ok(forgotten) => match ctx.customers.forget(&customer).await {
+                    Ok(rows) => {
                         log::info!(component = COMPONENT; "{who} erased customer {customer}: {} calls, {rows} customer rows", forgotten.calls);
                         Ok(Response::Forgotten(wire::ForgottenReply {
                             customer,

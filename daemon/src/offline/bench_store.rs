@@ -159,7 +159,7 @@ pub fn bench_store_stream(
             let start = CallStart {
                 id: id.clone(),
                 source: "bench".into(),
-                started_unix_ms: crate::store::live::now_ms(),
+                started_unix_ms: crate::store::now_ms(),
                 ..Default::default()
             };
             vault.write_blocking(StoreOp::Begin(start)).map_err(fail)?;
@@ -187,8 +187,7 @@ pub fn bench_store_stream(
                 utterances: vec![0],
             };
             vault.write_blocking(StoreOp::Hits { call: id.clone(), hits: vec![hit] }).map_err(fail)?;
-            let end =
-                CallEnd { ended_unix_ms: crate::store::live::now_ms(), phase: "closing".into(), ..Default::default() };
+            let end = CallEnd { ended_unix_ms: crate::store::now_ms(), phase: "closing".into(), ..Default::default() };
             vault.write_blocking(StoreOp::Finish { call: id, end }).map_err(fail)?;
             finished += 1;
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::master::{self, KeySource};
-use super::{CallStore, Retention, StoreError, StoreOp};
+use super::{now_ms, CallStore, Retention, StoreError, StoreOp};
 use crate::config::{RunningConfig, StoreConfig};
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 
@@ -266,12 +266,6 @@ fn write(store: &mut CallStore, batch: &[StoreOp], counters: &Counters) {
 
 fn closed() -> StoreError {
     StoreError::Thread("the call store is closed (the daemon is stopping)".into())
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Retention from the configuration.

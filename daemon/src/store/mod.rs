@@ -370,9 +370,7 @@ impl CallStore {
         self.keys.execute("UPDATE meta SET value = ?1 WHERE key = 'master_id'", [&new])?;
         self.master = next;
         let actor = Actor { uid: nix::unistd::geteuid().as_raw(), role: "store".into() };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = now_ms();
         self.audit(&actor, "key_rotation", "-", &format!("ok: {done} keys re-wrapped, master {old} -> {new}"), now)?;
         Ok(done)
     }
@@ -1002,6 +1000,13 @@ impl CallStore {
         }
         Ok(if out.is_empty() { "ok".into() } else { out.join("\n") })
     }
+}
+
+/// The wall clock in ms since the epoch (audit entries, call times); 0 before 1970.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The first column of every row.

@@ -36,7 +36,8 @@ use crate::pii;
 use crate::speech::live::{SpeechEvent, UtteranceEvent};
 use crate::speech::prosody::Prosody;
 use crate::speech::{ModelSet, SpeechError};
-use crate::store::live::{now_ms, CallVault};
+use crate::store::live::CallVault;
+use crate::store::now_ms;
 use crate::store::{CallEnd, CallInfo, CallStart, StoreOp, StoredHit, StoredUtterance};
 
 const COMPONENT: &str = "understanding";
