@@ -65,10 +65,10 @@ fn callers_are_customers_by_keyed_hash_kept_across_calls_and_restarts() {
 
     // Private files, and no number in the database.
     let data = d.dir.path().join("data");
-    for (file, mode) in [("customers.sqlite", 0o600), ("keys/caller-hash.key", 0o600), ("keys", 0o700)] {
+    for (file, mode) in [("store/customers.sqlite", 0o600), ("store/caller-hash.key", 0o600), ("store", 0o700)] {
         assert_eq!(std::fs::metadata(data.join(file)).unwrap().mode() & 0o777, mode, "{file}");
     }
-    let db = std::fs::read(data.join("customers.sqlite")).unwrap();
+    let db = std::fs::read(data.join("store/customers.sqlite")).unwrap();
     assert!(!db.windows(11).any(|w| w == b"13800138000"));
 
     // Kept across a restart (and a second start reuses the key: same id).

@@ -27,6 +27,7 @@ const CORES: &[&str] = &[
     "speech::vad",
     "speech::whisper",
     "speech::zh",
+    "store::audio",
     "store::audit",
     "store::crypto",
     "understanding",

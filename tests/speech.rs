@@ -284,7 +284,8 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     .unwrap();
     let settings = format!(
         "audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, \
-         {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\nunderstanding.rules_file = \"{}\"",
+         {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\nunderstanding.rules_file = \"{}\"\n\
+         store.keep_audio = true",
         rules.display()
     );
     let d = speech_daemon(dir, &settings, &[]);
@@ -345,6 +346,18 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     assert_eq!(speech["utterances"], 1, "{speech}");
     let audio_secs = speech["audio_secs"].as_f64().unwrap();
     assert!((audio_secs - audio.len() as f64 / 8000.0).abs() < 0.05, "{speech}");
+    // store.keep_audio: both legs are in the call store, sealed; an admin gets the
+    // customer's back exactly as the line carried it (µ-law), and the agent's too.
+    let wav = d.dir.path().join("customer.wav");
+    let out = d.cli(&["calls", "audio", call, "--leg", "customer", "--out", wav.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", crate::support::stderr_of(&out));
+    let back = callbox::audio::wav::parse(&std::fs::read(&wav).unwrap()).unwrap();
+    let expected = callbox::audio::g711::decode_ulaw(&callbox::audio::g711::encode_ulaw(&audio));
+    assert_eq!((back.sample_rate, back.channels[0].len()), (8000, expected.len()));
+    assert!(back.channels[0] == expected, "the customer's leg differs from what was sent");
+    let shown = d.cli(&["calls", "show", call, "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["call"]["audio_secs"]["agent"].as_f64(), Some(160.0 / 8000.0), "{shown}");
 }
 
 #[test]

@@ -44,7 +44,7 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
     let spool = dir.path().join("spool");
     let settings = format!(
         "speech.encoder_buckets_secs = [8]\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\n\
-         control.technician_group = \"nogroup\"\nstore.keep_unmasked = true",
+         control.technician_group = \"nogroup\"\nstore.keep_unmasked = true\nstore.keep_audio = true",
         spool.display()
     );
     let d = TestDaemon::start_in(dir, &settings, &[("CALLBOX_MODELS_DIR", MODELS)]);
@@ -87,6 +87,23 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
         assert_eq!(std::fs::metadata(data.join(file)).unwrap().mode() & 0o777, mode, "{file}");
     }
 
+    // The recording moved into the store (keep_audio): its µ-law bytes are in no file in
+    // clear, and an admin gets the leg back sample for sample.
+    let clip = callbox::audio::wav::parse(&std::fs::read(CLIP).unwrap()).unwrap();
+    let mulaw = callbox::audio::g711::encode_ulaw(&clip.channels[0]);
+    let middle = &mulaw[mulaw.len() / 2..mulaw.len() / 2 + 64];
+    assert_eq!(files_containing(&data, middle), Vec::<String>::new(), "the recording's audio in clear");
+    let shown = json(&d.cli(&["calls", "show", "spool:call-1", "--json"]));
+    let kept_secs = shown["call"]["audio_secs"]["customer"].as_f64().unwrap_or_default();
+    assert!((kept_secs - clip.duration_secs()).abs() < 0.01, "{kept_secs} s kept of {}: {shown}", clip.duration_secs());
+    let wav_out = d.dir.path().join("customer.wav");
+    let out = d.cli(&["calls", "audio", "spool:call-1", "--leg", "customer", "--out", wav_out.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(std::fs::metadata(&wav_out).unwrap().mode() & 0o777, 0o600);
+    let back = callbox::audio::wav::parse(&std::fs::read(&wav_out).unwrap()).unwrap();
+    assert_eq!(back.sample_rate, clip.sample_rate);
+    assert_eq!(back.channels[0], callbox::audio::g711::decode_ulaw(&mulaw), "the leg comes back sample for sample");
+
     // Root is an admin: decrypts (masked and, kept here, unmasked text).
     let shown = json(&d.cli(&["calls", "show", "spool:call-1", "--transcript", "--json"]));
     let text = shown["utterances"][0]["text"].as_str().unwrap_or_default().to_owned();
@@ -105,6 +122,7 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
     for denied in [
         &["calls", "show", "spool:call-1", "--transcript"][..],
         &["calls", "export", "spool:call-1", "--out", "/tmp/callbox-test-never-written.json"],
+        &["calls", "audio", "spool:call-1", "--out", "/tmp/callbox-test-never-written.wav"],
         &["customer", "forget", CALLER],
         &["audit", "show"],
         &["keys", "rotate"],
@@ -114,6 +132,7 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
         assert!(stderr_of(&out).contains("needs the admin role"), "{}", stderr_of(&out));
     }
     assert!(!Path::new("/tmp/callbox-test-never-written.json").exists());
+    assert!(!Path::new("/tmp/callbox-test-never-written.wav").exists());
     assert!(json(&as_nobody(&["audit", "verify", "--json"]))["ok"] == true);
 
     // Export: a 0600 file, never over an existing one.
@@ -132,7 +151,7 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
             e["uid"] == uid && e["action"] == action && e["outcome"].as_str().unwrap_or("").starts_with(outcome)
         })
     };
-    assert!(has(0, "transcript_read", "ok") && has(0, "export", "ok"), "{audit}");
+    assert!(has(0, "transcript_read", "ok") && has(0, "export", "ok") && has(0, "audio_read", "ok"), "{audit}");
     assert!(has(65534, "calls_show_transcript", "refused") && has(65534, "customer_forget", "refused"), "{audit}");
     let audit_text = audit.to_string();
     assert!(!audit_text.contains(CALLER) && !SAID.iter().any(|w| audit_text.contains(w)), "{audit_text}");
@@ -147,6 +166,9 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
     assert_eq!(after["call"]["status"], "forgotten");
     assert!(after["call"]["customer"].is_null() && after["call"]["tags"] == serde_json::json!([]), "{after}");
     assert!(json(&d.cli(&["customer", CALLER, "--json"]))["customer"].is_null());
+    let gone = d.dir.path().join("gone.wav");
+    let out = d.cli(&["calls", "audio", "spool:call-1", "--out", gone.to_str().unwrap()]);
+    assert!(!out.status.success() && !gone.exists(), "audio of a forgotten call: {}", stderr_of(&out));
 
     // Key rotation through the socket; the chain still holds; stats name the new key.
     let before = json(&d.cli(&["store", "stats", "--json"]))["master_key"].clone();
@@ -243,7 +265,8 @@ fn a_nearly_full_disk_refuses_new_calls_and_says_why_until_there_is_room() {
     let settings = |refuse_mb: u64| {
         format!(
             "speech.enabled = false\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\n\
-             storage.min_free_mb = 16777216\nstorage.refuse_calls_below_mb = {refuse_mb}\nstorage.check_interval_secs = 1",
+             storage.min_free_mb = 16777216\nstorage.refuse_calls_below_mb = {refuse_mb}\nstorage.check_interval_secs = 1\n\
+             storage.stop_audio_below_mb = 16777216",
             spool.display()
         )
     };

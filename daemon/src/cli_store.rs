@@ -50,6 +50,16 @@ pub enum CallsCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Writes one leg's stored audio (`store.keep_audio`) to FILE as a µ-law WAV (created
+    /// 0600, never overwritten; admins; every page audited).
+    Audio {
+        #[arg(value_name = "CALL")]
+        call: String,
+        #[arg(long, value_parser = ["customer", "agent"], default_value = "customer")]
+        leg: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,12 +167,7 @@ pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
         }
         CallsCommand::Export { call, out } => {
             // The file is claimed before asking, so a refused path costs no audited read.
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(out)
-                .map_err(|e| Failure::new(exit::FAILURE, format!("cannot create {}: {e}", out.display())))?;
+            let mut file = claim(out)?;
             let written = (|| {
                 let reply = match ask(socket, Request::CallsExport { call: call.clone() })? {
                     Response::StoredCall(reply) => reply,
@@ -188,7 +193,63 @@ pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
                 }
             }
         }
+        CallsCommand::Audio { call, leg, out } => {
+            let mut file = claim(out)?;
+            let written = (|| {
+                let (mut rate, mut mulaw, mut from_chunk) = (0, Vec::new(), 0);
+                let mut complete;
+                loop {
+                    let request = Request::CallsAudio { call: call.clone(), leg: leg.clone(), from_chunk };
+                    let page = match ask(socket, request)? {
+                        Response::CallAudio(page) => page,
+                        other => return Err(unexpected(&other)),
+                    };
+                    mulaw.extend(unhex(&page.mulaw_hex).ok_or_else(|| {
+                        Failure::new(exit::FAILURE, "the daemon sent audio that is not hex".to_owned())
+                    })?);
+                    (rate, complete) = (page.rate.max(rate), page.complete);
+                    match page.next_chunk {
+                        Some(next) if next > from_chunk => from_chunk = next,
+                        _ => break,
+                    }
+                }
+                file.write_all(&crate::store::audio::mulaw_wav(rate.max(1), &mulaw))
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| Failure::new(exit::FAILURE, format!("cannot write {}: {e}", out.display())))?;
+                Ok((mulaw.len() as f64 / f64::from(rate.max(1)), complete))
+            })();
+            match written {
+                Ok((secs, complete)) => {
+                    let cut =
+                        if complete { "" } else { " (cut short: the daemon stopped or the disk filled mid-call)" };
+                    println!(
+                        "call {call}, {leg} leg: {secs:.1} s of audio written to {} (mode 0600){cut}",
+                        out.display()
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(out);
+                    Err(e)
+                }
+            }
+        }
     }
+}
+
+/// Creates an export file: 0600, never over an existing one (nor through a link).
+fn claim(out: &Path) -> Result<std::fs::File, Failure> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot create {}: {e}", out.display())))
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+    text.as_bytes().chunks(2).map(|p| Some(digit(*p.first()?)? << 4 | digit(*p.get(1)?)?)).collect()
 }
 
 fn call_line(c: &wire::StoredCallItem) -> String {
@@ -244,6 +305,9 @@ fn render_call(r: &wire::StoredCallReply) -> String {
     }
     if !c.shredded.is_empty() {
         out += &format!("  shredded {}\n", c.shredded.join(", "));
+    }
+    for (leg, secs) in &c.audio_secs {
+        out += &format!("  audio    {leg}: {secs:.1} s (sealed; admins: callbox calls audio {} --leg {leg})\n", c.call);
     }
     for u in &r.utterances {
         out += &format!(
@@ -354,7 +418,7 @@ pub fn store(socket: &Path, command: &StoreCommand) -> Result<u8, Failure> {
              tombstones   {}\n\
              audit        {} entries\n\
              on disk      {:.1} MiB\n\
-             writes       {} ({} refused)\n\
+             writes       {} ({} refused, {} waiting for the disk; {} audio chunks not kept)\n\
              last sweep   {}\n",
             r.calls,
             r.open,
@@ -370,6 +434,8 @@ pub fn store(socket: &Path, command: &StoreCommand) -> Result<u8, Failure> {
             r.bytes as f64 / (1024.0 * 1024.0),
             r.writes,
             r.writes_refused,
+            r.writes_waiting,
+            r.audio_dropped,
             match (&r.last_sweep_unix_ms, &r.last_sweep) {
                 (Some(at), Some(what)) => format!("{}: {what}", stamp(*at)),
                 _ => "not yet".into(),

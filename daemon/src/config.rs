@@ -47,6 +47,9 @@ pub struct StoreConfig {
     /// Also keep the unmasked transcript, sealed under its own key (off: only the masked
     /// text is kept, and an admin's `calls show --transcript` shows that).
     pub keep_unmasked: bool,
+    /// Also keep both legs' audio (G.711 µ-law at the leg's rate, 5-s chunks sealed under
+    /// the call's audio key; a spooled recording is moved in). Off by default.
+    pub keep_audio: bool,
     /// Days from a call's start after which its audio key is shredded (0: keep).
     pub audio_days: u32,
     /// Days after which the transcript (masked and unmasked) is shredded (0: keep).
@@ -62,6 +65,7 @@ impl Default for StoreConfig {
         Self {
             enabled: true,
             keep_unmasked: false,
+            keep_audio: false,
             audio_days: 30,
             transcript_days: 180,
             metadata_days: 3 * 365,
@@ -171,11 +175,14 @@ pub struct StorageConfig {
     /// reason; spool: postponed; ALSA: not started), so the store never has to refuse the
     /// utterances of a call it took; calls in progress go on. 0: never refuse.
     pub refuse_calls_below_mb: u64,
+    /// Below this much free space the call store stops keeping audio (with
+    /// `store.keep_audio`) before anything else: the words of calls outrank their sound.
+    pub stop_audio_below_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { min_free_mb: 1024, check_interval_secs: 30, refuse_calls_below_mb: 256 }
+        Self { min_free_mb: 1024, check_interval_secs: 30, refuse_calls_below_mb: 256, stop_audio_below_mb: 1024 }
     }
 }
 
@@ -655,7 +662,7 @@ impl Config {
         let sp2 = &self.speech;
         let al = &self.alsa;
         let st = &self.store;
-        let ranges: [(&str, u64, u64, u64); 29] = [
+        let ranges: [(&str, u64, u64, u64); 30] = [
             ("store.audio_days", u64::from(st.audio_days), 0, 36_500),
             ("store.transcript_days", u64::from(st.transcript_days), 0, 36_500),
             ("store.metadata_days", u64::from(st.metadata_days), 0, 36_500),
@@ -685,6 +692,7 @@ impl Config {
             ("storage.check_interval_secs", s.check_interval_secs, 1, 3600),
             ("storage.min_free_mb", s.min_free_mb, 0, 16 * 1024 * 1024),
             ("storage.refuse_calls_below_mb", s.refuse_calls_below_mb, 0, 16 * 1024 * 1024),
+            ("storage.stop_audio_below_mb", s.stop_audio_below_mb, 0, 16 * 1024 * 1024),
         ];
         for (key, value, lo, hi) in ranges {
             check((lo..=hi).contains(&value), key, format!("must be between {lo} and {hi}, got {value}"));
@@ -741,6 +749,14 @@ impl Config {
             format!(
                 "must not exceed storage.min_free_mb ({}): the box reports low space before it refuses calls, got {}",
                 s.min_free_mb, s.refuse_calls_below_mb
+            ),
+        );
+        check(
+            s.stop_audio_below_mb >= s.refuse_calls_below_mb,
+            "storage.stop_audio_below_mb",
+            format!(
+                "must be at least storage.refuse_calls_below_mb ({}): audio stops being kept before calls are refused, got {}",
+                s.refuse_calls_below_mb, s.stop_audio_below_mb
             ),
         );
         let outlives = |longer: u32, shorter: u32| longer == 0 || (shorter != 0 && shorter <= longer);

@@ -1,14 +1,17 @@
 //! Customers across calls: tags kept per customer, where a customer is a keyed hash of the
 //! caller number (HMAC-SHA256 with a per-box secret), never the number itself.
 //!
-//! The store is SQLite in the data directory (`customers.sqlite`, 0600, WAL,
-//! `synchronous = FULL`: a tag written is a tag kept across a kill -9 or a power cut).
+//! The store is SQLite under the call store's directory (`store/customers.sqlite`, 0600 in a
+//! 0700 folder, WAL, `synchronous = FULL`: a tag written is a tag kept across a kill -9 or a
+//! power cut; `secure_delete`, so a forgotten customer's rows are overwritten, not left in
+//! free pages). Earlier versions kept it, and the key, at the top of the data directory:
+//! `Customers::open` moves them (`move_into_store`).
 //! Tags are recorded per call as the call raises them; once the call is linked to a caller
 //! (spool sidecar, `callbox call info`, the PBX sidecar) the call's tags, earlier and later,
 //! are the customer's. `converted` comes only from the PBX/CRM sidecar, possibly hours after
 //! the call, by call id.
 //!
-//! The secret (`keys/caller-hash.key`, 32 random bytes, 0600) is what makes a hash useless to
+//! The secret (`store/caller-hash.key`, 32 random bytes, 0600) is what makes a hash useless to
 //! anyone who copies the database: the space of phone numbers is small enough to hash whole.
 
 use std::io::Write;
@@ -26,8 +29,11 @@ use crate::store::now_ms;
 
 const COMPONENT: &str = "customers";
 
-pub const DATABASE_FILE: &str = "customers.sqlite";
-pub const KEY_FILE: &str = "keys/caller-hash.key";
+pub const DATABASE_FILE: &str = "store/customers.sqlite";
+pub const KEY_FILE: &str = "store/caller-hash.key";
+/// Where versions before the call store kept them (moved at the first start).
+const OLD_DATABASE_FILE: &str = "customers.sqlite";
+const OLD_KEY_FILE: &str = "keys/caller-hash.key";
 const KEY_BYTES: usize = 32;
 /// Longest caller number accepted, separators included (E.164 is at most 15 digits).
 pub const MAX_CALLER_CHARS: usize = 32;
@@ -152,6 +158,56 @@ pub struct CustomerRecord {
     pub tags: Vec<TagRecord>,
 }
 
+/// Moves the customer database and the caller-hash key of an earlier version from the top
+/// of the data directory into `store/` (0700). Crash-safe: each step is a rename within one
+/// file system, the WAL before its database (a database moved without its WAL would lose
+/// the last commits), and a start after a stop half-way finishes the job. Both an old and a
+/// new file present is refused: one of them would be lost.
+pub fn move_into_store(data_dir: &Path) -> Result<(), CustomerError> {
+    let store_dir = data_dir.join(crate::store::STORE_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&store_dir)
+        .map_err(|source| CustomerError::CreateDir { path: store_dir.clone(), source })?;
+    let wal = |f: &str| format!("{f}-wal");
+    let steps = [
+        (OLD_KEY_FILE.to_owned(), KEY_FILE.to_owned()),
+        (wal(OLD_DATABASE_FILE), wal(DATABASE_FILE)),
+        (OLD_DATABASE_FILE.to_owned(), DATABASE_FILE.to_owned()),
+    ];
+    let mut moved = false;
+    for (old, new) in &steps {
+        let (old, new) = (data_dir.join(old), data_dir.join(new));
+        if std::fs::symlink_metadata(&old).is_err() {
+            continue;
+        }
+        if std::fs::symlink_metadata(&new).is_ok() {
+            return Err(CustomerError::Key {
+                path: old.clone(),
+                source: std::io::Error::other(format!(
+                    "both {} and {} exist: keep the one in use (the newer), move the other away, and start again",
+                    old.display(),
+                    new.display()
+                )),
+            });
+        }
+        std::fs::rename(&old, &new).map_err(|source| CustomerError::Key { path: old.clone(), source })?;
+        moved = true;
+    }
+    if moved {
+        // The shared-memory index is rebuilt from the WAL; a stale one must not follow.
+        let _ = std::fs::remove_file(data_dir.join(format!("{OLD_DATABASE_FILE}-shm")));
+        for dir in [data_dir, store_dir.as_path()] {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| CustomerError::Key { path: dir.to_owned(), source })?;
+        }
+        log::info!(component = COMPONENT; "moved customers.sqlite and caller-hash.key into {}", store_dir.display());
+    }
+    Ok(())
+}
+
 /// The SQLite side. Every change is one transaction.
 pub struct CustomerStore {
     conn: Connection,
@@ -169,6 +225,7 @@ impl CustomerStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(db_err)?;
+        conn.pragma_update(None, "secure_delete", true).map_err(db_err)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
         match version {
             0 => {
@@ -376,6 +433,7 @@ impl Customers {
     /// Opens (creating on first start) the key and the database under the data directory
     /// and starts the store thread.
     pub fn open(data_dir: &Path) -> Result<(Self, StoreThread), CustomerError> {
+        move_into_store(data_dir)?;
         let hasher = CallerHasher::load_or_create(&data_dir.join(KEY_FILE))?;
         let mut store = CustomerStore::open(&data_dir.join(DATABASE_FILE))?;
         let (jobs, mut queue) = mpsc::channel::<Job>(STORE_QUEUE);
@@ -546,9 +604,50 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_layout_moves_into_the_store_whole_and_a_stop_half_way_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let hasher = CallerHasher::load_or_create(&data.join(OLD_KEY_FILE)).unwrap();
+        let customer = hasher.customer_id("13800138000").unwrap();
+        let mut old = CustomerStore::open(&data.join(OLD_DATABASE_FILE)).unwrap();
+        old.link_call("c1", &customer, 1_000).unwrap();
+        old.add_call_tags("c1", &["high_intent"], 2_000).unwrap();
+        // Left open (its WAL holds the commits) and copied as a crash would leave it.
+        let wal = std::fs::read(data.join("customers.sqlite-wal")).unwrap();
+        assert!(!wal.is_empty(), "the commits are in the WAL: the move must carry it");
+        let snapshot = tempfile::tempdir().unwrap();
+        for f in ["customers.sqlite", "customers.sqlite-wal"] {
+            std::fs::copy(data.join(f), snapshot.path().join(f)).unwrap();
+        }
+        std::mem::forget(old); // no checkpoint at close: the WAL stays the only copy
+        std::fs::remove_file(data.join("customers.sqlite-shm")).ok();
+        for f in ["customers.sqlite", "customers.sqlite-wal"] {
+            std::fs::copy(snapshot.path().join(f), data.join(f)).unwrap();
+        }
+        // A stop half-way: the key and the WAL moved, the database not yet.
+        std::fs::create_dir_all(data.join("store")).unwrap();
+        std::fs::rename(data.join(OLD_KEY_FILE), data.join(KEY_FILE)).unwrap();
+        std::fs::rename(data.join("customers.sqlite-wal"), data.join("store/customers.sqlite-wal")).unwrap();
+        move_into_store(data).unwrap();
+        assert!(!data.join(OLD_DATABASE_FILE).exists() && !data.join(OLD_KEY_FILE).exists());
+        let moved = CustomerStore::open(&data.join(DATABASE_FILE)).unwrap();
+        let record = moved.customer(&customer).unwrap().expect("the customer moved with the WAL");
+        assert_eq!((record.calls, record.tags[0].tag.as_str()), (1, "high_intent"));
+        let again = CallerHasher::load_or_create(&data.join(KEY_FILE)).unwrap();
+        assert_eq!(again.customer_id("+86 138-0013-8000").unwrap(), customer, "the same key moved");
+        move_into_store(data).unwrap(); // nothing left to do
+
+        // Both an old and a new file: refused, nothing touched.
+        std::fs::write(data.join(OLD_KEY_FILE), [1u8; KEY_BYTES]).unwrap();
+        let err = move_into_store(data).unwrap_err().to_string();
+        assert!(err.contains("both") && err.contains("caller-hash.key"), "{err}");
+        assert!(data.join(OLD_KEY_FILE).exists() && data.join(KEY_FILE).exists());
+    }
+
+    #[test]
     fn tags_follow_the_customer_across_calls_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(DATABASE_FILE);
+        let path = dir.path().join("customers.sqlite");
         let mut s = CustomerStore::open(&path).unwrap();
         // Call 1: tags before and after the caller is known.
         assert_eq!(s.add_call_tags("c1", &["price_sensitive"], 1_000).unwrap(), ["price_sensitive"]);

@@ -166,9 +166,11 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
     let vault = if cfg.store.enabled {
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let (dir, cred, store_cfg) = (data_dir.clone(), credentials, cfg.store.clone());
-        let opened =
-            tokio::task::spawn_blocking(move || crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg))
-                .await;
+        let audio_floor = cfg.storage.stop_audio_below_mb;
+        let opened = tokio::task::spawn_blocking(move || {
+            crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg, audio_floor)
+        })
+        .await;
         match opened {
             Ok(Ok(opened)) => Some(opened),
             Ok(Err(e)) => {
@@ -188,7 +190,11 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         None => (None, None),
     };
     let speech = match load_speech(cfg).await {
-        Ok(speech) => speech,
+        // With store.keep_audio every leg's worker also hands its audio to the store.
+        Ok(speech) => speech.map(|s| match vault.as_ref().filter(|v| v.keep_audio()) {
+            Some(vault) => s.keeping_audio(vault.clone()),
+            None => s,
+        }),
         Err(code) => return Err(code),
     };
     let understanding = match &speech {

@@ -305,6 +305,17 @@ fn call_store(config: &Config, data_dir: &Path, socket: &Path) -> Check {
                 );
             }
         }
+        if stats.writes_waiting > 0 {
+            return check(
+                NAME,
+                Verdict::Fail,
+                format!(
+                    "{}; {} writes waiting: the disk refuses them (full?): free space under the data directory",
+                    notes.join("; "),
+                    stats.writes_waiting
+                ),
+            );
+        }
         if stats.writes_refused > 0 {
             return check(
                 NAME,

@@ -89,12 +89,16 @@ pub struct DirReport {
     pub writable: Result<(), String>,
 }
 
-/// Looks at the directory: free space (statvfs) and a real write + fsync + delete.
+/// Free bytes for an unprivileged writer under `dir` (statvfs).
 // fsblkcnt_t and c_ulong are 32-bit on some targets: the casts are not no-ops everywhere.
 #[allow(clippy::unnecessary_cast)]
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(dir).ok().map(|s| (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+}
+
+/// Looks at the directory: free space (statvfs) and a real write + fsync + delete.
 pub fn probe(dir: &Path) -> DirReport {
-    let free_bytes =
-        nix::sys::statvfs::statvfs(dir).ok().map(|s| s.blocks_available() as u64 * s.fragment_size() as u64);
+    let free_bytes = free_bytes(dir);
     let probe_path = dir.join(PROBE_FILE);
     let writable = std::fs::File::create(&probe_path)
         .and_then(|mut f| {

@@ -197,6 +197,7 @@ impl From<crate::store::CallSummary> for wire::StoredCallItem {
             intents: c.intents,
             rule_hits: c.rule_hits.into_iter().map(Into::into).collect(),
             shredded: c.shredded,
+            audio_secs: c.audio_secs,
         }
     }
 }
@@ -259,6 +260,8 @@ pub fn store_stats(s: crate::store::StoreStats, c: crate::store::live::VaultCoun
         master_key: s.master_key,
         writes: c.written,
         writes_refused: c.failed,
+        writes_waiting: c.waiting,
+        audio_dropped: c.audio_dropped,
         last_sweep_unix_ms,
         last_sweep,
     }

@@ -81,6 +81,15 @@ pub enum Request {
     },
     /// One call, decrypted, for an export file the CLI writes 0600 (admins; audited).
     CallsExport { call: String },
+    /// One leg's stored audio from chunk `from_chunk` on, decrypted (admins; every page
+    /// audited). A reply carries at most `MAX_AUDIO_PAGE_BYTES`; `next_chunk` asks on.
+    CallsAudio {
+        call: String,
+        /// `customer` or `agent`.
+        leg: String,
+        #[serde(default)]
+        from_chunk: u32,
+    },
     /// Consent withdrawn: shred every call of this caller, delete their customer rows and
     /// tags, keep a tombstone (the hash only). Admins; idempotent.
     CustomerForget { caller: String },
@@ -125,6 +134,7 @@ impl Request {
             Self::CallsShow { transcript: false, .. } => "calls_show",
             Self::CallsShow { transcript: true, .. } => "calls_show_transcript",
             Self::CallsExport { .. } => "calls_export",
+            Self::CallsAudio { .. } => "calls_audio",
             Self::CustomerForget { .. } => "customer_forget",
             Self::AuditShow { .. } => "audit_show",
             Self::AuditVerify {} => "audit_verify",
@@ -149,6 +159,7 @@ impl Request {
             Self::Reload {}
             | Self::CallsShow { transcript: true, .. }
             | Self::CallsExport { .. }
+            | Self::CallsAudio { .. }
             | Self::CustomerForget { .. }
             | Self::AuditShow { .. }
             | Self::KeysRotate {} => Role::Admin,
@@ -184,6 +195,8 @@ pub enum Response {
     Calls(CallsReply),
     /// One stored call (`calls_show`, `calls_export`).
     StoredCall(Box<StoredCallReply>),
+    /// A page of one leg's audio (`calls_audio`).
+    CallAudio(CallAudioReply),
     Forgotten(ForgottenReply),
     Audit(AuditReply),
     AuditVerified(AuditVerifyReply),
@@ -221,6 +234,27 @@ pub struct StoredCallItem {
     pub rule_hits: Vec<StoredHitItem>,
     /// Data classes whose key is shredded (retention, erasure).
     pub shredded: Vec<String>,
+    /// Seconds of audio kept per leg (`store.keep_audio`).
+    #[serde(default)]
+    pub audio_secs: std::collections::BTreeMap<String, f64>,
+}
+
+/// Most µ-law bytes in one `calls_audio` reply (hex-encoded, the reply stays well under
+/// the CLI's 1 MiB): 50 s of a leg at 8 kHz.
+pub const MAX_AUDIO_PAGE_BYTES: usize = 400 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallAudioReply {
+    pub call: String,
+    pub leg: String,
+    /// Samples per second (µ-law, one byte a sample).
+    pub rate: u32,
+    /// The µ-law bytes, hex.
+    pub mulaw_hex: String,
+    /// Whether the leg's last chunk is in (false: cut short by a stop or a full disk).
+    pub complete: bool,
+    /// Ask again from here for the rest.
+    pub next_chunk: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -320,6 +354,12 @@ pub struct StoreStatsReply {
     pub master_key: String,
     pub writes: u64,
     pub writes_refused: u64,
+    /// Writes the disk refused for now, kept in memory and retried.
+    #[serde(default)]
+    pub writes_waiting: u64,
+    /// Audio chunks not kept (disk nearly full, or refusing writes).
+    #[serde(default)]
+    pub audio_dropped: u64,
     /// When retention last ran (ms since the epoch) and what it did.
     pub last_sweep_unix_ms: Option<i64>,
     pub last_sweep: Option<String>,
@@ -773,6 +813,7 @@ mod tests {
             Request::CallsList { since_unix_ms: Some(1), caller: Some("138".into()), event: None, limit: Some(5) },
             Request::CallsShow { call: "c".into(), transcript: true },
             Request::CallsExport { call: "c".into() },
+            Request::CallsAudio { call: "c".into(), leg: "agent".into(), from_chunk: 3 },
             Request::CustomerForget { caller: "138".into() },
             Request::AuditShow { since_unix_ms: None },
             Request::AuditVerify {},
@@ -907,8 +948,18 @@ mod tests {
                 master_key: "id".into(),
                 writes: 4,
                 writes_refused: 0,
+                writes_waiting: 2,
+                audio_dropped: 1,
                 last_sweep_unix_ms: None,
                 last_sweep: None,
+            }),
+            Response::CallAudio(CallAudioReply {
+                call: "c".into(),
+                leg: "customer".into(),
+                rate: 8000,
+                mulaw_hex: "ff7f".into(),
+                complete: false,
+                next_chunk: Some(10),
             }),
             Response::error(ErrorCode::ShuttingDown, "stopping"),
         ] {
@@ -942,6 +993,7 @@ mod tests {
                 utterances: vec![1],
             }],
             shredded: vec!["audio".into()],
+            audio_secs: [("customer".to_owned(), 12.5)].into(),
         }
     }
 

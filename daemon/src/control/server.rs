@@ -461,6 +461,7 @@ async fn respond(
         Request::CallsList { .. }
         | Request::CallsShow { .. }
         | Request::CallsExport { .. }
+        | Request::CallsAudio { .. }
         | Request::CustomerForget { .. }
         | Request::AuditShow { .. }
         | Request::AuditVerify {}
@@ -477,6 +478,16 @@ async fn respond(
         },
     };
     (response, After::KeepOpen)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 fn actor(uid: u32, role: Role) -> crate::store::Actor {
@@ -524,6 +535,29 @@ async fn store_request(
         }),
         Request::CallsShow { call, transcript: true } => decrypt(vault, call, actor, "transcript_read", now, who).await,
         Request::CallsExport { call } => decrypt(vault, call, actor, "export", now, who).await,
+        Request::CallsAudio { call, leg, from_chunk } => {
+            let leg = match leg.as_str() {
+                "customer" => crate::audio::Leg::Customer,
+                "agent" => crate::audio::Leg::Agent,
+                other => return Response::error(ErrorCode::BadRequest, format!("leg {other:?}: customer or agent")),
+            };
+            let id = call.clone();
+            let page = wire::MAX_AUDIO_PAGE_BYTES;
+            match vault.run(move |s| s.audio(&id, leg, from_chunk, page, &actor, now)).await {
+                Ok(audio) => {
+                    log::info!(component = COMPONENT, call_id = call.as_str(); "{who} read {} bytes of {} audio", audio.mulaw.len(), leg.name());
+                    Ok(Response::CallAudio(wire::CallAudioReply {
+                        call,
+                        leg: leg.name().into(),
+                        rate: audio.rate,
+                        mulaw_hex: hex(&audio.mulaw),
+                        complete: audio.complete,
+                        next_chunk: audio.next,
+                    }))
+                }
+                Err(e) => Err(e),
+            }
+        }
         Request::CustomerForget { caller } => {
             let customer = match ctx.customers.customer_id(&caller) {
                 Ok(c) => c,

@@ -25,6 +25,9 @@ use crate::config::RunningConfig;
 use crate::customers::Customers;
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::speech::live::{SpeechService, UtteranceEvent};
+use crate::store::audio::AudioChunker;
+use crate::store::live::CallVault;
+use crate::store::StoreOp;
 use crate::transcribe::LegUtterance;
 
 const COMPONENT: &str = "spool";
@@ -48,7 +51,7 @@ pub struct Stores {
     /// Customer tags across calls (the caller number becomes a keyed hash there).
     pub customers: Option<Customers>,
     /// The encrypted call store: the sidecar's agent, campaign, script and customer.
-    pub vault: Option<crate::store::live::CallVault>,
+    pub vault: Option<CallVault>,
 }
 
 /// What `done/<name>.result.json` holds.
@@ -258,7 +261,7 @@ fn process(
             customer: customer.clone(),
             converted: false,
         };
-        if let Err(e) = vault.write_blocking(crate::store::StoreOp::Describe { call: call_id.clone(), info }) {
+        if let Err(e) = vault.write_blocking(StoreOp::Describe { call: call_id.clone(), info }) {
             log::warn!(component = COMPONENT, call_id = call_id.as_str(); "{name}: sidecar not kept in the call store: {e}");
         }
     }
@@ -280,6 +283,13 @@ fn process(
             Err(reason) => return FileOutcome::Failed(reason.to_string()),
         },
     };
+    // With store.keep_audio the recording moves into the store (sealed) before the spool
+    // deletes it; a failure here costs the audio only, never the call's words.
+    if let (Some(vault), Some(_)) = (stores.vault.as_ref().filter(|v| v.keep_audio()), &utterances) {
+        if let Err(reason) = keep_recording_audio(vault, path, settings, &call_id, &legs) {
+            log::warn!(component = COMPONENT, call_id = call_id.as_str(); "{name}: audio not kept in the call store: {reason}");
+        }
+    }
     let duration_secs = recording.duration_secs();
     let real_time_factor = utterances.as_ref().map(|_| {
         if duration_secs > 0.0 {
@@ -304,6 +314,34 @@ fn process(
         utterances: utterances.filter(|_| settings.keep_in_clear),
         real_time_factor,
     }))
+}
+
+/// Streams a recording's legs into the call store as µ-law chunks, then waits until the
+/// store thread has taken them (so the recording can be deleted).
+fn keep_recording_audio(
+    vault: &CallVault,
+    path: &Path,
+    settings: &crate::config::SpoolConfig,
+    call_id: &str,
+    legs: &[crate::audio::Leg],
+) -> Result<(), String> {
+    let mut recording =
+        crate::transcribe::open_recording(path, settings, crate::fsio::Links::Refuse).map_err(|e| e.to_string())?;
+    let rate = recording.sample_rate;
+    let mut chunkers: Vec<AudioChunker> = legs.iter().map(|&leg| AudioChunker::new(leg, rate, 0.0)).collect();
+    let send =
+        |chunk| vault.write_blocking(StoreOp::Audio { call: call_id.to_owned(), chunk }).map_err(|e| e.to_string());
+    loop {
+        let block = recording.read_block(rate as usize).map_err(|e| e.to_string())?;
+        if block.first().is_none_or(Vec::is_empty) {
+            break;
+        }
+        for (chunker, channel) in chunkers.iter_mut().zip(&block) {
+            chunker.push(channel).into_iter().try_for_each(send)?;
+        }
+    }
+    chunkers.into_iter().try_for_each(|c| send(c.finish()))?;
+    vault.barrier_blocking().map_err(|e| e.to_string())
 }
 
 /// Transcribes every leg, streaming the recording in blocks, publishes each utterance,

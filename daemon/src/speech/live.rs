@@ -30,6 +30,9 @@ use crate::audio::resample::StreamResampler;
 use crate::audio::Leg;
 use crate::config::SpeechConfig;
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
+use crate::store::audio::{AudioChunk, AudioChunker};
+use crate::store::live::CallVault;
+use crate::store::StoreOp;
 
 const COMPONENT: &str = "speech";
 /// Chunks queued per leg before the input blocks: ~30 s of 20 ms frames.
@@ -87,6 +90,8 @@ struct Worker {
 #[derive(Clone)]
 pub struct SpeechService {
     models: Arc<SpeechModels>,
+    /// Where each leg's audio goes with `store.keep_audio`.
+    audio_store: Option<CallVault>,
     bus: broadcast::Sender<Arc<SpeechEvent>>,
     pub stats: Arc<SpeechStats>,
     workers: Arc<Mutex<Vec<Worker>>>,
@@ -113,7 +118,13 @@ impl LegFeed {
 impl SpeechService {
     pub fn new(models: SpeechModels) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
-        Self { models: Arc::new(models), bus, stats: Arc::default(), workers: Arc::default() }
+        Self { models: Arc::new(models), audio_store: None, bus, stats: Arc::default(), workers: Arc::default() }
+    }
+
+    /// Every leg's audio also goes to the call store (µ-law chunks, sealed there).
+    pub fn keeping_audio(mut self, vault: CallVault) -> Self {
+        self.audio_store = Some(vault);
+        self
     }
 
     pub fn models(&self) -> &SpeechModels {
@@ -161,6 +172,7 @@ impl SpeechService {
             offset_secs: offset_secs.max(0.0),
             resampler,
             pipeline: LegPipeline::new(&self.models, config.vad_params(), config.decode_options()),
+            audio: self.audio_store.clone().map(|vault| (AudioChunker::new(leg, rate, offset_secs.max(0.0)), vault)),
         };
         let name = format!("speech-{}", leg.name());
         let thread = std::thread::Builder::new().name(name).spawn(move || worker.run(rx)).map_err(LegError::Thread)?;
@@ -225,6 +237,7 @@ struct LegWorker {
     offset_secs: f64,
     resampler: StreamResampler,
     pipeline: LegPipeline,
+    audio: Option<(AudioChunker, CallVault)>,
 }
 
 impl LegWorker {
@@ -236,6 +249,10 @@ impl LegWorker {
         let mut failed = false;
         while let Some(samples) = rx.blocking_recv() {
             received += samples.len() as u64;
+            if let Some((chunker, _)) = &mut self.audio {
+                let chunks = chunker.push(&samples);
+                self.keep_audio(chunks);
+            }
             if failed {
                 continue; // keep draining so the input never blocks on a dead leg
             }
@@ -248,9 +265,30 @@ impl LegWorker {
                 self.step(LegPipeline::finish);
             }
         }
+        if let Some((chunker, vault)) = self.audio.take() {
+            // The last chunk, marked as such: the leg's audio is whole.
+            let last = StoreOp::Audio { call: self.call.clone(), chunk: chunker.finish() };
+            if let Err(e) = vault.write_blocking(last) {
+                log::warn!(component = COMPONENT, call_id = self.call.as_str(); "{} leg: end of audio not kept: {e}", self.leg.name());
+            }
+        }
         stats.audio_ms.fetch_add(received * 1000 / u64::from(self.rate.max(1)), Ordering::Relaxed);
         stats.legs_open.fetch_sub(1, Ordering::Relaxed);
         self.service.leg_ended(&self.call, self.leg);
+    }
+
+    /// Hands audio chunks to the store (waits while its queue is full: the store thread
+    /// drops audio itself when the disk is nearly full). Once the store is closed, the
+    /// rest of the leg's audio is not kept.
+    fn keep_audio(&mut self, chunks: Vec<AudioChunk>) {
+        let Some((_, vault)) = &self.audio else { return };
+        let sent = chunks
+            .into_iter()
+            .try_for_each(|chunk| vault.write_blocking(StoreOp::Audio { call: self.call.clone(), chunk }));
+        if let Err(e) = sent {
+            log::warn!(component = COMPONENT, call_id = self.call.as_str(); "{} leg: audio no longer kept: {e}", self.leg.name());
+            self.audio = None;
+        }
     }
 
     /// Runs one pipeline step and publishes what it finished. False after an error.

@@ -47,6 +47,10 @@ struct Counters {
     written: AtomicU64,
     failed: AtomicU64,
     batches: AtomicU64,
+    /// Writes the disk refused, waiting to be retried.
+    waiting: AtomicU64,
+    /// Audio chunks dropped because the disk refused writes or was nearly full.
+    audio_dropped: AtomicU64,
     /// When the last retention sweep ran (ms since the epoch) and what it did.
     last_sweep: Mutex<Option<(i64, String)>>,
 }
@@ -56,6 +60,7 @@ struct Counters {
 pub struct CallVault {
     jobs: mpsc::Sender<Job>,
     keep_unmasked: bool,
+    keep_audio: bool,
     counters: Arc<Counters>,
     state_dir: PathBuf,
     key_source: Arc<KeySource>,
@@ -73,6 +78,8 @@ pub struct VaultCounters {
     pub written: u64,
     pub failed: u64,
     pub batches: u64,
+    pub waiting: u64,
+    pub audio_dropped: u64,
     pub last_sweep: Option<(i64, String)>,
 }
 
@@ -84,6 +91,7 @@ impl CallVault {
         state_dir: &Path,
         credentials_dir: Option<&Path>,
         config: &StoreConfig,
+        stop_audio_below_mb: u64,
     ) -> Result<(Self, VaultThread), StoreError> {
         let (keys, source) = master::load(state_dir, credentials_dir)?;
         let rotating = keys.next.is_some();
@@ -100,58 +108,46 @@ impl CallVault {
             }
             KeySource::File(path) => log::info!(component = COMPONENT; "master key from {}", path.display()),
         }
-        Self::spawn(store, state_dir, source, config.keep_unmasked)
+        let audio_floor = AudioFloor::new(state_dir.join(super::STORE_DIR), stop_audio_below_mb);
+        Self::spawn(store, state_dir, source, config, audio_floor)
     }
 
     fn spawn(
-        mut store: CallStore,
+        store: CallStore,
         state_dir: &Path,
         source: KeySource,
-        keep_unmasked: bool,
+        config: &StoreConfig,
+        audio_floor: AudioFloor,
     ) -> Result<(Self, VaultThread), StoreError> {
-        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE);
+        let (jobs, queue) = mpsc::channel::<Job>(QUEUE);
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
-        let thread = std::thread::Builder::new().name("call-store".into()).spawn(move || {
-            let mut next: Option<Job> = None;
-            loop {
-                let job = match next.take() {
-                    Some(job) => job,
-                    None => match queue.blocking_recv() {
-                        Some(job) => job,
-                        None => break,
-                    },
-                };
-                match job {
-                    Job::Close => break,
-                    Job::Request(f) => f(&mut store),
-                    Job::Write(op) => {
-                        let mut batch = vec![op];
-                        while batch.len() < MAX_BATCH {
-                            match queue.try_recv() {
-                                Ok(Job::Write(op)) => batch.push(op),
-                                Ok(request) => {
-                                    next = Some(request);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        write(&mut store, &batch, &thread_counters);
-                    }
-                }
-            }
-            // Dropping the store closes both connections (SQLite checkpoints the WAL).
-        });
-        let thread = thread.map_err(|e| StoreError::Thread(format!("cannot start the store thread: {e}")))?;
-        let handle =
-            Self { jobs, keep_unmasked, counters, state_dir: state_dir.to_owned(), key_source: Arc::new(source) };
+        let thread = std::thread::Builder::new()
+            .name("call-store".into())
+            .spawn(move || {
+                StoreLoop { store, queue, counters: thread_counters, backlog: Backlog::default(), audio_floor }.run()
+            })
+            .map_err(|e| StoreError::Thread(format!("cannot start the store thread: {e}")));
+        let thread = thread?;
+        let handle = Self {
+            jobs,
+            keep_unmasked: config.keep_unmasked,
+            keep_audio: config.keep_audio,
+            counters,
+            state_dir: state_dir.to_owned(),
+            key_source: Arc::new(source),
+        };
         Ok((handle.clone(), VaultThread { handle, thread }))
     }
 
     /// Whether unmasked text is kept (sealed under its own class key).
     pub fn keep_unmasked(&self) -> bool {
         self.keep_unmasked
+    }
+
+    /// Whether audio is kept (`store.keep_audio`).
+    pub fn keep_audio(&self) -> bool {
+        self.keep_audio
     }
 
     /// Queues a write; waits while the queue is full.
@@ -162,6 +158,17 @@ impl CallVault {
     /// The same from a plain thread (the spool); never from async code.
     pub fn write_blocking(&self, op: StoreOp) -> Result<(), StoreError> {
         self.jobs.blocking_send(Job::Write(op)).map_err(|_| closed())
+    }
+
+    /// Returns once the store thread has handled every write queued before this call
+    /// (from a plain thread: the spool, before it deletes a recording).
+    pub fn barrier_blocking(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Request(Box::new(move |_: &mut CallStore| {
+            let _ = reply.send(());
+        }));
+        self.jobs.blocking_send(job).map_err(|_| closed())?;
+        answer.blocking_recv().map_err(|_| closed())
     }
 
     /// Runs `f` on the store thread after every write queued before it, and returns its
@@ -183,6 +190,8 @@ impl CallVault {
             written: self.counters.written.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
             batches: self.counters.batches.load(Ordering::Relaxed),
+            waiting: self.counters.waiting.load(Ordering::Relaxed),
+            audio_dropped: self.counters.audio_dropped.load(Ordering::Relaxed),
             last_sweep: self.counters.last_sweep.lock().map(|s| s.clone()).unwrap_or(None),
         }
     }
@@ -215,14 +224,7 @@ impl CallVault {
         self.run(move |store| {
             let now = now_ms();
             let report = store.sweep(&retention, now)?;
-            let summary = format!(
-                "{} audio and {} transcripts shredded, {} calls deleted, {} stray keys, {} pages freed",
-                report.audio_shredded,
-                report.transcripts_shredded,
-                report.calls_deleted,
-                report.orphan_keys,
-                report.pages_freed
-            );
+            let summary = report.describe();
             if let Ok(mut last) = counters.last_sweep.lock() {
                 *last = Some((now, summary));
             }
@@ -243,17 +245,232 @@ impl VaultThread {
     }
 }
 
-/// One group commit; on refusal, each operation alone.
-fn write(store: &mut CallStore, batch: &[StoreOp], counters: &Counters) {
-    counters.batches.fetch_add(1, Ordering::Relaxed);
-    if store.apply(batch).is_ok() {
-        counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        return;
+/// The store thread: takes jobs in order; writes are group-committed. While the disk
+/// refuses writes (full, I/O errors), they wait in the backlog and are retried with
+/// backoff, in order; reads are still answered. A closed enum of jobs, one owner.
+struct StoreLoop {
+    store: CallStore,
+    queue: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    backlog: Backlog,
+    audio_floor: AudioFloor,
+}
+
+/// Free space under which audio is not kept (`storage.stop_audio_below_mb`), looked at
+/// no more than once every few seconds.
+struct AudioFloor {
+    dir: PathBuf,
+    floor_bytes: u64,
+    checked: Option<(std::time::Instant, bool)>,
+}
+
+impl AudioFloor {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new(dir: PathBuf, floor_mb: u64) -> Self {
+        Self { dir, floor_bytes: floor_mb.saturating_mul(1 << 20), checked: None }
     }
-    for op in batch {
-        match store.apply(std::slice::from_ref(op)) {
+
+    /// Whether there is room for audio; says so in the log when that changes.
+    fn room(&mut self) -> bool {
+        if let Some((at, room)) = self.checked {
+            if at.elapsed() < Self::EVERY {
+                return room;
+            }
+        }
+        let free = crate::storage::free_bytes(&self.dir);
+        // A failed look is not a reason to drop audio; a refused write will show.
+        let room = free.is_none_or(|free| free >= self.floor_bytes);
+        let before = self.checked.map(|(_, r)| r);
+        if before != Some(room) && (before.is_some() || !room) {
+            if room {
+                log::info!(component = COMPONENT; "free space is back above storage.stop_audio_below_mb: audio is kept again");
+            } else {
+                log::warn!(component = COMPONENT;
+                    "free space is below storage.stop_audio_below_mb ({} MiB): audio is not kept until there is room (the words of calls still are)",
+                    self.floor_bytes >> 20);
+            }
+        }
+        self.checked = Some((std::time::Instant::now(), room));
+        room
+    }
+}
+
+/// Writes the disk refused, oldest first, with their size. Past `BACKLOG_BYTES` the
+/// thread stops taking writes off the queue, so senders wait (block, not drop); audio is
+/// the exception: while the disk refuses writes, new audio is dropped (counted), so the
+/// words of the calls keep their place.
+#[derive(Default)]
+struct Backlog {
+    ops: std::collections::VecDeque<StoreOp>,
+    bytes: usize,
+    since: Option<std::time::Instant>,
+}
+
+/// Most bytes of refused writes held in memory before senders wait.
+const BACKLOG_BYTES: usize = 64 << 20;
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MOST: Duration = Duration::from_secs(5);
+
+impl StoreLoop {
+    fn run(mut self) {
+        let mut next: Option<Job> = None;
+        let mut delay = RETRY_FIRST;
+        loop {
+            if !self.backlog.ops.is_empty() {
+                std::thread::sleep(delay);
+                if self.retry_backlog() {
+                    delay = RETRY_FIRST;
+                } else {
+                    delay = (delay * 2).min(RETRY_MOST);
+                }
+                // What arrived meanwhile: writes join the backlog (in order), reads are
+                // answered now; a close ends the loop after one last attempt.
+                while self.backlog.bytes < BACKLOG_BYTES && !self.backlog.ops.is_empty() {
+                    match self.queue.try_recv() {
+                        Ok(Job::Write(op)) => self.hold(op),
+                        Ok(Job::Request(f)) => f(&mut self.store),
+                        Ok(Job::Close) => return self.close(),
+                        Err(_) => break,
+                    }
+                }
+                continue;
+            }
+            let job = match next.take() {
+                Some(job) => job,
+                None => match self.queue.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            match job {
+                Job::Close => return self.close(),
+                Job::Request(f) => f(&mut self.store),
+                Job::Write(op) => {
+                    let mut batch = Vec::new();
+                    self.admit(op, &mut batch);
+                    while batch.len() < MAX_BATCH {
+                        match self.queue.try_recv() {
+                            Ok(Job::Write(op)) => self.admit(op, &mut batch),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let refused = write(&mut self.store, batch, &self.counters);
+                    for op in refused {
+                        self.hold(op);
+                    }
+                }
+            }
+        }
+        // Dropping the store closes both connections (SQLite checkpoints the WAL).
+    }
+
+    /// Adds a write to the batch, unless it is audio and the disk is nearly full.
+    fn admit(&mut self, op: StoreOp, batch: &mut Vec<StoreOp>) {
+        if matches!(op, StoreOp::Audio { .. }) && !self.audio_floor.room() {
+            self.counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        batch.push(op);
+    }
+
+    /// Keeps a write the disk refused (or one that arrived while it refuses).
+    fn hold(&mut self, op: StoreOp) {
+        if self.backlog.ops.is_empty() {
+            self.backlog.since = Some(std::time::Instant::now());
+            log::error!(component = COMPONENT, call_id = op.call();
+                "the disk refuses writes: they are kept in memory and retried (see storage in callbox status)");
+        } else if matches!(op, StoreOp::Audio { .. }) {
+            self.counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.backlog.bytes += op.approx_bytes();
+        self.backlog.ops.push_back(op);
+        self.counters.waiting.store(self.backlog.ops.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Writes the backlog in batches, in order, until the disk refuses again. True when
+    /// something was written.
+    fn retry_backlog(&mut self) -> bool {
+        let mut progressed = false;
+        while !self.backlog.ops.is_empty() {
+            let take = self.backlog.ops.len().min(MAX_BATCH);
+            let batch: Vec<StoreOp> = self.backlog.ops.drain(..take).collect();
+            let sent: usize = batch.iter().map(StoreOp::approx_bytes).sum();
+            let refused = write(&mut self.store, batch, &self.counters);
+            let kept: usize = refused.iter().map(StoreOp::approx_bytes).sum();
+            progressed |= kept < sent;
+            self.backlog.bytes -= sent - kept;
+            let stop = !refused.is_empty();
+            for op in refused.into_iter().rev() {
+                self.backlog.ops.push_front(op);
+            }
+            if stop {
+                break;
+            }
+        }
+        self.counters.waiting.store(self.backlog.ops.len() as u64, Ordering::Relaxed);
+        if self.backlog.ops.is_empty() {
+            let waited = self.backlog.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+            self.backlog.bytes = 0;
+            log::info!(component = COMPONENT; "the disk takes writes again: every kept write is stored ({waited:.1} s)");
+        }
+        progressed
+    }
+
+    /// The last shutdown stage: everything queued is written; what the disk still refuses
+    /// after one more attempt is lost, and the log says how much and of which calls.
+    fn close(mut self) {
+        while let Ok(job) = self.queue.try_recv() {
+            match job {
+                Job::Write(op) if !self.backlog.ops.is_empty() => self.hold(op),
+                Job::Write(op) => {
+                    for op in write(&mut self.store, vec![op], &self.counters) {
+                        self.hold(op);
+                    }
+                }
+                Job::Request(f) => f(&mut self.store),
+                Job::Close => {}
+            }
+        }
+        if !self.backlog.ops.is_empty() {
+            self.retry_backlog();
+        }
+        if !self.backlog.ops.is_empty() {
+            let mut calls: Vec<&str> = self.backlog.ops.iter().map(StoreOp::call).collect();
+            calls.dedup();
+            self.counters.failed.fetch_add(self.backlog.ops.len() as u64, Ordering::Relaxed);
+            log::error!(component = COMPONENT;
+                "stopping with {} writes the disk refused; not stored: calls {}", self.backlog.ops.len(), calls.join(", "));
+        }
+    }
+}
+
+/// One group commit; on refusal, each operation alone. Returns the operations the disk
+/// refused for now (a transient error), in order, from the first such one on: they are
+/// retried later. An operation refused for itself is logged and counted, and dropped.
+fn write(store: &mut CallStore, batch: Vec<StoreOp>, counters: &Counters) -> Vec<StoreOp> {
+    counters.batches.fetch_add(1, Ordering::Relaxed);
+    if store.apply(&batch).is_ok() {
+        counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        return Vec::new();
+    }
+    let mut ops = batch.into_iter();
+    while let Some(op) = ops.next() {
+        match store.apply(std::slice::from_ref(&op)) {
             Ok(()) => {
                 counters.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.is_transient() => {
+                // Kept with every later one, so a call's writes stay in order.
+                return std::iter::once(op).chain(ops).collect();
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -262,6 +479,7 @@ fn write(store: &mut CallStore, batch: &[StoreOp], counters: &Counters) {
             }
         }
     }
+    Vec::new()
 }
 
 fn closed() -> StoreError {
@@ -290,7 +508,7 @@ pub async fn run(
     let describe = |vault: &CallVault| {
         let c = vault.counters();
         let sweep = c.last_sweep.map_or("no sweep yet".to_owned(), |(_, s)| format!("last sweep: {s}"));
-        format!("{} writes, {} refused; {sweep}", c.written, c.failed)
+        format!("{} writes, {} refused, {} waiting for the disk; {sweep}", c.written, c.failed, c.waiting)
     };
     health.set(COMPONENT, HealthState::Ok, describe(&vault));
     let minutes = |c: &watch::Receiver<Arc<RunningConfig>>| c.borrow().config.store.sweep_interval_mins.max(1);
@@ -331,5 +549,125 @@ pub async fn run(
     match joined {
         Ok(Ok(())) => Ok(()),
         _ => Err(StoreError::Thread("the store thread panicked".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{master, CallEnd, CallFilter, CallStart, StoredUtterance};
+    use std::process::Command;
+
+    /// A tmpfs of a few MiB: a disk that really fills. Unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, mib: u32) -> Self {
+            std::fs::create_dir_all(at).unwrap();
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+                .arg(at)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "this test mounts a small tmpfs to fill a real disk, so it runs as root (CI does): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Self(at.to_owned())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+
+    fn call_ops(id: &str, at_ms: i64, utterances: u64) -> Vec<StoreOp> {
+        let begin = CallStart { id: id.into(), source: "test".into(), started_unix_ms: at_ms, ..Default::default() };
+        let mut ops = vec![StoreOp::Begin(begin)];
+        for index in 0..utterances {
+            let text = format!("第{index}句 {}", "请问这个套餐每个月多少钱 ".repeat(8));
+            let u = StoredUtterance { index, leg: "customer".into(), text, ..Default::default() };
+            ops.push(StoreOp::Append { call: id.into(), utterances: vec![u] });
+        }
+        ops.push(StoreOp::Finish { call: id.into(), end: CallEnd { ended_unix_ms: at_ms + 1, ..Default::default() } });
+        ops
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The disk fills while calls stream in: no write is dropped or refused for good; they
+    /// wait in order and are all stored once there is room; audio yields first.
+    #[test]
+    fn a_full_disk_holds_writes_in_order_and_stores_every_one_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let _disk = Tmpfs::mount(&state, 8);
+        let config = StoreConfig { keep_audio: true, ..Default::default() };
+        let (vault, thread) = CallVault::open(&state, None, &config, 0).unwrap();
+        let mut sent = 0u64;
+        for i in 0..5 {
+            for op in call_ops(&format!("before-{i}"), 1_000 + i, 20) {
+                vault.write_blocking(op).unwrap();
+                sent += 1;
+            }
+        }
+        vault.barrier_blocking().unwrap();
+        assert_eq!(vault.counters().written, sent);
+
+        // Fill the disk to the last byte.
+        let filler = state.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 64 * 1024];
+            while f.write_all(&block).is_ok() {}
+            while f.write_all(&block[..512]).is_ok() {}
+            let _ = f.sync_all();
+        }
+        for i in 0..40 {
+            let id = format!("full-{i}");
+            for op in call_ops(&id, 2_000 + i, 20) {
+                vault.write_blocking(op).unwrap();
+                sent += 1;
+            }
+            let chunk = crate::store::audio::AudioChunk {
+                leg: crate::audio::Leg::Customer,
+                index: 0,
+                last: true,
+                rate: 8000,
+                start_secs: 0.0,
+                mulaw: vec![0x55; 8000],
+            };
+            vault.write_blocking(StoreOp::Audio { call: id, chunk }).unwrap();
+        }
+        wait_for("the store to hold refused writes", || vault.counters().waiting > 0);
+        vault.barrier_blocking().unwrap();
+        let stalled = vault.counters();
+        assert_eq!(stalled.failed, 0, "nothing is refused for good: {:?}", stalled.waiting);
+        assert!(stalled.written < sent, "the disk is full, yet every write went in");
+        assert!(stalled.audio_dropped > 0, "audio yields first while the disk refuses writes");
+
+        // Room again: everything held is written, in order, and nothing twice.
+        std::fs::remove_file(&filler).unwrap();
+        wait_for("the held writes to be stored", || vault.counters().waiting == 0);
+        let done = thread.close_blocking().unwrap();
+        assert_eq!((done.failed, done.written), (0, sent));
+        let (keys, _) = master::load(&state, None).unwrap();
+        let store = CallStore::open(&state, keys, false).unwrap();
+        assert_eq!(store.integrity().unwrap(), "ok");
+        let calls = store.list(&CallFilter { limit: 1000, ..Default::default() }).unwrap();
+        assert_eq!(calls.len(), 45);
+        for c in &calls {
+            assert_eq!((c.status.as_str(), c.utterances), ("finished", 20), "{}", c.id);
+        }
     }
 }

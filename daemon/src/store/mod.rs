@@ -19,6 +19,7 @@
 //! This type is synchronous and owns both connections: one store task calls it, batching
 //! utterances into one transaction per batch (group commit).
 
+pub mod audio;
 pub mod audit;
 pub mod crypto;
 pub mod live;
@@ -31,6 +32,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use audio::AudioChunk;
 use audit::{AuditEntry, AuditEvent, ChainHead};
 use crypto::{ClassKey, CryptoError, DataClass, DataKey, MasterKey, Place, RecordKind, KEY_BYTES};
 
@@ -68,6 +70,20 @@ pub enum StoreError {
     BadInput { call: String, what: String },
     #[error("{0}")]
     Thread(String),
+}
+
+impl StoreError {
+    /// Whether the disk refused the write for now (full, an I/O error, a lock held too
+    /// long): the write is kept and retried, never dropped. Anything else is about the
+    /// operation itself and retrying cannot help.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        let code = match self {
+            Self::Query(e) | Self::Database { source: e, .. } => e.sqlite_error_code(),
+            _ => None,
+        };
+        matches!(code, Some(C::DiskFull | C::SystemIoFailure | C::DatabaseBusy | C::DatabaseLocked | C::CannotOpen))
+    }
 }
 
 /// What becomes of a call's classes, in days from the call's start; 0 keeps forever.
@@ -180,6 +196,8 @@ pub struct CallSummary {
     pub rule_hits: Vec<StoredHit>,
     /// Classes whose keys are gone (retention or erasure).
     pub shredded: Vec<String>,
+    /// Seconds of audio kept per leg (with `store.keep_audio`).
+    pub audio_secs: std::collections::BTreeMap<String, f64>,
 }
 
 /// A call with its transcript (admins; every such read is audited first).
@@ -208,6 +226,16 @@ pub struct SweepReport {
     pub calls_deleted: usize,
     pub orphan_keys: usize,
     pub pages_freed: i64,
+}
+
+impl SweepReport {
+    /// One line for the audit trail, the log and `status`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} audio and {} transcripts shredded, {} calls deleted, {} stray keys, {} pages freed",
+            self.audio_shredded, self.transcripts_shredded, self.calls_deleted, self.orphan_keys, self.pages_freed
+        )
+    }
 }
 
 /// What `store stats` shows.
@@ -241,11 +269,18 @@ pub struct CallStore {
     described: std::collections::HashMap<String, (u64, CallInfo)>,
     /// Arrival order of descriptions (the oldest pending one is dropped first).
     described_seq: u64,
+    /// Audio of calls not begun yet (a leg's first seconds come before its first
+    /// utterance is understood), written at their `Begin`. Bounded by bytes.
+    early_audio: std::collections::HashMap<String, Vec<AudioChunk>>,
+    early_audio_bytes: usize,
 }
 
 /// Most descriptions kept for calls that have not begun (older ones are dropped first
 /// when a call never begins: a refused spool file, say).
 const MAX_PENDING_DESCRIPTIONS: usize = 1024;
+/// Most bytes of audio held for calls not begun yet (at 8 kHz µ-law, an hour of one leg is
+/// 29 MB); past it the call holding the most is dropped whole, and the log says so.
+const MAX_EARLY_AUDIO_BYTES: usize = 64 << 20;
 
 fn private_db(path: &Path) -> Result<Connection, StoreError> {
     let db_err = |source| StoreError::Database { path: path.to_owned(), source };
@@ -312,6 +347,8 @@ impl CallStore {
             keep_unmasked,
             described: Default::default(),
             described_seq: 0,
+            early_audio: Default::default(),
+            early_audio_bytes: 0,
         };
         if let Some(next) = pending {
             store.rotate(next, None)?;
@@ -468,6 +505,7 @@ impl CallStore {
             tx.commit()?;
         }
         let mut pending: Vec<(String, CallInfo)> = Vec::new();
+        let mut early: Vec<(String, AudioChunk)> = Vec::new();
         let tx = self.calls.transaction()?;
         for op in ops {
             match op {
@@ -495,6 +533,47 @@ impl CallStore {
                     if converted {
                         tx.execute("UPDATE call SET converted = 1 WHERE id = ?1", [&call.id])?;
                     }
+                    if let (Some(chunks), Some((_, keys))) =
+                        (self.early_audio.get(&call.id), fresh.iter().find(|(id, _)| *id == call.id))
+                    {
+                        for chunk in chunks {
+                            insert_audio(&tx, &call.id, chunk, &keys[2])?;
+                        }
+                    }
+                }
+                StoreOp::Audio { call, chunk } => {
+                    let status: Option<String> =
+                        tx.query_row("SELECT status FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
+                    match status.as_deref() {
+                        // The spool sends a recording's audio once it is understood: the
+                        // call may be finished already. Each chunk has its own index, so
+                        // no nonce is used twice.
+                        Some("open" | "finished") => {}
+                        Some(other) => {
+                            return Err(StoreError::BadInput {
+                                call: call.clone(),
+                                what: format!("audio for a call that is {other}"),
+                            })
+                        }
+                        None if fresh.iter().any(|(id, _)| *id == call.as_str()) => {}
+                        None => {
+                            early.push((call.clone(), chunk.clone()));
+                            continue;
+                        }
+                    }
+                    let stored_key;
+                    let key = match fresh.iter().find(|(id, _)| *id == call.as_str()) {
+                        Some((_, keys)) => &keys[2],
+                        None => {
+                            stored_key = stored_class_key(&self.keys, &self.master, call, DataClass::Audio)?
+                                .ok_or_else(|| StoreError::BadInput {
+                                    call: call.clone(),
+                                    what: "its audio key is shredded".into(),
+                                })?;
+                            &stored_key
+                        }
+                    };
+                    insert_audio(&tx, call, chunk, key)?;
                 }
                 StoreOp::Append { call, utterances } => {
                     let status: Option<String> =
@@ -588,6 +667,27 @@ impl CallStore {
         for op in ops {
             if let StoreOp::Begin(call) = op {
                 self.described.remove(&call.id);
+                if let Some(chunks) = self.early_audio.remove(&call.id) {
+                    self.early_audio_bytes -= chunks.iter().map(|c| c.mulaw.len()).sum::<usize>();
+                }
+            }
+        }
+        for (call, chunk) in early {
+            self.early_audio_bytes += chunk.mulaw.len();
+            self.early_audio.entry(call).or_default().push(chunk);
+            while self.early_audio_bytes > MAX_EARLY_AUDIO_BYTES {
+                let Some((largest, bytes)) = self
+                    .early_audio
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.iter().map(|c| c.mulaw.len()).sum::<usize>()))
+                    .max_by_key(|(_, bytes)| *bytes)
+                else {
+                    break;
+                };
+                self.early_audio.remove(&largest);
+                self.early_audio_bytes -= bytes;
+                log::warn!(call_id = largest.as_str();
+                    "audio not kept: the call was never understood (no utterance) and its {bytes} bytes of audio waited too long");
             }
         }
         for (call, info) in pending {
@@ -670,6 +770,7 @@ impl CallStore {
                         intents: Default::default(),
                         rule_hits: vec![],
                         shredded: vec![],
+                        audio_secs: Default::default(),
                     })
                 },
             )
@@ -697,6 +798,12 @@ impl CallStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let audio: Vec<(String, f64)> = self
+            .calls
+            .prepare("SELECT leg, sum(end_secs - start_secs) FROM record WHERE call = ?1 AND kind = ?2 GROUP BY leg")?
+            .query_map(params![id, RecordKind::Audio as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        s.audio_secs = audio.into_iter().collect();
         let present: Vec<String> = column(&self.keys, "SELECT class FROM class_key WHERE call = ?1", [id])?;
         s.shredded = DataClass::ALL
             .into_iter()
@@ -779,6 +886,59 @@ impl CallStore {
             }
         }
         Ok(CallTranscript { call, utterances, unmasked })
+    }
+
+    /// One leg's audio from chunk `from` on, decrypted, up to about `max_bytes` of µ-law
+    /// (the rest is asked for with `next`). Audited before anything is decrypted.
+    pub fn audio(
+        &mut self,
+        id: &str,
+        leg: crate::audio::Leg,
+        from: u32,
+        max_bytes: usize,
+        actor: &Actor,
+        now_unix_ms: i64,
+    ) -> Result<LegAudio, StoreError> {
+        let object = format!("{id} {} from chunk {from}", leg.name());
+        if let Err(e) = self.summary(id) {
+            self.audit(actor, "audio_read", &object, &format!("failed: {e}"), now_unix_ms)?;
+            return Err(e);
+        }
+        let Some(key) = self.class_key(id, DataClass::Audio)? else {
+            self.audit(actor, "audio_read", &object, "failed: no audio (not kept, or shredded)", now_unix_ms)?;
+            return Err(StoreError::BadInput { call: id.into(), what: "no audio is kept for this call".into() });
+        };
+        self.audit(actor, "audio_read", &object, "ok", now_unix_ms)?;
+        let first = audio::record_index(leg, from) as i64;
+        let end = audio::record_index(leg, u32::MAX) as i64;
+        let rows: Vec<(i64, Option<String>, Vec<u8>)> = self
+            .calls
+            .prepare(
+                "SELECT idx, phase, sealed FROM record WHERE call = ?1 AND kind = ?2 AND idx >= ?3 AND idx <= ?4
+                 ORDER BY idx",
+            )?
+            .query_map(params![id, RecordKind::Audio as i64, first, end], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = LegAudio { rate: 0, mulaw: Vec::new(), complete: false, next: None };
+        for (idx, flag, sealed) in rows {
+            let index = u64::try_from(idx).unwrap_or_default();
+            let chunk = (index & u64::from(u32::MAX)) as u32;
+            if !out.mulaw.is_empty() && out.mulaw.len() + sealed.len() > max_bytes {
+                out.next = Some(chunk);
+                break;
+            }
+            let last = flag.as_deref() == Some("last");
+            let place = Place { call: id, kind: RecordKind::Audio, index, last };
+            let plain = key.open(place, &sealed)?;
+            let (rate, mulaw) = plain.split_at_checked(4).ok_or_else(|| StoreError::BadInput {
+                call: id.into(),
+                what: format!("audio record {chunk} is too short"),
+            })?;
+            out.rate = u32::from_le_bytes([rate[0], rate[1], rate[2], rate[3]]);
+            out.mulaw.extend_from_slice(mulaw);
+            out.complete = last;
+        }
+        Ok(out)
     }
 
     /// Erases a customer (PIPL Art. 47): every call's keys are shredded first, then its
@@ -871,6 +1031,11 @@ impl CallStore {
         }
         report.orphan_keys = self.shred(&orphans, None)?;
         report.pages_freed = self.reclaim()?;
+        // Every retention run is a processing record (PIPL Art. 55-56): counts only.
+        let actor = Actor { uid: nix::unistd::geteuid().as_raw(), role: "store".into() };
+        self.audit(&actor, "retention", "-", &format!("ok: {}", report.describe()), now_unix_ms)?;
+        // The entry went to the WAL: fold it in too, so nothing deleted lingers there.
+        self.calls.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(report)
     }
 
@@ -1046,6 +1211,11 @@ pub enum StoreOp {
         call: String,
         info: CallInfo,
     },
+    /// A stretch of a leg's audio (with `store.keep_audio`).
+    Audio {
+        call: String,
+        chunk: AudioChunk,
+    },
 }
 
 impl StoreOp {
@@ -1056,7 +1226,21 @@ impl StoreOp {
             Self::Append { call, .. }
             | Self::Hits { call, .. }
             | Self::Finish { call, .. }
-            | Self::Describe { call, .. } => call,
+            | Self::Describe { call, .. }
+            | Self::Audio { call, .. } => call,
+        }
+    }
+
+    /// About how much memory it holds (the store thread's backlog is bounded by it).
+    pub fn approx_bytes(&self) -> usize {
+        let base = 256 + self.call().len();
+        base + match self {
+            Self::Append { utterances, .. } => {
+                utterances.iter().map(|u| 256 + u.text.len() + u.unmasked.as_ref().map_or(0, String::len)).sum()
+            }
+            Self::Hits { hits, .. } => hits.iter().map(|h| 128 + h.reason.len()).sum(),
+            Self::Audio { chunk, .. } => chunk.mulaw.len(),
+            Self::Begin(_) | Self::Finish { .. } | Self::Describe { .. } => 0,
         }
     }
 
@@ -1068,6 +1252,7 @@ impl StoreOp {
             Self::Hits { .. } => "rule hits",
             Self::Finish { .. } => "finish",
             Self::Describe { .. } => "call info",
+            Self::Audio { .. } => "audio",
         }
     }
 }
@@ -1174,6 +1359,44 @@ fn append_records(
     }
     tx.execute("UPDATE call SET utterances = utterances + ?2 WHERE id = ?1", params![call, batch.len() as i64])?;
     Ok(())
+}
+
+/// One audio chunk, sealed under the call's audio key: the rate and the µ-law bytes;
+/// the leg and the times stay in clear (metadata).
+fn insert_audio(tx: &Connection, call: &str, chunk: &AudioChunk, key: &ClassKey) -> Result<(), StoreError> {
+    let index = chunk.record_index();
+    let place = Place { call, kind: RecordKind::Audio, index, last: chunk.last };
+    let mut plain = Vec::with_capacity(4 + chunk.mulaw.len());
+    plain.extend_from_slice(&chunk.rate.to_le_bytes());
+    plain.extend_from_slice(&chunk.mulaw);
+    tx.execute(
+        "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, phase, sealed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            call,
+            RecordKind::Audio as i64,
+            index as i64,
+            chunk.leg.name(),
+            chunk.start_secs,
+            chunk.end_secs(),
+            // The last-chunk flag is part of the nonce: it must be known to open the record.
+            if chunk.last { "last" } else { "" },
+            key.seal(place, &plain)
+        ],
+    )?;
+    Ok(())
+}
+
+/// A leg's stored audio, opened: µ-law bytes at `rate`, chunk after chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegAudio {
+    pub rate: u32,
+    pub mulaw: Vec<u8>,
+    /// Whether the leg's last chunk is there (false: the daemon stopped mid-leg, or the
+    /// disk was too full to keep the rest).
+    pub complete: bool,
+    /// Chunks from `from` on that were not returned (the caller asks again).
+    pub next: Option<u32>,
 }
 
 /// What `list` selects.

@@ -297,6 +297,18 @@ fn retention_shreds_audio_then_transcripts_then_removes_calls_by_their_age() {
         .execute("INSERT INTO class_key VALUES ('ghost', 'audio', ?1, ?2, ?3)", params![store.master.id(), w, now])
         .unwrap();
     assert_eq!(store.sweep(&Retention::default(), now).unwrap().orphan_keys, 1);
+    // Each of the three runs is in the audit trail with its counts, and the chain holds.
+    let runs: Vec<String> = store
+        .audit_entries(None)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.action == "retention")
+        .map(|e| e.event.outcome)
+        .collect();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs[0].starts_with("ok: 3 audio and 2 transcripts shredded, 1 calls deleted"), "{runs:?}");
+    assert!(runs[2].contains("1 stray keys"), "{runs:?}");
+    assert!(store.audit_verify().unwrap().is_ok());
 }
 
 #[test]
@@ -533,4 +545,98 @@ fn what_the_pbx_says_about_a_call_is_kept_whether_it_comes_before_or_after_the_c
     store.forget("cust", &admin(), 10).unwrap();
     store.apply(&[StoreOp::Describe { call: "late".into(), info: info(None, Some("cust"), false) }]).unwrap();
     assert_eq!(store.summary("late").unwrap().customer, None);
+}
+
+fn chunk(leg: crate::audio::Leg, index: u32, last: bool, seed: u8) -> audio::AudioChunk {
+    audio::AudioChunk {
+        leg,
+        index,
+        last,
+        rate: 8000,
+        start_secs: f64::from(index) * 5.0,
+        // Distinct, recognisable bytes per chunk (searched for in the files below).
+        mulaw: (0..40_000u32).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect(),
+    }
+}
+
+#[test]
+fn audio_is_sealed_per_leg_read_back_in_pages_shredded_by_retention_and_forgotten() {
+    use crate::audio::Leg;
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+    let audio_op = |call: &str, chunk| StoreOp::Audio { call: call.into(), chunk };
+    // The first seconds arrive before the call begins (held), the rest after; the spool's
+    // come after the call is finished.
+    store.apply(&[audio_op("a", chunk(Leg::Customer, 0, false, 3))]).unwrap();
+    store.begin_call(&start("a", Some("cust-a"), 1_000)).unwrap();
+    store
+        .apply(&[
+            audio_op("a", chunk(Leg::Agent, 0, true, 5)),
+            audio_op("a", chunk(Leg::Customer, 1, false, 7)),
+            audio_op("a", chunk(Leg::Customer, 2, true, 9)),
+        ])
+        .unwrap();
+    store.finish_call("a", &CallEnd { ended_unix_ms: 16_000, ..Default::default() }).unwrap();
+    store.apply(&[audio_op("a", chunk(Leg::Customer, 3, true, 11))]).unwrap();
+    // The same chunk twice is refused (one nonce, one record).
+    assert!(store.apply(&[audio_op("a", chunk(Leg::Customer, 3, true, 11))]).is_err());
+    let summary = store.summary("a").unwrap();
+    assert_eq!(summary.audio_secs.get("customer").copied(), Some(15.0 + 5.0), "{summary:?}");
+    assert_eq!(summary.audio_secs.get("agent").copied(), Some(5.0));
+
+    // Nothing of it in clear anywhere (four 40-kB patterns, 64-byte windows).
+    let files = all_bytes(state.path());
+    for seed in [3u8, 5, 7, 9] {
+        let needle = &chunk(Leg::Customer, 0, false, seed).mulaw[1000..1064];
+        assert!(!files.iter().any(|(_, b)| b.windows(64).any(|w| w == needle)), "chunk {seed} in clear");
+    }
+
+    // Read back: pages, in order, complete; every page audited.
+    let first = store.audio("a", Leg::Customer, 0, 50_000, &admin(), 20_000).unwrap();
+    assert_eq!((first.rate, first.mulaw.len(), first.next), (8000, 40_000, Some(1)));
+    let rest = store.audio("a", Leg::Customer, 1, 1 << 20, &admin(), 20_001).unwrap();
+    assert_eq!((rest.mulaw.len(), rest.next, rest.complete), (80_000 + 40_000, None, true));
+    let expect: Vec<u8> = [3u8, 7, 9, 11].iter().flat_map(|&s| chunk(Leg::Customer, 0, false, s).mulaw).collect();
+    assert_eq!([first.mulaw, rest.mulaw].concat(), expect);
+    let agent = store.audio("a", Leg::Agent, 0, 1 << 20, &admin(), 20_002).unwrap();
+    assert_eq!((agent.mulaw, agent.complete), (chunk(Leg::Agent, 0, true, 5).mulaw, true));
+    let reads = store.audit_entries(Some(20_000)).unwrap();
+    assert_eq!(reads.iter().filter(|e| e.event.action == "audio_read" && e.event.outcome == "ok").count(), 3);
+
+    // A chunk's last flag is part of its nonce: flipping it in the clear column breaks it.
+    store
+        .calls
+        .execute("UPDATE record SET phase = '' WHERE call = 'a' AND kind = 3 AND phase = 'last' AND leg = 'agent'", [])
+        .unwrap();
+    assert!(store.audio("a", Leg::Agent, 0, 1 << 20, &admin(), 20_003).is_err());
+
+    // An interrupted call takes no more audio (its nonces must not be reused).
+    store.begin_call(&start("b", None, 2_000)).unwrap();
+    drop(store);
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+    assert!(store.apply(&[audio_op("b", chunk(Leg::Customer, 0, false, 13))]).is_err());
+
+    // Retention shreds audio at audio_days; the transcript stays.
+    let now = 1_000 + 31 * MS_PER_DAY;
+    assert_eq!(store.sweep(&Retention::default(), now).unwrap().audio_shredded, 2);
+    assert!(store.audio("a", Leg::Customer, 0, 1 << 20, &admin(), now).is_err());
+    assert!(store.summary("a").unwrap().audio_secs.is_empty());
+    assert_eq!(store.summary("a").unwrap().shredded, ["audio"]);
+    assert!(store.audit_verify().unwrap().is_ok());
+}
+
+#[test]
+fn audio_of_a_call_never_begun_is_held_within_a_bound() {
+    use crate::audio::Leg;
+    let state = tempfile::tempdir().unwrap();
+    let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+    // 2,000 chunks of 40 kB = 80 MB for calls that never begin: the store holds at most
+    // its bound and drops the largest waiting call first.
+    for i in 0..2000u32 {
+        let call = format!("silent-{}", i % 4);
+        store.apply(&[StoreOp::Audio { call, chunk: chunk(Leg::Customer, i / 4, false, 1) }]).unwrap();
+        assert!(store.early_audio_bytes <= MAX_EARLY_AUDIO_BYTES);
+    }
+    assert!(store.early_audio_bytes > 0);
+    assert_eq!(store.early_audio_bytes, store.early_audio.values().flatten().map(|c| c.mulaw.len()).sum::<usize>());
 }
