@@ -418,7 +418,7 @@ pub fn store(socket: &Path, command: &StoreCommand) -> Result<u8, Failure> {
              tombstones   {}\n\
              audit        {} entries\n\
              on disk      {:.1} MiB\n\
-             writes       {} ({} refused, {} waiting for the disk; {} audio chunks not kept)\n\
+             writes       {} ({} refused, {} waiting for the disk; {} audio chunks not kept{})\n\
              last sweep   {}\n",
             r.calls,
             r.open,
@@ -436,6 +436,7 @@ pub fn store(socket: &Path, command: &StoreCommand) -> Result<u8, Failure> {
             r.writes_refused,
             r.writes_waiting,
             r.audio_dropped,
+            if r.audio_paused { "; AUDIO NOT KEPT NOW: free space below storage.stop_audio_below_mb" } else { "" },
             match (&r.last_sweep_unix_ms, &r.last_sweep) {
                 (Some(at), Some(what)) => format!("{}: {what}", stamp(*at)),
                 _ => "not yet".into(),

@@ -316,6 +316,16 @@ fn call_store(config: &Config, data_dir: &Path, socket: &Path) -> Check {
                 ),
             );
         }
+        if stats.audio_paused {
+            return check(
+                NAME,
+                Verdict::Warn,
+                format!(
+                    "{}; audio is not being kept: free space is below storage.stop_audio_below_mb (free space, or lower it)",
+                    notes.join("; ")
+                ),
+            );
+        }
         if stats.writes_refused > 0 {
             return check(
                 NAME,

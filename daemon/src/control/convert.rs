@@ -262,6 +262,7 @@ pub fn store_stats(s: crate::store::StoreStats, c: crate::store::live::VaultCoun
         writes_refused: c.failed,
         writes_waiting: c.waiting,
         audio_dropped: c.audio_dropped,
+        audio_paused: c.audio_paused,
         last_sweep_unix_ms,
         last_sweep,
     }

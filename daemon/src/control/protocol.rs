@@ -360,6 +360,9 @@ pub struct StoreStatsReply {
     /// Audio chunks not kept (disk nearly full, or refusing writes).
     #[serde(default)]
     pub audio_dropped: u64,
+    /// Free space is below `storage.stop_audio_below_mb`: audio is not being kept now.
+    #[serde(default)]
+    pub audio_paused: bool,
     /// When retention last ran (ms since the epoch) and what it did.
     pub last_sweep_unix_ms: Option<i64>,
     pub last_sweep: Option<String>,
@@ -950,6 +953,7 @@ mod tests {
                 writes_refused: 0,
                 writes_waiting: 2,
                 audio_dropped: 1,
+                audio_paused: true,
                 last_sweep_unix_ms: None,
                 last_sweep: None,
             }),

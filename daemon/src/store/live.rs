@@ -51,6 +51,8 @@ struct Counters {
     waiting: AtomicU64,
     /// Audio chunks dropped because the disk refused writes or was nearly full.
     audio_dropped: AtomicU64,
+    /// Free space is below `storage.stop_audio_below_mb`: audio is not being kept.
+    audio_paused: std::sync::atomic::AtomicBool,
     /// When the last retention sweep ran (ms since the epoch) and what it did.
     last_sweep: Mutex<Option<(i64, String)>>,
 }
@@ -80,6 +82,7 @@ pub struct VaultCounters {
     pub batches: u64,
     pub waiting: u64,
     pub audio_dropped: u64,
+    pub audio_paused: bool,
     pub last_sweep: Option<(i64, String)>,
 }
 
@@ -192,6 +195,7 @@ impl CallVault {
             batches: self.counters.batches.load(Ordering::Relaxed),
             waiting: self.counters.waiting.load(Ordering::Relaxed),
             audio_dropped: self.counters.audio_dropped.load(Ordering::Relaxed),
+            audio_paused: self.counters.audio_paused.load(Ordering::Relaxed),
             last_sweep: self.counters.last_sweep.lock().map(|s| s.clone()).unwrap_or(None),
         }
     }
@@ -374,9 +378,13 @@ impl StoreLoop {
 
     /// Adds a write to the batch, unless it is audio and the disk is nearly full.
     fn admit(&mut self, op: StoreOp, batch: &mut Vec<StoreOp>) {
-        if matches!(op, StoreOp::Audio { .. }) && !self.audio_floor.room() {
-            self.counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+        if matches!(op, StoreOp::Audio { .. }) {
+            let room = self.audio_floor.room();
+            self.counters.audio_paused.store(!room, Ordering::Relaxed);
+            if !room {
+                self.counters.audio_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         }
         batch.push(op);
     }
@@ -505,12 +513,25 @@ pub async fn run(
     mut shutdown: ShutdownSignal,
 ) -> Result<(), StoreError> {
     let vault = store.handle.clone();
-    let describe = |vault: &CallVault| {
+    // Health follows the disk every few seconds: writes the disk refuses, or audio not kept
+    // for lack of room, make the store degraded until they clear (status, doctor).
+    let mut sweep_failed: Option<String> = None;
+    let report = |vault: &CallVault, sweep_failed: &Option<String>| {
         let c = vault.counters();
         let sweep = c.last_sweep.map_or("no sweep yet".to_owned(), |(_, s)| format!("last sweep: {s}"));
-        format!("{} writes, {} refused, {} waiting for the disk; {sweep}", c.written, c.failed, c.waiting)
+        let mut detail =
+            format!("{} writes, {} refused, {} waiting for the disk; {sweep}", c.written, c.failed, c.waiting);
+        if c.audio_paused {
+            detail += "; AUDIO NOT KEPT: free space below storage.stop_audio_below_mb";
+        }
+        if let Some(e) = sweep_failed {
+            detail += &format!("; retention sweep failed: {e}");
+        }
+        let degraded = c.waiting > 0 || c.audio_paused || sweep_failed.is_some();
+        health.set(COMPONENT, if degraded { HealthState::Degraded } else { HealthState::Ok }, detail);
     };
-    health.set(COMPONENT, HealthState::Ok, describe(&vault));
+    report(&vault, &sweep_failed);
+    let mut refresh = tokio::time::interval(Duration::from_secs(5));
     let minutes = |c: &watch::Receiver<Arc<RunningConfig>>| c.borrow().config.store.sweep_interval_mins.max(1);
     let mut every = minutes(&config);
     let mut timer = tokio::time::interval(Duration::from_secs(every * 60));
@@ -519,14 +540,16 @@ pub async fn run(
             _ = shutdown.wait() => break,
             _ = timer.tick() => {
                 let retention = retention(&config.borrow().config.store);
-                match vault.sweep(retention).await {
-                    Ok(_) => health.set(COMPONENT, HealthState::Ok, describe(&vault)),
+                sweep_failed = match vault.sweep(retention).await {
+                    Ok(_) => None,
                     Err(e) => {
                         log::error!(component = COMPONENT; "retention sweep failed: {e}");
-                        health.set(COMPONENT, HealthState::Degraded, format!("retention sweep failed: {e}"));
+                        Some(e.to_string())
                     }
-                }
+                };
+                report(&vault, &sweep_failed);
             }
+            _ = refresh.tick() => report(&vault, &sweep_failed),
             Ok(()) = config.changed() => {
                 let wanted = minutes(&config);
                 if wanted != every {
@@ -602,6 +625,36 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Below `storage.stop_audio_below_mb` audio is not kept, and says so; words still are.
+    #[test]
+    fn audio_stops_first_when_free_space_is_below_its_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { keep_audio: true, ..Default::default() };
+        // A floor above any disk's free space (16 TiB).
+        let (vault, thread) = CallVault::open(dir.path(), None, &config, 16 << 20).unwrap();
+        let mut ops = call_ops("c", 1_000, 3);
+        let chunk = crate::store::audio::AudioChunk {
+            leg: crate::audio::Leg::Agent,
+            index: 0,
+            last: true,
+            rate: 8000,
+            start_secs: 0.0,
+            mulaw: vec![0x55; 800],
+        };
+        ops.insert(1, StoreOp::Audio { call: "c".into(), chunk });
+        for op in ops {
+            vault.write_blocking(op).unwrap();
+        }
+        vault.barrier_blocking().unwrap();
+        let c = vault.counters();
+        assert_eq!((c.audio_dropped, c.audio_paused, c.written, c.failed), (1, true, 5, 0));
+        thread.close_blocking().unwrap();
+        let (keys, _) = master::load(dir.path(), None).unwrap();
+        let store = CallStore::open(dir.path(), keys, false).unwrap();
+        let call = store.summary("c").unwrap();
+        assert_eq!((call.utterances, call.audio_secs.len()), (3, 0));
     }
 
     /// The disk fills while calls stream in: no write is dropped or refused for good; they
