@@ -47,6 +47,8 @@ pub enum CustomerError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("caller-hash key {path}: {source}")]
     Key { path: PathBuf, source: std::io::Error },
+    #[error("cannot move {path} into the call store's folder: {source}")]
+    Move { path: PathBuf, source: std::io::Error },
     #[error("caller-hash key {path} has {len} bytes, not {KEY_BYTES}: restore it from backup (a new key would split every customer's history)")]
     KeyLength { path: PathBuf, len: usize },
     #[error("cannot make {path} private: {source}")]
@@ -183,7 +185,7 @@ pub fn move_into_store(data_dir: &Path) -> Result<(), CustomerError> {
             continue;
         }
         if std::fs::symlink_metadata(&new).is_ok() {
-            return Err(CustomerError::Key {
+            return Err(CustomerError::Move {
                 path: old.clone(),
                 source: std::io::Error::other(format!(
                     "both {} and {} exist: keep the one in use (the newer), move the other away, and start again",
@@ -192,7 +194,7 @@ pub fn move_into_store(data_dir: &Path) -> Result<(), CustomerError> {
                 )),
             });
         }
-        std::fs::rename(&old, &new).map_err(|source| CustomerError::Key { path: old.clone(), source })?;
+        std::fs::rename(&old, &new).map_err(|source| CustomerError::Move { path: old.clone(), source })?;
         moved = true;
     }
     if moved {
@@ -201,7 +203,7 @@ pub fn move_into_store(data_dir: &Path) -> Result<(), CustomerError> {
         for dir in [data_dir, store_dir.as_path()] {
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|source| CustomerError::Key { path: dir.to_owned(), source })?;
+                .map_err(|source| CustomerError::Move { path: dir.to_owned(), source })?;
         }
         log::info!(component = COMPONENT; "moved customers.sqlite and caller-hash.key into {}", store_dir.display());
     }
