@@ -17,6 +17,7 @@ const CORES: &[&str] = &[
     "calls",
     "config",
     "inputs::lines",
+    "hex",
     "pii",
     "speech",
     "speech::manifest",

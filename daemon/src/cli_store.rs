@@ -204,7 +204,7 @@ pub fn calls(socket: &Path, command: &CallsCommand) -> Result<u8, Failure> {
                         Response::CallAudio(page) => page,
                         other => return Err(unexpected(&other)),
                     };
-                    mulaw.extend(unhex(&page.mulaw_hex).ok_or_else(|| {
+                    mulaw.extend(crate::hex::decode(&page.mulaw_hex).ok_or_else(|| {
                         Failure::new(exit::FAILURE, "the daemon sent audio that is not hex".to_owned())
                     })?);
                     (rate, complete) = (page.rate.max(rate), page.complete);
@@ -245,11 +245,6 @@ fn claim(out: &Path) -> Result<std::fs::File, Failure> {
         .mode(0o600)
         .open(out)
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot create {}: {e}", out.display())))
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
-    text.as_bytes().chunks(2).map(|p| Some(digit(*p.first()?)? << 4 | digit(*p.get(1)?)?)).collect()
 }
 
 fn call_line(c: &wire::StoredCallItem) -> String {

@@ -138,7 +138,7 @@ impl CallerHasher {
             ))
         })?;
         let tag = hmac::sign(&self.key, digits.as_bytes());
-        Ok(tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect())
+        Ok(crate::hex::encode(&tag.as_ref()[..16]))
     }
 }
 

@@ -43,7 +43,7 @@ impl WorkDir {
         let mut id = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| std::io::Error::other("the system random source failed"))?;
-        let name = format!("callbox-demo-{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let name = format!("callbox-demo-{}", crate::hex::encode(&id));
         let dir = std::env::temp_dir().join(name);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Self(dir))

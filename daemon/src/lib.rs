@@ -16,6 +16,7 @@ pub mod escape;
 pub mod exit;
 pub mod fsio;
 pub mod health;
+pub mod hex;
 pub mod inputs;
 pub mod logging;
 pub mod notify;

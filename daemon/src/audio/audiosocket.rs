@@ -167,7 +167,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
 
 /// Formats a UUID frame's bytes the way Asterisk's `${UUID()}` prints them.
 pub fn format_uuid(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::hex::encode(id);
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 

@@ -480,16 +480,6 @@ async fn respond(
     (response, After::KeepOpen)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
-
 fn actor(uid: u32, role: Role) -> crate::store::Actor {
     let role = match role {
         Role::Technician => "technician",
@@ -550,7 +540,7 @@ async fn store_request(
                         call,
                         leg: leg.name().into(),
                         rate: audio.rate,
-                        mulaw_hex: hex(&audio.mulaw),
+                        mulaw_hex: crate::hex::encode(&audio.mulaw),
                         complete: audio.complete,
                         next_chunk: audio.next,
                     }))

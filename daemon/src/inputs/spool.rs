@@ -175,7 +175,7 @@ fn default_call_id(path: &Path) -> String {
         return id;
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, stem.as_bytes());
-    let tag: String = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let tag = crate::hex::encode(&digest.as_ref()[..6]);
     let head: String = id.chars().take(crate::calls::MAX_CALL_ID_CHARS - 14).collect();
     format!("{head}~{tag}")
 }

@@ -121,7 +121,7 @@ impl ModelSet {
         let path = self.dir.join(&entry.path);
         let bytes = read_model_file(&path, MAX_MODEL_FILE_BYTES)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let actual = crate::hex::encode(digest.as_ref());
         if actual != entry.sha256.to_ascii_lowercase() {
             return Err(SpeechError::Digest { path, expected: entry.sha256.clone(), actual });
         }

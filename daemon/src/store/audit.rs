@@ -74,7 +74,7 @@ fn entry_hash(seq: i64, e: &AuditEvent, prev: &str) -> String {
         ctx.update(&(field.len() as u64).to_be_bytes());
         ctx.update(field);
     }
-    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(ctx.finish().as_ref())
 }
 
 /// The first broken link.

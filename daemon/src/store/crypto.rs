@@ -96,7 +96,7 @@ impl MasterKey {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"callbox/master-key-id/v1");
         ctx.update(bytes);
-        let id = ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = crate::hex::encode(&ctx.finish().as_ref()[..8]);
         Self { key: aead_key(bytes), id }
     }
 
