@@ -39,6 +39,10 @@ const CORES: &[&str] = &[
     "understanding::lexicon",
     "understanding::rules",
     "understanding::state",
+    "uplink",
+    "uplink::messages",
+    "uplink::outbox",
+    "uplink::session",
 ];
 
 /// What a core may not name, and why.
@@ -83,14 +87,19 @@ const SHELLS: &[&str] = &[
     "supervisor",
     "transcribe",
     "understanding::live",
+    "uplink::hq",
+    "uplink::link",
+    "uplink::tls",
+    "cli_hq",
 ];
 
 /// The control plane: nothing below it (inputs, speech, understanding, stores, health,
 /// config) may import it.
-const CONTROL_PLANE: &[&str] = &["control", "cli", "cli_store", "demo", "doctor", "render"];
+const CONTROL_PLANE: &[&str] = &["control", "cli", "cli_hq", "cli_store", "demo", "doctor", "render"];
 
 /// Modules that may import the control plane (they are it, or sit above it).
-const ABOVE_CONTROL: &[&str] = &["control", "cli", "cli_store", "daemon", "demo", "doctor", "offline", "render"];
+const ABOVE_CONTROL: &[&str] =
+    &["control", "cli", "cli_hq", "cli_store", "daemon", "demo", "doctor", "offline", "render"];
 
 /// Shared plumbing below the shells that is neither a core nor a shell.
 const PLUMBING: &[&str] = &["escape", "exit", "fsio", "paths", "testdata"];

@@ -14,6 +14,7 @@ mod config_cli;
 mod control_access;
 mod customers;
 mod daemon_lifecycle;
+mod hq;
 mod intent;
 mod layers;
 mod speech;

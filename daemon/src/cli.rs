@@ -96,6 +96,9 @@ pub enum Command {
     /// The call store: stats.
     #[command(subcommand)]
     Store(crate::cli_store::StoreCommand),
+    /// The headquarters uplink: status, outbox; `hq listen` acts as HQ.
+    #[command(subcommand)]
+    Hq(crate::cli_hq::HqCommand),
     /// Show version, uptime, configuration and component health of the running daemon.
     Status {
         /// Print the daemon's report as JSON.
@@ -239,6 +242,30 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The headquarters outbox: messages per second to a broker and back (HQ acks after
+    /// its commit), and alert latency (event → HQ) while a backlog drains.
+    Outbox {
+        /// A broker to use: mqtt://127.0.0.1:PORT (a local mosquitto) or mqtts://…
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        /// CA, certificate and key for both ends (mqtts:// only).
+        #[arg(long, value_name = "PEM")]
+        ca: Option<PathBuf>,
+        #[arg(long, value_name = "PEM")]
+        cert: Option<PathBuf>,
+        #[arg(long, value_name = "PEM")]
+        key: Option<PathBuf>,
+        /// Call summaries queued before the link starts (the backlog).
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        /// Alerts raised while the backlog drains.
+        #[arg(long, default_value_t = 200)]
+        alerts: usize,
+        #[arg(long, default_value_t = 10)]
+        alert_every_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,6 +365,7 @@ pub fn main() -> u8 {
         Command::Store(ref command) => {
             crate::cli_store::store(&socket_for(&cli), command).unwrap_or_else(Failure::report)
         }
+        Command::Hq(ref command) => crate::cli_hq::hq(&socket_for(&cli), command).unwrap_or_else(Failure::report),
         Command::Call(CallCommand::Info { ref call, ref caller, converted, json }) => customer_request(
             &socket_for(&cli),
             Request::CallInfo { call: call.clone(), caller: caller.clone(), converted: converted.then_some(true) },
@@ -378,6 +406,26 @@ pub fn main() -> u8 {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
         }
+        Command::Bench(BenchCommand::Outbox {
+            ref broker,
+            ref ca,
+            ref cert,
+            ref key,
+            messages,
+            alerts,
+            alert_every_ms,
+            json,
+        }) => crate::offline::bench_outbox(&crate::offline::BenchOutbox {
+            broker: broker.clone(),
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            messages,
+            alerts,
+            alert_every_ms,
+            json,
+        })
+        .unwrap_or_else(Failure::report),
         Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, batch, stream, json }) => {
             match (stream, dir) {
                 (Some(concurrent), Some(dir)) => {

@@ -35,6 +35,181 @@ pub struct Config {
     pub speech: SpeechConfig,
     pub understanding: UnderstandingConfig,
     pub store: StoreConfig,
+    pub hq: HqConfig,
+}
+
+/// The headquarters uplink (MQTT over TLS with a client certificate). Off until `brokers`
+/// is set: nothing leaves the box, and the outbox is not written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HqConfig {
+    /// `mqtts://host:port` (tried in turn on each reconnect); `mqtt://` only to a loopback
+    /// address (a broker on the box itself). Empty: the uplink is off.
+    pub brokers: Vec<String>,
+    /// Site (branch) and box ids: the topic prefix `callbox/v1/{site}/{box_id}/`.
+    pub site: String,
+    pub box_id: String,
+    /// MQTT client id; empty: `callbox-{site}-{box_id}`.
+    pub client_id: String,
+    /// CA certificate(s) that sign the broker's certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// The box's client certificate chain and its key (PEM; the key file must be 0600 or
+    /// 0640 and not world-readable).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub keepalive_secs: u64,
+    /// Resend what HQ has not acknowledged after this long (same message ids).
+    pub ack_timeout_secs: u64,
+    /// Messages published and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    pub quota_mb: LaneQuotas,
+}
+
+/// Bytes each outbox lane may hold before it sheds its oldest (with a gap record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaneQuotas {
+    pub alert: u64,
+    pub compliance: u64,
+    pub calls: u64,
+    pub aggregates: u64,
+    pub diagnostics: u64,
+}
+
+impl Default for LaneQuotas {
+    fn default() -> Self {
+        Self { alert: 16, compliance: 16, calls: 64, aggregates: 16, diagnostics: 4 }
+    }
+}
+
+impl LaneQuotas {
+    /// In bytes, in `Lane::ALL` order.
+    pub fn bytes(&self) -> [u64; 5] {
+        [self.alert, self.compliance, self.calls, self.aggregates, self.diagnostics].map(|mb| mb << 20)
+    }
+}
+
+impl Default for HqConfig {
+    fn default() -> Self {
+        Self {
+            brokers: Vec::new(),
+            site: String::new(),
+            box_id: String::new(),
+            client_id: String::new(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            keepalive_secs: 30,
+            ack_timeout_secs: 30,
+            max_in_flight: 256,
+            quota_mb: LaneQuotas::default(),
+        }
+    }
+}
+
+impl HqConfig {
+    pub fn enabled(&self) -> bool {
+        !self.brokers.is_empty()
+    }
+
+    pub fn client_id(&self) -> String {
+        if self.client_id.is_empty() {
+            format!("callbox-{}-{}", self.site, self.box_id)
+        } else {
+            self.client_id.clone()
+        }
+    }
+
+    /// Every problem with the section (empty when it is off).
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if !self.enabled() {
+            return out;
+        }
+        let mut check = |ok: bool, key: &str, message: String| {
+            if !ok {
+                out.push((key.to_owned(), message));
+            }
+        };
+        for url in &self.brokers {
+            if let Err(e) = BrokerUrl::parse(url) {
+                check(false, "hq.brokers", e);
+            }
+        }
+        for (key, id) in [("hq.site", &self.site), ("hq.box_id", &self.box_id)] {
+            check(
+                is_valid_line_name(id),
+                key,
+                format!("{id:?}: use 1 to 32 letters, digits, '-' or '_' (it is a topic level)"),
+            );
+        }
+        let tls = self.brokers.iter().any(|u| u.starts_with("mqtts://"));
+        for (key, path) in
+            [("hq.ca_file", &self.ca_file), ("hq.cert_file", &self.cert_file), ("hq.key_file", &self.key_file)]
+        {
+            match path {
+                Some(p) => check(p.is_absolute(), key, format!("must be an absolute path, got {p:?}")),
+                None => check(!tls, key, "must be set for an mqtts:// broker (TLS with a client certificate)".into()),
+            }
+        }
+        check(
+            self.client_id().len() <= 128 && !self.client_id().contains(['/', '+', '#']),
+            "hq.client_id",
+            "must have at most 128 bytes and no '/', '+' or '#'".into(),
+        );
+        for (key, value, lo, hi) in [
+            ("hq.keepalive_secs", self.keepalive_secs, 5, 3600),
+            ("hq.ack_timeout_secs", self.ack_timeout_secs, 1, 3600),
+            ("hq.max_in_flight", self.max_in_flight as u64, 1, 10_000),
+            ("hq.quota_mb.alert", self.quota_mb.alert, 1, 4096),
+            ("hq.quota_mb.compliance", self.quota_mb.compliance, 1, 4096),
+            ("hq.quota_mb.calls", self.quota_mb.calls, 1, 4096),
+            ("hq.quota_mb.aggregates", self.quota_mb.aggregates, 1, 4096),
+            ("hq.quota_mb.diagnostics", self.quota_mb.diagnostics, 1, 4096),
+        ] {
+            check((lo..=hi).contains(&value), key, format!("must be between {lo} and {hi}, got {value}"));
+        }
+        out
+    }
+}
+
+/// A broker address from `hq.brokers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// `mqtts://host[:port]` (8883) or `mqtt://host[:port]` (1883, loopback only: the
+    /// uplink never sends in clear over a network).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!("{url:?}: use mqtts://host:port (or mqtt:// to a loopback address)"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port = port.parse::<u16>().map_err(|_| format!("{url:?}: the port must be a number 1..65535"))?;
+                (host, port)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 || host.contains(['/', '@', ' ']) {
+            return Err(format!("{url:?}: expected mqtts://host:port"));
+        }
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !tls && !loopback {
+            return Err(format!("{url:?}: mqtt:// sends in clear; use mqtts:// (only a loopback broker may be plain)"));
+        }
+        Ok(Self { tls, host: host.to_owned(), port })
+    }
 }
 
 /// The encrypted call store (`<data_dir>/store`).
@@ -805,6 +980,12 @@ impl Config {
             let clash = a.listeners[..i].iter().any(|o| o.address == l.address && l.address.port() != 0);
             check(!clash, "audiosocket.listeners", format!("{} is listed twice", l.address));
         }
+        check(
+            !self.hq.enabled() || st.enabled,
+            "hq.brokers",
+            "the uplink sends from the call store's outbox: store.enabled must be true".into(),
+        );
+        out.extend(self.hq.problems());
         out
     }
 
@@ -826,6 +1007,7 @@ impl Config {
             (old.spool.dir != new.spool.dir, "spool.dir"),
             (old.store.enabled != new.store.enabled, "store.enabled"),
             (old.store.keep_unmasked != new.store.keep_unmasked, "store.keep_unmasked"),
+            (old.hq != new.hq, "hq"),
             (old.alsa != new.alsa, "alsa"),
             (sp.enabled != nsp.enabled, "speech.enabled"),
             (sp.models_dir != nsp.models_dir, "speech.models_dir"),
@@ -1114,5 +1296,32 @@ device = \"hw:0\"
         leaf_paths(&documented, "", &mut have);
         let missing: Vec<_> = wanted.iter().filter(|k| !have.contains(k)).collect();
         assert!(missing.is_empty(), "keys not documented in packaging/callbox.toml: {missing:?}");
+    }
+
+    #[test]
+    fn the_hq_section_is_checked_whole_and_never_sends_in_clear_over_a_network() {
+        let problems = |text: &str| -> Vec<String> {
+            match parse(text) {
+                Ok(_) => Vec::new(),
+                Err(problems) => problems.iter().map(ToString::to_string).collect(),
+            }
+        };
+        assert!(problems("[hq]\n").is_empty(), "off by default");
+        let p = problems(
+            "[hq]\nbrokers = [\"mqtt://10.0.0.5:1883\", \"mqtts://hq\"]\nsite = \"a/b\"\nkeepalive_secs = 1\n",
+        );
+        let text = p.join("\n");
+        for expected in
+            ["sends in clear", "hq.site", "hq.box_id", "hq.ca_file", "hq.cert_file", "hq.key_file", "hq.keepalive_secs"]
+        {
+            assert!(text.contains(expected), "{expected} missing in:\n{text}");
+        }
+        let ok = "[hq]\nbrokers = [\"mqtt://127.0.0.1:1883\"]\nsite = \"s1\"\nbox_id = \"b1\"\n";
+        assert!(problems(ok).is_empty(), "{:?}", problems(ok));
+        let no_store = format!("{ok}[store]\nenabled = false\n");
+        assert!(problems(&no_store).join(" ").contains("store.enabled must be true"));
+        assert_eq!(BrokerUrl::parse("mqtts://hq.example").map(|b| b.port), Ok(8883));
+        assert_eq!(BrokerUrl::parse("mqtts://[::1]:9").map(|b| (b.host, b.port)), Ok(("::1".into(), 9)));
+        assert!(BrokerUrl::parse("http://x").is_err() && BrokerUrl::parse("mqtts://x:0").is_err());
     }
 }

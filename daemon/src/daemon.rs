@@ -161,14 +161,25 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
             return Err(exit::OS_ERROR);
         }
     };
+    // The headquarters link's TLS identity: a missing or world-readable key stops the
+    // start here, with its path.
+    let hq_tls = match crate::uplink::link::tls_for(&cfg.hq) {
+        Ok(tls) => tls,
+        Err(e) => {
+            log::error!(component = "hq"; "{e}");
+            return Err(exit::CONFIG);
+        }
+    };
     // The encrypted call store: its master key (systemd credential or key file) is checked
     // here; a missing or wrong key stops the start (exit 71), never a silent new key.
     let vault = if cfg.store.enabled {
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let (dir, cred, store_cfg) = (data_dir.clone(), credentials, cfg.store.clone());
         let audio_floor = cfg.storage.stop_audio_below_mb;
+        // The outbox is written only when there is a headquarters to send it to.
+        let outbox = cfg.hq.enabled().then(|| crate::store::OutboxSettings { quotas: cfg.hq.quota_mb.bytes() });
         let opened = tokio::task::spawn_blocking(move || {
-            crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg, audio_floor)
+            crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg, audio_floor, outbox)
         })
         .await;
         match opened {
@@ -241,6 +252,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         audiosocket_listeners,
         speech: speech.clone(),
     };
+    let uplink = crate::uplink::link::UplinkHandle::default();
     let ctx = ControlContext {
         config: config_rx.clone(),
         health: health.clone(),
@@ -248,6 +260,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         line_requests: capture.as_ref().map(|(requests, _)| requests.clone()),
         customers: customers.clone(),
         vault: vault.clone(),
+        uplink: cfg.hq.enabled().then(|| uplink.clone()),
         monitor: understanding.as_ref().map(Understanding::bus),
         reload_tx,
     };
@@ -267,6 +280,19 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
     if let Some(thread) = vault_thread {
         let run = crate::store::live::run(thread, config_rx.clone(), health.clone(), stages.signal(Stage::Stores));
         components.push(Component::new("store", Stage::Stores, run));
+    }
+    if let (true, Some(vault)) = (cfg.hq.enabled(), &vault) {
+        // In the last stage with the store: what understanding finishes while stopping is
+        // still sent if the link is up; anything unacknowledged stays in the outbox.
+        let run = crate::uplink::link::run(
+            vault.clone(),
+            hq_tls.clone(),
+            config_rx.clone(),
+            uplink.clone(),
+            health.clone(),
+            stages.signal(Stage::Stores),
+        );
+        components.push(Component::new("hq", Stage::Stores, run));
     }
     if !audiosocket.is_empty() {
         let serve = crate::inputs::audiosocket::serve(

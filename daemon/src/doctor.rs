@@ -54,6 +54,7 @@ pub fn run(config_path: &Path, data_dir: impl Fn(&Config) -> std::path::PathBuf,
     checks.push(data_directory(&data_dir(&config), config.storage.min_free_mb));
     checks.push(call_store(&config, &data_dir(&config), socket));
     checks.push(models(&config));
+    checks.push(headquarters(&config, socket));
     checks.push(clock());
     checks.push(daemon(socket));
     checks
@@ -234,6 +235,40 @@ fn daemon(socket: &Path) -> Check {
         Ok(Response::Error(e)) => check("daemon", Verdict::Fail, e.message),
         Ok(other) => check("daemon", Verdict::Fail, format!("unexpected response {other:?}")),
         Err(e) => check("daemon", Verdict::Fail, e.to_string()),
+    }
+}
+
+/// The headquarters uplink: its TLS files as the daemon will read them, then the link's
+/// state and backlog from the running daemon.
+fn headquarters(config: &Config, socket: &Path) -> Check {
+    const NAME: &str = "headquarters";
+    if !config.hq.enabled() {
+        return check(NAME, Verdict::Pass, "hq.brokers is empty: nothing is sent to headquarters");
+    }
+    if let Err(e) = crate::uplink::link::tls_for(&config.hq) {
+        return check(NAME, Verdict::Fail, e.to_string());
+    }
+    match client::request(socket, Request::HqStatus {}) {
+        Ok(Response::HqStatus(r)) => {
+            let waiting: u64 = r.lanes.iter().map(|l| l.rows).sum();
+            let broker = r.broker.unwrap_or_default();
+            if r.connected {
+                check(NAME, Verdict::Pass, format!("online ({broker}); {waiting} messages waiting, {} shed", r.shed))
+            } else {
+                check(
+                    NAME,
+                    Verdict::Warn,
+                    format!(
+                        "OFFLINE ({broker}: {}); {waiting} messages kept in the outbox",
+                        r.last_error.unwrap_or_else(|| "connecting".into())
+                    ),
+                )
+            }
+        }
+        Ok(Response::Error(e)) => check(NAME, Verdict::Warn, e.message),
+        Ok(other) => check(NAME, Verdict::Fail, format!("unexpected response {other:?}")),
+        // The daemon check says it is not running; the files are fine.
+        Err(_) => check(NAME, Verdict::Pass, "TLS files readable and private; the daemon is not running"),
     }
 }
 

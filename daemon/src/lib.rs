@@ -5,6 +5,7 @@
 pub mod audio;
 pub mod calls;
 pub mod cli;
+pub mod cli_hq;
 pub mod cli_store;
 pub mod config;
 pub mod control;
@@ -32,3 +33,4 @@ pub mod supervisor;
 mod testdata;
 pub mod transcribe;
 pub mod understanding;
+pub mod uplink;

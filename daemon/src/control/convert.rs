@@ -267,3 +267,46 @@ pub fn store_stats(s: crate::store::StoreStats, c: crate::store::live::VaultCoun
         last_sweep,
     }
 }
+
+/// The uplink's view as the wire has it.
+pub fn hq_status(s: crate::uplink::link::UplinkStatus) -> wire::HqStatusReply {
+    wire::HqStatusReply {
+        connected: s.session.connected,
+        broker: s.broker,
+        last_error: s.last_error,
+        last_ack_unix_ms: s.last_ack_unix_ms,
+        in_flight: s.session.in_flight as u64,
+        published: s.session.published,
+        acked: s.session.acked,
+        resent: s.session.resent,
+        bad_acks: s.session.bad_acks,
+        shed: s.shed,
+        lanes: s
+            .backlog
+            .into_iter()
+            .map(|l| wire::HqLane {
+                lane: l.lane.name().into(),
+                rows: l.rows,
+                bytes: l.bytes,
+                oldest_created_unix_ms: l.oldest_created_ms,
+                next_seq: l.next_seq,
+            })
+            .collect(),
+    }
+}
+
+pub fn hq_outbox(entries: Vec<crate::store::OutboxEntry>) -> wire::HqOutboxReply {
+    wire::HqOutboxReply {
+        entries: entries
+            .into_iter()
+            .map(|e| wire::HqOutboxEntry {
+                id: e.id,
+                lane: e.lane.name().into(),
+                seq: e.seq,
+                kind: e.kind,
+                bytes: e.bytes,
+                created_unix_ms: e.created_ms,
+            })
+            .collect(),
+    }
+}

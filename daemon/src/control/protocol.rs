@@ -104,6 +104,15 @@ pub enum Request {
     KeysRotate {},
     /// Counts and sizes of the call store.
     StoreStats {},
+    /// The headquarters uplink: connection, backlog per lane, acks.
+    HqStatus {},
+    /// Outbox rows' metadata (never their bodies), lanes in priority order.
+    HqOutbox {
+        #[serde(default)]
+        lane: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 /// Longest line name a request may carry (config allows 32 characters).
@@ -140,6 +149,8 @@ impl Request {
             Self::AuditVerify {} => "audit_verify",
             Self::KeysRotate {} => "keys_rotate",
             Self::StoreStats {} => "store_stats",
+            Self::HqStatus {} => "hq_status",
+            Self::HqOutbox { .. } => "hq_outbox",
         }
     }
 
@@ -155,7 +166,9 @@ impl Request {
             | Self::CallsList { .. }
             | Self::CallsShow { transcript: false, .. }
             | Self::AuditVerify {}
-            | Self::StoreStats {} => Role::Technician,
+            | Self::StoreStats {}
+            | Self::HqStatus {}
+            | Self::HqOutbox { .. } => Role::Technician,
             Self::Reload {}
             | Self::CallsShow { transcript: true, .. }
             | Self::CallsExport { .. }
@@ -202,6 +215,8 @@ pub enum Response {
     AuditVerified(AuditVerifyReply),
     KeysRotated(KeysRotatedReply),
     StoreStats(StoreStatsReply),
+    HqStatus(HqStatusReply),
+    HqOutbox(HqOutboxReply),
     Error(ErrorReply),
 }
 
@@ -336,6 +351,48 @@ pub struct KeysRotatedReply {
     pub keys: usize,
     /// The new master key's id (never the key).
     pub master_key: String,
+}
+
+/// The uplink to headquarters (`hq status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HqStatusReply {
+    pub connected: bool,
+    /// `host:port` of the broker in use or last tried.
+    pub broker: Option<String>,
+    pub last_error: Option<String>,
+    pub last_ack_unix_ms: Option<i64>,
+    pub in_flight: u64,
+    pub published: u64,
+    pub acked: u64,
+    pub resent: u64,
+    pub bad_acks: u64,
+    /// Messages shed (reported in gap records) since the daemon started.
+    pub shed: u64,
+    pub lanes: Vec<HqLane>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HqLane {
+    pub lane: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub oldest_created_unix_ms: Option<i64>,
+    pub next_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HqOutboxReply {
+    pub entries: Vec<HqOutboxEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HqOutboxEntry {
+    pub id: String,
+    pub lane: String,
+    pub seq: u64,
+    pub kind: String,
+    pub bytes: u64,
+    pub created_unix_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

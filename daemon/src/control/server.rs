@@ -80,10 +80,34 @@ pub struct ControlContext {
     pub customers: crate::customers::Customers,
     /// The encrypted call store; None when `store.enabled` is off.
     pub vault: Option<crate::store::live::CallVault>,
+    /// The headquarters uplink's view; None when `[hq]` is off.
+    pub uplink: Option<crate::uplink::link::UplinkHandle>,
     /// The understanding bus, for `watch`; None when speech is off.
     pub monitor: Option<tokio::sync::broadcast::Sender<Arc<crate::understanding::live::Monitor>>>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
     pub reload_tx: mpsc::Sender<ReloadReply>,
+}
+
+/// Outbox rows' metadata, from the store thread.
+async fn hq_outbox(ctx: &ControlContext, lane: Option<String>, limit: Option<u32>) -> Response {
+    let (Some(vault), Some(_)) = (&ctx.vault, &ctx.uplink) else {
+        return Response::error(ErrorCode::Rejected, "the headquarters uplink is off (hq.brokers is empty)");
+    };
+    let lane = match lane.as_deref().map(crate::uplink::outbox::Lane::parse) {
+        None => None,
+        Some(Some(lane)) => Some(lane),
+        Some(None) => {
+            return Response::error(
+                ErrorCode::BadRequest,
+                "lane: one of alert, compliance, calls, aggregates, diagnostics",
+            )
+        }
+    };
+    let limit = limit.unwrap_or(100).min(1000) as usize;
+    match vault.run(move |s| s.outbox_entries(lane, limit)).await {
+        Ok(entries) => Response::HqOutbox(super::convert::hq_outbox(entries)),
+        Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+    }
 }
 
 /// A bound control socket and the identity of its file.
@@ -470,6 +494,11 @@ async fn respond(
             Some(vault) => store_request(ctx, vault, request, actor(peer.uid, role), peer.who).await,
             None => Response::error(ErrorCode::Rejected, "the call store is off (store.enabled = false)"),
         },
+        Request::HqStatus {} => match &ctx.uplink {
+            Some(uplink) => Response::HqStatus(super::convert::hq_status(uplink.status())),
+            None => Response::error(ErrorCode::Rejected, "the headquarters uplink is off (hq.brokers is empty)"),
+        },
+        Request::HqOutbox { lane, limit } => hq_outbox(ctx, lane, limit).await,
         Request::Watch {} => match &ctx.monitor {
             Some(bus) => return (Response::Watching, After::Watch(bus.subscribe())),
             None => {

@@ -136,7 +136,8 @@ pub fn bench_store_stream(
     let state = dir.join("state");
     std::fs::create_dir_all(&state)
         .map_err(|e| Failure::new(exit::OS_ERROR, format!("cannot create {}: {e}", state.display())))?;
-    let (vault, thread) = CallVault::open(&state, None, &crate::config::StoreConfig::default(), 0).map_err(fail)?;
+    let (vault, thread) =
+        CallVault::open(&state, None, &crate::config::StoreConfig::default(), 0, None).map_err(fail)?;
     let utterance = |i: u64| StoredUtterance {
         index: i,
         leg: if i % 2 == 0 { "agent".into() } else { "customer".into() },

@@ -55,6 +55,8 @@ struct Counters {
     audio_paused: std::sync::atomic::AtomicBool,
     /// When the last retention sweep ran (ms since the epoch) and what it did.
     last_sweep: Mutex<Option<(i64, String)>>,
+    /// Rows were added to the headquarters outbox (the uplink waits on it).
+    outbox_wake: tokio::sync::Notify,
 }
 
 /// The shared handle to the store thread.
@@ -95,10 +97,14 @@ impl CallVault {
         credentials_dir: Option<&Path>,
         config: &StoreConfig,
         stop_audio_below_mb: u64,
+        outbox: Option<super::OutboxSettings>,
     ) -> Result<(Self, VaultThread), StoreError> {
         let (keys, source) = master::load(state_dir, credentials_dir)?;
         let rotating = keys.next.is_some();
-        let store = CallStore::open(state_dir, keys, config.keep_unmasked)?;
+        let mut store = CallStore::open(state_dir, keys, config.keep_unmasked)?;
+        if let Some(settings) = outbox {
+            store.enable_outbox(settings)?;
+        }
         if rotating {
             master::promote_next(state_dir)?;
             log::info!(component = COMPONENT; "a master-key rotation that had stopped was finished");
@@ -186,6 +192,12 @@ impl CallVault {
         }));
         self.jobs.send(job).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
+    }
+
+    /// Resolves when the store has queued outbox rows since the last time (at once if it
+    /// had before anyone waited).
+    pub async fn outbox_changed(&self) {
+        self.counters.outbox_wake.notified().await
     }
 
     pub fn counters(&self) -> VaultCounters {
@@ -324,6 +336,7 @@ impl StoreLoop {
             if !self.backlog.ops.is_empty() {
                 std::thread::sleep(delay);
                 if self.retry_backlog() {
+                    self.wake_uplink();
                     delay = RETRY_FIRST;
                 } else {
                     delay = (delay * 2).min(RETRY_MOST);
@@ -372,8 +385,16 @@ impl StoreLoop {
                     }
                 }
             }
+            self.wake_uplink();
         }
         // Dropping the store closes both connections (SQLite checkpoints the WAL).
+    }
+
+    /// Tells the uplink about rows committed to the outbox (a write, a forget).
+    fn wake_uplink(&mut self) {
+        if self.store.take_outbox_dirty() {
+            self.counters.outbox_wake.notify_one();
+        }
     }
 
     /// Adds a write to the batch, unless it is audio and the disk is nearly full.
@@ -633,7 +654,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { keep_audio: true, ..Default::default() };
         // A floor above any disk's free space (16 TiB).
-        let (vault, thread) = CallVault::open(dir.path(), None, &config, 16 << 20).unwrap();
+        let (vault, thread) = CallVault::open(dir.path(), None, &config, 16 << 20, None).unwrap();
         let mut ops = call_ops("c", 1_000, 3);
         let chunk = crate::store::audio::AudioChunk {
             leg: crate::audio::Leg::Agent,
@@ -665,7 +686,7 @@ mod tests {
         let state = dir.path().join("state");
         let _disk = Tmpfs::mount(&state, 8);
         let config = StoreConfig { keep_audio: true, ..Default::default() };
-        let (vault, thread) = CallVault::open(&state, None, &config, 0).unwrap();
+        let (vault, thread) = CallVault::open(&state, None, &config, 0, None).unwrap();
         let mut sent = 0u64;
         for i in 0..5 {
             for op in call_ops(&format!("before-{i}"), 1_000 + i, 20) {

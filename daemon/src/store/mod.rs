@@ -24,6 +24,7 @@ pub mod audit;
 pub mod crypto;
 pub mod live;
 pub mod master;
+pub mod outbox;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -32,14 +33,19 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::uplink::messages::{CallReport, ErasureNotice, HitReport};
+use crate::uplink::outbox::Lane;
 use audio::AudioChunk;
 use audit::{AuditEntry, AuditEvent, ChainHead};
 use crypto::{ClassKey, CryptoError, DataClass, DataKey, MasterKey, Place, RecordKind, KEY_BYTES};
+pub use outbox::{LaneBacklog, OutboxEntry, OutboxRow, OutboxSettings};
 
 pub const STORE_DIR: &str = "store";
 pub const CALLS_FILE: &str = "calls.sqlite";
 pub const KEYS_FILE: &str = "keys.sqlite";
-const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added the headquarters outbox (`outbox`); version 1 files are upgraded.
+const CALLS_SCHEMA_VERSION: i64 = 2;
+const KEYS_SCHEMA_VERSION: i64 = 1;
 const MS_PER_DAY: i64 = 86_400_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +56,8 @@ pub enum StoreError {
     Permissions { path: PathBuf, source: std::io::Error },
     #[error("call store {path}: {source}")]
     Database { path: PathBuf, source: rusqlite::Error },
-    #[error("call store {path} has schema version {found}; this callbox knows {SCHEMA_VERSION}: a newer callbox wrote it, so install that version again (or restore the store from a backup)")]
-    Schema { path: PathBuf, found: i64 },
+    #[error("call store {path} has schema version {found}; this callbox knows {knows}: a newer callbox wrote it, so install that version again (or restore the store from a backup)")]
+    Schema { path: PathBuf, found: i64, knows: i64 },
     #[error("call store: {0}")]
     Query(#[from] rusqlite::Error),
     #[error("call store: {0}")]
@@ -273,6 +279,10 @@ pub struct CallStore {
     /// utterance is understood), written at their `Begin`. Bounded by bytes.
     early_audio: std::collections::HashMap<String, Vec<AudioChunk>>,
     early_audio_bytes: usize,
+    /// The headquarters outbox, when `[hq]` is on (`enable_outbox`).
+    outbox: Option<outbox::Outbox>,
+    /// Keys the pseudonyms HQ sees for agents (random, in keys.sqlite, made once).
+    pseudonyms: Option<ring::hmac::Key>,
 }
 
 /// Most descriptions kept for calls that have not begun (older ones are dropped first
@@ -321,8 +331,9 @@ impl CallStore {
         calls.pragma_update(None, "journal_mode", "WAL").map_err(cerr)?;
         calls.pragma_update(None, "synchronous", "FULL").map_err(cerr)?;
         calls.pragma_update(None, "secure_delete", true).map_err(cerr)?;
-        migrate(&keys, &keys_path, KEYS_SCHEMA)?;
-        migrate(&calls, &calls_path, CALLS_SCHEMA)?;
+        migrate(&keys, &keys_path, KEYS_SCHEMA, KEYS_SCHEMA_VERSION, &[])?;
+        let calls_schema = format!("{CALLS_SCHEMA} {}", outbox::SCHEMA);
+        migrate(&calls, &calls_path, &calls_schema, CALLS_SCHEMA_VERSION, &[(1, outbox::SCHEMA)])?;
         // The master key this store was made with; a different one is refused, never used
         // to start over. A rotation that finished before its key file was promoted leaves
         // the store on the next key.
@@ -349,6 +360,8 @@ impl CallStore {
             described_seq: 0,
             early_audio: Default::default(),
             early_audio_bytes: 0,
+            outbox: None,
+            pseudonyms: None,
         };
         if let Some(next) = pending {
             store.rotate(next, None)?;
@@ -414,6 +427,63 @@ impl CallStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Turns the headquarters outbox on (`[hq]` configured): from now on finished calls,
+    /// events and rule hits, and erasures queue their messages in the same transaction as
+    /// the data they report. Rows queued by an earlier run are kept and sent.
+    pub fn enable_outbox(&mut self, settings: OutboxSettings) -> Result<(), StoreError> {
+        let existing: Option<String> =
+            self.keys.query_row("SELECT value FROM meta WHERE key = 'pseudonym_key'", [], |r| r.get(0)).optional()?;
+        let key = match existing.as_deref().and_then(crate::hex::decode) {
+            Some(key) => key,
+            None => {
+                let key = self.random_bytes::<32>()?.to_vec();
+                self.keys.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('pseudonym_key', ?1)",
+                    [crate::hex::encode(&key)],
+                )?;
+                key
+            }
+        };
+        self.pseudonyms = Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key));
+        let mut loaded = outbox::Outbox::load(&self.calls, &settings)?;
+        // Rows an earlier run left are sent as soon as the link is up.
+        loaded.dirty = Lane::ALL.iter().any(|l| loaded.ledger.book(*l).rows > 0);
+        self.outbox = Some(loaded);
+        Ok(())
+    }
+
+    /// Whether rows were queued since the last call (the store thread wakes the uplink).
+    pub fn take_outbox_dirty(&mut self) -> bool {
+        self.outbox.as_mut().is_some_and(|o| std::mem::take(&mut o.dirty))
+    }
+
+    /// Rows after `after[lane]` per lane, lanes in priority order, at most `limit`.
+    pub fn outbox_page(&self, after: [u64; 5], limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        outbox::page(&self.calls, after, limit)
+    }
+
+    /// Rows HQ acknowledged leave the outbox; returns how many did.
+    pub fn outbox_delete(&mut self, ids: &[String]) -> Result<usize, StoreError> {
+        match self.outbox.as_mut() {
+            Some(o) => outbox::delete(&mut self.calls, &mut o.ledger, ids),
+            None => Ok(0),
+        }
+    }
+
+    /// Per lane: rows, bytes, the oldest row's age, the next sequence number; and how many
+    /// messages were shed since the store opened.
+    pub fn outbox_backlog(&self) -> Result<(Vec<LaneBacklog>, u64), StoreError> {
+        match &self.outbox {
+            Some(o) => Ok((outbox::backlog(&self.calls, &o.ledger)?, o.shed)),
+            None => Ok((Vec::new(), 0)),
+        }
+    }
+
+    /// Rows' metadata, lanes in priority order (never their bodies).
+    pub fn outbox_entries(&self, lane: Option<Lane>, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        outbox::entries(&self.calls, lane, limit)
     }
 
     /// Re-wraps every class key under `next` now (`callbox keys rotate`); the caller has
@@ -506,6 +576,10 @@ impl CallStore {
         }
         let mut pending: Vec<(String, CallInfo)> = Vec::new();
         let mut early: Vec<(String, AudioChunk)> = Vec::new();
+        // The outbox's ledger is worked on a copy, kept only if the transaction commits.
+        let mut ledger = self.outbox.as_ref().map(|o| o.ledger.clone());
+        let (mut queued, mut shed) = (0u64, 0u64);
+        let now = now_ms();
         let tx = self.calls.transaction()?;
         for op in ops {
             match op {
@@ -626,6 +700,19 @@ impl CallStore {
                                 serde_json::to_string(&h.utterances).unwrap_or_default()
                             ],
                         )?;
+                        if let Some(ledger) = ledger.as_mut() {
+                            // An event is an alert; a warning or critical hit without one
+                            // is compliance; an info hit only counts in the call's summary.
+                            let lane = match (&h.event, h.severity.as_str()) {
+                                (Some(_), _) => Lane::Alert,
+                                (None, "info") => continue,
+                                (None, _) => Lane::Compliance,
+                            };
+                            let kind = h.event.as_deref().unwrap_or("rule_hit");
+                            let report = hit_report(&tx, call, h, self.pseudonyms.as_ref())?;
+                            shed += outbox::enqueue(&tx, ledger, lane, kind, &report, now, random8(&self.random)?)?;
+                            queued += 1;
+                        }
                     }
                 }
                 StoreOp::Describe { call, info } => {
@@ -660,10 +747,21 @@ impl CallStore {
                     if changed == 0 {
                         return Err(StoreError::NoSuchCall(call.clone()));
                     }
+                    if let Some(ledger) = ledger.as_mut() {
+                        let report = call_report(&tx, call, self.pseudonyms.as_ref())?;
+                        shed +=
+                            outbox::enqueue(&tx, ledger, Lane::Calls, "call", &report, now, random8(&self.random)?)?;
+                        queued += 1;
+                    }
                 }
             }
         }
         tx.commit()?;
+        if let (Some(outbox), Some(ledger)) = (self.outbox.as_mut(), ledger) {
+            outbox.ledger = ledger;
+            outbox.dirty |= queued > 0;
+            outbox.shed += shed;
+        }
         for op in ops {
             if let StoreOp::Begin(call) = op {
                 self.described.remove(&call.id);
@@ -962,7 +1060,20 @@ impl CallStore {
              ON CONFLICT (customer) DO UPDATE SET calls = excluded.calls",
             params![customer, now_unix_ms, total],
         )?;
+        let mut ledger = self.outbox.as_ref().map(|o| o.ledger.clone());
+        if let Some(ledger) = ledger.as_mut() {
+            // Messages not sent yet that name the customer go now; HQ is told to erase
+            // what it already has (the notice names the keyed hash, never the number).
+            let unsent = outbox::purge_mentions(&tx, ledger, customer)?;
+            let notice =
+                ErasureNotice { customer: customer.to_owned(), calls: calls.len() as u64, unsent_dropped: unsent };
+            outbox::enqueue(&tx, ledger, Lane::Compliance, "erasure", &notice, now_unix_ms, random8(&self.random)?)?;
+        }
         tx.commit()?;
+        if let (Some(outbox), Some(ledger)) = (self.outbox.as_mut(), ledger) {
+            outbox.ledger = ledger;
+            outbox.dirty = true;
+        }
         self.reclaim()?;
         let first_time = before.is_none() || !calls.is_empty();
         let outcome = if first_time { format!("ok: {} calls", calls.len()) } else { "ok: already forgotten".into() };
@@ -1165,6 +1276,123 @@ impl CallStore {
         }
         Ok(if out.is_empty() { "ok".into() } else { out.join("\n") })
     }
+}
+
+fn random8(random: &SystemRandom) -> Result<[u8; 8], StoreError> {
+    let mut out = [0u8; 8];
+    random.fill(&mut out).map_err(|_| StoreError::Random)?;
+    Ok(out)
+}
+
+/// An agent as HQ sees it: a keyed hash (the box's pseudonym key), stable across calls.
+fn pseudonym(key: Option<&ring::hmac::Key>, agent: Option<String>) -> Option<String> {
+    let (key, agent) = (key?, agent?);
+    Some(crate::hex::encode(&ring::hmac::sign(key, agent.as_bytes()).as_ref()[..8]))
+}
+
+fn hit_report(
+    tx: &Connection,
+    call: &str,
+    hit: &StoredHit,
+    pseudonyms: Option<&ring::hmac::Key>,
+) -> Result<HitReport, StoreError> {
+    let (line, agent, campaign, script): (String, Option<String>, Option<String>, Option<String>) = tx
+        .query_row("SELECT line, agent, campaign, script FROM call WHERE id = ?1", [call], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?
+        .ok_or_else(|| StoreError::NoSuchCall(call.to_owned()))?;
+    Ok(HitReport {
+        call: call.to_owned(),
+        line,
+        agent: pseudonym(pseudonyms, agent),
+        campaign,
+        script,
+        rule: hit.rule.clone(),
+        severity: hit.severity.clone(),
+        event: hit.event.clone(),
+        at_secs: hit.at_secs,
+    })
+}
+
+fn call_report(tx: &Connection, call: &str, pseudonyms: Option<&ring::hmac::Key>) -> Result<CallReport, StoreError> {
+    type Row = (String, String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>);
+    type Rest = (i64, Option<String>, Option<String>, bool);
+    let (row, rest): (Row, Rest) = tx
+        .query_row(
+            "SELECT source, line, started_ms, ended_ms, agent, campaign, script, customer,
+                    utterances, phase, tags, converted FROM call WHERE id = ?1",
+            [call],
+            |r| {
+                Ok((
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?),
+                    (r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?),
+                ))
+            },
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NoSuchCall(call.to_owned()))?;
+    let (source, line, started, ended, agent, campaign, script, customer) = row;
+    let (utterances, phase, tags, converted) = rest;
+    let ended = ended.unwrap_or(started);
+    let mut report = CallReport {
+        call: call.to_owned(),
+        source,
+        line,
+        started_unix_ms: started,
+        ended_unix_ms: ended,
+        duration_secs: (ended - started).max(0) as f64 / 1000.0,
+        talk_secs: Default::default(),
+        utterances,
+        agent: pseudonym(pseudonyms, agent),
+        campaign,
+        script,
+        phase,
+        intents: Default::default(),
+        emotions: Default::default(),
+        rule_hits: Default::default(),
+        events: Default::default(),
+        tags: split_list(tags),
+        converted,
+        customer,
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT leg, start_secs, end_secs, intents, emotion FROM record WHERE call = ?1 AND kind = ?2",
+    )?;
+    let rows = stmt.query_map(params![call, RecordKind::Utterance as i64], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?,
+            r.get::<_, Option<f64>>(1)?,
+            r.get::<_, Option<f64>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, Option<String>>(4)?,
+        ))
+    })?;
+    for row in rows {
+        let (leg, start, end, intents, emotion) = row?;
+        if let (Some(leg), Some(start), Some(end)) = (leg, start, end) {
+            *report.talk_secs.entry(leg).or_default() += (end - start).max(0.0);
+        }
+        for intent in split_list(intents) {
+            *report.intents.entry(intent).or_default() += 1;
+        }
+        if let Some(emotion) = emotion.filter(|e| !e.is_empty()) {
+            *report.emotions.entry(emotion).or_default() += 1;
+        }
+    }
+    let mut stmt = tx.prepare_cached("SELECT rule, event FROM rule_hit WHERE call = ?1")?;
+    let rows = stmt.query_map([call], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    for row in rows {
+        let (rule, event) = row?;
+        *report.rule_hits.entry(rule).or_default() += 1;
+        if let Some(event) = event {
+            *report.events.entry(event).or_default() += 1;
+        }
+    }
+    for secs in report.talk_secs.values_mut() {
+        *secs = (*secs * 100.0).round() / 100.0;
+    }
+    Ok(report)
 }
 
 /// The wall clock in ms since the epoch (audit entries, call times); 0 before 1970.
@@ -1464,15 +1692,33 @@ const CALLS_SCHEMA: &str = "
         prev TEXT NOT NULL, hash TEXT NOT NULL);
 ";
 
-fn migrate(conn: &Connection, path: &Path, schema: &str) -> Result<(), StoreError> {
+/// Creates the schema in a new file, or runs the upgrades from the file's version on,
+/// each in its own transaction with the version it reaches.
+fn migrate(
+    conn: &Connection,
+    path: &Path,
+    schema: &str,
+    version: i64,
+    upgrades: &[(i64, &str)],
+) -> Result<(), StoreError> {
     let db_err = |source| StoreError::Database { path: path.to_owned(), source };
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
-    match version {
-        0 => conn
-            .execute_batch(&format!("BEGIN; {schema} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
-            .map_err(db_err),
-        SCHEMA_VERSION => Ok(()),
-        found => Err(StoreError::Schema { path: path.to_owned(), found }),
+    let mut found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
+    if found == 0 {
+        return conn
+            .execute_batch(&format!("BEGIN; {schema} PRAGMA user_version = {version}; COMMIT;"))
+            .map_err(db_err);
+    }
+    for (from, upgrade) in upgrades {
+        if found == *from {
+            conn.execute_batch(&format!("BEGIN; {upgrade} PRAGMA user_version = {}; COMMIT;", from + 1))
+                .map_err(db_err)?;
+            found = from + 1;
+        }
+    }
+    if found == version {
+        Ok(())
+    } else {
+        Err(StoreError::Schema { path: path.to_owned(), found, knows: version })
     }
 }
 

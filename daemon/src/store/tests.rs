@@ -640,3 +640,164 @@ fn audio_of_a_call_never_begun_is_held_within_a_bound() {
     assert!(store.early_audio_bytes > 0);
     assert_eq!(store.early_audio_bytes, store.early_audio.values().flatten().map(|c| c.mulaw.len()).sum::<usize>());
 }
+
+mod outbox {
+    //! The headquarters outbox in the real calls.sqlite.
+    use super::*;
+    use crate::uplink::messages::{self, CallReport};
+    use crate::uplink::outbox::{Envelope, Gap, Lane};
+
+    fn with_outbox(quotas: [u64; 5]) -> (tempfile::TempDir, CallStore) {
+        let state = tempfile::tempdir().unwrap();
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+        store.enable_outbox(OutboxSettings { quotas }).unwrap();
+        (state, store)
+    }
+
+    fn rows(store: &CallStore) -> Vec<OutboxRow> {
+        store.outbox_page([0; 5], 10_000).unwrap()
+    }
+
+    #[test]
+    fn a_finished_call_and_its_alert_are_queued_with_the_data_and_say_no_word_or_number() {
+        let (state, mut store) = with_outbox([1 << 20; 5]);
+        store_one(&mut store, "c1", Some("feedc0ffee"), 1_700_000_000_000);
+        assert!(store.take_outbox_dirty());
+        assert!(!store.take_outbox_dirty(), "the flag is taken once");
+        let rows = rows(&store);
+        let kinds: Vec<_> = rows.iter().map(|r| (r.lane, r.topic.as_str(), r.seq)).collect();
+        assert_eq!(kinds, [(Lane::Alert, "up/alert/supervisor_alert", 1), (Lane::Calls, "up/calls/call", 1)]);
+        for row in &rows {
+            let body = String::from_utf8(row.body.clone()).unwrap();
+            for secret in [PHRASE, NUMBER, NAME, "agent-7"] {
+                assert!(!body.contains(secret), "{secret} in {body}");
+            }
+            messages::check(&row.topic, &row.body).unwrap();
+        }
+        let call: Envelope<CallReport> = serde_json::from_slice(&rows[1].body).unwrap();
+        let c = call.data;
+        assert_eq!((c.call.as_str(), c.utterances, c.duration_secs), ("c1", 3, 60.0));
+        assert_eq!(c.intents.get("price_inquiry"), Some(&1));
+        assert_eq!(c.emotions.get("neutral"), Some(&3));
+        assert_eq!(c.events.get("supervisor_alert"), Some(&1));
+        assert_eq!(c.customer.as_deref(), Some("feedc0ffee"));
+        assert_eq!(c.agent.as_ref().map(String::len), Some(16), "a pseudonym, not the agent's name");
+        assert_eq!(c.talk_secs.get("agent"), Some(&3.0));
+        // A second call by the same agent carries the same pseudonym; the store reopened
+        // keeps the rows and the lanes' sequence numbers.
+        drop(store);
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+        store.enable_outbox(OutboxSettings { quotas: [1 << 20; 5] }).unwrap();
+        store_one(&mut store, "c2", None, 1_700_000_100_000);
+        let rows = self::rows(&store);
+        assert_eq!(rows.len(), 4);
+        let second: Envelope<CallReport> = serde_json::from_slice(&rows[3].body).unwrap();
+        assert_eq!((second.seq, second.data.agent), (2, c.agent));
+    }
+
+    #[test]
+    fn a_refused_batch_queues_nothing_and_the_ledger_stays_true() {
+        let (_state, mut store) = with_outbox([1 << 20; 5]);
+        store.begin_call(&start("c1", None, 1)).unwrap();
+        // The batch finishes c1 then fails on a call that does not exist: nothing of it
+        // may stay, the summary included.
+        let end = CallEnd { ended_unix_ms: 2, phase: "closing".into(), tags: vec![], converted: false };
+        let err = store.apply(&[
+            StoreOp::Finish { call: "c1".into(), end: end.clone() },
+            StoreOp::Finish { call: "nope".into(), end: end.clone() },
+        ]);
+        assert!(err.is_err());
+        assert!(rows(&store).is_empty());
+        let (lanes, _) = store.outbox_backlog().unwrap();
+        assert!(lanes.iter().all(|l| l.rows == 0 && l.bytes == 0), "{lanes:?}");
+        store.apply(&[StoreOp::Finish { call: "c1".into(), end }]).unwrap();
+        assert_eq!(rows(&store)[0].seq, 1, "the refused batch used no sequence number");
+    }
+
+    #[test]
+    fn acked_rows_leave_and_a_second_ack_is_a_no_op() {
+        let (_state, mut store) = with_outbox([1 << 20; 5]);
+        store_one(&mut store, "c1", None, 1);
+        let ids: Vec<String> = rows(&store).into_iter().map(|r| r.id).collect();
+        assert_eq!(store.outbox_delete(&ids[..1]).unwrap(), 1);
+        assert_eq!(store.outbox_delete(&ids[..1]).unwrap(), 0);
+        let left = rows(&store);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, ids[1]);
+        let (lanes, _) = store.outbox_backlog().unwrap();
+        assert_eq!(lanes.iter().map(|l| l.rows).sum::<u64>(), 1);
+        // Paging after a sequence number skips what was sent on this connection.
+        assert!(store.outbox_page([0, 0, 1, 0, 0], 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_full_lane_sheds_its_oldest_into_one_gap_with_the_right_range_and_alerts_are_never_shed() {
+        // The calls lane holds about three summaries; alerts have room.
+        let (_state, mut store) = with_outbox([1 << 20, 1 << 20, 3_000, 1 << 20, 1 << 20]);
+        for i in 0..20 {
+            store_one(&mut store, &format!("call-{i:02}"), None, 1_000 + i);
+        }
+        let all = rows(&store);
+        let alerts: Vec<_> = all.iter().filter(|r| r.lane == Lane::Alert).collect();
+        assert_eq!(alerts.len(), 20, "every alert kept");
+        assert_eq!(alerts.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+        let calls: Vec<_> = all.iter().filter(|r| r.lane == Lane::Calls).collect();
+        let gaps: Vec<_> = calls.iter().filter(|r| r.topic == "gap").collect();
+        assert_eq!(
+            gaps.len(),
+            1,
+            "earlier gaps fold into the newest: {:?}",
+            calls.iter().map(|r| &r.topic).collect::<Vec<_>>()
+        );
+        let gap: Envelope<Gap> = serde_json::from_slice(&gaps[0].body).unwrap();
+        let kept: Vec<u64> = calls.iter().filter(|r| r.topic != "gap").map(|r| r.seq).collect();
+        // Every summary is either still queued or counted in the gap, and the gap's range
+        // covers exactly what is missing before the ones kept.
+        assert_eq!(kept.len() as u64 + gap.data.count, 20, "kept {kept:?}, gap {:?}", gap.data);
+        assert_eq!(gap.data.from_seq, 1);
+        assert!(gap.data.to_seq < kept[0], "{:?} vs {kept:?}", gap.data);
+        assert_eq!(gap.data.why, "quota");
+        let (lanes, shed) = store.outbox_backlog().unwrap();
+        assert_eq!(shed, gap.data.count);
+        let calls_bytes: u64 = calls.iter().map(|r| r.body.len() as u64).sum();
+        assert_eq!(lanes[Lane::Calls.index()].bytes, calls_bytes);
+        assert!(calls_bytes <= 3_000 + 1_000, "bounded: {calls_bytes}");
+        messages::check("gap", &gaps[0].body).unwrap();
+    }
+
+    #[test]
+    fn forgetting_a_customer_drops_their_unsent_messages_and_queues_an_erasure_notice() {
+        let (_state, mut store) = with_outbox([1 << 20; 5]);
+        store_one(&mut store, "c1", Some("feedc0ffee"), 1);
+        store_one(&mut store, "c2", Some("0123456789"), 2);
+        store.forget("feedc0ffee", &admin(), 3).unwrap();
+        let all = rows(&store);
+        let bodies: Vec<String> = all.iter().map(|r| String::from_utf8(r.body.clone()).unwrap()).collect();
+        let notice = all.iter().position(|r| r.topic == "up/compliance/erasure").expect("an erasure notice");
+        let n: Envelope<messages::ErasureNotice> = serde_json::from_slice(&all[notice].body).unwrap();
+        assert_eq!((n.data.customer.as_str(), n.data.calls, n.data.unsent_dropped), ("feedc0ffee", 1, 1));
+        assert_eq!(bodies.iter().filter(|b| b.contains("feedc0ffee")).count(), 1, "only the notice names them");
+        assert!(bodies.iter().any(|b| b.contains("0123456789")), "another customer's call stays");
+    }
+
+    #[test]
+    fn a_version_1_store_is_upgraded_with_its_calls() {
+        let state = tempfile::tempdir().unwrap();
+        {
+            let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+            store_one(&mut store, "old", None, 1);
+        }
+        let path = state.path().join(STORE_DIR).join(CALLS_FILE);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE outbox; DROP TABLE outbox_lane; PRAGMA user_version = 1;").unwrap();
+        drop(conn);
+        let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+        store.enable_outbox(OutboxSettings { quotas: [1 << 20; 5] }).unwrap();
+        assert_eq!(store.list(&Default::default()).unwrap().len(), 1);
+        store_one(&mut store, "new", None, 2);
+        assert_eq!(rows(&store).len(), 2);
+        let version: i64 =
+            Connection::open(&path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, 2);
+    }
+}

@@ -1,0 +1,206 @@
+//! What HQ gets, message by message: the `data` of each kind, with its schema
+//! (`docs/hq/*.schema.json` says the same in JSON Schema). Pure types: the store makes
+//! them, `callbox hq listen` checks them (unknown fields refused).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::outbox::{Envelope, Gap, Lane, GAP_KIND};
+
+/// One finished call: metadata, counts and tags; no text, never the caller's number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallReport {
+    pub call: String,
+    pub source: String,
+    pub line: String,
+    pub started_unix_ms: i64,
+    pub ended_unix_ms: i64,
+    pub duration_secs: f64,
+    /// Seconds of speech per leg.
+    pub talk_secs: BTreeMap<String, f64>,
+    pub utterances: i64,
+    /// The agent's pseudonym (a keyed hash, stable on this box).
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    pub phase: Option<String>,
+    pub intents: BTreeMap<String, u32>,
+    pub emotions: BTreeMap<String, u32>,
+    pub rule_hits: BTreeMap<String, u32>,
+    pub events: BTreeMap<String, u32>,
+    pub tags: Vec<String>,
+    pub converted: bool,
+    /// The caller's keyed hash (never the number).
+    pub customer: Option<String>,
+}
+
+/// A rule hit or event, as it happens: ids, names and times, never text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HitReport {
+    pub call: String,
+    pub line: String,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    pub rule: String,
+    pub severity: String,
+    pub event: Option<String>,
+    /// Seconds into the call.
+    pub at_secs: f64,
+}
+
+/// A customer was forgotten (consent revoked): HQ erases what it holds under the hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureNotice {
+    pub customer: String,
+    pub calls: u64,
+    /// Messages about the customer still waiting on the box, dropped unsent.
+    pub unsent_dropped: u64,
+}
+
+/// Checks a message as HQ receives it: the envelope, its kind's data, and that the topic
+/// (`up/{lane}/{kind}` or `gap`) agrees with them. Returns the envelope (data as JSON).
+pub fn check(topic_tail: &str, body: &[u8]) -> Result<Envelope<serde_json::Value>, String> {
+    let env: Envelope<serde_json::Value> = serde_json::from_slice(body).map_err(|e| format!("envelope: {e}"))?;
+    if env.v != 1 {
+        return Err(format!("version {} (this HQ end knows 1)", env.v));
+    }
+    if env.id.len() != 28 || !env.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("id: expected 28 hex digits".into());
+    }
+    let expected = super::outbox::topic_suffix(env.lane, &env.kind);
+    if topic_tail != expected {
+        return Err(format!("published on {topic_tail:?} but says {expected:?}"));
+    }
+    let data = env.data.clone();
+    let fits = match (env.lane, env.kind.as_str()) {
+        (_, GAP_KIND) => serde_json::from_value::<Gap>(data).map(|_| ()).map_err(|e| e.to_string()),
+        (Lane::Calls, "call") => serde_json::from_value::<CallReport>(data).map(|_| ()).map_err(|e| e.to_string()),
+        (Lane::Compliance, "erasure") => {
+            serde_json::from_value::<ErasureNotice>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
+        (Lane::Alert | Lane::Compliance, _) => {
+            serde_json::from_value::<HitReport>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
+        (lane, kind) => Err(format!("no kind {kind:?} in lane {}", lane.name())),
+    };
+    fits.map_err(|e| format!("{} {}: {e}", env.lane.name(), env.kind))?;
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uplink::link::{Ack, Birth, BoxState};
+
+    /// The property names a schema file lists, and its required ones.
+    fn schema(text: &str) -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["additionalProperties"], false, "a schema must close its object");
+        let mut props: Vec<String> = v["properties"].as_object().unwrap().keys().cloned().collect();
+        let mut required: Vec<String> =
+            v["required"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
+        props.sort();
+        required.sort();
+        (props, required)
+    }
+
+    fn fields<T: Serialize>(value: &T) -> Vec<String> {
+        let mut keys: Vec<String> = serde_json::to_value(value).unwrap().as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_published_schemas_name_exactly_the_fields_the_box_sends() {
+        let call = CallReport {
+            call: "c".into(),
+            source: "spool".into(),
+            line: "l".into(),
+            started_unix_ms: 1,
+            ended_unix_ms: 2,
+            duration_secs: 0.0,
+            talk_secs: BTreeMap::new(),
+            utterances: 0,
+            agent: None,
+            campaign: None,
+            script: None,
+            phase: None,
+            intents: BTreeMap::new(),
+            emotions: BTreeMap::new(),
+            rule_hits: BTreeMap::new(),
+            events: BTreeMap::new(),
+            tags: vec![],
+            converted: false,
+            customer: None,
+        };
+        let hit = HitReport {
+            call: "c".into(),
+            line: "l".into(),
+            agent: None,
+            campaign: None,
+            script: None,
+            rule: "r".into(),
+            severity: "critical".into(),
+            event: None,
+            at_secs: 1.0,
+        };
+        let gap = Gap { lane: Lane::Calls, from_seq: 1, to_seq: 2, count: 2, why: "quota".into() };
+        let erasure = ErasureNotice { customer: "h".into(), calls: 1, unsent_dropped: 0 };
+        let env =
+            Envelope { v: 1, id: "i".into(), lane: Lane::Calls, seq: 1, kind: "call".into(), at_unix_ms: 1, data: 0 };
+        let state = BoxState { online: true, boot_id: "b".into(), at_unix_ms: 1 };
+        let birth = Birth {
+            daemon_version: "0".into(),
+            boot_id: "b".into(),
+            site: "s".into(),
+            box_id: "x".into(),
+            config_generation: 1,
+            max_concurrent_calls: 1,
+            at_unix_ms: 1,
+        };
+        let ack = Ack { ids: vec![] };
+        let cases: [(&str, Vec<String>); 8] = [
+            (include_str!("../../../packaging/hq/call.schema.json"), fields(&call)),
+            (include_str!("../../../packaging/hq/hit.schema.json"), fields(&hit)),
+            (include_str!("../../../packaging/hq/gap.schema.json"), fields(&gap)),
+            (include_str!("../../../packaging/hq/erasure.schema.json"), fields(&erasure)),
+            (include_str!("../../../packaging/hq/envelope.schema.json"), fields(&env)),
+            (include_str!("../../../packaging/hq/state.schema.json"), fields(&state)),
+            (include_str!("../../../packaging/hq/birth.schema.json"), fields(&birth)),
+            (include_str!("../../../packaging/hq/ack.schema.json"), fields(&ack)),
+        ];
+        for (text, sent) in cases {
+            let (props, required) = schema(text);
+            assert_eq!(props, sent, "{text}");
+            assert_eq!(required, sent, "every field is always sent (null when unknown)");
+        }
+    }
+
+    #[test]
+    fn hq_refuses_a_message_whose_topic_kind_or_data_disagree() {
+        let body = |lane: &str, kind: &str, data: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({"v": 1, "id": "0123456789abcdef0123456789ab", "lane": lane,
+                "seq": 1, "kind": kind, "at_unix_ms": 1, "data": data}))
+            .unwrap()
+        };
+        let gap = serde_json::json!({"lane": "calls", "from_seq": 1, "to_seq": 2, "count": 2, "why": "quota"});
+        assert!(check("gap", &body("calls", "gap", gap.clone())).is_ok());
+        assert!(check("up/calls/gap", &body("calls", "gap", gap.clone())).is_err(), "gaps go to .../gap");
+        assert!(check("up/calls/call", &body("calls", "call", gap)).is_err(), "a gap is not a call");
+        let erasure = serde_json::json!({"customer": "h", "calls": 1, "unsent_dropped": 0});
+        assert!(check("up/compliance/erasure", &body("compliance", "erasure", erasure.clone())).is_ok());
+        assert!(check("up/alert/erasure", &body("compliance", "erasure", erasure.clone())).is_err());
+        let mut extra = erasure;
+        extra["number"] = "13800138000".into();
+        assert!(
+            check("up/compliance/erasure", &body("compliance", "erasure", extra)).is_err(),
+            "unknown fields refused"
+        );
+        assert!(check("up/calls/call", b"{}").is_err());
+    }
+}
