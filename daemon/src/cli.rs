@@ -245,16 +245,10 @@ pub enum BenchCommand {
     /// The headquarters outbox: messages per second to a broker and back (HQ acks after
     /// its commit), and alert latency (event → HQ) while a backlog drains.
     Outbox {
-        /// A broker to use: mqtt://127.0.0.1:PORT (a local mosquitto) or mqtts://…
-        #[arg(long, value_name = "URL")]
-        broker: String,
-        /// CA, certificate and key for both ends (mqtts:// only).
-        #[arg(long, value_name = "PEM")]
-        ca: Option<PathBuf>,
-        #[arg(long, value_name = "PEM")]
-        cert: Option<PathBuf>,
-        #[arg(long, value_name = "PEM")]
-        key: Option<PathBuf>,
+        /// The broker (mqtt://127.0.0.1:PORT: a local mosquitto); with mqtts:// both ends
+        /// use the one identity given.
+        #[command(flatten)]
+        broker: crate::cli_hq::BrokerArgs,
         /// Call summaries queued before the link starts (the backlog).
         #[arg(long, default_value_t = 10_000)]
         messages: usize,
@@ -406,26 +400,19 @@ pub fn main() -> u8 {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
         }
-        Command::Bench(BenchCommand::Outbox {
-            ref broker,
-            ref ca,
-            ref cert,
-            ref key,
-            messages,
-            alerts,
-            alert_every_ms,
-            json,
-        }) => crate::offline::bench_outbox(&crate::offline::BenchOutbox {
-            broker: broker.clone(),
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-            messages,
-            alerts,
-            alert_every_ms,
-            json,
-        })
-        .unwrap_or_else(Failure::report),
+        Command::Bench(BenchCommand::Outbox { ref broker, messages, alerts, alert_every_ms, json }) => {
+            crate::offline::bench_outbox(&crate::offline::BenchOutbox {
+                broker: broker.broker.clone(),
+                ca: broker.ca.clone(),
+                cert: broker.cert.clone(),
+                key: broker.key.clone(),
+                messages,
+                alerts,
+                alert_every_ms,
+                json,
+            })
+            .unwrap_or_else(Failure::report)
+        }
         Command::Bench(BenchCommand::Store { ref dir, calls, utterances, reads, batch, stream, json }) => {
             match (stream, dir) {
                 (Some(concurrent), Some(dir)) => {

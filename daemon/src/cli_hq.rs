@@ -33,15 +33,8 @@ pub enum HqCommand {
     /// check them against their schema, drop duplicates by id, store them, then ack.
     /// Runs until SIGINT/SIGTERM.
     Listen {
-        /// mqtts://host:port (or mqtt:// to a loopback broker).
-        #[arg(long, value_name = "URL")]
-        broker: String,
-        #[arg(long, value_name = "PEM")]
-        ca: Option<PathBuf>,
-        #[arg(long, value_name = "PEM")]
-        cert: Option<PathBuf>,
-        #[arg(long, value_name = "PEM")]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        broker: BrokerArgs,
         #[arg(long, value_name = "ID", default_value = "callbox-hq")]
         client_id: String,
         /// Shared-subscription group: listeners in one group split the messages.
@@ -54,6 +47,22 @@ pub enum HqCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A broker and the TLS identity to reach it with (`hq listen`, `bench outbox`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// mqtts://host:port (or mqtt:// to a loopback broker).
+    #[arg(long, value_name = "URL")]
+    pub broker: String,
+    /// The CA that signs the broker's certificate (PEM; mqtts:// only).
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// The client certificate and its key (PEM; mqtts:// only).
+    #[arg(long, value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, value_name = "PEM")]
+    pub key: Option<PathBuf>,
 }
 
 pub fn hq(socket: &Path, command: &HqCommand) -> Result<u8, Failure> {
@@ -117,13 +126,13 @@ pub fn hq(socket: &Path, command: &HqCommand) -> Result<u8, Failure> {
             });
             Ok(exit::OK)
         }
-        HqCommand::Listen { broker, ca, cert, key, client_id, group, db, json } => {
+        HqCommand::Listen { broker, client_id, group, db, json } => {
             let stop = stop_on_signals()?;
             let opts = crate::uplink::hq::ListenOptions {
-                broker: broker.clone(),
-                ca_file: ca.clone(),
-                cert_file: cert.clone(),
-                key_file: key.clone(),
+                broker: broker.broker.clone(),
+                ca_file: broker.ca.clone(),
+                cert_file: broker.cert.clone(),
+                key_file: broker.key.clone(),
                 client_id: client_id.clone(),
                 group: group.clone(),
                 db: db.clone(),

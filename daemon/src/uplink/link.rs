@@ -64,34 +64,11 @@ pub struct Birth {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UplinkStatus {
     pub broker: Option<String>,
-    pub session: SessionStatus,
+    pub session: SessionStats,
     pub last_error: Option<String>,
     pub last_ack_unix_ms: Option<i64>,
     pub backlog: Vec<LaneBacklog>,
     pub shed: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SessionStatus {
-    pub connected: bool,
-    pub in_flight: usize,
-    pub published: u64,
-    pub acked: u64,
-    pub resent: u64,
-    pub bad_acks: u64,
-}
-
-impl From<SessionStats> for SessionStatus {
-    fn from(s: SessionStats) -> Self {
-        Self {
-            connected: s.connected,
-            in_flight: s.in_flight,
-            published: s.published,
-            acked: s.acked,
-            resent: s.resent,
-            bad_acks: s.bad_acks,
-        }
-    }
 }
 
 /// The shared view of the uplink (the control socket reads it).
@@ -306,13 +283,13 @@ pub async fn run(
                 }
             };
             let done = perform(actions, &mut session, &client, &vault, &prefix).await;
-            handle.update(|s| s.session = session.stats().into());
+            handle.update(|s| s.session = session.stats());
             if let Err(reason) = done {
                 break Err(reason);
             }
         };
         session.disconnected();
-        handle.update(|s| s.session = session.stats().into());
+        handle.update(|s| s.session = session.stats());
         match outcome {
             Ok(()) => break,
             // The store closing under us at shutdown is not a link problem.
@@ -386,7 +363,7 @@ async fn perform(
 
 async fn refresh(vault: &CallVault, handle: &UplinkHandle, session: &Session, health: &HealthBoard) {
     let backlog = vault.run(|s| s.outbox_backlog()).await;
-    let stats: SessionStatus = session.stats().into();
+    let stats = session.stats();
     let (rows, oldest) = match &backlog {
         Ok((lanes, _)) => {
             (lanes.iter().map(|l| l.rows).sum::<u64>(), lanes.iter().filter_map(|l| l.oldest_created_ms).min())

@@ -47,7 +47,7 @@ struct Flight {
 }
 
 /// Counters for `status` and `hq status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SessionStats {
     pub connected: bool,
     pub in_flight: usize,
