@@ -91,7 +91,7 @@ pub fn listen(opts: &ListenOptions, stop: &dyn Fn() -> bool) -> Result<ListenCou
         "callbox/v1/+/+/birth".to_owned(),
     ];
     let mut counts = ListenCounts::default();
-    let mut pending: Vec<(String, String, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
     let mut first_pending: Option<Instant> = None;
     let stdout = std::io::stdout();
     let mut failures = 0u32;
@@ -113,7 +113,7 @@ pub fn listen(opts: &ListenOptions, stop: &dyn Fn() -> bool) -> Result<ListenCou
                 eprintln!("hq listen: connected to {}:{}, subscribed as group {group:?}", broker.host, broker.port);
             }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                pending.push((p.topic.clone(), String::new(), p.payload.to_vec()));
+                pending.push((p.topic.clone(), p.payload.to_vec()));
                 first_pending.get_or_insert_with(Instant::now);
             }
             Ok(Ok(_)) => {}
@@ -152,7 +152,7 @@ fn split_topic(topic: &str) -> Option<(&str, &str, &str)> {
 fn flush(
     conn: &mut Connection,
     client: &Client,
-    pending: &mut Vec<(String, String, Vec<u8>)>,
+    pending: &mut Vec<(String, Vec<u8>)>,
     counts: &mut ListenCounts,
     json: bool,
     out: &mut impl Write,
@@ -164,7 +164,7 @@ fn flush(
     let db = |e: rusqlite::Error| UplinkError::Store(e.to_string());
     let tx = conn.transaction().map_err(db)?;
     let mut acks: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    for (topic, _, body) in pending.drain(..) {
+    for (topic, body) in pending.drain(..) {
         let Some((site, box_id, tail)) = split_topic(&topic) else { continue };
         if tail == "state" || tail == "birth" {
             tx.execute(
