@@ -277,6 +277,31 @@ impl Hq {
         self.messages().iter().filter(|m| m.1 == kind).count()
     }
 
+    /// HQ's one row per aggregate key: (key, data).
+    fn aggregates(&self) -> Vec<(String, serde_json::Value)> {
+        let Ok(conn) = rusqlite::Connection::open(&self.db) else { return Vec::new() };
+        let Ok(mut stmt) = conn.prepare("SELECT key, data FROM aggregate") else { return Vec::new() };
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map(|rows| rows.filter_map(Result::ok).map(|(k, d)| (k, serde_json::from_str(&d).unwrap())).collect())
+            .unwrap_or_default()
+    }
+
+    /// HQ's view of the box's customers: (customer, revision, tags).
+    fn customer_tags(&self) -> Vec<(String, i64, String)> {
+        let Ok(conn) = rusqlite::Connection::open(&self.db) else { return Vec::new() };
+        let Ok(mut stmt) = conn.prepare("SELECT customer, revision, tags FROM customer_tags") else {
+            return Vec::new();
+        };
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map(|rows| rows.filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    fn birth(&self, box_id: &str) -> String {
+        let conn = rusqlite::Connection::open(&self.db).unwrap();
+        conn.query_row("SELECT body FROM box_state WHERE box = ?1 AND topic = 'birth'", [box_id], |r| r.get(0)).unwrap()
+    }
+
     fn box_states(&self) -> Vec<(String, String)> {
         let Ok(conn) = rusqlite::Connection::open(&self.db) else { return Vec::new() };
         let Ok(mut stmt) = conn.prepare("SELECT box, topic FROM box_state") else { return Vec::new() };
@@ -314,7 +339,7 @@ fn spool_daemon(dir: tempfile::TempDir, pki: &Pki, url: &str) -> TestDaemon {
     std::fs::write(&rules, RULES).unwrap();
     let settings = format!(
         "speech.encoder_buckets_secs = [8]\nspool.dir = \"{}\"\nspool.poll_interval_ms = 100\n\
-         understanding.rules_file = \"{}\"\n{}",
+         understanding.rules_file = \"{}\"\nhq.interval_secs = 10\n{}",
         spool.display(),
         rules.display(),
         hq_settings(pki, url, "box-1", "box1", "ca")
@@ -341,8 +366,32 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 }
 
 fn outbox_kinds(d: &TestDaemon) -> Vec<String> {
+    outbox_entries(d).into_iter().map(|(kind, _)| kind).collect()
+}
+
+/// The kinds a call's data brings (summaries, alerts, rule hits), not the box's own
+/// health reports and aggregate windows, which come on their own clocks.
+const CALL_KINDS: [&str; 3] = ["call", "supervisor_alert", "rule_hit"];
+
+/// (kind, id) of every row waiting in the outbox.
+fn outbox_entries(d: &TestDaemon) -> Vec<(String, String)> {
     let reply = json(&d.cli(&["hq", "outbox", "--json"]));
-    reply["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
+    reply["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().to_owned(), e["id"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn call_rows(d: &TestDaemon) -> Vec<(String, String)> {
+    outbox_entries(d).into_iter().filter(|(kind, _)| CALL_KINDS.contains(&kind.as_str())).collect()
+}
+
+/// Whether HQ has stored every one of these ids.
+fn hq_has_all(hq: &Hq, ids: &[String]) -> bool {
+    let stored: std::collections::HashSet<String> = hq.messages().into_iter().map(|m| m.2).collect();
+    ids.iter().all(|id| stored.contains(id))
 }
 
 fn doctor_check(d: &TestDaemon, name: &str) -> serde_json::Value {
@@ -395,6 +444,38 @@ fn every_call_reaches_hq_once_with_its_alert_and_nothing_said() {
     assert_eq!((call["campaign"].as_str(), call["script"].as_str()), (Some("spring"), Some("v3")), "{call}");
     assert_eq!(call["events"]["supervisor_alert"], 1, "{call}");
     assert_eq!(call["customer"].as_str().map(str::len), Some(32), "the keyed hash: {call}");
+    // The calls are counted in 10-s windows, each sent once it has ended.
+    let counted = |hq: &Hq| hq.aggregates().iter().map(|(_, d)| d["counters"]["calls"].as_u64().unwrap()).sum::<u64>();
+    assert!(wait_until(LONG, || counted(&hq) == 3), "aggregates at HQ: {:?}\n{}", hq.aggregates(), d.log_text());
+    for (_, a) in hq.aggregates() {
+        let key = &a["key"];
+        assert_eq!((key["site"].as_str(), key["box"].as_str()), (Some("site-a"), Some("box-1")), "{a}");
+        assert_eq!((key["campaign"].as_str(), key["script"].as_str()), (Some("spring"), Some("v3")), "{a}");
+        assert_eq!(key["agent"], call["agent"], "the same pseudonym as the summaries: {a}");
+        assert_eq!(key["window_secs"], 10);
+        assert_eq!(key["window_start_unix_ms"].as_i64().unwrap() % 10_000, 0, "aligned: {a}");
+        assert_eq!(key["rules_version"].as_str().map(str::len), Some(12), "{a}");
+        assert_eq!(key["models_version"].as_str().map(str::len), Some(12), "{a}");
+        let c = &a["counters"];
+        let n = c["calls"].as_u64().unwrap();
+        assert_eq!(c["events"]["supervisor_alert"].as_u64(), Some(n), "one alert per call: {a}");
+        assert!(c["asr_ms"]["count"].as_u64().unwrap() >= n, "every utterance's ASR time: {a}");
+        assert!(c["duration_secs"].as_f64().unwrap() > 0.0 && c["silence_secs"].as_f64().is_some(), "{a}");
+    }
+    assert_eq!(hq.count("interval"), hq.aggregates().len(), "one message per key");
+    // The PBX says a call ended in a sale: the customer gains `converted`, and HQ gets the
+    // customer's tags under the keyed hash.
+    let id = call["call"].as_str().unwrap();
+    assert!(d.cli(&["call", "info", id, "--converted"]).status.success());
+    let customer = call["customer"].as_str().unwrap().to_owned();
+    let tagged = |hq: &Hq| hq.customer_tags().iter().any(|(c, _, tags)| *c == customer && tags.contains("converted"));
+    assert!(wait_until(LONG, || tagged(&hq)), "customer tags at HQ: {:?}\n{}", hq.customer_tags(), d.log_text());
+    // Its summary went out unconverted: HQ hears of the conversion once, and a later
+    // window counts it.
+    let late = |hq: &Hq| {
+        hq.aggregates().iter().map(|(_, a)| a["counters"]["converted_after_end"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(wait_until(LONG, || hq.count("conversion") == 1 && late(&hq) == 1), "{:?}", hq.aggregates());
     // Acknowledged rows leave the outbox; the status says so.
     assert!(wait_until(Duration::from_secs(20), || outbox_kinds(&d).is_empty()), "{:?}", outbox_kinds(&d));
     let status = hq_status(&d);
@@ -403,12 +484,24 @@ fn every_call_reaches_hq_once_with_its_alert_and_nothing_said() {
     let doctor = doctor_check(&d, "headquarters");
     assert_eq!(doctor["verdict"], "pass", "{doctor}");
     assert!(doctor["detail"].as_str().unwrap().contains("online"), "{doctor}");
-    // The box's retained state and its birth reached HQ too.
+    // The box's retained state and its birth reached HQ too; the birth names the models'
+    // and rules' versions the aggregates are keyed by.
     let states = hq.box_states();
     assert!(
         states.contains(&("box-1".into(), "state".into())) && states.contains(&("box-1".into(), "birth".into())),
         "{states:?}"
     );
+    let birth: serde_json::Value = serde_json::from_str(&hq.birth("box-1")).unwrap();
+    let window = &hq.aggregates()[0].1["key"];
+    assert_eq!(
+        (&birth["models_version"], &birth["rules_version"]),
+        (&window["models_version"], &window["rules_version"])
+    );
+    // A health report went at start: component states, no free text.
+    let health = hq.messages().into_iter().find(|m| m.1 == "health").expect("a health report");
+    let health: serde_json::Value = serde_json::from_str(&health.4).unwrap();
+    assert_eq!(health["components"]["store"], "ok", "{health}");
+    assert!(health["disk_free_mb"].as_u64().is_some(), "{health}");
 }
 
 #[test]
@@ -426,8 +519,10 @@ fn a_broker_outage_and_a_kill_9_lose_nothing_and_deliver_nothing_twice_alerts_fi
     let status = hq_status(&d);
     assert_eq!(status["connected"], false, "{status}");
     assert!(status["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{status}");
-    let waiting = outbox_kinds(&d).len();
+    let waiting = call_rows(&d).len();
     assert_eq!(waiting, 12, "4 calls, 4 alerts, 4 warnings: {:?}", outbox_kinds(&d));
+    // Everything waiting now (health reports and ended windows too) must reach HQ.
+    let before_kill: Vec<String> = outbox_entries(&d).into_iter().map(|(_, id)| id).collect();
     // kill -9 with a full outbox, then the broker and HQ come back, then the daemon.
     d.signal(nix::sys::signal::Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(10));
@@ -436,13 +531,16 @@ fn a_broker_outage_and_a_kill_9_lose_nothing_and_deliver_nothing_twice_alerts_fi
     let config = d.config.clone();
     let log = dir_path.join("daemon-2.log");
     let mut child = TestDaemon::spawn(&config, &log, &[("CALLBOX_MODELS_DIR", MODELS)]);
-    let all = wait_until(LONG, || hq.messages().len() == 12);
+    // The aggregate windows open at the kill were kept on disk: all 4 calls are counted.
+    let counted = |hq: &Hq| hq.aggregates().iter().map(|(_, d)| d["counters"]["calls"].as_u64().unwrap()).sum::<u64>();
+    let all = wait_until(LONG, || hq_has_all(&hq, &before_kill) && counted(&hq) == 4);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
         all,
-        "HQ has {} of 12\nhq: {}\ndaemon: {}",
+        "HQ has {} messages, {} calls in aggregates\nhq: {}\ndaemon: {}",
         hq.messages().len(),
+        counted(&hq),
         hq.log(),
         std::fs::read_to_string(&log).unwrap_or_default()
     );
@@ -518,13 +616,17 @@ fn a_silent_cut_deletes_nothing_before_hq_acks_and_the_link_recovers() {
     // Understood and queued while the path is dead: nothing may leave the outbox, for
     // well past the ack timeout (3 s) and a keepalive (5 s).
     assert!(wait_until(LONG, || outbox_kinds(&d).contains(&"call".to_owned())), "{:?}", outbox_kinds(&d));
+    let queued: Vec<String> = outbox_entries(&d).into_iter().map(|(_, id)| id).collect();
     std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(outbox_kinds(&d).len(), 3, "{:?}", outbox_kinds(&d));
-    assert!(hq.messages().is_empty());
+    assert_eq!(call_rows(&d).len(), 3, "{:?}", outbox_kinds(&d));
+    let still: Vec<String> = outbox_entries(&d).into_iter().map(|(_, id)| id).collect();
+    assert!(queued.iter().all(|id| still.contains(id)), "a row left before its ack: {queued:?} vs {still:?}");
+    assert!(hq.messages().iter().all(|m| !CALL_KINDS.contains(&m.1.as_str())), "{:?}", hq.messages());
     relay.frozen.store(false, Ordering::Relaxed);
-    let arrived = wait_until(LONG, || hq.messages().len() == 3);
+    let arrived = wait_until(LONG, || hq_has_all(&hq, &still));
     assert!(arrived, "HQ has {:?}\n{}", hq.messages().len(), d.log_text());
-    assert!(wait_until(Duration::from_secs(30), || outbox_kinds(&d).is_empty()), "{:?}", outbox_kinds(&d));
+    let drained = || call_rows(&d).is_empty() && !outbox_entries(&d).iter().any(|(_, id)| still.contains(id));
+    assert!(wait_until(Duration::from_secs(30), drained), "{:?}", outbox_kinds(&d));
     assert_delivered_once(&hq, 1);
 }
 

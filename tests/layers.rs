@@ -41,6 +41,7 @@ const CORES: &[&str] = &[
     "understanding::state",
     "uplink",
     "uplink::messages",
+    "uplink::aggregates",
     "uplink::outbox",
     "uplink::session",
 ];

@@ -62,6 +62,12 @@ pub struct HqConfig {
     pub ack_timeout_secs: u64,
     /// Messages published and not yet acknowledged, at most.
     pub max_in_flight: usize,
+    /// Length of an aggregate window (aligned to the epoch, so every box's windows line
+    /// up): each window's metrics go to HQ once it has ended. Divides a day.
+    pub interval_secs: u32,
+    /// A health report (component states, store counters, free disk, outbox) every this
+    /// many minutes.
+    pub diagnostics_mins: u64,
     pub quota_mb: LaneQuotas,
 }
 
@@ -102,6 +108,8 @@ impl Default for HqConfig {
             keepalive_secs: 30,
             ack_timeout_secs: 30,
             max_in_flight: 256,
+            interval_secs: 300,
+            diagnostics_mins: 15,
             quota_mb: LaneQuotas::default(),
         }
     }
@@ -157,10 +165,19 @@ impl HqConfig {
             "hq.client_id",
             "must have at most 128 bytes and no '/', '+' or '#'".into(),
         );
+        check(
+            (10..=86_400).contains(&self.interval_secs) && 86_400 % self.interval_secs == 0,
+            "hq.interval_secs",
+            format!(
+                "must divide a day (86400) and be at least 10, got {} (e.g. 60, 300, 900, 3600)",
+                self.interval_secs
+            ),
+        );
         for (key, value, lo, hi) in [
             ("hq.keepalive_secs", self.keepalive_secs, 5, 3600),
             ("hq.ack_timeout_secs", self.ack_timeout_secs, 1, 3600),
             ("hq.max_in_flight", self.max_in_flight as u64, 1, 10_000),
+            ("hq.diagnostics_mins", self.diagnostics_mins, 1, 1440),
             ("hq.quota_mb.alert", self.quota_mb.alert, 1, 4096),
             ("hq.quota_mb.compliance", self.quota_mb.compliance, 1, 4096),
             ("hq.quota_mb.calls", self.quota_mb.calls, 1, 4096),

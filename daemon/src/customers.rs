@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
-use crate::store::now_ms;
+use crate::store::live::CallVault;
+use crate::store::{now_ms, CustomerTags, StoreOp};
 
 const COMPONENT: &str = "customers";
 
@@ -39,7 +40,14 @@ const KEY_BYTES: usize = 32;
 pub const MAX_CALLER_CHARS: usize = 32;
 /// The tag only the PBX/CRM sidecar sets.
 pub const CONVERTED: &str = "converted";
-const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added the tag changes waiting for HQ (`tag_change`).
+const SCHEMA_VERSION: i64 = 2;
+/// Tag changes waiting for HQ: one row per customer (its latest revision), written in the
+/// same transaction as the tags, removed once the call store's outbox holds the message.
+const TAG_CHANGE_SCHEMA: &str = "
+    CREATE TABLE tag_change (customer TEXT PRIMARY KEY, revision INTEGER NOT NULL);
+    CREATE TABLE tag_revision (id INTEGER PRIMARY KEY CHECK (id = 1), last INTEGER NOT NULL);
+";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CustomerError {
@@ -213,6 +221,10 @@ pub fn move_into_store(data_dir: &Path) -> Result<(), CustomerError> {
 /// The SQLite side. Every change is one transaction.
 pub struct CustomerStore {
     conn: Connection,
+    /// Tag changes are recorded for HQ (`[hq]` on, see `track_tag_changes`).
+    tracking: bool,
+    /// Recorded changes not yet handed to the call store's outbox.
+    changes_waiting: bool,
 }
 
 impl CustomerStore {
@@ -231,7 +243,7 @@ impl CustomerStore {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
         match version {
             0 => {
-                conn.execute_batch(
+                conn.execute_batch(&format!(
                     "BEGIN;
                      CREATE TABLE customer (
                          id TEXT PRIMARY KEY, first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,
@@ -245,15 +257,66 @@ impl CustomerStore {
                      CREATE TABLE call_tag (
                          call TEXT NOT NULL REFERENCES call(id), tag TEXT NOT NULL, at_ms INTEGER NOT NULL,
                          PRIMARY KEY (call, tag));
-                     PRAGMA user_version = 1;
-                     COMMIT;",
-                )
+                     {TAG_CHANGE_SCHEMA}
+                     PRAGMA user_version = {SCHEMA_VERSION};
+                     COMMIT;"
+                ))
                 .map_err(db_err)?;
             }
+            1 => conn
+                .execute_batch(&format!("BEGIN; {TAG_CHANGE_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+                .map_err(db_err)?,
             SCHEMA_VERSION => {}
             found => return Err(CustomerError::Schema { path: path.to_owned(), found }),
         }
-        Ok(Self { conn })
+        Ok(Self { conn, tracking: false, changes_waiting: false })
+    }
+
+    /// From now on, a customer gaining a tag is recorded for HQ (in the same transaction);
+    /// changes an earlier run recorded and did not hand over are waiting again.
+    pub fn track_tag_changes(&mut self) -> Result<(), CustomerError> {
+        self.tracking = true;
+        self.changes_waiting = self.conn.query_row("SELECT count(*) FROM tag_change", [], |r| r.get::<_, i64>(0))? > 0;
+        Ok(())
+    }
+
+    pub fn tag_changes_waiting(&self) -> bool {
+        self.changes_waiting
+    }
+
+    /// Up to `limit` waiting changes, each with the customer's tags as they are now.
+    pub fn pending_tag_changes(&self, limit: usize) -> Result<Vec<CustomerTags>, CustomerError> {
+        let waiting: Vec<(String, i64)> = self
+            .conn
+            .prepare("SELECT customer, revision FROM tag_change ORDER BY revision LIMIT ?1")?
+            .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (customer, revision) in waiting {
+            let record = self.customer(&customer)?;
+            let (tags, calls) = match record {
+                Some(r) => (r.tags.into_iter().map(|t| t.tag).collect(), r.calls),
+                None => (Vec::new(), 0),
+            };
+            out.push(CustomerTags { customer, revision, tags, calls });
+        }
+        Ok(out)
+    }
+
+    /// The call store's outbox holds these: they stop waiting (a customer changed again
+    /// meanwhile has a newer revision and waits on).
+    pub fn tag_changes_handed(&mut self, handed: &[CustomerTags]) -> Result<(), CustomerError> {
+        let tx = self.conn.transaction()?;
+        for change in handed {
+            tx.execute(
+                "DELETE FROM tag_change WHERE customer = ?1 AND revision = ?2",
+                params![change.customer, change.revision],
+            )?;
+        }
+        let left: i64 = tx.query_row("SELECT count(*) FROM tag_change", [], |r| r.get(0))?;
+        tx.commit()?;
+        self.changes_waiting = left > 0;
+        Ok(())
     }
 
     /// Tags a call raised. Kept with the call, and the customer's too once the call is linked.
@@ -273,19 +336,26 @@ impl CustomerStore {
         }
         let customer: Option<String> =
             tx.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?.flatten();
+        let mut changed = false;
         if let Some(customer) = customer {
+            let mut gained = false;
             for tag in &new {
-                upsert_customer_tag(&tx, &customer, tag, now_ms)?;
+                gained |= upsert_customer_tag(&tx, &customer, tag, now_ms)?;
             }
             touch_customer(&tx, &customer, now_ms, 0)?;
+            if gained {
+                changed = tag_changed(self.tracking, &tx, &customer)?;
+            }
         }
         tx.commit()?;
+        self.changes_waiting |= changed;
         Ok(new)
     }
 
     /// Says whose call this is. The call's tags so far become the customer's; relinking a
     /// call to the same customer changes nothing, to another one is refused.
     pub fn link_call(&mut self, call: &str, customer: &str, now_ms: i64) -> Result<CustomerRecord, CustomerError> {
+        let mut changed = false;
         let tx = self.conn.transaction()?;
         let existing: Option<Option<String>> =
             tx.query_row("SELECT customer FROM call WHERE id = ?1", [call], |r| r.get(0)).optional()?;
@@ -316,12 +386,17 @@ impl CustomerStore {
                     .prepare("SELECT tag, at_ms FROM call_tag WHERE call = ?1")?
                     .query_map([call], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
+                let mut gained = false;
                 for (tag, at_ms) in tags {
-                    upsert_customer_tag(&tx, customer, &tag, at_ms)?;
+                    gained |= upsert_customer_tag(&tx, customer, &tag, at_ms)?;
+                }
+                if gained {
+                    changed = tag_changed(self.tracking, &tx, customer)?;
                 }
             }
         }
         tx.commit()?;
+        self.changes_waiting |= changed;
         self.customer(customer)?.ok_or_else(|| CustomerError::BadInput(format!("customer of call {call} vanished")))
     }
 
@@ -382,6 +457,8 @@ impl CustomerStore {
         rows += tx.execute("DELETE FROM call WHERE customer = ?1", [customer])?;
         rows += tx.execute("DELETE FROM customer_tag WHERE customer = ?1", [customer])?;
         rows += tx.execute("DELETE FROM customer WHERE id = ?1", [customer])?;
+        // A change not yet handed over is never sent (the outbox drops what it holds).
+        tx.execute("DELETE FROM tag_change WHERE customer = ?1", [customer])?;
         tx.commit()?;
         Ok(rows)
     }
@@ -391,13 +468,33 @@ impl CustomerStore {
     }
 }
 
-fn upsert_customer_tag(tx: &Connection, customer: &str, tag: &str, at_ms: i64) -> rusqlite::Result<usize> {
+/// Records, in `tx`, that `customer`'s tags changed (when `tracking`).
+fn tag_changed(tracking: bool, tx: &Connection, customer: &str) -> rusqlite::Result<bool> {
+    if !tracking {
+        return Ok(false);
+    }
+    tx.execute("INSERT INTO tag_revision (id, last) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET last = last + 1", [])?;
+    tx.execute(
+        "INSERT INTO tag_change (customer, revision) VALUES (?1, (SELECT last FROM tag_revision WHERE id = 1))
+         ON CONFLICT (customer) DO UPDATE SET revision = excluded.revision",
+        [customer],
+    )?;
+    Ok(true)
+}
+
+/// Returns whether the customer did not have the tag before.
+fn upsert_customer_tag(tx: &Connection, customer: &str, tag: &str, at_ms: i64) -> rusqlite::Result<bool> {
+    let had = tx
+        .query_row("SELECT 1 FROM customer_tag WHERE customer = ?1 AND tag = ?2", [customer, tag], |_| Ok(()))
+        .optional()?
+        .is_some();
     tx.execute(
         "INSERT INTO customer_tag (customer, tag, first_ms, last_ms, calls) VALUES (?1, ?2, ?3, ?3, 1)
          ON CONFLICT (customer, tag) DO UPDATE SET
              last_ms = max(last_ms, excluded.last_ms), calls = calls + 1",
         params![customer, tag, at_ms],
-    )
+    )?;
+    Ok(!had)
 }
 
 fn touch_customer(tx: &Connection, customer: &str, now_ms: i64, more_calls: i64) -> rusqlite::Result<usize> {
@@ -411,8 +508,45 @@ fn touch_customer(tx: &Connection, customer: &str, now_ms: i64, more_calls: i64)
 /// rows per call: the queue is never long unless the disk has stalled).
 const STORE_QUEUE: usize = 256;
 
-/// One request for the store thread; `None` closes the store.
-type Job = Option<Box<dyn FnOnce(&mut CustomerStore) + Send>>;
+/// One request for the store thread.
+enum Job {
+    Run(Box<dyn FnOnce(&mut CustomerStore) + Send>),
+    /// Tag changes go to HQ through this call store's outbox from now on.
+    Uplink(CallVault),
+    Close,
+}
+
+/// Most changes handed to the call store per round.
+const HAND_OVER_BATCH: usize = 256;
+
+/// Hands the waiting tag changes to the call store's outbox and stops tracking them once
+/// the store has committed them (a crash between the two sends them again: HQ keeps the
+/// highest revision, so a second copy changes nothing). A store that refuses is tried
+/// again after the next write.
+fn hand_over(store: &mut CustomerStore, vault: &CallVault) {
+    while store.tag_changes_waiting() {
+        let changes = match store.pending_tag_changes(HAND_OVER_BATCH) {
+            Ok(changes) => changes,
+            Err(e) => {
+                log::error!(component = COMPONENT; "tag changes for HQ not read: {e}");
+                return;
+            }
+        };
+        for change in &changes {
+            if vault.write_blocking(StoreOp::CustomerTags(change.clone())).is_err() {
+                return;
+            }
+        }
+        if let Err(e) = vault.barrier_blocking() {
+            log::error!(component = COMPONENT; "tag changes for HQ not confirmed by the call store: {e}");
+            return;
+        }
+        if let Err(e) = store.tag_changes_handed(&changes) {
+            log::error!(component = COMPONENT; "tag changes for HQ handed over but still marked waiting: {e}");
+            return;
+        }
+    }
+}
 
 /// The shared handle: the caller hasher, and the queue of the one thread that owns the
 /// database connection. The understanding component, the spool and the control socket
@@ -442,8 +576,22 @@ impl Customers {
         let thread = std::thread::Builder::new()
             .name("customer-store".into())
             .spawn(move || {
-                while let Some(Some(job)) = queue.blocking_recv() {
-                    job(&mut store);
+                let mut uplink: Option<CallVault> = None;
+                while let Some(job) = queue.blocking_recv() {
+                    match job {
+                        Job::Run(job) => job(&mut store),
+                        Job::Uplink(vault) => {
+                            if let Err(e) = store.track_tag_changes() {
+                                log::error!(component = COMPONENT; "tag changes will not reach HQ: {e}");
+                                continue;
+                            }
+                            uplink = Some(vault);
+                        }
+                        Job::Close => break,
+                    }
+                    if let Some(vault) = &uplink {
+                        hand_over(&mut store, vault);
+                    }
                 }
                 // Dropping the store closes the connection (SQLite checkpoints the WAL).
             })
@@ -456,7 +604,7 @@ impl Customers {
         f: impl FnOnce(&mut CustomerStore) -> Result<T, CustomerError> + Send + 'static,
     ) -> (Job, oneshot::Receiver<Result<T, CustomerError>>) {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Some(Box::new(move |store: &mut CustomerStore| {
+        let job = Job::Run(Box::new(move |store: &mut CustomerStore| {
             let _ = reply.send(f(store));
         }));
         (job, answer)
@@ -484,6 +632,12 @@ impl Customers {
 
     pub fn customer_id(&self, caller: &str) -> Result<String, CustomerError> {
         self.hasher.customer_id(caller)
+    }
+
+    /// With `[hq]` on: every customer's tag change becomes a `customer_tags` message in
+    /// the call store's outbox (changes an earlier run left waiting go first).
+    pub async fn send_tag_changes_to(&self, vault: CallVault) -> Result<(), CustomerError> {
+        self.jobs.send(Job::Uplink(vault)).await.map_err(|_| closed())
     }
 
     /// Keeps the tags a call raised (and so its customer's, once the caller is known).
@@ -551,7 +705,7 @@ pub async fn run(store: StoreThread, health: HealthBoard, mut shutdown: Shutdown
     health.set(COMPONENT, HealthState::Ok, "open");
     shutdown.wait().await;
     // Queued after every request sent before it: those are written first.
-    let _ = store.handle.jobs.send(None).await;
+    let _ = store.handle.jobs.send(Job::Close).await;
     let StoreThread { handle, thread } = store;
     drop(handle);
     let joined = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -644,6 +798,68 @@ mod tests {
         let err = move_into_store(data).unwrap_err().to_string();
         assert!(err.contains("both") && err.contains("caller-hash.key"), "{err}");
         assert!(data.join(OLD_KEY_FILE).exists() && data.join(KEY_FILE).exists());
+    }
+
+    #[test]
+    fn a_customer_gaining_a_tag_waits_for_hq_until_handed_over_with_a_growing_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("customers.sqlite");
+        let mut s = CustomerStore::open(&path).unwrap();
+        // Not tracked without [hq]: nothing waits.
+        s.link_call("c0", "early", 500).unwrap();
+        s.add_call_tags("c0", &["price_sensitive"], 600).unwrap();
+        s.track_tag_changes().unwrap();
+        assert!(!s.tag_changes_waiting());
+        s.add_call_tags("c1", &["price_sensitive"], 1_000).unwrap();
+        assert!(!s.tag_changes_waiting(), "an unlinked call's tags are nobody's");
+        s.link_call("c1", "cust", 2_000).unwrap();
+        assert!(s.tag_changes_waiting());
+        let first = s.pending_tag_changes(10).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].customer.as_str(), first[0].tags.as_slice(), first[0].calls),
+            ("cust", &["price_sensitive".to_owned()][..], 1)
+        );
+        // A tag the customer has already changes nothing; a new one is a newer revision
+        // of the same row (one per customer), with every tag.
+        s.add_call_tags("c1", &["price_sensitive"], 2_500).unwrap();
+        assert_eq!(s.pending_tag_changes(10).unwrap(), first);
+        s.add_call_tags("c1", &["high_intent"], 3_000).unwrap();
+        let second = s.pending_tag_changes(10).unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(second[0].revision > first[0].revision);
+        assert_eq!(second[0].tags, ["high_intent", "price_sensitive"]);
+        // Handing over the older revision leaves the newer one waiting.
+        s.tag_changes_handed(&first).unwrap();
+        assert!(s.tag_changes_waiting());
+        // A restart finds what was not handed over.
+        drop(s);
+        let mut s = CustomerStore::open(&path).unwrap();
+        s.track_tag_changes().unwrap();
+        assert!(s.tag_changes_waiting());
+        assert_eq!(s.pending_tag_changes(10).unwrap(), second);
+        s.tag_changes_handed(&second).unwrap();
+        assert!(!s.tag_changes_waiting());
+        // A forgotten customer's waiting change is never sent.
+        s.link_call("c2", "gone", 4_000).unwrap();
+        s.add_call_tags("c2", &["complaint_risk"], 4_100).unwrap();
+        s.forget("gone").unwrap();
+        assert!(s.pending_tag_changes(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_customer_database_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("customers.sqlite");
+        let mut s = CustomerStore::open(&path).unwrap();
+        s.link_call("c1", "cust", 1).unwrap();
+        s.conn.execute_batch("DROP TABLE tag_change; DROP TABLE tag_revision; PRAGMA user_version = 1;").unwrap();
+        drop(s);
+        let mut s = CustomerStore::open(&path).unwrap();
+        s.track_tag_changes().unwrap();
+        s.add_call_tags("c1", &["high_intent"], 2).unwrap();
+        assert_eq!(s.pending_tag_changes(10).unwrap()[0].tags, ["high_intent"]);
+        assert_eq!(s.customer("cust").unwrap().unwrap().calls, 1);
     }
 
     #[test]

@@ -177,7 +177,13 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         let (dir, cred, store_cfg) = (data_dir.clone(), credentials, cfg.store.clone());
         let audio_floor = cfg.storage.stop_audio_below_mb;
         // The outbox is written only when there is a headquarters to send it to.
-        let outbox = cfg.hq.enabled().then(|| crate::store::OutboxSettings { quotas: cfg.hq.quota_mb.bytes() });
+        let outbox = cfg.hq.enabled().then(|| crate::store::OutboxSettings {
+            quotas: cfg.hq.quota_mb.bytes(),
+            site: cfg.hq.site.clone(),
+            box_id: cfg.hq.box_id.clone(),
+            window_secs: cfg.hq.interval_secs,
+            models_version: crate::uplink::link::models_version(cfg),
+        });
         let opened = tokio::task::spawn_blocking(move || {
             crate::store::live::CallVault::open(&dir, cred.as_deref(), &store_cfg, audio_floor, outbox)
         })
@@ -282,6 +288,10 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         components.push(Component::new("store", Stage::Stores, run));
     }
     if let (true, Some(vault)) = (cfg.hq.enabled(), &vault) {
+        // Customers' tag changes reach HQ through the call store's outbox.
+        if let Err(e) = customers.send_tag_changes_to(vault.clone()).await {
+            log::error!(component = "customers"; "{e}");
+        }
         // In the last stage with the store: what understanding finishes while stopping is
         // still sent if the link is up; anything unacknowledged stays in the outbox.
         let run = crate::uplink::link::run(

@@ -17,6 +17,18 @@ pub enum HealthState {
     Stopped,
 }
 
+impl HealthState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ok => "ok",
+            Self::Degraded => "degraded",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
 /// One component's latest health, with the time its state last changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComponentHealth {

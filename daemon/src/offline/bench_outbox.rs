@@ -44,7 +44,7 @@ pub fn bench_outbox(b: &BenchOutbox) -> Result<u8, Failure> {
         max_in_flight: 512,
         ..HqConfig::default()
     };
-    let quotas = OutboxSettings { quotas: [1 << 30; 5] };
+    let quotas = OutboxSettings::with_quotas([1 << 30; 5]);
     let (vault, thread) =
         CallVault::open(&state, None, &crate::config::StoreConfig::default(), 0, Some(quotas)).map_err(fail)?;
 

@@ -44,6 +44,8 @@ pub fn bench_store(
             emotion: Some("neutral".into()),
             phase: Some("needs_discovery".into()),
             facts: Some(serde_json::json!({"asr_ms": 180, "pitch_hz": 190.5, "energy_db": -21.0})),
+            asr_ms: Some(180.0),
+            understanding_ms: Some(12.0),
         })
         .collect();
     // As the store task will write: every call whole (begin, utterances, end), and
@@ -149,6 +151,7 @@ pub fn bench_store_stream(
         emotion: Some("neutral".into()),
         phase: Some("opening".into()),
         facts: None,
+        ..Default::default()
     };
     let run = std::process::id();
     let started = Instant::now();

@@ -60,6 +60,9 @@ impl ModelEntry {
 pub struct ModelSet {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// A digest of the manifest (12 hex digits), which names every file's sha256: the
+    /// models' version as HQ sees it.
+    pub version: String,
 }
 
 impl Manifest {
@@ -89,7 +92,8 @@ impl ModelSet {
         let text = String::from_utf8(text)
             .map_err(|_| SpeechError::Manifest { path: path.clone(), reason: "not UTF-8 text".into() })?;
         let manifest = Manifest::parse(&text).map_err(|reason| SpeechError::Manifest { path, reason })?;
-        Ok(Self { dir: dir.to_path_buf(), manifest })
+        let version = crate::hex::encode(&ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()[..6]);
+        Ok(Self { dir: dir.to_path_buf(), manifest, version })
     }
 
     /// The first model for a task ("vad", "asr").

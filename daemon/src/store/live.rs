@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::master::{self, KeySource};
-use super::{now_ms, CallStore, Retention, StoreError, StoreOp};
+use super::{now_ms, CallStore, DiagnosticsReport, Retention, StoreError, StoreOp};
 use crate::config::{RunningConfig, StoreConfig};
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 
@@ -537,6 +537,7 @@ pub async fn run(
     // Health follows the disk every few seconds: writes the disk refuses, or audio not kept
     // for lack of room, make the store degraded until they clear (status, doctor).
     let mut sweep_failed: Option<String> = None;
+    let mut close_failed: Option<String> = None;
     let report = |vault: &CallVault, sweep_failed: &Option<String>| {
         let c = vault.counters();
         let sweep = c.last_sweep.map_or("no sweep yet".to_owned(), |(_, s)| format!("last sweep: {s}"));
@@ -556,9 +557,21 @@ pub async fn run(
     let minutes = |c: &watch::Receiver<Arc<RunningConfig>>| c.borrow().config.store.sweep_interval_mins.max(1);
     let mut every = minutes(&config);
     let mut timer = tokio::time::interval(Duration::from_secs(every * 60));
+    // With `[hq]`: a health report for HQ now (the box came up) and every
+    // `hq.diagnostics_mins` (a restart applies a change, as for the rest of `[hq]`).
+    let started = std::time::Instant::now();
+    let hq = config.borrow().config.hq.clone();
+    let mut diagnostics = tokio::time::interval(Duration::from_secs(hq.diagnostics_mins.max(1) * 60));
+    diagnostics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
+            _ = diagnostics.tick(), if hq.enabled() => {
+                let report = diagnostics_report(&vault, &health, started);
+                if let Err(e) = vault.write(StoreOp::Diagnostics(report)).await {
+                    log::error!(component = COMPONENT; "health report for HQ not queued: {e}");
+                }
+            }
             _ = timer.tick() => {
                 let retention = retention(&config.borrow().config.store);
                 sweep_failed = match vault.sweep(retention).await {
@@ -570,7 +583,19 @@ pub async fn run(
                 };
                 report(&vault, &sweep_failed);
             }
-            _ = refresh.tick() => report(&vault, &sweep_failed),
+            _ = refresh.tick() => {
+                // Aggregate windows that have ended go to the outbox (no-op without `[hq]`).
+                let closed = vault.run(|store| store.outbox_tick(super::now_ms())).await;
+                match closed {
+                    Ok(_) => close_failed = None,
+                    Err(e) if close_failed.as_deref() != Some(&e.to_string()) => {
+                        log::error!(component = COMPONENT; "aggregate windows not queued for HQ (tried again every 5 s): {e}");
+                        close_failed = Some(e.to_string());
+                    }
+                    Err(_) => {}
+                }
+                report(&vault, &sweep_failed);
+            }
             Ok(()) = config.changed() => {
                 let wanted = minutes(&config);
                 if wanted != every {
@@ -593,6 +618,23 @@ pub async fn run(
     match joined {
         Ok(Ok(())) => Ok(()),
         _ => Err(StoreError::Thread("the store thread panicked".into())),
+    }
+}
+
+/// The box's health as HQ gets it: states only (details may name calls or paths).
+fn diagnostics_report(vault: &CallVault, health: &HealthBoard, started: std::time::Instant) -> DiagnosticsReport {
+    let c = vault.counters();
+    DiagnosticsReport {
+        daemon_version: env!("CARGO_PKG_VERSION").into(),
+        uptime_secs: started.elapsed().as_secs(),
+        components: health.snapshot().into_iter().map(|h| (h.name, h.state.name().to_owned())).collect(),
+        store_writes: c.written,
+        store_refused: c.failed,
+        store_waiting: c.waiting,
+        audio_dropped: c.audio_dropped,
+        disk_free_mb: crate::storage::free_bytes(&vault.state_dir).map(|b| b >> 20),
+        // Filled in by the store, which knows its outbox.
+        ..Default::default()
     }
 }
 

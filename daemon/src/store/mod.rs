@@ -33,20 +33,26 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::uplink::aggregates::CallFacts;
+use crate::uplink::messages::LateConversion;
 use crate::uplink::messages::{CallReport, ErasureNotice, HitReport};
+pub use crate::uplink::messages::{CustomerTags, DiagnosticsReport};
 use crate::uplink::outbox::Lane;
 use audio::AudioChunk;
 use audit::{AuditEntry, AuditEvent, ChainHead};
 use crypto::{ClassKey, CryptoError, DataClass, DataKey, MasterKey, Place, RecordKind, KEY_BYTES};
-pub use outbox::{LaneBacklog, OutboxEntry, OutboxRow, OutboxSettings};
+pub use outbox::{LaneBacklog, OutboxEntry, OutboxRow, OutboxSettings, OutboxTick};
 
 pub const STORE_DIR: &str = "store";
 pub const CALLS_FILE: &str = "calls.sqlite";
 pub const KEYS_FILE: &str = "keys.sqlite";
-/// Version 2 added the headquarters outbox (`outbox`); version 1 files are upgraded.
-const CALLS_SCHEMA_VERSION: i64 = 2;
+/// Version 2 added the headquarters outbox (`outbox`), version 3 the open aggregate
+/// windows (`aggregate`) and the utterances' latencies; earlier files are upgraded.
+const CALLS_SCHEMA_VERSION: i64 = 3;
 const KEYS_SCHEMA_VERSION: i64 = 1;
 const MS_PER_DAY: i64 = 86_400_000;
+/// A health report not sent within a day is of no use to HQ: it leaves unsent (a gap).
+const DIAGNOSTICS_TTL_MS: i64 = MS_PER_DAY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -157,6 +163,12 @@ pub struct StoredUtterance {
     pub phase: Option<String>,
     /// ASR facts and prosody, as the understanding layer gives them (JSON).
     pub facts: Option<serde_json::Value>,
+    /// Whisper's compute time and the text models' time for this utterance (kept in
+    /// clear: HQ's latency metrics).
+    #[serde(default)]
+    pub asr_ms: Option<f64>,
+    #[serde(default)]
+    pub understanding_ms: Option<f64>,
 }
 
 /// A rule hit with its evidence (utterance indices).
@@ -177,6 +189,9 @@ pub struct CallEnd {
     pub phase: String,
     pub tags: Vec<String>,
     pub converted: bool,
+    /// The rule set the call was checked with (its digest): a key of HQ's aggregates.
+    #[serde(default)]
+    pub rules_version: Option<String>,
 }
 
 /// A call's metadata: what technicians see, all in clear.
@@ -332,8 +347,9 @@ impl CallStore {
         calls.pragma_update(None, "synchronous", "FULL").map_err(cerr)?;
         calls.pragma_update(None, "secure_delete", true).map_err(cerr)?;
         migrate(&keys, &keys_path, KEYS_SCHEMA, KEYS_SCHEMA_VERSION, &[])?;
-        let calls_schema = format!("{CALLS_SCHEMA} {}", outbox::SCHEMA);
-        migrate(&calls, &calls_path, &calls_schema, CALLS_SCHEMA_VERSION, &[(1, outbox::SCHEMA)])?;
+        let calls_schema = format!("{CALLS_SCHEMA} {} {}", outbox::SCHEMA, outbox::AGGREGATE_SCHEMA);
+        let to_v3 = format!("{V3_COLUMNS} {}", outbox::AGGREGATE_SCHEMA);
+        migrate(&calls, &calls_path, &calls_schema, CALLS_SCHEMA_VERSION, &[(1, outbox::SCHEMA), (2, &to_v3)])?;
         // The master key this store was made with; a different one is refused, never used
         // to start over. A rotation that finished before its key file was promoted leaves
         // the store on the next key.
@@ -452,6 +468,17 @@ impl CallStore {
         loaded.dirty = Lane::ALL.iter().any(|l| loaded.ledger.book(*l).rows > 0);
         self.outbox = Some(loaded);
         Ok(())
+    }
+
+    /// The outbox's housekeeping (the store component runs it every few seconds): drops
+    /// expired messages with a gap record, queues the aggregate windows that have ended.
+    pub fn outbox_tick(&mut self, now_ms: i64) -> Result<OutboxTick, StoreError> {
+        let Some(outbox) = self.outbox.as_mut() else { return Ok(OutboxTick::default()) };
+        let random = &self.random;
+        let done = outbox::tick(&mut self.calls, &mut outbox.ledger, &outbox.settings, now_ms, || random8(random))?;
+        outbox.dirty |= done.windows + done.expired > 0;
+        outbox.shed += done.shed;
+        Ok(done)
     }
 
     /// Whether rows were queued since the last call (the store thread wakes the uplink).
@@ -716,6 +743,17 @@ impl CallStore {
                     }
                 }
                 StoreOp::Describe { call, info } => {
+                    // A finished call said converted for the first time: HQ hears of it
+                    // (its summary went out unconverted) and its key's window counts it.
+                    let late_conversion = info.converted
+                        && tx
+                            .query_row(
+                                "SELECT 1 FROM call WHERE id = ?1 AND status = 'finished' AND converted = 0",
+                                [call],
+                                |_| Ok(()),
+                            )
+                            .optional()?
+                            .is_some();
                     // Applies to a call in any state (the PBX may say "converted" after
                     // the hang-up); a call not begun yet takes it in at its `Begin`.
                     let changed = tx.execute(
@@ -736,19 +774,105 @@ impl CallStore {
                     if changed == 0 {
                         pending.push((call.clone(), info.clone()));
                     }
+                    if let (true, Some(ledger), Some(outbox)) = (late_conversion, ledger.as_mut(), self.outbox.as_ref())
+                    {
+                        let (report, _) = call_report(&tx, call, self.pseudonyms.as_ref())?;
+                        let rules: Option<String> =
+                            tx.query_row("SELECT rules_version FROM call WHERE id = ?1", [call], |r| r.get(0))?;
+                        let dims = outbox::CallDims {
+                            call,
+                            agent: report.agent.clone(),
+                            campaign: report.campaign.clone(),
+                            script: report.script.clone(),
+                            rules_version: rules.as_deref(),
+                        };
+                        outbox::count_late_conversion(&tx, &outbox.settings, dims, now)?;
+                        let notice = LateConversion {
+                            call: call.clone(),
+                            ended_unix_ms: report.ended_unix_ms,
+                            agent: report.agent,
+                            campaign: report.campaign,
+                            script: report.script,
+                            customer: report.customer,
+                        };
+                        shed += outbox::enqueue(
+                            &tx,
+                            ledger,
+                            Lane::Calls,
+                            "conversion",
+                            &notice,
+                            now,
+                            random8(&self.random)?,
+                        )?;
+                        queued += 1;
+                    }
+                }
+                StoreOp::Diagnostics(report) => {
+                    let Some(ledger) = ledger.as_mut() else { continue };
+                    let mut report = report.clone();
+                    for lane in Lane::ALL {
+                        let book = ledger.book(lane);
+                        report.outbox_rows.insert(lane.name().into(), book.rows);
+                        report.outbox_bytes.insert(lane.name().into(), book.bytes);
+                    }
+                    report.outbox_shed = self.outbox.as_ref().map_or(0, |o| o.shed) + shed;
+                    shed += outbox::enqueue_until(
+                        &tx,
+                        ledger,
+                        (Lane::Diagnostics, "health"),
+                        &report,
+                        now,
+                        Some(now + DIAGNOSTICS_TTL_MS),
+                        random8(&self.random)?,
+                    )?;
+                    queued += 1;
+                }
+                StoreOp::CustomerTags(change) => {
+                    let Some(ledger) = ledger.as_mut() else { continue };
+                    let forgotten = tx
+                        .query_row("SELECT 1 FROM tombstone WHERE customer = ?1", [&change.customer], |_| Ok(()))
+                        .optional()?
+                        .is_some();
+                    if !forgotten {
+                        shed += outbox::enqueue(
+                            &tx,
+                            ledger,
+                            Lane::Calls,
+                            "customer_tags",
+                            change,
+                            now,
+                            random8(&self.random)?,
+                        )?;
+                        queued += 1;
+                    }
                 }
                 StoreOp::Finish { call, end } => {
                     let changed = tx.execute(
                         "UPDATE call SET status = 'finished', ended_ms = ?2, phase = ?3, tags = ?4,
-                             converted = max(converted, ?5)
+                             converted = max(converted, ?5), rules_version = ?6
                          WHERE id = ?1 AND status = 'open'",
-                        params![call, end.ended_unix_ms, end.phase, end.tags.join(","), end.converted],
+                        params![
+                            call,
+                            end.ended_unix_ms,
+                            end.phase,
+                            end.tags.join(","),
+                            end.converted,
+                            end.rules_version
+                        ],
                     )?;
                     if changed == 0 {
                         return Err(StoreError::NoSuchCall(call.clone()));
                     }
-                    if let Some(ledger) = ledger.as_mut() {
-                        let report = call_report(&tx, call, self.pseudonyms.as_ref())?;
+                    if let (Some(ledger), Some(outbox)) = (ledger.as_mut(), self.outbox.as_ref()) {
+                        let (report, facts) = call_report(&tx, call, self.pseudonyms.as_ref())?;
+                        let dims = outbox::CallDims {
+                            call,
+                            agent: report.agent.clone(),
+                            campaign: report.campaign.clone(),
+                            script: report.script.clone(),
+                            rules_version: end.rules_version.as_deref(),
+                        };
+                        outbox::count_in_window(&tx, &outbox.settings, dims, &facts, now)?;
                         shed +=
                             outbox::enqueue(&tx, ledger, Lane::Calls, "call", &report, now, random8(&self.random)?)?;
                         queued += 1;
@@ -1315,7 +1439,12 @@ fn hit_report(
     })
 }
 
-fn call_report(tx: &Connection, call: &str, pseudonyms: Option<&ring::hmac::Key>) -> Result<CallReport, StoreError> {
+/// A finished call's summary for HQ, and what it adds to its aggregate window.
+fn call_report(
+    tx: &Connection,
+    call: &str,
+    pseudonyms: Option<&ring::hmac::Key>,
+) -> Result<(CallReport, CallFacts), StoreError> {
     type Row = (String, String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>);
     type Rest = (i64, Option<String>, Option<String>, bool);
     let (row, rest): (Row, Rest) = tx
@@ -1356,23 +1485,27 @@ fn call_report(tx: &Connection, call: &str, pseudonyms: Option<&ring::hmac::Key>
         converted,
         customer,
     };
+    let mut facts = CallFacts { duration_secs: report.duration_secs, converted, ..Default::default() };
     let mut stmt = tx.prepare_cached(
-        "SELECT leg, start_secs, end_secs, intents, emotion FROM record WHERE call = ?1 AND kind = ?2",
+        "SELECT leg, start_secs, end_secs, intents, emotion, asr_ms, understanding_ms
+         FROM record WHERE call = ?1 AND kind = ?2",
     )?;
     let rows = stmt.query_map(params![call, RecordKind::Utterance as i64], |r| {
         Ok((
-            r.get::<_, Option<String>>(0)?,
-            r.get::<_, Option<f64>>(1)?,
-            r.get::<_, Option<f64>>(2)?,
+            (r.get::<_, Option<String>>(0)?, r.get::<_, Option<f64>>(1)?, r.get::<_, Option<f64>>(2)?),
             r.get::<_, Option<String>>(3)?,
             r.get::<_, Option<String>>(4)?,
+            (r.get::<_, Option<f64>>(5)?, r.get::<_, Option<f64>>(6)?),
         ))
     })?;
     for row in rows {
-        let (leg, start, end, intents, emotion) = row?;
+        let ((leg, start, end), intents, emotion, (asr_ms, understanding_ms)) = row?;
         if let (Some(leg), Some(start), Some(end)) = (leg, start, end) {
-            *report.talk_secs.entry(leg).or_default() += (end - start).max(0.0);
+            *report.talk_secs.entry(leg.clone()).or_default() += (end - start).max(0.0);
+            facts.spans.push((leg, start, end));
         }
+        facts.asr_ms.extend(asr_ms);
+        facts.understanding_ms.extend(understanding_ms);
         for intent in split_list(intents) {
             *report.intents.entry(intent).or_default() += 1;
         }
@@ -1380,10 +1513,12 @@ fn call_report(tx: &Connection, call: &str, pseudonyms: Option<&ring::hmac::Key>
             *report.emotions.entry(emotion).or_default() += 1;
         }
     }
-    let mut stmt = tx.prepare_cached("SELECT rule, event FROM rule_hit WHERE call = ?1")?;
-    let rows = stmt.query_map([call], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    let mut stmt = tx.prepare_cached("SELECT rule, event, severity FROM rule_hit WHERE call = ?1")?;
+    let rows = stmt
+        .query_map([call], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?)))?;
     for row in rows {
-        let (rule, event) = row?;
+        let (rule, event, severity) = row?;
+        facts.hits.push((rule.clone(), severity));
         *report.rule_hits.entry(rule).or_default() += 1;
         if let Some(event) = event {
             *report.events.entry(event).or_default() += 1;
@@ -1392,7 +1527,10 @@ fn call_report(tx: &Connection, call: &str, pseudonyms: Option<&ring::hmac::Key>
     for secs in report.talk_secs.values_mut() {
         *secs = (*secs * 100.0).round() / 100.0;
     }
-    Ok(report)
+    facts.intents = report.intents.clone();
+    facts.emotions = report.emotions.clone();
+    facts.events = report.events.clone();
+    Ok((report, facts))
 }
 
 /// The wall clock in ms since the epoch (audit entries, call times); 0 before 1970.
@@ -1444,6 +1582,11 @@ pub enum StoreOp {
         call: String,
         chunk: AudioChunk,
     },
+    /// A customer's tags changed (from the customer store): queued for HQ, unless the
+    /// customer has been forgotten meanwhile.
+    CustomerTags(CustomerTags),
+    /// The box's health for HQ (the outbox's own figures are filled in by the store).
+    Diagnostics(DiagnosticsReport),
 }
 
 impl StoreOp {
@@ -1456,6 +1599,7 @@ impl StoreOp {
             | Self::Finish { call, .. }
             | Self::Describe { call, .. }
             | Self::Audio { call, .. } => call,
+            Self::CustomerTags(_) | Self::Diagnostics(_) => "-",
         }
     }
 
@@ -1468,7 +1612,8 @@ impl StoreOp {
             }
             Self::Hits { hits, .. } => hits.iter().map(|h| 128 + h.reason.len()).sum(),
             Self::Audio { chunk, .. } => chunk.mulaw.len(),
-            Self::Begin(_) | Self::Finish { .. } | Self::Describe { .. } => 0,
+            Self::CustomerTags(c) => c.tags.iter().map(String::len).sum(),
+            Self::Begin(_) | Self::Finish { .. } | Self::Describe { .. } | Self::Diagnostics(_) => 0,
         }
     }
 
@@ -1481,6 +1626,8 @@ impl StoreOp {
             Self::Finish { .. } => "finish",
             Self::Describe { .. } => "call info",
             Self::Audio { .. } => "audio",
+            Self::CustomerTags(_) => "customer tags",
+            Self::Diagnostics(_) => "diagnostics",
         }
     }
 }
@@ -1553,8 +1700,9 @@ fn append_records(
         let plain = serde_json::to_vec(&SealedUtterance { text: &u.text, facts: u.facts.as_ref() })
             .map_err(|e| StoreError::BadInput { call: call.into(), what: e.to_string() })?;
         tx.execute(
-            "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, intents, emotion, phase, sealed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO record (call, kind, idx, leg, start_secs, end_secs, intents, emotion, phase, sealed,
+                                 asr_ms, understanding_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 call,
                 RecordKind::Utterance as i64,
@@ -1565,7 +1713,9 @@ fn append_records(
                 u.intents.join(","),
                 u.emotion,
                 u.phase,
-                transcript.seal(place, &plain)
+                transcript.seal(place, &plain),
+                u.asr_ms,
+                u.understanding_ms
             ],
         )?;
         if let (Some(key), Some(text)) = (unmasked, &u.unmasked) {
@@ -1673,13 +1823,13 @@ const CALLS_SCHEMA: &str = "
         started_ms INTEGER NOT NULL, ended_ms INTEGER, status TEXT NOT NULL,
         agent TEXT, campaign TEXT, script TEXT, customer TEXT,
         utterances INTEGER NOT NULL DEFAULT 0, phase TEXT, tags TEXT,
-        converted INTEGER NOT NULL DEFAULT 0);
+        converted INTEGER NOT NULL DEFAULT 0, rules_version TEXT);
     CREATE INDEX call_started ON call (started_ms);
     CREATE INDEX call_customer ON call (customer);
     CREATE TABLE record (
         call TEXT NOT NULL REFERENCES call(id), kind INTEGER NOT NULL, idx INTEGER NOT NULL,
         leg TEXT, start_secs REAL, end_secs REAL, intents TEXT, emotion TEXT, phase TEXT,
-        sealed BLOB NOT NULL,
+        sealed BLOB NOT NULL, asr_ms REAL, understanding_ms REAL,
         PRIMARY KEY (call, kind, idx));
     CREATE TABLE rule_hit (
         call TEXT NOT NULL REFERENCES call(id), rule TEXT NOT NULL, severity TEXT NOT NULL,
@@ -1690,6 +1840,14 @@ const CALLS_SCHEMA: &str = "
         seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, uid INTEGER NOT NULL, role TEXT NOT NULL,
         action TEXT NOT NULL, object TEXT NOT NULL, outcome TEXT NOT NULL,
         prev TEXT NOT NULL, hash TEXT NOT NULL);
+";
+
+/// Version 3's new columns (in `CALLS_SCHEMA` for new files): utterance latencies, and
+/// the rules' version a call was checked with (an aggregate key).
+const V3_COLUMNS: &str = "
+    ALTER TABLE record ADD COLUMN asr_ms REAL;
+    ALTER TABLE record ADD COLUMN understanding_ms REAL;
+    ALTER TABLE call ADD COLUMN rules_version TEXT;
 ";
 
 /// Creates the schema in a new file, or runs the upgrades from the file's version on,

@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
 use super::StoreError;
+use crate::uplink::aggregates::{window_start, AggregateKey, CallFacts, Counters, IntervalReport};
 use crate::uplink::outbox::{
     message_id, topic_suffix, Envelope, Gap, Lane, LaneBook, Ledger, GAP_KIND, MAX_BODY_BYTES,
 };
@@ -21,11 +22,31 @@ pub(super) const SCHEMA: &str = "
     CREATE TABLE outbox_lane (lane INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 ";
 
+/// Open aggregate windows (one row per key, its counters as JSON) and the end of the last
+/// window emitted, which is never reopened.
+pub(super) const AGGREGATE_SCHEMA: &str = "
+    CREATE TABLE aggregate (key TEXT PRIMARY KEY, ends_ms INTEGER NOT NULL, counters TEXT NOT NULL);
+    CREATE INDEX aggregate_ends ON aggregate (ends_ms);
+    CREATE TABLE aggregate_closed (id INTEGER PRIMARY KEY CHECK (id = 1), until_ms INTEGER NOT NULL);
+";
+
 /// What the store needs to write outbox rows (from `[hq]`); without it nothing is queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxSettings {
     /// Bytes per lane, in `Lane::ALL` order.
     pub quotas: [u64; 5],
+    /// The aggregates' keys: the box's ids, the window length, the models' version.
+    pub site: String,
+    pub box_id: String,
+    pub window_secs: u32,
+    pub models_version: String,
+}
+
+impl OutboxSettings {
+    /// For tests and benchmarks: quotas and placeholders.
+    pub fn with_quotas(quotas: [u64; 5]) -> Self {
+        Self { quotas, site: "site".into(), box_id: "box".into(), window_secs: 300, models_version: "-".into() }
+    }
 }
 
 /// A row as the uplink sends it.
@@ -63,6 +84,7 @@ pub struct OutboxEntry {
 /// The outbox's live state in the store: the ledger and a flag the store thread reads
 /// after each commit to wake the uplink.
 pub(super) struct Outbox {
+    pub settings: OutboxSettings,
     pub ledger: Ledger,
     /// Rows were added since the uplink was last woken.
     pub dirty: bool,
@@ -90,7 +112,7 @@ impl Outbox {
                 lanes[lane.index()].next_seq = next as u64;
             }
         }
-        Ok(Self { ledger: Ledger::new(settings.quotas, lanes), dirty: false, shed: 0 })
+        Ok(Self { settings: settings.clone(), ledger: Ledger::new(settings.quotas, lanes), dirty: false, shed: 0 })
     }
 }
 
@@ -104,6 +126,20 @@ pub(super) fn enqueue<T: Serialize>(
     kind: &str,
     data: &T,
     now_ms: i64,
+    random: [u8; 8],
+) -> Result<u64, StoreError> {
+    enqueue_until(tx, ledger, (lane, kind), data, now_ms, None, random)
+}
+
+/// `enqueue` for a message worth sending only until `expires_ms` (diagnostics): later it
+/// leaves unsent, reported in a gap record (`expire`).
+pub(super) fn enqueue_until<T: Serialize>(
+    tx: &Transaction<'_>,
+    ledger: &mut Ledger,
+    (lane, kind): (Lane, &str),
+    data: &T,
+    now_ms: i64,
+    expires_ms: Option<i64>,
     random: [u8; 8],
 ) -> Result<u64, StoreError> {
     let id = message_id(now_ms, random);
@@ -140,24 +176,22 @@ pub(super) fn enqueue<T: Serialize>(
         data,
     })
     .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("outbox message {kind}: {e}") })?;
-    insert(tx, ledger, &id, lane, admit.seq, kind, &body, now_ms)?;
+    insert(tx, ledger, (&id, lane, admit.seq, kind), &body, now_ms, expires_ms)?;
     Ok(shed_count)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn insert(
     tx: &Transaction<'_>,
     ledger: &mut Ledger,
-    id: &str,
-    lane: Lane,
-    seq: u64,
-    kind: &str,
+    (id, lane, seq, kind): (&str, Lane, u64, &str),
     body: &[u8],
     now_ms: i64,
+    expires_ms: Option<i64>,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO outbox (id, lane, seq, kind, topic, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![id, lane.index() as i64, seq as i64, kind, topic_suffix(lane, kind), body, now_ms],
+        "INSERT INTO outbox (id, lane, seq, kind, topic, body, created_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![id, lane.index() as i64, seq as i64, kind, topic_suffix(lane, kind), body, now_ms, expires_ms],
     )?;
     tx.execute(
         "INSERT INTO outbox_lane (lane, next_seq) VALUES (?1, ?2)
@@ -246,7 +280,7 @@ fn shed_oldest(
         data: &gap,
     })
     .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("gap record: {e}") })?;
-    insert(tx, ledger, &id, lane, seq, GAP_KIND, &body, now_ms)?;
+    insert(tx, ledger, (&id, lane, seq, GAP_KIND), &body, now_ms, None)?;
     log::warn!(component = "store", lane = lane.name();
         "outbox lane {} is full: {shed_now} more messages shed ({} in all, seq {}..={}), reported to HQ as a gap", lane.name(), gap.count, gap.from_seq, gap.to_seq);
     Ok(shed_now)
@@ -372,4 +406,179 @@ pub(super) fn purge_mentions(tx: &Transaction<'_>, ledger: &mut Ledger, customer
         }
     }
     Ok(rows.len() as u64)
+}
+
+/// The end of the last aggregate window emitted (0: none yet).
+fn closed_until(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT until_ms FROM aggregate_closed WHERE id = 1", [], |r| r.get(0)).optional()?.unwrap_or(0))
+}
+
+/// Who a call was, as its aggregate window is keyed: agent pseudonym, campaign, script,
+/// rules' version.
+pub(super) struct CallDims<'a> {
+    pub call: &'a str,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    pub rules_version: Option<&'a str>,
+}
+
+/// Adds a finished call to its aggregate window's counters, in the call's transaction:
+/// the window the box finished it in (aligned), keyed by the call's dimensions and the
+/// models' version.
+pub(super) fn count_in_window(
+    tx: &Transaction<'_>,
+    settings: &OutboxSettings,
+    dims: CallDims<'_>,
+    facts: &CallFacts,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    update_window(tx, settings, dims, now_ms, |c| c.add_call(facts))
+}
+
+/// A call already finished (and counted) is said converted later: counted as such in the
+/// window in which the box learned it, under the call's own dimensions.
+pub(super) fn count_late_conversion(
+    tx: &Transaction<'_>,
+    settings: &OutboxSettings,
+    dims: CallDims<'_>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    update_window(tx, settings, dims, now_ms, |c| c.converted_after_end += 1)
+}
+
+fn update_window(
+    tx: &Transaction<'_>,
+    settings: &OutboxSettings,
+    dims: CallDims<'_>,
+    now_ms: i64,
+    change: impl FnOnce(&mut Counters),
+) -> Result<(), StoreError> {
+    let key = AggregateKey {
+        site: settings.site.clone(),
+        box_id: settings.box_id.clone(),
+        window_start_unix_ms: window_start(now_ms, settings.window_secs, closed_until(tx)?),
+        window_secs: settings.window_secs,
+        agent: dims.agent,
+        campaign: dims.campaign,
+        script: dims.script,
+        rules_version: dims.rules_version.unwrap_or("-").to_owned(),
+        models_version: settings.models_version.clone(),
+    };
+    let bad =
+        |e: serde_json::Error| StoreError::BadInput { call: dims.call.to_owned(), what: format!("aggregate: {e}") };
+    let key_text = serde_json::to_string(&key).map_err(bad)?;
+    let stored: Option<String> =
+        tx.query_row("SELECT counters FROM aggregate WHERE key = ?1", [&key_text], |r| r.get(0)).optional()?;
+    let mut counters = match stored {
+        // Counters this version cannot read (written by another) start again rather than
+        // stopping every call's write; the loss is logged.
+        Some(text) => serde_json::from_str::<Counters>(&text).unwrap_or_else(|e| {
+            log::error!(component = "store"; "aggregate window {key_text}: stored counters unreadable ({e}); counting from zero");
+            Counters::default()
+        }),
+        None => Counters::default(),
+    };
+    change(&mut counters);
+    tx.execute(
+        "INSERT INTO aggregate (key, ends_ms, counters) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET counters = excluded.counters",
+        params![key_text, key.window_end_unix_ms(), serde_json::to_string(&counters).map_err(bad)?],
+    )?;
+    Ok(())
+}
+
+/// What one housekeeping round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxTick {
+    /// Aggregate windows queued.
+    pub windows: u64,
+    /// Unsent messages past their expiry, dropped (and reported in a gap record).
+    pub expired: u64,
+    /// Messages shed to make room.
+    pub shed: u64,
+}
+
+/// Drops the unsent messages whose expiry has passed, one gap record (`expired`) per lane
+/// for them. Returns how many went.
+fn expire(tx: &Transaction<'_>, ledger: &mut Ledger, now_ms: i64, random: [u8; 8]) -> Result<u64, StoreError> {
+    let gone: Vec<(String, i64, i64, i64)> = tx
+        .prepare("SELECT id, lane, seq, length(body) FROM outbox WHERE expires_ms <= ?1 ORDER BY lane, seq")?
+        .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut gaps: Vec<Gap> = Vec::new();
+    for (id, lane, seq, bytes) in &gone {
+        tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+        let Some(lane) = Lane::from_index(*lane) else { continue };
+        ledger.removed(lane, *bytes as u64, 1);
+        let this = Gap { lane, from_seq: *seq as u64, to_seq: *seq as u64, count: 1, why: "expired".into() };
+        match gaps.iter_mut().find(|g| g.lane == lane) {
+            Some(g) => g.fold(&this),
+            None => gaps.push(this),
+        }
+    }
+    for (i, gap) in gaps.iter().enumerate() {
+        let mut random = random;
+        random[0] ^= i as u8;
+        let seq = ledger.take_seq(gap.lane);
+        let id = message_id(now_ms, random);
+        let body = serde_json::to_vec(&Envelope {
+            v: 1,
+            id: id.clone(),
+            lane: gap.lane,
+            seq,
+            kind: GAP_KIND.into(),
+            at_unix_ms: now_ms,
+            data: gap,
+        })
+        .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("gap record: {e}") })?;
+        insert(tx, ledger, (&id, gap.lane, seq, GAP_KIND), &body, now_ms, None)?;
+        log::warn!(component = "store", lane = gap.lane.name();
+            "{} unsent {} messages expired (seq {}..={}), reported to HQ as a gap", gap.count, gap.lane.name(), gap.from_seq, gap.to_seq);
+    }
+    Ok(gone.len() as u64)
+}
+
+/// Housekeeping, in one transaction: drops expired messages (`expire`), then queues every
+/// aggregate window that has ended by `now_ms` (one `interval` message per key, in the
+/// `aggregates` lane) and removes it; windows before the current one are never reopened.
+pub(super) fn tick(
+    conn: &mut Connection,
+    ledger: &mut Ledger,
+    settings: &OutboxSettings,
+    now_ms: i64,
+    random: impl Fn() -> Result<[u8; 8], StoreError>,
+) -> Result<OutboxTick, StoreError> {
+    let tx = conn.transaction()?;
+    let mut work = ledger.clone();
+    let expired = expire(&tx, &mut work, now_ms, random()?)?;
+    let due: Vec<(String, String)> = tx
+        .prepare("SELECT key, counters FROM aggregate WHERE ends_ms <= ?1 ORDER BY ends_ms, key")?
+        .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let (mut queued, mut shed) = (0u64, 0u64);
+    for (key_text, counters) in &due {
+        tx.execute("DELETE FROM aggregate WHERE key = ?1", [key_text])?;
+        let parsed = serde_json::from_str::<AggregateKey>(key_text)
+            .and_then(|key| Ok((key, serde_json::from_str::<Counters>(counters)?)));
+        let (key, counters) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                log::error!(component = "store"; "aggregate window {key_text} unreadable ({e}): dropped");
+                continue;
+            }
+        };
+        let report = IntervalReport::new(key, counters);
+        shed += enqueue(&tx, &mut work, Lane::Aggregates, "interval", &report, now_ms, random()?)?;
+        queued += 1;
+    }
+    let open_from = window_start(now_ms, settings.window_secs, closed_until(&tx)?);
+    tx.execute(
+        "INSERT INTO aggregate_closed (id, until_ms) VALUES (1, ?1)
+         ON CONFLICT (id) DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
+        [open_from],
+    )?;
+    tx.commit()?;
+    *ledger = work;
+    Ok(OutboxTick { windows: queued, expired, shed })
 }

@@ -43,6 +43,8 @@ fn utterance(index: u64, text: &str, unmasked: Option<&str>) -> StoredUtterance 
         emotion: Some("neutral".into()),
         phase: Some("needs_discovery".into()),
         facts: Some(serde_json::json!({"asr_ms": 120})),
+        asr_ms: Some(100.0 + index as f64 * 200.0),
+        understanding_ms: Some(20.0),
     }
 }
 
@@ -81,6 +83,7 @@ fn store_one(store: &mut CallStore, id: &str, customer: Option<&str>, at_ms: i64
                 phase: "closing".into(),
                 tags: vec!["price_sensitive".into()],
                 converted: false,
+                rules_version: Some("rules-1".into()),
             },
         )
         .unwrap();
@@ -529,7 +532,7 @@ fn what_the_pbx_says_about_a_call_is_kept_whether_it_comes_before_or_after_the_c
     let late = CallStart { id: "late".into(), source: "audiosocket".into(), started_unix_ms: 6, ..Default::default() };
     store.begin_call(&late).unwrap();
     store.apply(&[StoreOp::Describe { call: "late".into(), info: info(None, Some("cust"), true) }]).unwrap();
-    let end = CallEnd { ended_unix_ms: 9, phase: "closing".into(), tags: vec![], converted: false };
+    let end = CallEnd { ended_unix_ms: 9, phase: "closing".into(), ..Default::default() };
     store.finish_call("late", &end).unwrap();
     let s = store.summary("late").unwrap();
     assert!(s.converted && s.customer.as_deref() == Some("cust") && s.status == "finished");
@@ -644,13 +647,14 @@ fn audio_of_a_call_never_begun_is_held_within_a_bound() {
 mod outbox {
     //! The headquarters outbox in the real calls.sqlite.
     use super::*;
+    use crate::uplink::aggregates::IntervalReport;
     use crate::uplink::messages::{self, CallReport};
     use crate::uplink::outbox::{Envelope, Gap, Lane};
 
     fn with_outbox(quotas: [u64; 5]) -> (tempfile::TempDir, CallStore) {
         let state = tempfile::tempdir().unwrap();
         let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
-        store.enable_outbox(OutboxSettings { quotas }).unwrap();
+        store.enable_outbox(OutboxSettings::with_quotas(quotas)).unwrap();
         (state, store)
     }
 
@@ -687,7 +691,7 @@ mod outbox {
         // keeps the rows and the lanes' sequence numbers.
         drop(store);
         let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
-        store.enable_outbox(OutboxSettings { quotas: [1 << 20; 5] }).unwrap();
+        store.enable_outbox(OutboxSettings::with_quotas([1 << 20; 5])).unwrap();
         store_one(&mut store, "c2", None, 1_700_000_100_000);
         let rows = self::rows(&store);
         assert_eq!(rows.len(), 4);
@@ -701,7 +705,7 @@ mod outbox {
         store.begin_call(&start("c1", None, 1)).unwrap();
         // The batch finishes c1 then fails on a call that does not exist: nothing of it
         // may stay, the summary included.
-        let end = CallEnd { ended_unix_ms: 2, phase: "closing".into(), tags: vec![], converted: false };
+        let end = CallEnd { ended_unix_ms: 2, phase: "closing".into(), ..Default::default() };
         let err = store.apply(&[
             StoreOp::Finish { call: "c1".into(), end: end.clone() },
             StoreOp::Finish { call: "nope".into(), end: end.clone() },
@@ -766,6 +770,45 @@ mod outbox {
     }
 
     #[test]
+    fn health_reports_carry_the_outbox_and_leave_unsent_after_a_day_with_a_gap() {
+        let (_state, mut store) = with_outbox([1 << 20; 5]);
+        store_one(&mut store, "c1", None, 1);
+        let report = DiagnosticsReport { daemon_version: "t".into(), uptime_secs: 5, ..Default::default() };
+        store.apply(&[StoreOp::Diagnostics(report.clone()), StoreOp::Diagnostics(report)]).unwrap();
+        let health: Vec<OutboxRow> = rows(&store).into_iter().filter(|r| r.lane == Lane::Diagnostics).collect();
+        assert_eq!(health.len(), 2);
+        let first: Envelope<DiagnosticsReport> = serde_json::from_slice(&health[0].body).unwrap();
+        messages::check(&health[0].topic, &health[0].body).unwrap();
+        assert_eq!(health[0].topic, "up/diagnostics/health");
+        assert_eq!((first.data.outbox_rows["alert"], first.data.outbox_rows["calls"]), (1, 1), "{:?}", first.data);
+        assert!(first.data.outbox_bytes["calls"] > 0);
+        let second: Envelope<DiagnosticsReport> = serde_json::from_slice(&health[1].body).unwrap();
+        assert_eq!(second.data.outbox_rows["diagnostics"], 1, "the first report counts in the second");
+        // A day later neither was sent: both go, one gap says which; nothing else goes
+        // (the call's window has ended meanwhile and is queued).
+        let tick = store.outbox_tick(now_ms() + 3_600_000).unwrap();
+        assert_eq!((tick.expired, tick.windows), (0, 1), "not yet");
+        let tick = store.outbox_tick(now_ms() + 86_400_000 + 1_000).unwrap();
+        assert_eq!(tick.expired, 2);
+        let left = rows(&store);
+        let lanes: Vec<(Lane, &str)> = left.iter().map(|r| (r.lane, r.topic.as_str())).collect();
+        assert_eq!(
+            lanes,
+            [
+                (Lane::Alert, "up/alert/supervisor_alert"),
+                (Lane::Calls, "up/calls/call"),
+                (Lane::Aggregates, "up/aggregates/interval"),
+                (Lane::Diagnostics, "gap")
+            ]
+        );
+        let gap: Envelope<Gap> = serde_json::from_slice(&left[3].body).unwrap();
+        assert_eq!((gap.data.from_seq, gap.data.to_seq, gap.data.count, gap.data.why.as_str()), (1, 2, 2, "expired"));
+        assert_eq!(gap.seq, 3, "the gap takes the lane's next number");
+        let (lanes, _) = store.outbox_backlog().unwrap();
+        assert_eq!(lanes[Lane::Diagnostics.index()].rows, 1, "the ledger follows: only the gap");
+    }
+
+    #[test]
     fn forgetting_a_customer_drops_their_unsent_messages_and_queues_an_erasure_notice() {
         let (_state, mut store) = with_outbox([1 << 20; 5]);
         store_one(&mut store, "c1", Some("feedc0ffee"), 1);
@@ -781,23 +824,138 @@ mod outbox {
     }
 
     #[test]
-    fn a_version_1_store_is_upgraded_with_its_calls() {
-        let state = tempfile::tempdir().unwrap();
-        {
+    fn version_1_and_2_stores_are_upgraded_with_their_calls() {
+        for from in [1, 2] {
+            let state = tempfile::tempdir().unwrap();
+            {
+                let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
+                store_one(&mut store, "old", None, 1);
+            }
+            // Back to what that version wrote: no aggregate tables nor latency columns
+            // (version 2), and no outbox either (version 1).
+            let path = state.path().join(STORE_DIR).join(CALLS_FILE);
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE aggregate; DROP TABLE aggregate_closed;
+                 ALTER TABLE record DROP COLUMN asr_ms; ALTER TABLE record DROP COLUMN understanding_ms;
+                 ALTER TABLE call DROP COLUMN rules_version;",
+            )
+            .unwrap();
+            if from == 1 {
+                conn.execute_batch("DROP TABLE outbox; DROP TABLE outbox_lane;").unwrap();
+            }
+            conn.pragma_update(None, "user_version", from).unwrap();
+            drop(conn);
             let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
-            store_one(&mut store, "old", None, 1);
+            store.enable_outbox(OutboxSettings::with_quotas([1 << 20; 5])).unwrap();
+            assert_eq!(store.list(&Default::default()).unwrap().len(), 1);
+            store_one(&mut store, "new", None, 2);
+            assert_eq!(rows(&store).len(), 2, "from version {from}");
+            assert_eq!(store.outbox_tick(i64::MAX / 2).unwrap().windows, 1, "the new call is counted");
+            let version: i64 =
+                Connection::open(&path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+            assert_eq!(version, 3);
         }
-        let path = state.path().join(STORE_DIR).join(CALLS_FILE);
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE outbox; DROP TABLE outbox_lane; PRAGMA user_version = 1;").unwrap();
-        drop(conn);
+    }
+
+    /// The `interval` messages in the aggregates lane.
+    fn intervals(store: &CallStore) -> Vec<IntervalReport> {
+        rows(store)
+            .iter()
+            .filter(|r| r.lane == Lane::Aggregates)
+            .map(|r| {
+                messages::check(&r.topic, &r.body).unwrap();
+                serde_json::from_slice::<Envelope<IntervalReport>>(&r.body).unwrap().data
+            })
+            .collect()
+    }
+
+    fn window_ends(store: &CallStore) -> Vec<i64> {
+        column(&store.calls, "SELECT ends_ms FROM aggregate ORDER BY ends_ms", []).unwrap()
+    }
+
+    #[test]
+    fn a_conversion_after_the_summary_went_out_is_sent_once_and_counted_in_a_later_window() {
+        let (_state, mut store) = with_outbox([1 << 20; 5]);
+        store_one(&mut store, "c1", Some("feedc0ffee"), now_ms());
+        let first_window = window_ends(&store)[0];
+        assert_eq!(store.outbox_tick(first_window).unwrap().windows, 1);
+        let said = || StoreOp::Describe { call: "c1".into(), info: CallInfo { converted: true, ..Default::default() } };
+        store.apply(&[said()]).unwrap();
+        store.apply(&[said()]).unwrap();
+        let conversions: Vec<OutboxRow> =
+            rows(&store).into_iter().filter(|r| r.topic == "up/calls/conversion").collect();
+        assert_eq!(conversions.len(), 1, "said twice, sent once");
+        messages::check(&conversions[0].topic, &conversions[0].body).unwrap();
+        let notice: Envelope<messages::LateConversion> = serde_json::from_slice(&conversions[0].body).unwrap();
+        assert_eq!((notice.data.call.as_str(), notice.data.customer.as_deref()), ("c1", Some("feedc0ffee")));
+        let later = window_ends(&store);
+        assert_eq!(later.len(), 1);
+        assert!(later[0] > first_window, "not in the window already sent");
+        assert_eq!(store.outbox_tick(later[0]).unwrap().windows, 1);
+        let sent = intervals(&store);
+        assert_eq!(sent.len(), 2);
+        assert_eq!((sent[0].counters.calls, sent[0].counters.converted), (1, 0));
+        let late = &sent[1];
+        assert_eq!((late.counters.calls, late.counters.converted_after_end), (0, 1));
+        assert_eq!(late.key.rules_version, "rules-1", "under the call's own key");
+        assert_eq!(late.key.agent, sent[0].key.agent);
+    }
+
+    #[test]
+    fn finished_calls_count_in_their_window_which_is_queued_once_when_it_has_ended() {
+        let (state, mut store) = with_outbox([1 << 20; 5]);
+        let t0 = now_ms();
+        store_one(&mut store, "c1", Some("feedc0ffee"), t0);
+        store_one(&mut store, "c2", None, t0);
+        let ends = window_ends(&store);
+        assert!(!ends.is_empty() && ends.len() <= 2, "{ends:?}");
+        // Nothing leaves before its window ends (a restart keeps the open window).
+        assert_eq!(store.outbox_tick(ends[0] - 1).unwrap().windows, 0);
+        drop(store);
         let mut store = CallStore::open(state.path(), MasterKeys::only(master(1)), false).unwrap();
-        store.enable_outbox(OutboxSettings { quotas: [1 << 20; 5] }).unwrap();
-        assert_eq!(store.list(&Default::default()).unwrap().len(), 1);
-        store_one(&mut store, "new", None, 2);
-        assert_eq!(rows(&store).len(), 2);
-        let version: i64 =
-            Connection::open(&path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        store.enable_outbox(OutboxSettings::with_quotas([1 << 20; 5])).unwrap();
+        let last_end = *ends.last().unwrap();
+        assert_eq!(store.outbox_tick(last_end).unwrap().windows, ends.len() as u64);
+        assert!(window_ends(&store).is_empty());
+        assert_eq!(store.outbox_tick(last_end).unwrap().windows, 0, "queued once");
+        let sent = intervals(&store);
+        let calls: u64 = sent.iter().map(|r| r.counters.calls).sum();
+        assert_eq!(calls, 2);
+        let first = &sent[0];
+        assert_eq!(first.key.window_secs, 300);
+        assert_eq!(first.key.window_start_unix_ms % 300_000, 0, "aligned");
+        assert_eq!(first.key.rules_version, "rules-1");
+        assert_eq!(first.key.agent.as_ref().map(String::len), Some(16), "the pseudonym");
+        let sum = |f: &dyn Fn(&IntervalReport) -> f64| sent.iter().map(f).sum::<f64>();
+        assert_eq!(sum(&|r| r.counters.duration_secs), 120.0);
+        assert_eq!(sum(&|r| r.counters.utterances as f64), 6.0);
+        // Utterances at 0-1.5, 2-3.5, 4-5.5 s of a 60-s call: 4.5 s spoken, none at once.
+        assert_eq!(sum(&|r| r.counters.silence_secs), 111.0);
+        assert_eq!(sum(&|r| r.counters.talk_over_secs), 0.0);
+        assert_eq!(sum(&|r| r.counters.asr_ms.count as f64), 6.0);
+        assert_eq!(sum(&|r| r.counters.events.get("supervisor_alert").copied().unwrap_or(0) as f64), 2.0);
+        let hits: u64 = sent.iter().flat_map(|r| r.counters.rule_hits.values()).flat_map(|s| s.values()).sum();
+        assert_eq!(hits, 2);
+        if sent.len() == 1 {
+            // 100, 300 and 500 ms per call: the median bucket is 300, the p99 the max.
+            assert_eq!((first.asr_p50_ms, first.asr_p99_ms), (Some(300.0), Some(500.0)));
+        }
+        for r in &sent {
+            let body = serde_json::to_string(r).unwrap();
+            for secret in [PHRASE, NUMBER, NAME, "agent-7", "feedc0ffee"] {
+                assert!(!body.contains(secret), "{secret} in {body}");
+            }
+        }
+        // A call finished now lands in a window after the last one emitted, never in a
+        // window already sent, even with the clock far behind it.
+        store_one(&mut store, "c3", None, t0);
+        let reopened = window_ends(&store);
+        assert_eq!(reopened.len(), 1);
+        assert!(reopened[0] > last_end, "{reopened:?} after {last_end}");
+        assert_eq!(store.outbox_tick(reopened[0]).unwrap().windows, 1);
+        let keys: std::collections::BTreeSet<String> =
+            intervals(&store).iter().map(|r| serde_json::to_string(&r.key).unwrap()).collect();
+        assert_eq!(keys.len(), sent.len() + 1, "every key sent once");
     }
 }

@@ -117,6 +117,10 @@ impl UnderstandingCore {
         self.rules = Arc::new(rules);
     }
 
+    pub fn rules_version(&self) -> &str {
+        self.rules.version()
+    }
+
     pub fn rules(&self) -> usize {
         self.rules.len()
     }

@@ -160,7 +160,9 @@ impl Understanding {
             Leg::Customer => self.core.agent_line_before(&u.call, u.utterance.start_secs),
             Leg::Agent => String::new(),
         };
+        let started = Instant::now();
         let computed = tokio::task::spawn_blocking(move || models.facts(leg, &text, &agent_line, prosody)).await;
+        let understanding_ms = started.elapsed().as_secs_f64() * 1000.0;
         let facts = computed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
         let facts = facts.unwrap_or_else(|why| {
             // The rules still run on the text; only intent and emotion are missing.
@@ -178,8 +180,12 @@ impl Understanding {
         };
         let actions = self.core.utterance(heard, Instant::now());
         // The raw text goes to the store only to be sealed, and only when configured.
-        let unmasked = self.vault.as_ref().filter(|v| v.keep_unmasked()).map(|_| u.utterance.text.as_str());
-        self.perform(actions, registry, unmasked).await;
+        let extras = StoreExtras {
+            unmasked: self.vault.as_ref().filter(|v| v.keep_unmasked()).map(|_| u.utterance.text.as_str()),
+            asr_ms: Some(u.utterance.asr.encoder_ms + u.utterance.asr.decoder_ms),
+            understanding_ms: Some(understanding_ms),
+        };
+        self.perform(actions, registry, &extras).await;
     }
 
     async fn tick(&mut self, registry: &CallRegistry) {
@@ -190,7 +196,7 @@ impl Understanding {
             .map(|c| (c.call, c.legs.into_iter().map(|l| l.leg).collect()))
             .collect();
         let actions = self.core.tick(&live, Instant::now());
-        self.perform(actions, registry, None).await;
+        self.perform(actions, registry, &StoreExtras::default()).await;
     }
 
     /// Queues a write for the call store (waiting while its queue is full); a store that
@@ -204,7 +210,7 @@ impl Understanding {
     }
 
     /// `unmasked`: the raw text of the utterance these actions come from, when kept.
-    async fn perform(&self, actions: Vec<Action>, registry: &CallRegistry, unmasked: Option<&str>) {
+    async fn perform(&self, actions: Vec<Action>, registry: &CallRegistry, extras: &StoreExtras<'_>) {
         for action in actions {
             match action {
                 Action::Began { call, age } => {
@@ -228,7 +234,7 @@ impl Understanding {
                 }
                 Action::Utterance { call, view } => {
                     if self.vault.is_some() {
-                        let stored = stored_utterance(&view, unmasked);
+                        let stored = stored_utterance(&view, extras);
                         self.store(StoreOp::Append { call: call.clone(), utterances: vec![stored] }).await;
                     }
                     let intent = view.intent.as_ref().map(|c| c.label.as_str()).unwrap_or("-");
@@ -280,6 +286,7 @@ impl Understanding {
                 phase: name_of(&f.phase),
                 tags: tags.iter().map(|t| (*t).to_owned()).collect(),
                 converted: false,
+                rules_version: Some(self.core.rules_version().to_owned()),
             };
             self.store(StoreOp::Finish { call: f.call.clone(), end }).await;
         }
@@ -343,7 +350,16 @@ fn source_and_line(source: &str) -> (String, String) {
     }
 }
 
-fn stored_utterance(view: &UtteranceView, unmasked: Option<&str>) -> StoredUtterance {
+/// What the store keeps of an utterance beyond the core's view: the raw text (sealed,
+/// only when configured) and the latencies (HQ's metrics).
+#[derive(Default)]
+struct StoreExtras<'a> {
+    unmasked: Option<&'a str>,
+    asr_ms: Option<f64>,
+    understanding_ms: Option<f64>,
+}
+
+fn stored_utterance(view: &UtteranceView, extras: &StoreExtras<'_>) -> StoredUtterance {
     let intents = view.intent.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
     let confidence = view.intent.as_ref().map(|c| c.confidence);
     StoredUtterance {
@@ -352,7 +368,9 @@ fn stored_utterance(view: &UtteranceView, unmasked: Option<&str>) -> StoredUtter
         start_secs: view.start_secs,
         end_secs: view.end_secs,
         text: view.text.clone(),
-        unmasked: unmasked.map(str::to_owned),
+        unmasked: extras.unmasked.map(str::to_owned),
+        asr_ms: extras.asr_ms.map(|ms| (ms * 10.0).round() / 10.0),
+        understanding_ms: extras.understanding_ms.map(|ms| (ms * 10.0).round() / 10.0),
         intents,
         emotion: view.emotion.map(|e| e.name().to_owned()),
         phase: Some(name_of(&view.phase)),
@@ -428,7 +446,7 @@ pub async fn run(
     let open = understanding.core.calls_in_progress();
     log::info!(component = COMPONENT; "stopping: {drained} speech events drained, {open} calls finished at shutdown");
     let actions = understanding.core.finish_all(Instant::now());
-    understanding.perform(actions, &registry, None).await;
+    understanding.perform(actions, &registry, &StoreExtras::default()).await;
     health.set(COMPONENT, HealthState::Stopped, "stopped");
     Ok(())
 }

@@ -138,6 +138,8 @@ struct Rule {
 #[derive(Debug, Clone)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// A digest of the rule file (12 hex digits): which rules judged a call, for HQ.
+    version: String,
 }
 
 /// One utterance as the rules see it (text already PII-masked).
@@ -172,8 +174,10 @@ impl RuleSet {
             return Err(vec![format!("rule file larger than {MAX_RULES_BYTES} bytes")]);
         }
         let file: RulesFile = toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])?;
-        Self::compile_indexed(&file)
-            .map_err(|problems| problems.into_iter().map(|(rule, p)| at_line(text, rule, p)).collect())
+        let mut set = Self::compile_indexed(&file)
+            .map_err(|problems| problems.into_iter().map(|(rule, p)| at_line(text, rule, p)).collect::<Vec<_>>())?;
+        set.version = crate::hex::encode(&ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()[..6]);
+        Ok(set)
     }
 
     pub fn compile(file: &RulesFile) -> Result<Self, Vec<String>> {
@@ -205,10 +209,14 @@ impl RuleSet {
             });
         }
         if problems.is_empty() {
-            Ok(Self { rules })
+            Ok(Self { rules, version: "compiled".into() })
         } else {
             Err(problems)
         }
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     pub fn len(&self) -> usize {

@@ -15,6 +15,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS, Transport};
 use rusqlite::{params, Connection};
 
 use super::link::Ack;
+use super::outbox::Envelope;
 use super::{messages, tls, UplinkError};
 use crate::config::{BrokerUrl, HqConfig};
 
@@ -53,6 +54,12 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS box_state (
         site TEXT NOT NULL, box TEXT NOT NULL, topic TEXT NOT NULL, body TEXT NOT NULL,
         received_ms INTEGER NOT NULL, PRIMARY KEY (site, box, topic));
+    CREATE TABLE IF NOT EXISTS aggregate (
+        key TEXT PRIMARY KEY, site TEXT NOT NULL, box TEXT NOT NULL,
+        window_start_unix_ms INTEGER NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS customer_tags (
+        site TEXT NOT NULL, box TEXT NOT NULL, customer TEXT NOT NULL, revision INTEGER NOT NULL,
+        tags TEXT NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (site, box, customer));
 ";
 
 /// Most messages handled before their acks go out (one transaction, one ack per box).
@@ -148,6 +155,48 @@ fn split_topic(topic: &str) -> Option<(&str, &str, &str)> {
     (!site.is_empty() && !box_id.is_empty()).then_some((site, box_id, tail))
 }
 
+/// HQ's views beside the message log: one aggregate per key (a second message with a key
+/// already stored changes nothing: idempotent by key), each customer's latest tags (the
+/// highest revision wins), and an erasure removes the customer's tags.
+fn project(tx: &Connection, site: &str, box_id: &str, env: &Envelope<serde_json::Value>) -> rusqlite::Result<()> {
+    match env.kind.as_str() {
+        "interval" => {
+            let key = env.data.get("key").map(|k| k.to_string()).unwrap_or_default();
+            let start = env.data["key"]["window_start_unix_ms"].as_i64().unwrap_or_default();
+            tx.execute(
+                "INSERT OR IGNORE INTO aggregate (key, site, box, window_start_unix_ms, id, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![key, site, box_id, start, env.id, env.data.to_string()],
+            )?;
+        }
+        "customer_tags" => {
+            let d = &env.data;
+            tx.execute(
+                "INSERT INTO customer_tags (site, box, customer, revision, tags, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (site, box, customer) DO UPDATE SET revision = excluded.revision,
+                     tags = excluded.tags, calls = excluded.calls
+                 WHERE excluded.revision > customer_tags.revision",
+                params![
+                    site,
+                    box_id,
+                    d["customer"].as_str().unwrap_or_default(),
+                    d["revision"].as_i64().unwrap_or_default(),
+                    d["tags"].to_string(),
+                    d["calls"].as_i64().unwrap_or_default()
+                ],
+            )?;
+        }
+        "erasure" => {
+            tx.execute(
+                "DELETE FROM customer_tags WHERE site = ?1 AND box = ?2 AND customer = ?3",
+                params![site, box_id, env.data["customer"].as_str().unwrap_or_default()],
+            )?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Stores what is pending in one transaction, then acks it box by box.
 fn flush(
     conn: &mut Connection,
@@ -174,7 +223,7 @@ fn flush(
             .map_err(db)?;
             continue;
         }
-        match messages::check(tail, &body) {
+        match messages::check(tail, &body).and_then(|env| messages::check_origin(site, box_id, &env).map(|()| env)) {
             Ok(env) => {
                 let data = env.data.to_string();
                 let added = tx
@@ -195,6 +244,7 @@ fn flush(
                     )
                     .map_err(db)?;
                 if added == 1 {
+                    project(&tx, site, box_id, &env).map_err(db)?;
                     counts.stored += 1;
                     if json {
                         let line = serde_json::json!({"site": site, "box": box_id, "id": env.id, "lane": env.lane,

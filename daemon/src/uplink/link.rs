@@ -56,8 +56,23 @@ pub struct Birth {
     #[serde(rename = "box")]
     pub box_id: String,
     pub config_generation: u64,
+    /// Digests of the model manifest and of the rule file in use (as in the aggregates).
+    pub models_version: String,
+    pub rules_version: String,
     pub max_concurrent_calls: usize,
     pub at_unix_ms: i64,
+}
+
+/// The models' version (a digest of the manifest), "-" when it cannot be read (the speech
+/// path then reports why).
+pub fn models_version(config: &crate::config::Config) -> String {
+    crate::speech::manifest::ModelSet::open(&config.speech.models_dir()).map_or_else(|_| "-".into(), |m| m.version)
+}
+
+/// The rules' version (a digest of the rule file, or of the shipped rules).
+fn rules_version(config: &crate::config::Config) -> String {
+    crate::understanding::rules::load_rules(config.understanding.rules_file.as_deref())
+        .map_or_else(|_| "-".into(), |r| r.version().to_owned())
 }
 
 /// What `status` and `hq status` show of the uplink.
@@ -207,6 +222,8 @@ pub async fn run(
                             site: cfg.site.clone(),
                             box_id: cfg.box_id.clone(),
                             config_generation: config.borrow().generation,
+                            models_version: models_version(&config.borrow().config),
+                            rules_version: rules_version(&config.borrow().config),
                             max_concurrent_calls: config.borrow().config.calls.max_concurrent,
                             at_unix_ms: crate::store::now_ms(),
                         };

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::aggregates::IntervalReport;
 use super::outbox::{Envelope, Gap, Lane, GAP_KIND};
 
 /// One finished call: metadata, counts and tags; no text, never the caller's number.
@@ -52,6 +53,54 @@ pub struct HitReport {
     pub at_secs: f64,
 }
 
+/// The box's health now and then (`hq.diagnostics_mins`): component states (never their
+/// free-text details), the store's counters, free disk and the outbox. Evicted first when
+/// the outbox is full, and dropped unsent after a day (a gap says so).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticsReport {
+    pub daemon_version: String,
+    pub uptime_secs: u64,
+    /// Component → `starting`, `ok`, `degraded`, `failed` or `stopped`.
+    pub components: BTreeMap<String, String>,
+    pub store_writes: u64,
+    pub store_refused: u64,
+    pub store_waiting: u64,
+    pub audio_dropped: u64,
+    pub disk_free_mb: Option<u64>,
+    /// Outbox rows and bytes per lane when the report was queued (this one not counted).
+    pub outbox_rows: BTreeMap<String, u64>,
+    pub outbox_bytes: BTreeMap<String, u64>,
+    /// Messages shed for room since the daemon started.
+    pub outbox_shed: u64,
+}
+
+/// A customer's tags as they are now (sent when a tag is added): HQ keeps the highest
+/// `revision` per customer, so a resend or a late copy changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerTags {
+    /// The caller's keyed hash (never the number).
+    pub customer: String,
+    /// Grows with every change on this box.
+    pub revision: i64,
+    pub tags: Vec<String>,
+    /// Calls linked to the customer on this box.
+    pub calls: i64,
+}
+
+/// A finished call the PBX/CRM said was converted after its summary went out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LateConversion {
+    pub call: String,
+    pub ended_unix_ms: i64,
+    pub agent: Option<String>,
+    pub campaign: Option<String>,
+    pub script: Option<String>,
+    pub customer: Option<String>,
+}
+
 /// A customer was forgotten (consent revoked): HQ erases what it holds under the hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +128,19 @@ pub fn check(topic_tail: &str, body: &[u8]) -> Result<Envelope<serde_json::Value
     let data = env.data.clone();
     let fits = match (env.lane, env.kind.as_str()) {
         (_, GAP_KIND) => serde_json::from_value::<Gap>(data).map(|_| ()).map_err(|e| e.to_string()),
+        (Lane::Diagnostics, "health") => {
+            serde_json::from_value::<DiagnosticsReport>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
+        (Lane::Calls, "conversion") => {
+            serde_json::from_value::<LateConversion>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
+        (Lane::Calls, "customer_tags") => {
+            serde_json::from_value::<CustomerTags>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
         (Lane::Calls, "call") => serde_json::from_value::<CallReport>(data).map(|_| ()).map_err(|e| e.to_string()),
+        (Lane::Aggregates, "interval") => {
+            serde_json::from_value::<IntervalReport>(data).map(|_| ()).map_err(|e| e.to_string())
+        }
         (Lane::Compliance, "erasure") => {
             serde_json::from_value::<ErasureNotice>(data).map(|_| ()).map_err(|e| e.to_string())
         }
@@ -92,9 +153,22 @@ pub fn check(topic_tail: &str, body: &[u8]) -> Result<Envelope<serde_json::Value
     Ok(env)
 }
 
+/// Checks that a message speaks only for the box that sent it (the topic's site and box):
+/// an aggregate's key names them too, and must name the same.
+pub fn check_origin(site: &str, box_id: &str, env: &Envelope<serde_json::Value>) -> Result<(), String> {
+    if env.kind == "interval" {
+        let key = &env.data["key"];
+        if key["site"] != site || key["box"] != box_id {
+            return Err(format!("an aggregate from {site}/{box_id} keyed for {}/{}", key["site"], key["box"]));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uplink::aggregates::{AggregateKey, Counters};
     use crate::uplink::link::{Ack, Birth, BoxState};
 
     /// The property names a schema file lists, and its required ones.
@@ -160,11 +234,50 @@ mod tests {
             site: "s".into(),
             box_id: "x".into(),
             config_generation: 1,
+            models_version: "m".into(),
+            rules_version: "r".into(),
             max_concurrent_calls: 1,
             at_unix_ms: 1,
         };
         let ack = Ack { ids: vec![] };
-        let cases: [(&str, Vec<String>); 8] = [
+        let tags = CustomerTags { customer: "h".into(), revision: 1, tags: vec![], calls: 1 };
+        let key = AggregateKey {
+            site: "s".into(),
+            box_id: "b".into(),
+            window_start_unix_ms: 0,
+            window_secs: 300,
+            agent: None,
+            campaign: None,
+            script: None,
+            rules_version: "r".into(),
+            models_version: "m".into(),
+        };
+        let interval = IntervalReport::new(key.clone(), Counters::default());
+        let interval_schema = include_str!("../../../packaging/hq/interval.schema.json");
+        // The nested objects are checked too (the schema keeps them in `$defs`).
+        let defs: serde_json::Value = serde_json::from_str(interval_schema).unwrap();
+        for (name, sent) in [
+            ("key", fields(&key)),
+            ("counters", fields(&Counters::default())),
+            ("histogram", fields(&crate::uplink::aggregates::Histogram::default())),
+        ] {
+            let (props, required) = schema(&defs["$defs"][name].to_string());
+            assert_eq!(props, sent, "$defs/{name}");
+            assert_eq!(required, sent, "$defs/{name}");
+        }
+        let conversion = LateConversion {
+            call: "c".into(),
+            ended_unix_ms: 1,
+            agent: None,
+            campaign: None,
+            script: None,
+            customer: None,
+        };
+        let cases: [(&str, Vec<String>); 12] = [
+            (include_str!("../../../packaging/hq/conversion.schema.json"), fields(&conversion)),
+            (include_str!("../../../packaging/hq/health.schema.json"), fields(&DiagnosticsReport::default())),
+            (interval_schema, fields(&interval)),
+            (include_str!("../../../packaging/hq/customer_tags.schema.json"), fields(&tags)),
             (include_str!("../../../packaging/hq/call.schema.json"), fields(&call)),
             (include_str!("../../../packaging/hq/hit.schema.json"), fields(&hit)),
             (include_str!("../../../packaging/hq/gap.schema.json"), fields(&gap)),
@@ -202,5 +315,37 @@ mod tests {
             "unknown fields refused"
         );
         assert!(check("up/calls/call", b"{}").is_err());
+        let tags = serde_json::json!({"customer": "h", "revision": 3, "tags": ["price_sensitive"], "calls": 2});
+        assert!(check("up/calls/customer_tags", &body("calls", "customer_tags", tags.clone())).is_ok());
+        assert!(check("up/calls/customer_tags", &body("calls", "customer_tags", serde_json::json!({"customer": "h"})))
+            .is_err());
+    }
+
+    #[test]
+    fn an_aggregate_speaks_only_for_the_box_that_sent_it() {
+        let key = AggregateKey {
+            site: "site-a".into(),
+            box_id: "box-1".into(),
+            window_start_unix_ms: 0,
+            window_secs: 300,
+            agent: None,
+            campaign: None,
+            script: None,
+            rules_version: "r".into(),
+            models_version: "m".into(),
+        };
+        let env = Envelope {
+            v: 1,
+            id: "0123456789abcdef0123456789ab".into(),
+            lane: Lane::Aggregates,
+            seq: 1,
+            kind: "interval".into(),
+            at_unix_ms: 1,
+            data: serde_json::to_value(IntervalReport::new(key, Counters::default())).unwrap(),
+        };
+        let body = serde_json::to_vec(&env).unwrap();
+        let checked = check("up/aggregates/interval", &body).unwrap();
+        assert!(check_origin("site-a", "box-1", &checked).is_ok());
+        assert!(check_origin("site-a", "box-2", &checked).is_err(), "box-2 may not report box-1's window");
     }
 }

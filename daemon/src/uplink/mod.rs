@@ -1,10 +1,12 @@
 //! The headquarters uplink (issue 13): aggregated tags, metrics and alerts to HQ over
-//! MQTT, never audio or transcripts. `outbox` and `session` are pure cores (lanes,
-//! quotas, ids; what to send, resend and delete); the rows live in the call store
+//! MQTT, never audio or transcripts. `outbox`, `session`, `messages` and `aggregates`
+//! are pure cores (lanes, quotas, ids; what to send, resend and delete; what HQ gets;
+//! per-window metrics); the rows live in the call store
 //! (`store::outbox`), written in the same transaction as the data they report; `link` is
 //! the `hq` component (rumqttc over rustls); `tls` builds the client identity; `hq` is
 //! `callbox hq listen`, the HQ end.
 
+pub mod aggregates;
 pub mod hq;
 pub mod link;
 pub mod messages;

@@ -219,6 +219,9 @@ impl Gap {
         self.from_seq = self.from_seq.min(other.from_seq);
         self.to_seq = self.to_seq.max(other.to_seq);
         self.count += other.count;
+        if !self.why.split(", ").any(|w| w == other.why) {
+            self.why = format!("{}, {}", self.why, other.why);
+        }
     }
 }
 
