@@ -208,10 +208,17 @@ impl IntervalReport {
 
 /// The start of the aligned window holding `now_ms` (windows start at multiples of their
 /// length since the epoch, so every box's windows line up), but never before
-/// `closed_until_ms` (a window once emitted is not reopened).
+/// `closed_until_ms` (a window once emitted is not reopened): then the first aligned window
+/// from there (aligned to this length, should the length have changed since).
 pub fn window_start(now_ms: i64, window_secs: u32, closed_until_ms: i64) -> i64 {
     let len = i64::from(window_secs.max(1)) * 1000;
-    (now_ms.div_euclid(len) * len).max(closed_until_ms)
+    let aligned = now_ms.div_euclid(len) * len;
+    if aligned >= closed_until_ms {
+        aligned
+    } else {
+        let up = if closed_until_ms.rem_euclid(len) == 0 { 0 } else { len };
+        closed_until_ms.div_euclid(len) * len + up
+    }
 }
 
 fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u32>) {
@@ -346,6 +353,9 @@ mod tests {
         assert_eq!(window_start(1_000_500_000, five_min, 0), 1_000_500_000);
         // A clock set back into a window already emitted: the open window instead.
         assert_eq!(window_start(1_000_000_000, five_min, 1_000_200_000), 1_000_200_000);
+        // ...and after the window length changed (300 s sent, now 360 s): the next
+        // 360-s-aligned start, not an unaligned one.
+        assert_eq!(window_start(1_000_000_000, 360, 1_000_200_000), 1_000_440_000);
         let key = AggregateKey {
             site: "s".into(),
             box_id: "b".into(),
