@@ -268,22 +268,33 @@ fn shed_oldest(
         tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
     }
     ledger.removed(lane, freed, gone.len() as u64);
-    let seq = ledger.take_seq(lane);
-    let id = message_id(now_ms, random_variant(random));
-    let body = serde_json::to_vec(&Envelope {
-        v: 1,
-        id: id.clone(),
-        lane,
-        seq,
-        kind: GAP_KIND.into(),
-        at_unix_ms: now_ms,
-        data: &gap,
-    })
-    .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("gap record: {e}") })?;
-    insert(tx, ledger, (&id, lane, seq, GAP_KIND), &body, now_ms, None)?;
+    insert_gap(tx, ledger, &gap, now_ms, random_variant(random))?;
     log::warn!(component = "store", lane = lane.name();
         "outbox lane {} is full: {shed_now} more messages shed ({} in all, seq {}..={}), reported to HQ as a gap", lane.name(), gap.count, gap.from_seq, gap.to_seq);
     Ok(shed_now)
+}
+
+/// Queues a gap record for `gap` under the lane's next sequence number.
+fn insert_gap(
+    tx: &Transaction<'_>,
+    ledger: &mut Ledger,
+    gap: &Gap,
+    now_ms: i64,
+    random: [u8; 8],
+) -> Result<(), StoreError> {
+    let seq = ledger.take_seq(gap.lane);
+    let id = message_id(now_ms, random);
+    let body = serde_json::to_vec(&Envelope {
+        v: 1,
+        id: id.clone(),
+        lane: gap.lane,
+        seq,
+        kind: GAP_KIND.into(),
+        at_unix_ms: now_ms,
+        data: gap,
+    })
+    .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("gap record: {e}") })?;
+    insert(tx, ledger, (&id, gap.lane, seq, GAP_KIND), &body, now_ms, None)
 }
 
 /// Another id's randomness from the same draw (a gap record and the message that caused
@@ -520,19 +531,7 @@ fn expire(tx: &Transaction<'_>, ledger: &mut Ledger, now_ms: i64, random: [u8; 8
     for (i, gap) in gaps.iter().enumerate() {
         let mut random = random;
         random[0] ^= i as u8;
-        let seq = ledger.take_seq(gap.lane);
-        let id = message_id(now_ms, random);
-        let body = serde_json::to_vec(&Envelope {
-            v: 1,
-            id: id.clone(),
-            lane: gap.lane,
-            seq,
-            kind: GAP_KIND.into(),
-            at_unix_ms: now_ms,
-            data: gap,
-        })
-        .map_err(|e| StoreError::BadInput { call: "-".into(), what: format!("gap record: {e}") })?;
-        insert(tx, ledger, (&id, gap.lane, seq, GAP_KIND), &body, now_ms, None)?;
+        insert_gap(tx, ledger, gap, now_ms, random)?;
         log::warn!(component = "store", lane = gap.lane.name();
             "{} unsent {} messages expired (seq {}..={}), reported to HQ as a gap", gap.count, gap.lane.name(), gap.from_seq, gap.to_seq);
     }

@@ -127,26 +127,14 @@ pub fn check(topic_tail: &str, body: &[u8]) -> Result<Envelope<serde_json::Value
     }
     let data = env.data.clone();
     let fits = match (env.lane, env.kind.as_str()) {
-        (_, GAP_KIND) => serde_json::from_value::<Gap>(data).map(|_| ()).map_err(|e| e.to_string()),
-        (Lane::Diagnostics, "health") => {
-            serde_json::from_value::<DiagnosticsReport>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
-        (Lane::Calls, "conversion") => {
-            serde_json::from_value::<LateConversion>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
-        (Lane::Calls, "customer_tags") => {
-            serde_json::from_value::<CustomerTags>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
-        (Lane::Calls, "call") => serde_json::from_value::<CallReport>(data).map(|_| ()).map_err(|e| e.to_string()),
-        (Lane::Aggregates, "interval") => {
-            serde_json::from_value::<IntervalReport>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
-        (Lane::Compliance, "erasure") => {
-            serde_json::from_value::<ErasureNotice>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
-        (Lane::Alert | Lane::Compliance, _) => {
-            serde_json::from_value::<HitReport>(data).map(|_| ()).map_err(|e| e.to_string())
-        }
+        (_, GAP_KIND) => fits::<Gap>(data),
+        (Lane::Diagnostics, "health") => fits::<DiagnosticsReport>(data),
+        (Lane::Calls, "conversion") => fits::<LateConversion>(data),
+        (Lane::Calls, "customer_tags") => fits::<CustomerTags>(data),
+        (Lane::Calls, "call") => fits::<CallReport>(data),
+        (Lane::Aggregates, "interval") => fits::<IntervalReport>(data),
+        (Lane::Compliance, "erasure") => fits::<ErasureNotice>(data),
+        (Lane::Alert | Lane::Compliance, _) => fits::<HitReport>(data),
         (lane, kind) => Err(format!("no kind {kind:?} in lane {}", lane.name())),
     };
     fits.map_err(|e| format!("{} {}: {e}", env.lane.name(), env.kind))?;
@@ -163,6 +151,11 @@ pub fn check_origin(site: &str, box_id: &str, env: &Envelope<serde_json::Value>)
         }
     }
     Ok(())
+}
+
+/// Whether `data` reads as a `T` (unknown fields refused by `T`'s own serde attributes).
+fn fits<T: serde::de::DeserializeOwned>(data: serde_json::Value) -> Result<(), String> {
+    serde_json::from_value::<T>(data).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
