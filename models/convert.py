@@ -106,7 +106,7 @@ def whisper_base(wheels, out):
     tokens = vocabulary.decode("utf-8").split("\n")
     languages = [tokens[i][2:-2] for i in config["lang_ids"]]
     for part, model in (("encoder", export_onnx.encoder(variables)),
-                        ("decoder", export_onnx.decoder(variables, DECODER_CONTEXT))):
+                        ("decoder", export_onnx.decoder(variables))):
         write_atomic(os.path.join(folder, part + ".onnx"), model.SerializeToString())
     d_model, n_heads, enc_layers, dec_layers = export_onnx.dims(variables)
     return {
@@ -126,6 +126,7 @@ def whisper_base(wheels, out):
         "d_model": int(d_model),
         "decoder_layers": int(dec_layers),
         "decoder_context": DECODER_CONTEXT,
+        "decoder_cache": "growing",
         "max_audio_secs": int(variables["encoder/position_encodings/encodings"].shape[0] * 2 // 100),
         "precision": "fp32 (from fp16 weights)",
     }

@@ -84,10 +84,8 @@ class OrtWhisper:
         ck, cv = self.enc.run(None, {"mel": mel[None]})
         t1 = time.perf_counter()
         ctx = 448
-        sk = np.zeros((6, 1, ctx, 512), np.float32)
+        sk = np.zeros((6, 1, 0, 512), np.float32)
         sv = np.zeros_like(sk)
-        mask = np.full((1, ctx + 1), -1e9, np.float32)
-        mask[0, ctx] = 0
         prompt = [self.ids["<|startoftranscript|>"], self.ids[f"<|{lang}|>"], self.ids["<|transcribe|>"],
                   self.ids["<|notimestamps|>"]]
         eot = self.ids["<|endoftext|>"]
@@ -97,10 +95,9 @@ class OrtWhisper:
         for pos in range(ctx - 1):
             lg, nk, nv = self.dec.run(None, {
                 "token": np.array([[toks[pos]]], np.int64), "position": np.array([pos], np.int64),
-                "self_k": sk, "self_v": sv, "self_mask": mask, "cross_k": ck, "cross_v": cv})
-            sk[:, :, pos] = nk[:, :, 0]
-            sv[:, :, pos] = nv[:, :, 0]
-            mask[0, pos] = 0
+                "self_k": sk, "self_v": sv, "cross_k": ck, "cross_v": cv})
+            sk = np.concatenate([sk, nk], axis=2)
+            sv = np.concatenate([sv, nv], axis=2)
             if pos + 1 < len(toks):
                 continue
             logits = lg[0, 0].copy()

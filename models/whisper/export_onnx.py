@@ -4,12 +4,12 @@ Encoder  mel[1,80,frames] -> cross_k, cross_v [layers,1,frames/2,d]
          (the decoder's cross-attention keys and values, computed once per utterance; frames
          is symbolic so the runtime can fix it per length bucket instead of always paying for
          Whisper's 30-s window).
-Decoder  one token per call, with a fixed-size self-attention cache kept by the caller:
-         token[1,1] i64, position[1] i64, self_k/self_v [layers,1,ctx,d], self_mask[1,ctx+1]
-         (0 where attended, -1e9 where not; the last entry is the token itself),
-         cross_k/cross_v -> logits[1,vocab], new_k/new_v [layers,1,1,d] (the caller stores
-         them at `position`). Every shape but the encoder length is concrete: tract is much
-         faster on concrete shapes.
+Decoder  one token per call, with the self-attention cache of the tokens so far kept by the
+         caller: token[1,1] i64, position[1] i64, self_k/self_v [layers,1,past,d] (past = the
+         tokens already decoded, 0 at the start), cross_k/cross_v -> logits[1,vocab],
+         new_k/new_v [layers,1,1,d] (the caller appends them). `past` and `enc_len` are
+         symbolic: one runtime plan serves every length (its weights are held once), and each
+         step attends to the tokens so far instead of a padded 448-token context.
 Weights are stored fp32: tract 0.23.9 keeps a Cast of an fp16 initializer in the graph and
 re-runs it on every call (measured: ~200 ms per decoder step instead of tens), so widening
 once here is what makes it fast.
@@ -162,7 +162,7 @@ def encoder(v):
     return g.model(inputs, outputs, "whisper_encoder")
 
 
-def decoder(v, ctx):
+def decoder(v):
     d_model, n_heads, enc_layers, dec_layers = dims(v)
     vocab = v["decoder/embeddings/weight"].shape[0]
     g = GraphBuilder()
@@ -170,7 +170,6 @@ def decoder(v, ctx):
     tok = g.op("Gather", [emb, "token"], axis=0)  # [1,1,d]
     pos = g.op("Gather", [g.weight(v["decoder/position_encodings/encodings"], "dec_pos"), "position"], axis=0)  # [1,d]
     x = g.op("Add", [tok, pos])
-    mask = g.op("Reshape", ["self_mask", g.const(np.array([1, 1, 1, ctx + 1], np.int64))])
     new_k, new_v = [], []
     for i in range(dec_layers):
         s = f"decoder/layer_{i}"
@@ -180,11 +179,10 @@ def decoder(v, ctx):
         q, k, val = g.split_last(qkv, [d_model] * 3)
         new_k.append(g.unsqueeze0(k))
         new_v.append(g.unsqueeze0(val))
-        past_k = g.op("Gather", ["self_k", layer], axis=0)  # [1,ctx,d]
-        past_v = g.op("Gather", ["self_v", layer], axis=0)
-        all_k = g.op("Concat", [past_k, k], axis=1)
-        all_v = g.op("Concat", [past_v, val], axis=1)
-        a = g.attention(q, all_k, all_v, n_heads, d_model, mask)
+        # The tokens so far ([1,past,d]) and this one: nothing padded, so no mask.
+        all_k = g.op("Concat", [g.op("Gather", ["self_k", layer], axis=0), k], axis=1)
+        all_v = g.op("Concat", [g.op("Gather", ["self_v", layer], axis=0), val], axis=1)
+        a = g.attention(q, all_k, all_v, n_heads, d_model)
         x = g.op("Add", [x, g.scoped_linear(a, v, s + "/self_attention/linear_1", f"d{i}_o")])
         h = g.layer_norm(x, v, s + "/attention/layer_norm")
         q = g.scoped_linear(h, v, s + "/attention/linear_0", f"d{i}_xq")
@@ -205,9 +203,8 @@ def decoder(v, ctx):
     inputs = [
         helper.make_tensor_value_info("token", TensorProto.INT64, [1, 1]),
         helper.make_tensor_value_info("position", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("self_k", f, [dec_layers, 1, ctx, d_model]),
-        helper.make_tensor_value_info("self_v", f, [dec_layers, 1, ctx, d_model]),
-        helper.make_tensor_value_info("self_mask", f, [1, ctx + 1]),
+        helper.make_tensor_value_info("self_k", f, [dec_layers, 1, "past", d_model]),
+        helper.make_tensor_value_info("self_v", f, [dec_layers, 1, "past", d_model]),
         helper.make_tensor_value_info("cross_k", f, [dec_layers, 1, "enc_len", d_model]),
         helper.make_tensor_value_info("cross_v", f, [dec_layers, 1, "enc_len", d_model]),
     ]

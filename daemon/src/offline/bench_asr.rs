@@ -75,6 +75,7 @@ pub fn bench_asr(
     let load_started = Instant::now();
     let models = load_models(&config, models_dir)?;
     let load_secs = load_started.elapsed().as_secs_f64();
+    let (loaded_rss_mb, _) = super::process_memory_mb();
     let files = if files.is_empty() { default_files() } else { files.to_vec() };
     if files.is_empty() {
         return Err(Failure::new(exit::USAGE, "no files given and ../shared/data/speech/transcripts.tsv not found"));
@@ -122,13 +123,19 @@ pub fn bench_asr(
             });
         }
     }
+    let (end_rss_mb, peak_rss_mb) = super::process_memory_mb();
     if json {
-        let report =
-            serde_json::json!({ "models_load_secs": load_secs, "buckets": models.asr.bucket_secs(), "rows": rows });
+        let report = serde_json::json!({
+            "models_load_secs": load_secs,
+            "buckets": models.asr.bucket_secs(),
+            "rss_mb": { "loaded": loaded_rss_mb, "end": end_rss_mb, "peak": peak_rss_mb },
+            "rows": rows,
+        });
         println!("{report}");
     } else {
         println!(
-            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; {runs} runs each",
+            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; {runs} runs each; \
+             RSS {loaded_rss_mb:.0} MB loaded, {end_rss_mb:.0} MB at the end, {peak_rss_mb:.0} MB peak",
             models.asr.bucket_secs()
         );
         println!(

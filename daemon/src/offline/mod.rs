@@ -29,6 +29,20 @@ pub use classify::classify;
 pub use transcribe::transcribe;
 
 /// The valid configuration, or every problem in it.
+/// This process's resident memory now and at its peak, in MB (Linux `/proc/self/status`;
+/// zeros elsewhere): the figures a box's RAM budget is held to.
+pub(crate) fn process_memory_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 fn load_config(path: &Path) -> Result<Config, Failure> {
     config::load(path).map(|loaded| loaded.config).map_err(|e| {
         let lines: Vec<String> = e.problem_lines().into_iter().map(|p| format!("  {p}")).collect();

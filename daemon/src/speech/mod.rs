@@ -53,15 +53,6 @@ pub(crate) fn f32s(t: &tract_onnx::prelude::Tensor) -> tract_onnx::prelude::Trac
     t.try_as_plain_ram()?.as_slice::<f32>()
 }
 
-/// Runs `f` on a tensor's values as mutable `f32`s.
-pub(crate) fn with_f32s_mut<R>(
-    t: &mut tract_onnx::prelude::Tensor,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> tract_onnx::prelude::TractResult<R> {
-    let mut view = t.try_as_plain_ram_mut()?;
-    Ok(f(view.as_slice_mut::<f32>()?))
-}
-
 /// Why decoding stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

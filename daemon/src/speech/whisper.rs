@@ -4,10 +4,11 @@
 //!
 //! The encoder runs on the utterance's own length, rounded up to a bucket, not on Whisper's
 //! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. Each bucket gets
-//! its own fully concrete tract plan (symbolic shapes make tract much slower).
+//! its own fully concrete encoder plan (tract is ~13 % slower on a symbolic length).
+//! The decoder is one plan with symbolic cache and encoder lengths: its ~190 MB of fp32
+//! weights are packed once for every bucket, and a step attends to the tokens so far.
 
 use std::io::Cursor;
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -16,7 +17,7 @@ use tract_onnx::prelude::*;
 use super::manifest::{ModelEntry, ModelSet};
 use super::mel::{MelFrontEnd, HOP, SAMPLE_RATE};
 use super::tokens::Vocabulary;
-use super::{f32s, with_f32s_mut, Plan, Recognizer, SpeechError, Transcript, TranscriptStop};
+use super::{f32s, Plan, Recognizer, SpeechError, Transcript, TranscriptStop};
 
 /// Encoder windows, in seconds; an utterance uses the smallest that holds it with margin.
 pub const DEFAULT_BUCKETS: &[u32] = &[4, 8, 15, 30];
@@ -51,12 +52,13 @@ impl Default for DecodeOptions {
 struct Bucket {
     secs: u32,
     encoder: Plan,
-    decoder: Plan,
 }
 
 pub struct Whisper {
     name: String,
     buckets: Vec<Bucket>,
+    /// One plan for every bucket and cache length: its weights are held once.
+    decoder: Plan,
     vocab: Vocabulary,
     front_end: MelFrontEnd,
     layers: usize,
@@ -90,32 +92,43 @@ impl Whisper {
         if secs.is_empty() {
             return Err(SpeechError::model(&name, format!("no encoder bucket between 1 and {max_secs} s")));
         }
+        if entry.extra.get("decoder_cache").and_then(serde_json::Value::as_str) != Some("growing") {
+            return Err(SpeechError::model(
+                &name,
+                "its decoder keeps a fixed-size cache (callbox-models before release 3): install a newer \
+                 callbox-models or rebuild with models/build.sh --force",
+            ));
+        }
         let mut buckets = Vec::with_capacity(secs.len());
         for &s in &secs {
             let frames = s as usize * SAMPLE_RATE as usize / HOP;
-            let positions = frames / 2;
             let encoder = encoder
                 .clone()
                 .with_input_fact(0, f32::fact([1, n_mels, frames]).into())
                 .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable())
                 .map_err(err)?;
-            let cross = f32::fact([layers, 1, positions, d_model]);
-            let decoder = decoder
-                .clone()
-                .with_input_fact(0, i64::fact([1, 1]).into())
-                .and_then(|m| m.with_input_fact(1, i64::fact([1]).into()))
-                .and_then(|m| m.with_input_fact(2, f32::fact([layers, 1, context, d_model]).into()))
-                .and_then(|m| m.with_input_fact(3, f32::fact([layers, 1, context, d_model]).into()))
-                .and_then(|m| m.with_input_fact(4, f32::fact([1, context + 1]).into()))
-                .and_then(|m| m.with_input_fact(5, cross.clone().into()))
-                .and_then(|m| m.with_input_fact(6, cross.into()))
-                .and_then(|m| m.into_optimized())
-                .and_then(|m| m.into_runnable())
-                .map_err(err)?;
-            buckets.push(Bucket { secs: s, encoder, decoder });
+            buckets.push(Bucket { secs: s, encoder });
         }
-        Ok(Self { name, buckets, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context })
+        drop(encoder);
+        // The cache length and the encoder length stay symbolic: the decoder's weights (most
+        // of the model's memory) are packed once, and each step attends to the tokens so far
+        // instead of a padded full context.
+        let past = decoder.symbols.sym("past");
+        let enc_len = decoder.symbols.sym("enc_len");
+        let cache = f32::fact(&[layers.to_dim(), 1.to_dim(), past.to_dim(), d_model.to_dim()]);
+        let cross = f32::fact(&[layers.to_dim(), 1.to_dim(), enc_len.to_dim(), d_model.to_dim()]);
+        let decoder = decoder
+            .with_input_fact(0, i64::fact([1, 1]).into())
+            .and_then(|m| m.with_input_fact(1, i64::fact([1]).into()))
+            .and_then(|m| m.with_input_fact(2, cache.clone().into()))
+            .and_then(|m| m.with_input_fact(3, cache.into()))
+            .and_then(|m| m.with_input_fact(4, cross.clone().into()))
+            .and_then(|m| m.with_input_fact(5, cross.into()))
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(err)?;
+        Ok(Self { name, buckets, decoder, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context })
     }
 
     pub fn bucket_secs(&self) -> Vec<u32> {
@@ -165,7 +178,7 @@ impl Whisper {
             })?;
         }
         let budget = ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - prompt.len() - 1);
-        let mut step = DecoderStep::new(self.layers, self.context, self.d_model)?;
+        let mut step = DecoderStep::new(&self.decoder, self.layers, self.d_model).map_err(err)?;
         let mut generated: Vec<u32> = Vec::new();
         let mut logprob_sum = 0.0f64;
         let mut no_speech_prob = 0.0f32;
@@ -173,7 +186,7 @@ impl Whisper {
         let mut position = 0usize;
         loop {
             let token = if position < prompt.len() { prompt[position] } else { generated[position - prompt.len()] };
-            let logits = step.run(&bucket.decoder, token, position, &cross_k, &cross_v).map_err(err)?;
+            let logits = step.run(token, position, &cross_k, &cross_v).map_err(err)?;
             position += 1;
             if position == 1 {
                 no_speech_prob = softmax_at(&logits, sp.no_speech as usize);
@@ -292,65 +305,49 @@ pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
     None
 }
 
-/// The decoder's per-utterance state: the self-attention cache and its mask.
+/// The decoder's per-utterance state: the self-attention keys and values of the tokens so far,
+/// per layer, appended to after every step.
 struct DecoderStep {
-    self_k: Arc<Tensor>,
-    self_v: Arc<Tensor>,
-    mask: Tensor,
-    layers: usize,
-    context: usize,
+    /// Kept for the whole utterance: spawning a fresh state per token costs more than a
+    /// small layer's work.
+    state: TypedSimpleState,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
     d_model: usize,
 }
 
 impl DecoderStep {
-    fn new(layers: usize, context: usize, d_model: usize) -> Result<Self, SpeechError> {
-        let zeros = |shape: &[usize]| Tensor::zero::<f32>(shape).map_err(|e| SpeechError::model("decoder", e));
-        let mut mask = zeros(&[1, context + 1])?;
-        // Nothing cached yet; the last slot (the token itself) is always attended.
-        with_f32s_mut(&mut mask, |m| m[..context].fill(-1e9)).map_err(|e| SpeechError::model("decoder", e))?;
-        Ok(Self {
-            self_k: Arc::new(zeros(&[layers, 1, context, d_model])?),
-            self_v: Arc::new(zeros(&[layers, 1, context, d_model])?),
-            mask,
-            layers,
-            context,
-            d_model,
-        })
+    fn new(plan: &Plan, layers: usize, d_model: usize) -> TractResult<Self> {
+        Ok(Self { state: plan.spawn()?, keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], d_model })
     }
 
-    fn run(
-        &mut self,
-        plan: &Plan,
-        token: u32,
-        position: usize,
-        cross_k: &TValue,
-        cross_v: &TValue,
-    ) -> TractResult<Vec<f32>> {
+    /// The cache as the plan's `[layers, 1, past, d]` input.
+    fn tensor(rows: &[Vec<f32>], d_model: usize) -> TractResult<Tensor> {
+        let past = rows.first().map_or(0, |r| r.len() / d_model);
+        let flat: Vec<f32> = rows.concat();
+        Tensor::from_shape(&[rows.len(), 1, past, d_model], &flat)
+    }
+
+    fn run(&mut self, token: u32, position: usize, cross_k: &TValue, cross_v: &TValue) -> TractResult<Vec<f32>> {
         let inputs = tvec!(
             Tensor::from_shape(&[1, 1], &[i64::from(token)])?.into_tvalue(),
             Tensor::from_shape(&[1], &[position as i64])?.into_tvalue(),
-            self.self_k.clone().into_tvalue(),
-            self.self_v.clone().into_tvalue(),
-            self.mask.clone().into_tvalue(),
+            Self::tensor(&self.keys, self.d_model)?.into_tvalue(),
+            Self::tensor(&self.values, self.d_model)?.into_tvalue(),
             cross_k.clone(),
             cross_v.clone(),
         );
-        let out = plan.run(inputs)?;
+        let out = self.state.run(inputs)?;
         let [logits, new_k, new_v] = out.as_slice() else {
             return Err(TractError::msg("decoder must give logits, new_k, new_v"));
         };
-        // The plan has dropped its inputs, so the caches are ours alone again: write in place.
-        for (cache, new) in [(&mut self.self_k, new_k), (&mut self.self_v, new_v)] {
+        let d = self.d_model;
+        for (cache, new) in [(&mut self.keys, new_k), (&mut self.values, new_v)] {
             let new = f32s(new)?;
-            let (layers, context, d) = (self.layers, self.context, self.d_model);
-            with_f32s_mut(Arc::make_mut(cache), |cache| {
-                for layer in 0..layers {
-                    let at = (layer * context + position) * d;
-                    cache[at..at + d].copy_from_slice(&new[layer * d..(layer + 1) * d]);
-                }
-            })?;
+            for (layer, rows) in cache.iter_mut().enumerate() {
+                rows.extend_from_slice(&new[layer * d..(layer + 1) * d]);
+            }
         }
-        with_f32s_mut(&mut self.mask, |m| m[position] = 0.0)?;
         Ok(f32s(logits)?.to_vec())
     }
 }
