@@ -508,6 +508,37 @@ fn demo_call() -> String {
     call
 }
 
+/// The words of a transcript, lowercased, letters and digits only.
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| w.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+#[test]
+fn the_demo_calls_utterances_end_without_a_doubled_tail() {
+    // With the default buckets Whisper loops on three of the demo's lines; the cut once kept
+    // "It is $99.00 a month. It is $" and "How much does it cost per month? How much does it cost".
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("callbox.toml");
+    std::fs::write(&config, "[speech]\nlanguage = \"en\"\n").unwrap();
+    let call = demo_call();
+    let out = run_cli(&["--config", config.to_str().unwrap(), "transcribe", "--json", "--models", models(), &call]);
+    let us = utterances(&out);
+    assert!(us.len() >= 10, "{}", text(&us));
+    for u in &us {
+        let w = words(u["text"].as_str().unwrap());
+        for k in 2..=w.len() / 2 {
+            assert_ne!(w[w.len() - k..], w[..k], "doubled tail in {:?}", u["text"]);
+        }
+    }
+    let all = text(&us).to_lowercase();
+    for said in ["99", "month", "adjust it for you", "cost per month"] {
+        assert!(all.contains(said), "{said} not in {all}");
+    }
+}
+
 #[test]
 fn the_demo_streams_a_two_leg_call_through_the_daemon_and_shows_what_it_understood() {
     let out = run_cli(&["demo", "--json", "--models", models()]);

@@ -180,7 +180,8 @@ impl Whisper {
         let budget = ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - prompt.len() - 1);
         let mut step = DecoderStep::new(&self.decoder, self.layers, self.d_model).map_err(err)?;
         let mut generated: Vec<u32> = Vec::new();
-        let mut logprob_sum = 0.0f64;
+        // Per generated token, so a cut tail's tokens leave the average with them.
+        let mut logprobs: Vec<f32> = Vec::new();
         let mut no_speech_prob = 0.0f32;
         let mut stop = TranscriptStop::TokenLimit;
         let mut position = 0usize;
@@ -211,7 +212,7 @@ impl Whisper {
                 break;
             }
             generated.push(next);
-            logprob_sum += f64::from(logprob);
+            logprobs.push(logprob);
             if let Some(keep) = repetition_cut(&generated) {
                 generated.truncate(keep);
                 stop = TranscriptStop::Repetition;
@@ -221,7 +222,18 @@ impl Whisper {
                 break;
             }
         }
-        let avg_logprob = if generated.is_empty() { 0.0 } else { (logprob_sum / generated.len() as f64) as f32 };
+        if stop == TranscriptStop::EndOfText {
+            if let Some(keep) = doubled_utterance(&generated) {
+                generated.truncate(keep);
+                stop = TranscriptStop::Repetition;
+            }
+        }
+        logprobs.truncate(generated.len());
+        let avg_logprob = if logprobs.is_empty() {
+            0.0
+        } else {
+            (logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64) as f32
+        };
         let no_speech = no_speech_prob > opts.no_speech_threshold && avg_logprob < opts.logprob_threshold;
         let text = if no_speech { String::new() } else { self.vocab.decode(&generated).trim().to_owned() };
         Ok(Transcript {
@@ -283,8 +295,14 @@ fn softmax_at(logits: &[f32], index: usize) -> f32 {
 }
 
 /// If the tail of `tokens` is one pattern repeated (a single token 6 times, a 2–7 token
-/// pattern 3 times, or an 8–64 token phrase twice back to back), the length to keep:
-/// everything up to the end of its first occurrence.
+/// pattern 3 times, an 8–64 token phrase twice back to back), the length to keep:
+/// everything up to the end of the first occurrence of the repeated phrase. Checked after
+/// every token, so a loop stops as soon as it shows.
+///
+/// The repeated stretch is followed back to where the loop began, not only to where a
+/// tail-aligned copy starts: "It is $99.00 a month. It is $99.00 a month. It is $" keeps
+/// "It is $99.00 a month.", where cutting at the first tail-aligned copy of "99.00 a month.
+/// It is $" used to leave the doubled tail "… a month. It is $".
 pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
     let n = tokens.len();
     for period in 1..=64usize {
@@ -294,15 +312,39 @@ pub fn repetition_cut(tokens: &[u32]) -> Option<usize> {
             _ => 2,
         };
         let span = period * repeats;
+        // Spans do not grow with the period (3 × 7 > 2 × 8): skip, never stop early.
         if span > n {
-            break;
+            continue;
         }
-        let tail = &tokens[n - span..];
-        if tail.chunks(period).all(|c| c == &tail[..period]) {
-            return Some(n - span + period);
+        if let Some(start) = periodic_start(tokens, period, span) {
+            return Some(start + period);
         }
     }
     None
+}
+
+/// A finished utterance that is one phrase of 4+ tokens said twice and nothing else —
+/// Whisper's doubling of a short greeting on phone audio — keeps one copy. Shorter phrases
+/// said twice (好的好的, 对对) are what people say. Only for a decoding that ended by itself:
+/// a doubled start may go on with other words.
+pub fn doubled_utterance(tokens: &[u32]) -> Option<usize> {
+    let n = tokens.len();
+    (n >= 8 && n % 2 == 0 && tokens[..n / 2] == tokens[n / 2..]).then_some(n / 2)
+}
+
+/// Where a stretch of period `period` that covers at least the last `span` tokens begins,
+/// followed back as far as it goes; `None` when the last `span` tokens are not periodic.
+fn periodic_start(tokens: &[u32], period: usize, span: usize) -> Option<usize> {
+    let n = tokens.len();
+    let tail = &tokens[n - span..];
+    if !tail.chunks(period).all(|c| c == &tail[..period]) {
+        return None;
+    }
+    let mut start = n - span;
+    while start > 0 && tokens[start - 1] == tokens[start - 1 + period] {
+        start -= 1;
+    }
+    Some(start)
 }
 
 /// The decoder's per-utterance state: the self-attention keys and values of the tokens so far,
@@ -354,7 +396,7 @@ impl DecoderStep {
 
 #[cfg(test)]
 mod tests {
-    use super::repetition_cut;
+    use super::{doubled_utterance, repetition_cut};
 
     #[test]
     fn a_looping_tail_is_cut_back_to_its_first_occurrence() {
@@ -368,6 +410,45 @@ mod tests {
         let sentence: Vec<u32> = (100..112).collect();
         let twice = [vec![1], sentence.clone(), sentence].concat();
         assert_eq!(repetition_cut(&twice), Some(13));
+    }
+
+    #[test]
+    fn a_doubled_tail_is_followed_back_to_where_the_loop_began() {
+        // "It is $99.00 a month. It is $99.00 a month. It is $" (the demo's agent line): the
+        // tail-aligned copy is "99.00 a month. It is $"; the loop began at "It is".
+        let sentence: Vec<u32> = (10..19).collect();
+        let looped = [sentence.clone(), sentence.clone(), sentence[..3].to_vec()].concat();
+        assert_eq!(repetition_cut(&looped), Some(9));
+        // After words that are not part of the loop, those stay.
+        let lead = [vec![1, 2], sentence.clone(), sentence.clone(), sentence[..4].to_vec()].concat();
+        assert_eq!(repetition_cut(&lead), Some(11));
+        // A short pattern looping mid-word: 1 2 [3 4 5]x3 + 3 → keep through the first 3 4 5.
+        let short = [vec![1, 2], [3, 4, 5].repeat(3), vec![3]].concat();
+        assert_eq!(repetition_cut(&short), Some(5));
+    }
+
+    #[test]
+    fn a_short_utterance_said_twice_is_cut_once() {
+        // 各位观众晚上好各位观众晚上好: a 1.3-s greeting doubled on 8-kHz audio.
+        let greeting = vec![40, 41, 42, 43, 44, 45];
+        assert_eq!(doubled_utterance(&[greeting.clone(), greeting.clone()].concat()), Some(6));
+        // Four tokens twice is still a doubling; three twice (喂你好喂你好) is left alone, as
+        // is a phrase said twice after other words (only a whole-utterance doubling is cut
+        // for phrases under 8 tokens).
+        assert_eq!(doubled_utterance(&[7, 8, 9, 10, 7, 8, 9, 10]), Some(4));
+        assert_eq!(doubled_utterance(&[7, 8, 9, 7, 8, 9]), None);
+        assert_eq!(doubled_utterance(&[1, 7, 8, 9, 10, 7, 8, 9, 10]), None);
+        assert_eq!(repetition_cut(&[7, 8, 9, 10, 7, 8, 9, 10]), None);
+    }
+
+    #[test]
+    fn a_phrase_of_eight_to_ten_tokens_said_twice_is_seen_whatever_the_length() {
+        // 16–20 tokens: the 3-repeat spans of periods 6 and 7 are longer than the text,
+        // which once stopped the search before the 2-repeat periods 8–10.
+        let phrase: Vec<u32> = (50..58).collect();
+        assert_eq!(repetition_cut(&[phrase.clone(), phrase.clone()].concat()), Some(8));
+        let phrase: Vec<u32> = (50..60).collect();
+        assert_eq!(repetition_cut(&[phrase.clone(), phrase.clone()].concat()), Some(10));
     }
 
     #[test]
