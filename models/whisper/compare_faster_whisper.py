@@ -31,8 +31,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 SPEECH = os.path.join(REPO, "..", "shared", "data", "speech")
 CACHE = os.path.join(REPO, "models", "cache")
 sys.path.insert(0, HERE)
-# The same CER as evaluate.py: its edit distance, normalisation and WAV loading.
-from evaluate import Normaliser, edit_distance, load as load16k  # noqa: E402
+# The same CER and telephone copies as evaluate.py: its edit distance, normalisation, sox
+# conversion and WAV loading.
+from evaluate import Normaliser, edit_distance, load as load16k, telephone_copy  # noqa: E402
 
 
 def ct2_folder(out):
@@ -68,11 +69,7 @@ def main():
         systems = [f"faster-whisper {args.compute_type} beam {b}" for b in args.beams.split(",")]
         for row in csv.DictReader(open(os.path.join(SPEECH, "transcripts.tsv"), encoding="utf-8"), delimiter="\t"):
             src = os.path.join(SPEECH, row["file"])
-            phone = os.path.join(tmp, "phone.wav")
-            back = os.path.join(tmp, "phone16k.wav")
-            # The telephone copy evaluate.py uses: phone band, 8 kHz µ-law.
-            subprocess.run(["sox", "-D", src, "-r", "8000", "-e", "u-law", "-b", "8", phone, "sinc", "300-3400"], check=True)
-            subprocess.run(["sox", "-D", phone, "-r", "16000", "-e", "signed", "-b", "16", back], check=True)
+            phone, back = telephone_copy(src, tmp)
             ref = norm(row["transcript"])
             for variant, path in (("16k", src), ("8k-ulaw", phone)):
                 audio = load16k(src if variant == "16k" else back)

@@ -48,6 +48,15 @@ def edit_distance(a, b):
     return row[-1]
 
 
+def telephone_copy(src, tmp):
+    """The clip as a PBX carries it (phone band, 8 kHz µ-law) and that copy back at 16 kHz PCM."""
+    phone = os.path.join(tmp, "phone.wav")
+    back = os.path.join(tmp, "phone16k.wav")
+    subprocess.run(["sox", "-D", src, "-r", "8000", "-e", "u-law", "-b", "8", phone, "sinc", "300-3400"], check=True)
+    subprocess.run(["sox", "-D", phone, "-r", "16000", "-e", "signed", "-b", "16", back], check=True)
+    return phone, back
+
+
 class Normaliser:
     def __init__(self):
         table = {}
@@ -139,10 +148,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for row in csv.DictReader(open(os.path.join(SPEECH, "transcripts.tsv"), encoding="utf-8"), delimiter="\t"):
             src = os.path.join(SPEECH, row["file"])
-            phone = os.path.join(tmp, "phone.wav")
-            back = os.path.join(tmp, "phone16k.wav")
-            subprocess.run(["sox", "-D", src, "-r", "8000", "-e", "u-law", "-b", "8", phone, "sinc", "300-3400"], check=True)
-            subprocess.run(["sox", "-D", phone, "-r", "16000", "-e", "signed", "-b", "16", back], check=True)
+            phone, back = telephone_copy(src, tmp)
             for variant, path in (("16k", src), ("8k-ulaw", phone)):
                 audio = load(src if variant == "16k" else back)
                 secs = len(audio) / 16000

@@ -78,6 +78,14 @@ impl Whisper {
         let d_model = dim(entry, "d_model")?;
         let context = dim(entry, "decoder_context")?;
         let max_secs = entry.extra_u64("max_audio_secs")?;
+        // Refused before the 300 MB of weights are read and parsed.
+        if entry.extra.get("decoder_cache").and_then(serde_json::Value::as_str) != Some("growing") {
+            return Err(SpeechError::model(
+                &name,
+                "its decoder keeps a fixed-size cache (callbox-models before release 3): install a newer \
+                 callbox-models or rebuild with models/build.sh --force",
+            ));
+        }
         let vocab_text = models.read_verified(entry, "tokens")?;
         let vocab = Vocabulary::parse(
             std::str::from_utf8(&vocab_text).map_err(|_| SpeechError::Vocabulary("tokens.txt is not UTF-8".into()))?,
@@ -91,13 +99,6 @@ impl Whisper {
         secs.dedup();
         if secs.is_empty() {
             return Err(SpeechError::model(&name, format!("no encoder bucket between 1 and {max_secs} s")));
-        }
-        if entry.extra.get("decoder_cache").and_then(serde_json::Value::as_str) != Some("growing") {
-            return Err(SpeechError::model(
-                &name,
-                "its decoder keeps a fixed-size cache (callbox-models before release 3): install a newer \
-                 callbox-models or rebuild with models/build.sh --force",
-            ));
         }
         let mut buckets = Vec::with_capacity(secs.len());
         for &s in &secs {
