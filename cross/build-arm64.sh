@@ -26,4 +26,11 @@ target="$CALLBOX_CROSS_TARGET"
     --skip speech:: --skip store:: --skip hq::every_call --skip hq::a_broker_outage --skip hq::a_silent_cut
 "$CARGO" build --release --locked --target "$target" -p callbox
 file "target/$target/release/callbox"
+# One real transcription on arm64 (tract's NEON kernels, the fp16-weight decoder) under
+# qemu-user: the smallest shared clip (2 s; ~1 min emulated). Speed under emulation means
+# nothing; a technician measures a real box with `callbox bench asr` (README).
+transcript=$(timeout 900 "$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER" "target/$target/release/callbox" \
+    transcribe --models models/cache --lang zh ../shared/data/speech/zh/IT0011W0001.wav)
+echo "$transcript"
+grep -q '一首歌' <<<"$transcript" || { echo "arm64 transcription lacks 一首歌" >&2; exit 1; }
 bash packaging/build-deb.sh "$target"

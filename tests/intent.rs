@@ -280,6 +280,7 @@ fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> ca
         text: text.into(),
         prosody,
         asr,
+        asr_queue_ms: 0.0,
     };
     callbox::speech::live::UtteranceEvent { call: call.into(), leg, utterance }
 }

@@ -24,8 +24,10 @@ const CORES: &[&str] = &[
     "speech::mel",
     "speech::pipeline",
     "speech::prosody",
+    "speech::scheduler",
     "speech::tokens",
     "speech::vad",
+    "speech::weights",
     "speech::whisper",
     "speech::zh",
     "store::audio",
@@ -61,8 +63,13 @@ const CORE_FORBIDDEN_TEXT: &[(&str, &str)] = &[
 ];
 
 /// The one clock reading a core may make, with the reason it is not a decision input.
-const CLOCK_EXCEPTIONS: &[(&str, &str)] =
-    &[("speech::whisper", "measures the encoder's and decoder's compute time, reported in the ASR facts")];
+const CLOCK_EXCEPTIONS: &[(&str, &str)] = &[
+    ("speech::whisper", "measures the encoder's and decoder's compute time, reported in the ASR facts"),
+    (
+        "speech::scheduler",
+        "measures how long utterances wait for a slot, reported in status; turns go by arrival order",
+    ),
+];
 
 /// The modules of the daemon's IO edge and control plane, which cores may not import.
 const SHELLS: &[&str] = &[
@@ -96,11 +103,11 @@ const SHELLS: &[&str] = &[
 
 /// The control plane: nothing below it (inputs, speech, understanding, stores, health,
 /// config) may import it.
-const CONTROL_PLANE: &[&str] = &["control", "cli", "cli_hq", "cli_store", "demo", "doctor", "render"];
+const CONTROL_PLANE: &[&str] = &["control", "cli", "cli_hq", "cli_store", "demo", "doctor", "private_daemon", "render"];
 
 /// Modules that may import the control plane (they are it, or sit above it).
 const ABOVE_CONTROL: &[&str] =
-    &["control", "cli", "cli_hq", "cli_store", "daemon", "demo", "doctor", "offline", "render"];
+    &["control", "cli", "cli_hq", "cli_store", "daemon", "demo", "doctor", "offline", "private_daemon", "render"];
 
 /// Shared plumbing below the shells that is neither a core nor a shell.
 const PLUMBING: &[&str] = &["escape", "exit", "fsio", "paths", "testdata"];

@@ -21,7 +21,7 @@ fn clip(name: &str) -> String {
     format!("{SPEECH}/{name}")
 }
 
-/// One encoder bucket keeps model loading short (each bucket is a separately optimised plan).
+/// One 8-s encoder window for every clip: the assertions below were written against it.
 fn config(dir: &Path) -> PathBuf {
     let path = dir.join("callbox.toml");
     std::fs::write(&path, "[speech]\nencoder_buckets_secs = [8]\n").unwrap();
@@ -97,6 +97,97 @@ fn telephone_audio_still_gives_the_key_words() {
     for word in ["出现", "交易", "情况"] {
         assert!(t.contains(word), "{word} not in {t}");
     }
+}
+
+/// Levenshtein distance between two character sequences.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb)).min(above + 1).min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// A copy of the models folder whose manifest holds Whisper's weights as `weights`
+/// (`f16` or `fp32`) in both encoder and decoder; the files are links to the real ones.
+fn models_with_weights(dir: &Path, weights: &str) -> PathBuf {
+    let copy = dir.join(format!("models-{weights}"));
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(models()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(models()).join("manifest.json")).unwrap()).unwrap();
+    for model in manifest["models"].as_array_mut().unwrap() {
+        if model["family"] == "whisper" {
+            model["encoder_weights"] = weights.into();
+            model["decoder_weights"] = weights.into();
+        }
+    }
+    std::fs::write(copy.join("manifest.json"), manifest.to_string()).unwrap();
+    copy
+}
+
+#[test]
+fn fp16_weights_transcribe_the_shared_clips_as_fp32_does() {
+    // Whisper's checkpoint is fp16, and fp16 weights with fp32 activations and accumulation
+    // (the default decoder) must not change what a user reads. Tolerance: 2 % of the
+    // characters over the shared clips, at 16 kHz and on an 8-kHz µ-law copy (measured at
+    // release: 0, token for token).
+    let dir = tempfile::tempdir().unwrap();
+    let phone = dir.path().join("phone.wav");
+    sox(&[
+        &clip("zh/TEST_NET_Y0000000000_-KTKHdZ2fb8_S00000.wav"),
+        "-r",
+        "8000",
+        "-e",
+        "u-law",
+        phone.to_str().unwrap(),
+    ]);
+    let mut files: Vec<String> = ["zh", "en"]
+        .iter()
+        .flat_map(|lang| std::fs::read_dir(format!("{SPEECH}/{lang}")).unwrap())
+        .map(|e| e.unwrap().path().to_str().unwrap().to_owned())
+        .filter(|p| p.ends_with(".wav"))
+        .collect();
+    files.sort();
+    files.push(phone.to_str().unwrap().to_owned());
+    let run = |weights: &str| -> Vec<String> {
+        let models = models_with_weights(dir.path(), weights);
+        let config = config(dir.path());
+        let mut args =
+            vec!["--config", config.to_str().unwrap(), "transcribe", "--json", "--models", models.to_str().unwrap()];
+        args.extend(files.iter().map(String::as_str));
+        let out = run_cli(&args);
+        assert!(out.status.success(), "{weights}: {}", stderr_of(&out));
+        stdout_of(&out)
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                text(v["utterances"].as_array().unwrap())
+            })
+            .collect()
+    };
+    let (fp32, f16) = (run("fp32"), run("f16"));
+    assert_eq!(fp32.len(), files.len());
+    assert_eq!(f16.len(), files.len());
+    let chars: usize = fp32.iter().map(|t| t.chars().count()).sum();
+    assert!(chars > 80, "too little text to compare: {fp32:?}");
+    let differing: usize = fp32
+        .iter()
+        .zip(&f16)
+        .map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>()))
+        .sum();
+    assert!(differing * 50 <= chars, "{differing} of {chars} characters differ:\nfp32 {fp32:?}\nf16  {f16:?}");
 }
 
 #[test]
@@ -344,6 +435,11 @@ fn a_live_audiosocket_call_is_transcribed_as_it_streams() {
     assert!(crate::support::wait_until(LONG, || d.status_json()["speech"]["legs_open"] == 0));
     let speech = d.status_json()["speech"].clone();
     assert_eq!(speech["utterances"], 1, "{speech}");
+    // The shared ASR scheduler: one slot per core by default, idle once the call is done.
+    let queue = &speech["asr_queue"];
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(queue["slots"], cores, "{speech}");
+    assert_eq!((queue["busy"].as_u64(), queue["waiting"].as_u64()), (Some(0), Some(0)), "{speech}");
     let audio_secs = speech["audio_secs"].as_f64().unwrap();
     assert!((audio_secs - audio.len() as f64 / 8000.0).abs() < 0.05, "{speech}");
     // store.keep_audio: both legs are in the call store, sealed; an admin gets the

@@ -220,6 +220,33 @@ pub enum BenchCommand {
         #[arg(long)]
         whole: bool,
     },
+    /// The real daemon under steady load for N minutes: two-leg AudioSocket calls (the
+    /// sample call, both legs talking in turns) streamed in real time on loopback, the
+    /// daemon's RSS and utterance latency printed every minute; with bounds, exit 1 when
+    /// one is broken (peak RSS, growth after the first minute, a call that did not finish).
+    Soak {
+        #[arg(long, default_value_t = 60)]
+        minutes: u32,
+        /// Simultaneous calls (call slots, staggered over one call's length).
+        #[arg(long, default_value_t = 4)]
+        calls: usize,
+        /// AudioSocket sample rate: 8000 (slin) or 16000 (slin16).
+        #[arg(long, default_value_t = 8000)]
+        rate: u32,
+        /// The two-leg (stereo) call to stream (default: the models' sample call).
+        #[arg(long, value_name = "WAV")]
+        call: Option<PathBuf>,
+        #[arg(long, default_value = "en")]
+        language: String,
+        #[arg(long, value_name = "MB")]
+        max_rss_mb: Option<f64>,
+        #[arg(long, value_name = "PERCENT")]
+        max_growth_pct: Option<f64>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+    },
     /// The encrypted call store: calls written per second (durably, each with its
     /// utterances) and the latency of one call's audited, decrypted read.
     Store {
@@ -400,6 +427,31 @@ pub fn main() -> u8 {
             crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
                 .unwrap_or_else(Failure::report)
         }
+        Command::Bench(BenchCommand::Soak {
+            minutes,
+            calls,
+            rate,
+            ref call,
+            ref language,
+            max_rss_mb,
+            max_growth_pct,
+            json,
+            ref models,
+        }) => {
+            let (models, call) = crate::offline::soak_inputs(&cli.config, models.as_deref(), call.as_deref());
+            crate::offline::bench_soak(&crate::offline::BenchSoak {
+                minutes,
+                calls,
+                rate,
+                models,
+                call,
+                language: language.clone(),
+                max_rss_mb,
+                max_growth_pct,
+                json,
+            })
+            .unwrap_or_else(Failure::report)
+        }
         Command::Bench(BenchCommand::Outbox { ref broker, messages, alerts, alert_every_ms, json }) => {
             crate::offline::bench_outbox(&crate::offline::BenchOutbox {
                 broker: broker.broker.clone(),
@@ -544,6 +596,11 @@ fn render_status(r: &StatusReport) -> String {
         out += &format!(
             "speech:     models {}; {} legs open, {} in all; {} utterances; {:.1} s of audio in ended legs, {:.1} s of ASR; {} errors\n",
             sp.models_dir, sp.legs_open, sp.legs_total, sp.utterances, sp.audio_secs, sp.asr_secs, sp.errors
+        );
+        let q = &sp.asr_queue;
+        out += &format!(
+            "asr queue:  {} of {} slots busy, {} utterances waiting (oldest {:.2} s); longest wait so far {:.2} s\n",
+            q.busy, q.slots, q.waiting, q.oldest_wait_secs, q.max_wait_secs
         );
     }
     out += "components:\n";

@@ -547,6 +547,9 @@ pub struct SpeechConfig {
     pub max_utterance_secs: u32,
     /// Decoding stops after this many tokens per second of audio (loop guard).
     pub max_tokens_per_sec: f32,
+    /// Utterances transcribed at once, by every leg together (the shared ASR scheduler's
+    /// slots; more wait their turn, oldest first). 0: one per core.
+    pub asr_workers: u32,
 }
 
 impl Default for SpeechConfig {
@@ -563,6 +566,7 @@ impl Default for SpeechConfig {
             speech_pad_ms: 150,
             max_utterance_secs: 15,
             max_tokens_per_sec: 12.0,
+            asr_workers: 0,
         }
     }
 }
@@ -854,7 +858,7 @@ impl Config {
         let sp2 = &self.speech;
         let al = &self.alsa;
         let st = &self.store;
-        let ranges: [(&str, u64, u64, u64); 30] = [
+        let ranges: [(&str, u64, u64, u64); 31] = [
             ("store.audio_days", u64::from(st.audio_days), 0, 36_500),
             ("store.transcript_days", u64::from(st.transcript_days), 0, 36_500),
             ("store.metadata_days", u64::from(st.metadata_days), 0, 36_500),
@@ -867,6 +871,7 @@ impl Config {
             ("speech.min_silence_ms", u64::from(sp2.min_silence_ms), 64, 5000),
             ("speech.speech_pad_ms", u64::from(sp2.speech_pad_ms), 0, 1000),
             ("speech.max_utterance_secs", u64::from(sp2.max_utterance_secs), 1, 30),
+            ("speech.asr_workers", u64::from(sp2.asr_workers), 0, 64),
             ("daemon.shutdown_timeout_secs", d.shutdown_timeout_secs, 1, 600),
             ("daemon.worker_threads", d.worker_threads.unwrap_or(1) as u64, 1, 256),
             ("control.max_request_bytes", c.max_request_bytes as u64, 256, 1024 * 1024),

@@ -8,71 +8,25 @@
 //! the end of the words it came, and the call's tags and customer at the end.
 //! `callbox watch` prints the same lines for the calls of a running daemon.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::audio::audiosocket::{encode, format_uuid, Frame};
+use crate::audio::audiosocket::format_uuid;
 use crate::audio::Leg;
 use crate::control::client::{self, WatchLine};
 use crate::control::protocol::{MonitorItem, Request, Response};
 use crate::exit;
+use crate::private_daemon::{stream_leg, PrivateDaemon};
 use crate::render;
 
-const FRAME_MS: u64 = 20;
 const DEMO_CALLER: &str = "+86 138 0013 8000";
-/// Model loading takes a few seconds; a cold disk cache more.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// After the last frame: the last utterance's ASR and the call's finish.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The sample call's default place: beside the models (`models/build.sh` makes it).
 pub fn default_call(models_dir: &Path) -> PathBuf {
     models_dir.join("demo/call.wav")
-}
-
-/// A private working folder, removed when dropped (it holds a key and a database).
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create() -> std::io::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut id = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .map_err(|_| std::io::Error::other("the system random source failed"))?;
-        let name = format!("callbox-demo-{}", crate::hex::encode(&id));
-        let dir = std::env::temp_dir().join(name);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The daemon child; stopped (SIGTERM, then SIGKILL) when dropped.
-struct DaemonChild(Child);
-
-impl Drop for DaemonChild {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 pub struct DemoOptions {
@@ -96,7 +50,7 @@ pub fn run(config_path: &Path, options: DemoOptions) -> u8 {
 
 /// Where the models are: --models, the config / $CALLBOX_MODELS_DIR, else a checkout's
 /// `models/cache` when the packaged folder is absent.
-fn models_dir(config_path: &Path, explicit: Option<&Path>) -> PathBuf {
+pub(crate) fn models_dir(config_path: &Path, explicit: Option<&Path>) -> PathBuf {
     if let Some(dir) = explicit {
         return dir.to_owned();
     }
@@ -124,97 +78,24 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
             call_path.display()
         ));
     }
-    let bytes = crate::fsio::read_bounded(
-        &call_path,
-        crate::config::SpoolConfig::default().max_file_mb << 20,
-        crate::fsio::Links::Follow,
-    )
-    .map_err(|e| e.to_string())?;
-    let recording = crate::audio::wav::parse(&bytes).map_err(|e| format!("{}: {e}", call_path.display()))?;
-    let [agent, customer] = recording.channels.as_slice() else {
-        return Err(format!("{}: the sample call must be stereo (agent left, customer right)", call_path.display()));
-    };
-    let to_phone = |samples: &[i16]| -> Result<Vec<i16>, String> {
-        let resampled = crate::audio::resample::resample_all(samples, recording.sample_rate, rate)
-            .map_err(|e| format!("cannot resample the sample call: {e}"))?;
-        Ok(resampled.iter().map(|&x| (x * 32767.0).round().clamp(-32768.0, 32767.0) as i16).collect())
-    };
-    let legs = [(Leg::Agent, to_phone(agent)?), (Leg::Customer, to_phone(customer)?)];
-    let call_secs = recording.duration_secs();
-
-    let work = WorkDir::create().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
-    let socket = work.0.join("control.sock");
-    let config = work.0.join("callbox.toml");
-    let log_path = work.0.join("daemon.log");
-    let toml = format!(
-        "# callbox demo: a private daemon on loopback\n\
-         [daemon]\ndata_dir = {data:?}\nshutdown_timeout_secs = 10\n\
-         [control]\nsocket = {socket:?}\n\
-         [speech]\nmodels_dir = {models:?}\nlanguage = {lang:?}\n\
-         [audiosocket]\nlisteners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\n",
-        data = work.0.join("data"),
-        socket = socket,
-        models = models,
-        lang = options.language,
-    );
-    std::fs::write(&config, toml).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-    let log = std::fs::File::create(&log_path).map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let child = Command::new(exe)
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("CALLBOX_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    let mut daemon = DaemonChild(child);
+    let (legs, call_secs) = crate::private_daemon::load_two_leg_call(&call_path, rate)?;
+    let [agent, customer] = legs;
+    let legs = [(Leg::Agent, agent), (Leg::Customer, customer)];
     let say = |line: String| {
         if !options.json {
             println!("{line}");
         }
     };
     say(format!("callbox demo: daemon starting with models from {} …", models.display()));
-
-    let started = Instant::now();
-    let status = loop {
-        if let Ok(Some(code)) = daemon.0.try_wait() {
-            return Err(format!("the daemon exited ({code}) while starting; its log:\n{}", tail(&log_path)));
-        }
-        match client::request(&socket, Request::Status {}) {
-            Ok(Response::Status(report)) => break report,
-            _ if started.elapsed() > START_TIMEOUT => {
-                return Err(format!(
-                    "the daemon did not answer within {START_TIMEOUT:?}; its log:\n{}",
-                    tail(&log_path)
-                ))
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    let address_of = |leg: &str| -> Result<SocketAddr, String> {
-        status
-            .audiosocket_listeners
-            .iter()
-            .find_map(|l| l.strip_suffix(&format!(" ({leg})")).and_then(|a| a.parse().ok()))
-            .ok_or_else(|| format!("the daemon reports no {leg} listener: {:?}", status.audiosocket_listeners))
-    };
-    let addresses = [address_of("agent")?, address_of("customer")?];
+    let mut daemon = PrivateDaemon::start(&models, &options.language, "")?;
+    let socket = daemon.socket.clone();
+    let addresses = daemon.addresses;
     say(format!(
         "daemon ready in {:.1} s; AudioSocket agent {} customer {}",
-        started.elapsed().as_secs_f64(),
-        addresses[0],
-        addresses[1]
+        daemon.ready_secs, addresses[0], addresses[1]
     ));
 
-    let mut uuid = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut uuid)
-        .map_err(|_| "the system random source failed".to_owned())?;
+    let uuid = crate::private_daemon::random_uuid()?;
     let call_id = format_uuid(&uuid);
     // What the PBX sidecar does when the call is answered: say who is calling.
     match client::request(
@@ -224,7 +105,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         Ok(Response::Customer(_)) => {}
         Ok(Response::Error(e)) => return Err(format!("the daemon refused the caller number: {}", e.message)),
         Ok(other) => return Err(format!("unexpected reply to call_info: {other:?}")),
-        Err(e) => return Err(format!("cannot reach the demo daemon: {e}; its log:\n{}", tail(&log_path))),
+        Err(e) => return Err(format!("cannot reach the demo daemon: {e}; its log:\n{}", daemon.log_tail())),
     }
 
     // The watcher runs on its own thread; items come back through a channel.
@@ -257,8 +138,8 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     let deadline_after_call = Duration::from_secs_f64(call_secs) + FINISH_TIMEOUT;
     while finished.is_none() && stream_start.elapsed() < deadline_after_call {
         let Ok(item) = items_rx.recv_timeout(Duration::from_millis(200)) else {
-            if let Ok(Some(code)) = daemon.0.try_wait() {
-                return Err(format!("the daemon exited ({code}) during the call; its log:\n{}", tail(&log_path)));
+            if let Some(code) = daemon.exited() {
+                return Err(format!("the daemon exited ({code}) during the call; its log:\n{}", daemon.log_tail()));
             }
             continue;
         };
@@ -295,7 +176,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     let Some(_) = finished else {
         return Err(format!(
             "the call did not finish within {FINISH_TIMEOUT:?} of its end; the daemon's log:\n{}",
-            tail(&log_path)
+            daemon.log_tail()
         ));
     };
     if !options.json {
@@ -307,42 +188,10 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
             "\n{} utterances, {events} events; events came at most {worst:.2} s after the end of the words \
              (VAD hangover {} ms included)",
             items.iter().filter(|(i, _)| matches!(i, MonitorItem::Utterance(_))).count(),
-            crate::config::load_lenient(&config).speech.min_silence_ms,
+            crate::config::load_lenient(&daemon.config).speech.min_silence_ms,
         );
     }
     drop(daemon);
     let _ = watcher.join();
     Ok(exit::OK)
-}
-
-/// One leg of the call over AudioSocket: the UUID, 20-ms frames on a real-time schedule,
-/// then hangup. The daemon's silence towards the PBX is read and dropped, as Asterisk
-/// would play it.
-fn stream_leg(address: SocketAddr, uuid: [u8; 16], samples: &[i16], rate: u32, start: Instant) -> std::io::Result<()> {
-    let mut socket = TcpStream::connect(address)?;
-    socket.set_nodelay(true)?;
-    let mut back = socket.try_clone()?;
-    let drain = std::thread::spawn(move || {
-        let mut sink = [0u8; 4096];
-        while matches!(back.read(&mut sink), Ok(n) if n > 0) {}
-    });
-    socket.write_all(&encode(&Frame::Uuid(uuid)))?;
-    let per_frame = (u64::from(rate) * FRAME_MS / 1000) as usize;
-    for (n, chunk) in samples.chunks(per_frame).enumerate() {
-        let due = start + Duration::from_millis(n as u64 * FRAME_MS);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        socket.write_all(&encode(&Frame::Audio { sample_rate: rate, samples: chunk.to_vec() }))?;
-    }
-    socket.write_all(&encode(&Frame::Hangup))?;
-    socket.shutdown(std::net::Shutdown::Write)?;
-    let _ = drain.join();
-    Ok(())
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }

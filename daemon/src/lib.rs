@@ -24,6 +24,7 @@ pub mod notify;
 pub mod offline;
 pub mod paths;
 pub mod pii;
+pub mod private_daemon;
 pub mod render;
 pub mod speech;
 pub mod storage;

@@ -575,6 +575,19 @@ pub struct SpeechReport {
     /// Compute time spent in ASR (encoder + decoder), all utterances.
     pub asr_secs: f64,
     pub errors: u64,
+    /// The shared ASR scheduler: slots, utterances transcribing and waiting now, the
+    /// longest current and all-time waits.
+    #[serde(default)]
+    pub asr_queue: AsrQueueReport,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct AsrQueueReport {
+    pub slots: usize,
+    pub busy: usize,
+    pub waiting: usize,
+    pub oldest_wait_secs: f64,
+    pub max_wait_secs: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -940,6 +953,7 @@ mod tests {
                 audio_secs: 4.5,
                 asr_secs: 0.5,
                 errors: 0,
+                asr_queue: AsrQueueReport { slots: 2, busy: 1, waiting: 3, oldest_wait_secs: 0.2, max_wait_secs: 0.9 },
             }),
             caller: CallerInfo { uid: 0, role: Role::Admin },
         };

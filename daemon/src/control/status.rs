@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::protocol::{CallerInfo, DaemonState, SpeechReport, StatusReport};
+use super::protocol::{AsrQueueReport, CallerInfo, DaemonState, SpeechReport, StatusReport};
 use crate::calls::registry::CallRegistry;
 use crate::config::RunningConfig;
 use crate::health::HealthBoard;
@@ -71,5 +71,15 @@ fn speech_report(service: &SpeechService) -> SpeechReport {
         audio_secs: s.audio_ms.load(Relaxed) as f64 / 1000.0,
         asr_secs: s.asr_ms.load(Relaxed) as f64 / 1000.0,
         errors: s.errors.load(Relaxed),
+        asr_queue: {
+            let q = service.models().asr_slots.report();
+            AsrQueueReport {
+                slots: q.slots,
+                busy: q.busy,
+                waiting: q.waiting,
+                oldest_wait_secs: q.oldest_wait_secs,
+                max_wait_secs: q.max_wait_secs,
+            }
+        },
     }
 }

@@ -124,19 +124,23 @@ pub fn bench_asr(
         }
     }
     let (end_rss_mb, peak_rss_mb) = super::process_memory_mb();
+    let (encoder_weights, decoder_weights) = models.asr.weight_formats();
     if json {
         let report = serde_json::json!({
             "models_load_secs": load_secs,
             "buckets": models.asr.bucket_secs(),
+            "weights": { "encoder": encoder_weights.name(), "decoder": decoder_weights.name() },
             "rss_mb": { "loaded": loaded_rss_mb, "end": end_rss_mb, "peak": peak_rss_mb },
             "rows": rows,
         });
         println!("{report}");
     } else {
         println!(
-            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; {runs} runs each; \
-             RSS {loaded_rss_mb:.0} MB loaded, {end_rss_mb:.0} MB at the end, {peak_rss_mb:.0} MB peak",
-            models.asr.bucket_secs()
+            "models loaded in {load_secs:.1} s; encoder buckets {:?} s; weights: encoder {}, decoder {}; {runs} runs \
+             each; RSS {loaded_rss_mb:.0} MB loaded, {end_rss_mb:.0} MB at the end, {peak_rss_mb:.0} MB peak",
+            models.asr.bucket_secs(),
+            encoder_weights.name(),
+            decoder_weights.name()
         );
         println!(
             "{:<48} {:>5} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5}  text",

@@ -1,5 +1,6 @@
 //! The speech path, call understanding and the call store run from the CLI without the
-//! daemon: one file per command (`transcribe`, `bench_asr`, `bench_intent`, `bench_store`,
+//! daemon: one file per command (`transcribe`, `bench_asr`, `bench_intent`, `bench_store`, `bench_soak` (which
+//! drives a private daemon),
 //! `classify`, `analyze`) and the loaders they share. Each command returns `Result<u8, Failure>`: the exit code of a run that did its
 //! job (possibly with some inputs refused), or why it could not.
 
@@ -16,6 +17,7 @@ mod analyze;
 mod bench_asr;
 mod bench_intent;
 mod bench_outbox;
+mod bench_soak;
 mod bench_store;
 mod classify;
 mod transcribe;
@@ -24,6 +26,7 @@ pub use analyze::analyze;
 pub use bench_asr::bench_asr;
 pub use bench_intent::bench_intent;
 pub use bench_outbox::{bench_outbox, BenchOutbox};
+pub use bench_soak::{bench_soak, soak_inputs, BenchSoak};
 pub use bench_store::{bench_store, bench_store_stream};
 pub use classify::classify;
 pub use transcribe::transcribe;
@@ -32,7 +35,12 @@ pub use transcribe::transcribe;
 /// This process's resident memory now and at its peak, in MB (Linux `/proc/self/status`;
 /// zeros elsewhere): the figures a box's RAM budget is held to.
 pub(crate) fn process_memory_mb() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_mb("/proc/self/status")
+}
+
+/// VmRSS and VmHWM, in MB, from a `/proc/PID/status` file (zeros when unreadable).
+pub(crate) fn memory_mb(status_path: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(status_path).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()

@@ -10,7 +10,9 @@
 //! frames) and a full queue blocks the input (TCP back-pressure for AudioSocket, an ALSA
 //! overrun for capture, which that adapter reports), so no audio is silently skipped
 //! inside the pipeline. A worker runs on its own OS thread: ASR takes hundreds of
-//! milliseconds of CPU and must not stall the async runtime.
+//! milliseconds of CPU and must not stall the async runtime. Workers transcribe in turns
+//! through the shared [`super::scheduler::AsrScheduler`] (`speech.asr_workers` slots, one
+//! per core by default), so open legs beyond the cores queue instead of competing.
 //!
 //! Every worker thread is owned: the service keeps its join handle, and at shutdown the
 //! `speech` component (stage [`Stage::Speech`], after the inputs have dropped their feeds)

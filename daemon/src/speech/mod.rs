@@ -11,8 +11,10 @@ pub mod manifest;
 pub mod mel;
 pub mod pipeline;
 pub mod prosody;
+pub mod scheduler;
 pub mod tokens;
 pub mod vad;
+pub mod weights;
 pub mod whisper;
 pub mod zh;
 
@@ -95,9 +97,17 @@ pub struct SpeechModels {
     pub asr: Arc<whisper::Whisper>,
     pub zh: Option<Arc<zh::TraditionalToSimplified>>,
     pub dir: PathBuf,
+    /// Every leg's utterances take turns here (one slot per core unless configured).
+    pub asr_slots: Arc<scheduler::AsrScheduler>,
 }
 
 impl SpeechModels {
+    /// `asr_workers` slots for the ASR scheduler (0: one per core).
+    pub fn with_asr_workers(mut self, asr_workers: u32) -> Self {
+        self.asr_slots = Arc::new(scheduler::AsrScheduler::new(asr_workers as usize));
+        self
+    }
+
     pub fn load(dir: &Path, bucket_secs: &[u32]) -> Result<Self, SpeechError> {
         let set = ModelSet::open(dir)?;
         let vad = vad::SileroVad::load(&set, set.for_task("vad")?)?;
@@ -110,6 +120,19 @@ impl SpeechModels {
             Ok(entry) => Some(Arc::new(zh::TraditionalToSimplified::load(&set, entry)?)),
             Err(_) => None,
         };
-        Ok(Self { vad, asr, zh, dir: dir.to_path_buf() })
+        release_freed_memory();
+        Ok(Self { vad, asr, zh, dir: dir.to_path_buf(), asr_slots: Arc::new(scheduler::AsrScheduler::new(0)) })
+    }
+}
+
+/// Hands the heap's free pages back to the kernel. Loading reads ~400 MB of ONNX files and
+/// builds the plans beside them; glibc keeps those freed pages in the process (and counted
+/// in its RSS) unless asked, and a box's RAM budget is held to the RSS.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no
+    // pointer and invalidates no allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

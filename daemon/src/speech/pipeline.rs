@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::prosody::{self, Prosody};
+use super::scheduler::AsrScheduler;
 use super::vad::{Segment, Segmenter, SileroVad, VadParams, CHUNK};
 use super::whisper::{DecodeOptions, Whisper};
 use super::zh::TraditionalToSimplified;
@@ -23,12 +24,15 @@ pub struct Utterance {
     pub text: String,
     pub prosody: Prosody,
     pub asr: Transcript,
+    /// How long the utterance waited for an ASR slot (the shared scheduler), ms.
+    pub asr_queue_ms: f64,
 }
 
 pub struct LegPipeline {
     vad: SileroVad,
     segmenter: Segmenter,
     asr: Arc<Whisper>,
+    slots: Arc<AsrScheduler>,
     zh: Option<Arc<TraditionalToSimplified>>,
     opts: DecodeOptions,
     pad: u64,
@@ -44,6 +48,7 @@ impl LegPipeline {
             vad: models.vad.fresh(),
             segmenter: Segmenter::new(params),
             asr: models.asr.clone(),
+            slots: models.asr_slots.clone(),
             zh: models.zh.clone(),
             opts,
             pad: u64::from(params.speech_pad_ms) * 16,
@@ -88,8 +93,9 @@ impl LegPipeline {
         let from = segment.start.saturating_sub(self.buffer_start) as usize;
         let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
         let audio = &self.buffer[from.min(to)..to];
-        let asr = merge(self.asr.transcribe(audio, &self.opts)?)
-            .ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
+        let (transcripts, waited) = self.slots.run(|| self.asr.transcribe(audio, &self.opts));
+        let asr =
+            merge(transcripts?).ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
         // `asr.text` stays as the recogniser wrote it; `text` is what later stages read.
         let text = match (&self.zh, asr.language.as_str()) {
             (Some(zh), "zh") => zh.convert(&asr.text),
@@ -101,6 +107,7 @@ impl LegPipeline {
             prosody: prosody::analyse(audio, &text),
             text,
             asr,
+            asr_queue_ms: waited.as_secs_f64() * 1000.0,
         })
     }
 

@@ -3,10 +3,10 @@
 //! needs: no-speech detection, repetition-loop cut-off and a tokens-per-second cap.
 //!
 //! The encoder runs on the utterance's own length, rounded up to a bucket, not on Whisper's
-//! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. Each bucket gets
-//! its own fully concrete encoder plan (tract is ~13 % slower on a symbolic length).
-//! The decoder is one plan with symbolic cache and encoder lengths: its ~190 MB of fp32
-//! weights are packed once for every bucket, and a step attends to the tokens so far.
+//! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. One encoder plan
+//! with a symbolic length serves every bucket, and one decoder plan with symbolic cache and
+//! encoder lengths: each model's weights are packed once, and a decoder step attends to the
+//! tokens so far. The decoder's matrices are held in fp16 by default (`weights`).
 
 use std::io::Cursor;
 use std::time::Instant;
@@ -15,8 +15,9 @@ use serde::Serialize;
 use tract_onnx::prelude::*;
 
 use super::manifest::{ModelEntry, ModelSet};
-use super::mel::{MelFrontEnd, HOP, SAMPLE_RATE};
+use super::mel::{MelFrontEnd, SAMPLE_RATE};
 use super::tokens::Vocabulary;
+use super::weights::{narrow_to_f16, WeightFormat};
 use super::{f32s, Plan, Recognizer, SpeechError, Transcript, TranscriptStop};
 
 /// Encoder windows, in seconds; an utterance uses the smallest that holds it with margin.
@@ -49,21 +50,30 @@ impl Default for DecodeOptions {
     }
 }
 
-struct Bucket {
-    secs: u32,
-    encoder: Plan,
-}
-
 pub struct Whisper {
     name: String,
-    buckets: Vec<Bucket>,
-    /// One plan for every bucket and cache length: its weights are held once.
+    /// Encoder window lengths, ascending.
+    buckets: Vec<u32>,
+    /// One plan for every window length: its weights are held once.
+    encoder: Plan,
+    /// One plan for every window and cache length.
     decoder: Plan,
     vocab: Vocabulary,
     front_end: MelFrontEnd,
     layers: usize,
     d_model: usize,
     context: usize,
+    /// Encoder's and decoder's.
+    weights: (WeightFormat, WeightFormat),
+}
+
+/// The runnable plan of a model whose input facts are set, its weights held as `weights`.
+fn plan(model: InferenceModel, weights: WeightFormat) -> TractResult<Plan> {
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    if weights == WeightFormat::F16 {
+        narrow_to_f16(&mut typed)?;
+    }
+    typed.into_optimized()?.into_runnable()
 }
 
 fn dim(entry: &ModelEntry, key: &str) -> Result<usize, SpeechError> {
@@ -86,32 +96,38 @@ impl Whisper {
                  callbox-models or rebuild with models/build.sh --force",
             ));
         }
+        let weights_of = |key: &str, default| {
+            WeightFormat::parse(entry.extra.get(key).and_then(serde_json::Value::as_str), default)
+                .map_err(|reason| SpeechError::model(&name, format!("manifest `{key}`: {reason}")))
+        };
+        // The decoder reads its weights once per token (bandwidth-bound: fp16 is ~25 % faster
+        // per token); the encoder reuses each weight across hundreds of frames (compute-bound:
+        // fp16 packing costs it ~30 %), so fp32 is its default.
+        let encoder_weights = weights_of("encoder_weights", WeightFormat::Fp32)?;
+        let decoder_weights = weights_of("decoder_weights", WeightFormat::F16)?;
         let vocab_text = models.read_verified(entry, "tokens")?;
         let vocab = Vocabulary::parse(
             std::str::from_utf8(&vocab_text).map_err(|_| SpeechError::Vocabulary("tokens.txt is not UTF-8".into()))?,
         )?;
         let err = |e: TractError| SpeechError::model(&name, e);
         let onnx = tract_onnx::onnx();
-        let encoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "encoder")?)).map_err(err)?;
-        let decoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "decoder")?)).map_err(err)?;
         let mut secs: Vec<u32> = bucket_secs.iter().copied().filter(|&s| s > 0 && u64::from(s) <= max_secs).collect();
         secs.sort_unstable();
         secs.dedup();
         if secs.is_empty() {
             return Err(SpeechError::model(&name, format!("no encoder bucket between 1 and {max_secs} s")));
         }
-        let mut buckets = Vec::with_capacity(secs.len());
-        for &s in &secs {
-            let frames = s as usize * SAMPLE_RATE as usize / HOP;
-            let encoder = encoder
-                .clone()
-                .with_input_fact(0, f32::fact([1, n_mels, frames]).into())
-                .and_then(|m| m.into_optimized())
-                .and_then(|m| m.into_runnable())
-                .map_err(err)?;
-            buckets.push(Bucket { secs: s, encoder });
-        }
-        drop(encoder);
+        // One plan with a symbolic length serves every bucket: the weights (95 MB in fp32) are
+        // packed once instead of once per bucket (measured with `bench asr`: encoder time
+        // within ±13 % per clip of per-bucket plans, the same in total). Each file is read,
+        // planned and dropped before the next, so loading peaks at one model's copies.
+        let encoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "encoder")?)).map_err(err)?;
+        let frames = encoder.symbols.sym("frames");
+        let encoder = encoder
+            .with_input_fact(0, f32::fact(&[1.to_dim(), n_mels.to_dim(), frames.to_dim()]).into())
+            .and_then(|m| plan(m, encoder_weights))
+            .map_err(err)?;
+        let decoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "decoder")?)).map_err(err)?;
         // The cache length and the encoder length stay symbolic: the decoder's weights (most
         // of the model's memory) are packed once, and each step attends to the tokens so far
         // instead of a padded full context.
@@ -126,27 +142,45 @@ impl Whisper {
             .and_then(|m| m.with_input_fact(3, cache.into()))
             .and_then(|m| m.with_input_fact(4, cross.clone().into()))
             .and_then(|m| m.with_input_fact(5, cross.into()))
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
+            .and_then(|m| plan(m, decoder_weights))
             .map_err(err)?;
-        Ok(Self { name, buckets, decoder, vocab, front_end: MelFrontEnd::new(n_mels), layers, d_model, context })
+        Ok(Self {
+            name,
+            buckets: secs,
+            encoder,
+            decoder,
+            vocab,
+            front_end: MelFrontEnd::new(n_mels),
+            layers,
+            d_model,
+            context,
+            weights: (encoder_weights, decoder_weights),
+        })
+    }
+
+    /// How the encoder's and the decoder's weight matrices are held (the manifest's
+    /// `encoder_weights` and `decoder_weights`).
+    pub fn weight_formats(&self) -> (WeightFormat, WeightFormat) {
+        self.weights
     }
 
     pub fn bucket_secs(&self) -> Vec<u32> {
-        self.buckets.iter().map(|b| b.secs).collect()
+        self.buckets.clone()
     }
 
     /// Longest audio one call to `transcribe_window` takes, in samples.
     pub fn max_window_samples(&self) -> usize {
-        self.buckets.last().map_or(0, |b| b.secs as usize * SAMPLE_RATE as usize)
+        self.buckets.last().map_or(0, |&secs| secs as usize * SAMPLE_RATE as usize)
     }
 
-    fn bucket_for(&self, samples: usize, margin: usize) -> &Bucket {
+    /// The smallest window (seconds) that holds `samples` plus `margin`, else the largest.
+    fn window_for(&self, samples: usize, margin: usize) -> u32 {
         let need = samples + margin;
         self.buckets
             .iter()
-            .find(|b| b.secs as usize * SAMPLE_RATE as usize >= need)
-            .or_else(|| self.buckets.last())
+            .copied()
+            .find(|&secs| secs as usize * SAMPLE_RATE as usize >= need)
+            .or_else(|| self.buckets.last().copied())
             .unwrap_or_else(|| unreachable!("load refuses an empty bucket list"))
     }
 
@@ -154,13 +188,13 @@ impl Whisper {
     pub fn transcribe_window(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Transcript, SpeechError> {
         let err = |e: TractError| SpeechError::model(&self.name, e);
         let margin = (opts.tail_margin_secs.max(0.0) * SAMPLE_RATE as f32) as usize;
-        let bucket = self.bucket_for(audio.len(), margin);
-        let window = bucket.secs as usize * SAMPLE_RATE as usize;
+        let window_secs = self.window_for(audio.len(), margin);
+        let window = window_secs as usize * SAMPLE_RATE as usize;
         let audio = &audio[..audio.len().min(window)];
         let started = Instant::now();
         let mel = self.front_end.log_mel(audio, window - audio.len());
         let mel = Tensor::from_shape(&[1, mel.bands, mel.frames], &mel.data).map_err(err)?;
-        let cross = bucket.encoder.run(tvec!(mel.into_tvalue())).map_err(err)?;
+        let cross = self.encoder.run(tvec!(mel.into_tvalue())).map_err(err)?;
         let (cross_k, cross_v) = match cross.as_slice() {
             [k, v] => (k.clone(), v.clone()),
             _ => return Err(SpeechError::model(&self.name, "encoder must give cross_k and cross_v")),
@@ -247,7 +281,7 @@ impl Whisper {
             no_speech,
             stop,
             audio_secs: duration,
-            window_secs: bucket.secs,
+            window_secs,
             encoder_ms,
             decoder_ms: started.elapsed().as_secs_f64() * 1000.0,
         })
