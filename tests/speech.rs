@@ -188,6 +188,29 @@ fn fp16_weights_transcribe_the_shared_clips_as_fp32_does() {
         .map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>()))
         .sum();
     assert!(differing * 50 <= chars, "{differing} of {chars} characters differ:\nfp32 {fp32:?}\nf16  {f16:?}");
+    // And the narrowing happened: the fp16 decoder holds its ~190 MB of weights in half.
+    let loaded_mb = |weights: &str| -> f64 {
+        let models = dir.path().join(format!("models-{weights}"));
+        let config = config(dir.path());
+        let out = run_cli(&[
+            "--config",
+            config.to_str().unwrap(),
+            "bench",
+            "asr",
+            "--json",
+            "--runs",
+            "2",
+            "--models",
+            models.to_str().unwrap(),
+            &clip("zh/IT0011W0001.wav"),
+        ]);
+        assert!(out.status.success(), "{weights}: {}", stderr_of(&out));
+        let report: serde_json::Value = serde_json::from_str(&stdout_of(&out)).unwrap();
+        assert_eq!(report["weights"]["decoder"], weights, "{report}");
+        report["rss_mb"]["loaded"].as_f64().unwrap()
+    };
+    let (fp32_mb, f16_mb) = (loaded_mb("fp32"), loaded_mb("f16"));
+    assert!(f16_mb + 70.0 < fp32_mb, "resident after loading: fp32 {fp32_mb:.0} MB, f16 {f16_mb:.0} MB");
 }
 
 #[test]
