@@ -87,7 +87,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         }
     };
     say(format!("callbox demo: daemon starting with models from {} …", models.display()));
-    let mut daemon = PrivateDaemon::start(&models, &options.language, "")?;
+    let mut daemon = PrivateDaemon::start(&models, &options.language)?;
     let socket = daemon.socket.clone();
     let addresses = daemon.addresses;
     say(format!(

@@ -72,9 +72,8 @@ pub struct PrivateDaemon {
 }
 
 impl PrivateDaemon {
-    /// Starts the daemon on `models` and waits until it answers; `extra_toml` is appended
-    /// to its config (more sections: `[speech]` keys go through `speech_toml`).
-    pub fn start(models: &Path, language: &str, speech_toml: &str) -> Result<Self, String> {
+    /// Starts the daemon on `models` and waits until it answers.
+    pub fn start(models: &Path, language: &str) -> Result<Self, String> {
         let work = WorkDir::create().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
         let socket = work.0.join("control.sock");
         let config = work.0.join("callbox.toml");
@@ -83,7 +82,7 @@ impl PrivateDaemon {
             "# callbox: a private daemon on loopback\n\
              [daemon]\ndata_dir = {data:?}\nshutdown_timeout_secs = 10\n\
              [control]\nsocket = {socket:?}\n\
-             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\n{speech_toml}\n\
+             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\n\
              [audiosocket]\nlisteners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\n",
             data = work.0.join("data"),
         );

@@ -69,7 +69,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     }
     let (legs, call_secs) = load_two_leg_call(&opts.call, opts.rate).map_err(fail)?;
     let legs = Arc::new(legs);
-    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language, "").map_err(fail)?;
+    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language).map_err(fail)?;
     let pid = daemon.pid();
     let say = |line: String| {
         if !opts.json {

@@ -30,7 +30,10 @@ impl WeightFormat {
             None => Ok(default),
             Some("f16") => Ok(Self::F16),
             Some("fp32") => Ok(Self::Fp32),
-            Some(other) => Err(format!("`weights` is `{other}`; this callbox reads `f16` or `fp32`")),
+            Some(other) => Err(format!(
+                "is `{other}`; this callbox reads `f16` or `fp32` (edit the models folder's manifest.json, or rebuild it \
+                 with models/build.sh)"
+            )),
         }
     }
 
