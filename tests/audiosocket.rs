@@ -30,10 +30,15 @@ fn uuid_frame(id: &[u8; 16]) -> Vec<u8> {
 /// Starts a daemon with a customer and an agent listener on free ports. Speech is off:
 /// these tests are about the protocol (tests/speech.rs streams real speech).
 fn daemon(extra: &str) -> (TestDaemon, String, String) {
+    daemon_in(tempfile::tempdir().unwrap(), extra)
+}
+
+/// The same in a prepared directory (its data directory may hold files already).
+fn daemon_in(dir: tempfile::TempDir, extra: &str) -> (TestDaemon, String, String) {
     let settings = format!(
         "speech.enabled = false\naudiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}, {{ address = \"127.0.0.1:0\", leg = \"agent\" }}]\n{extra}"
     );
-    let d = TestDaemon::start(&settings, &[]);
+    let d = TestDaemon::start_in(dir, &settings, &[]);
     let status = d.status_json();
     let listeners: Vec<String> =
         status["audiosocket_listeners"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_owned()).collect();
@@ -161,6 +166,15 @@ fn malformed_streams_are_closed_with_a_reason_and_harm_no_other_call() {
     assert_eq!(d.status_json()["state"], "running");
 }
 
+/// Opens a leg of another call than `CALL`; what the daemon sent back before closing.
+fn open_a_second_call(address: &str) -> Vec<u8> {
+    let mut second = TcpStream::connect(address).unwrap();
+    let mut id = CALL;
+    id[0] = 0xff;
+    second.write_all(&uuid_frame(&id)).unwrap();
+    closed_by_daemon(&mut second)
+}
+
 #[test]
 fn admission_control_hangs_up_calls_beyond_capacity() {
     let (d, customer_addr, agent_addr) = daemon("calls.max_concurrent = 1");
@@ -171,17 +185,58 @@ fn admission_control_hangs_up_calls_beyond_capacity() {
     let mut agent = TcpStream::connect(&agent_addr).unwrap();
     agent.write_all(&uuid_frame(&CALL)).unwrap();
     // ...a second call is not: the daemon answers with a hangup frame and closes.
-    let mut second = TcpStream::connect(&customer_addr).unwrap();
-    let mut id = CALL;
-    id[0] = 0xff;
-    second.write_all(&uuid_frame(&id)).unwrap();
-    assert_eq!(closed_by_daemon(&mut second), vec![0, 0, 0]);
+    assert_eq!(open_a_second_call(&customer_addr), vec![0, 0, 0]);
     assert!(wait_until(WAIT, || d.status_json()["calls"]["total_refused"] == 1));
     let calls = active_calls(&d);
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["legs"].as_array().unwrap().len(), 2);
     drop(first);
     drop(agent);
+}
+
+/// A rating as `callbox bench capacity --save` writes it, for a box with `cores` cores.
+fn rating(rated_calls: usize, cores: usize) -> String {
+    serde_json::json!({
+        "rated_calls": rated_calls, "budget_secs": 1.5, "measured_at_unix_ms": 1_796_256_000_000u64,
+        "daemon_version": "0.1.0", "cores": cores, "cpu": "test", "models_version": "-",
+        "asr_workers": cores, "load": "test", "steps": [],
+    })
+    .to_string()
+}
+
+#[test]
+fn admission_holds_to_the_rated_capacity_and_a_reload_rereads_it() {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::DirBuilder::new().mode(0o700).create(&data).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    std::fs::write(data.join("capacity.json"), rating(1, cores)).unwrap();
+    // No models here: the box's models version is "-", as in the rating.
+    let (d, customer_addr, _) = daemon_in(dir, "speech.models_dir = \"/nonexistent/models\"");
+    let calls = d.status_json()["calls"].clone();
+    assert_eq!(calls["max_calls"], 1, "{calls:#}");
+    assert_eq!(calls["limit_source"], "the box's rated capacity, `callbox bench capacity` of 2026-12-03");
+
+    let mut first = TcpStream::connect(&customer_addr).unwrap();
+    first.write_all(&uuid_frame(&CALL)).unwrap();
+    assert!(wait_until(WAIT, || active_calls(&d).len() == 1));
+    assert_eq!(open_a_second_call(&customer_addr), vec![0, 0, 0]);
+    assert!(wait_until(WAIT, || d.status_json()["calls"]["refused_at_capacity"] == 1));
+    assert!(d.log_text().contains("at capacity: 1 concurrent calls (the box's rated capacity"), "{}", d.log_text());
+    let text = String::from_utf8(d.cli(&["status"]).stdout).unwrap();
+    assert!(text.contains("1 active of at most 1 (the box's rated capacity"), "{text}");
+
+    // Rated on another box (more cores): set aside on reload, with a warning to act on.
+    std::fs::write(d.dir.path().join("data/capacity.json"), rating(1, cores + 1)).unwrap();
+    assert!(d.cli(&["reload"]).status.success());
+    let calls = d.status_json()["calls"].clone();
+    assert_eq!((calls["max_calls"].as_u64(), calls["limit_source"].as_str()), (Some(32), Some("calls.max_concurrent")));
+    let warning = calls["limit_warning"].as_str().unwrap();
+    assert!(warning.contains(&format!("{} cores then, {cores} now", cores + 1)), "{warning}");
+    // The call already taken was never touched.
+    assert_eq!(active_calls(&d).len(), 1);
+    drop(first);
 }
 
 #[test]

@@ -15,6 +15,7 @@ const CORES: &[&str] = &[
     "audio::resample",
     "audio::wav",
     "calls",
+    "calls::capacity",
     "config",
     "inputs::lines",
     "hex",

@@ -247,6 +247,41 @@ pub enum BenchCommand {
         #[arg(long, value_name = "DIR")]
         models: Option<PathBuf>,
     },
+    /// How many simultaneous two-leg calls this box carries: a private daemon takes N calls
+    /// at once over AudioSocket (streamed in real time, the legs talking in turns), N
+    /// doubling until utterance end → understood p99 breaks the budget, then the gap
+    /// halved. Run it when the box carries no calls; `--save` makes the daemon hold
+    /// admission to the result (<data dir>/capacity.json, read at start and on reload).
+    Capacity {
+        /// Mono WAV clips that take turns on the two legs (default: the models' sample call).
+        #[arg(long, value_name = "DIR", conflicts_with = "call")]
+        clips: Option<PathBuf>,
+        /// A stereo two-leg call (agent left, customer right) instead.
+        #[arg(long, value_name = "WAV")]
+        call: Option<PathBuf>,
+        /// AudioSocket sample rate: 8000 (slin) or 16000 (slin16).
+        #[arg(long, default_value_t = 8000)]
+        rate: u32,
+        #[arg(long, default_value = "en")]
+        language: String,
+        /// The p99 of utterance end → understood utterance a step must keep, seconds.
+        #[arg(long, default_value_t = 1.5)]
+        budget_secs: f64,
+        /// How long each step streams (at least two calls' length).
+        #[arg(long, default_value_t = 90)]
+        step_secs: u64,
+        #[arg(long, default_value_t = 1)]
+        start: usize,
+        #[arg(long, default_value_t = 64)]
+        max_calls: usize,
+        /// Save the rating in the daemon's data directory.
+        #[arg(long)]
+        save: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+    },
     /// The encrypted call store: calls written per second (durably, each with its
     /// utterances) and the latency of one call's audited, decrypted read.
     Store {
@@ -452,6 +487,43 @@ pub fn main() -> u8 {
             })
             .unwrap_or_else(Failure::report)
         }
+        Command::Bench(BenchCommand::Capacity {
+            ref clips,
+            ref call,
+            rate,
+            ref language,
+            budget_secs,
+            step_secs,
+            start,
+            max_calls,
+            save,
+            json,
+            ref models,
+        }) => {
+            let (models, sample_call) = crate::offline::soak_inputs(&cli.config, models.as_deref(), call.as_deref());
+            let config = crate::config::load_lenient(&cli.config);
+            let source = match clips {
+                Some(dir) => crate::offline::CallSource::Clips(dir.clone()),
+                None => crate::offline::CallSource::Stereo(sample_call),
+            };
+            let save_to = save.then(|| {
+                config.daemon.data_dir.clone().unwrap_or_else(|| crate::paths::PathEnv::from_process().data_dir())
+            });
+            crate::offline::bench_capacity(&crate::offline::BenchCapacity {
+                source,
+                rate,
+                language: language.clone(),
+                models,
+                asr_workers: config.speech.asr_workers,
+                budget_secs,
+                step_secs,
+                start,
+                max_calls,
+                save_to,
+                json,
+            })
+            .unwrap_or_else(Failure::report)
+        }
         Command::Bench(BenchCommand::Outbox { ref broker, messages, alerts, alert_every_ms, json }) => {
             crate::offline::bench_outbox(&crate::offline::BenchOutbox {
                 broker: broker.broker.clone(),
@@ -571,11 +643,17 @@ fn render_status(r: &StatusReport) -> String {
         out += &format!("audiosocket: {}\n", r.audiosocket_listeners.join(", "));
     }
     out += &format!(
-        "calls:      {} active, {} since start, {} refused\n",
+        "calls:      {} active of at most {} ({}), {} since start, {} refused ({} at the limit)\n",
         r.calls.active.len(),
+        r.calls.max_calls,
+        r.calls.limit_source,
         r.calls.total_started,
-        r.calls.total_refused
+        r.calls.total_refused,
+        r.calls.refused_at_capacity
     );
+    if let Some(warning) = &r.calls.limit_warning {
+        out += &format!("            warning: {warning}\n");
+    }
     for call in &r.calls.active {
         let legs: Vec<String> = call
             .legs

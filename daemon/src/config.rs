@@ -383,11 +383,14 @@ impl Default for StorageConfig {
 pub struct CallsConfig {
     /// Admission control: legs of further calls are refused (AudioSocket: hung up).
     pub max_concurrent: usize,
+    /// Admission also holds to the box's rated capacity (`<data_dir>/capacity.json`,
+    /// written by `callbox bench capacity --save`) when it is lower.
+    pub use_rated_capacity: bool,
 }
 
 impl Default for CallsConfig {
     fn default() -> Self {
-        Self { max_concurrent: 32 }
+        Self { max_concurrent: 32, use_rated_capacity: true }
     }
 }
 

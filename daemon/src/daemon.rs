@@ -260,6 +260,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
     let stages = StagedShutdown::default();
     let shutdown = stages.signal(Stage::Inputs);
     let calls = CallRegistry::new(cfg.calls.max_concurrent);
+    calls.set_limit(call_limit(cfg, &data_dir));
     let audiosocket_listeners: Vec<String> =
         audiosocket.iter().map(|l| format!("{} ({:?})", l.address, l.leg).to_lowercase()).collect();
     let capture = cfg.alsa.device.is_some().then(crate::inputs::alsa::request_queue);
@@ -316,6 +317,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
             hq_tls.clone(),
             config_rx.clone(),
             uplink.clone(),
+            calls.clone(),
             health.clone(),
             stages.signal(Stage::Stores),
         );
@@ -367,8 +369,14 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         components.push(Component::new("alsa", Stage::Inputs, run));
     }
 
-    let mut hooks =
-        DaemonHooks { notifier, config_tx, calls, pending: Vec::new(), config_path: loaded.source.path().to_owned() };
+    let mut hooks = DaemonHooks {
+        notifier,
+        config_tx,
+        calls,
+        pending: Vec::new(),
+        config_path: loaded.source.path().to_owned(),
+        data_dir: data_dir.clone(),
+    };
     hooks.notify(&Notification::Ready);
     hooks.notify(&Notification::Status(format!(
         "running; control socket {}; data in {}",
@@ -381,6 +389,19 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         watchdog_interval.map(|d| format!("every {} ms", d.as_millis())).unwrap_or_else(|| "off".into()));
 
     Ok(Started { components, shutdown_timeout, watchdog_interval, stages, reload_rx, hooks })
+}
+
+/// The limit on simultaneous calls: `calls.max_concurrent`, lowered to the box's rated
+/// capacity (`<data_dir>/capacity.json`) when that was measured on this box as it is now.
+fn call_limit(cfg: &config::Config, data_dir: &Path) -> crate::calls::capacity::CallLimit {
+    use crate::calls::capacity;
+    let rating = crate::calls::registry::read_rating(&data_dir.join(capacity::RATING_FILE));
+    let here = capacity::BoxFacts {
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        models_version: crate::uplink::link::models_version(cfg),
+        asr_workers: crate::speech::scheduler::slots_for(cfg.speech.asr_workers as usize),
+    };
+    capacity::call_limit(cfg.calls.max_concurrent, cfg.calls.use_rated_capacity, &rating, &here)
 }
 
 /// Loads the speech models when an input is configured and speech is on; the exit code
@@ -460,6 +481,8 @@ struct DaemonHooks {
     /// Clients waiting for the outcome of the next reload.
     pending: Vec<ReloadReply>,
     config_path: PathBuf,
+    /// Where the capacity rating is read on reload (the data directory needs a restart).
+    data_dir: PathBuf,
 }
 
 impl SupervisorHooks for DaemonHooks {
@@ -485,7 +508,7 @@ impl SupervisorHooks for DaemonHooks {
                     current.config.restart_required_changes(&loaded.config).into_iter().map(String::from).collect();
                 let generation = current.generation + 1;
                 logging::set_config_level(loaded.config.log.level);
-                self.calls.set_max_calls(loaded.config.calls.max_concurrent);
+                self.calls.set_limit(call_limit(&loaded.config, &self.data_dir));
                 log::info!(component = "supervisor"; "configuration reloaded from {} (generation {generation})", loaded.source);
                 if !restart_required.is_empty() {
                     log::warn!(component = "supervisor"; "changed keys take effect only after a restart: {}", restart_required.join(", "));

@@ -87,7 +87,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         }
     };
     say(format!("callbox demo: daemon starting with models from {} …", models.display()));
-    let mut daemon = PrivateDaemon::start(&models, &options.language)?;
+    let mut daemon = PrivateDaemon::start(&models, &options.language, 0)?;
     let socket = daemon.socket.clone();
     let addresses = daemon.addresses;
     say(format!(
@@ -168,7 +168,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     }
     for s in streams {
         match s.join() {
-            Ok(Ok(())) => {}
+            Ok(Ok(_lag)) => {}
             Ok(Err((leg, e))) => return Err(format!("streaming the {} leg failed: {e}", leg.name())),
             Err(_) => return Err("a streaming thread panicked".into()),
         }

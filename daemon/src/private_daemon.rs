@@ -72,8 +72,9 @@ pub struct PrivateDaemon {
 }
 
 impl PrivateDaemon {
-    /// Starts the daemon on `models` and waits until it answers.
-    pub fn start(models: &Path, language: &str) -> Result<Self, String> {
+    /// Starts the daemon on `models` with `asr_workers` ASR slots (0: one per core) and
+    /// waits until it answers.
+    pub fn start(models: &Path, language: &str, asr_workers: u32) -> Result<Self, String> {
         let work = WorkDir::create().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
         let socket = work.0.join("control.sock");
         let config = work.0.join("callbox.toml");
@@ -82,7 +83,8 @@ impl PrivateDaemon {
             "# callbox: a private daemon on loopback\n\
              [daemon]\ndata_dir = {data:?}\nshutdown_timeout_secs = 10\n\
              [control]\nsocket = {socket:?}\n\
-             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\n\
+             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\nasr_workers = {asr_workers}\n\
+             [calls]\nmax_concurrent = 1024\nuse_rated_capacity = false\n\
              [audiosocket]\nlisteners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\n",
             data = work.0.join("data"),
         );
@@ -152,14 +154,15 @@ impl PrivateDaemon {
 
 /// One leg of a call over AudioSocket: the UUID, 20-ms frames on a real-time schedule from
 /// `start`, then hangup. The daemon's silence towards the PBX is read and dropped, as
-/// Asterisk would play it.
+/// Asterisk would play it. Returns how far behind its schedule the latest frame went out
+/// (the daemon holding the stream back, which would cost a real PBX audio).
 pub fn stream_leg(
     address: SocketAddr,
     uuid: [u8; 16],
     samples: &[i16],
     rate: u32,
     start: Instant,
-) -> std::io::Result<()> {
+) -> std::io::Result<Duration> {
     let mut socket = TcpStream::connect(address)?;
     socket.set_nodelay(true)?;
     let mut back = socket.try_clone()?;
@@ -169,37 +172,53 @@ pub fn stream_leg(
     });
     socket.write_all(&encode(&Frame::Uuid(uuid)))?;
     let per_frame = (u64::from(rate) * FRAME_MS / 1000) as usize;
+    let mut max_lag = Duration::ZERO;
     for (n, chunk) in samples.chunks(per_frame).enumerate() {
         let due = start + Duration::from_millis(n as u64 * FRAME_MS);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
         socket.write_all(&encode(&Frame::Audio { sample_rate: rate, samples: chunk.to_vec() }))?;
+        max_lag = max_lag.max(Instant::now().saturating_duration_since(due));
     }
     socket.write_all(&encode(&Frame::Hangup))?;
     socket.shutdown(std::net::Shutdown::Write)?;
     let _ = drain.join();
-    Ok(())
+    Ok(max_lag)
 }
 
-/// A sample call's two legs (agent left, customer right) at `rate` as 16-bit PCM.
-pub fn load_two_leg_call(path: &Path, rate: u32) -> Result<([Vec<i16>; 2], f64), String> {
+fn read_wav(path: &Path) -> Result<crate::audio::wav::Wav, String> {
     let bytes = crate::fsio::read_bounded(
         path,
         crate::config::SpoolConfig::default().max_file_mb << 20,
         crate::fsio::Links::Follow,
     )
     .map_err(|e| e.to_string())?;
-    let recording = crate::audio::wav::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::audio::wav::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// One channel resampled to `rate` as 16-bit PCM.
+fn to_phone(samples: &[i16], from: u32, rate: u32) -> Result<Vec<i16>, String> {
+    let resampled = crate::audio::resample::resample_all(samples, from, rate)
+        .map_err(|e| format!("cannot resample to {rate} Hz: {e}"))?;
+    Ok(resampled.iter().map(|&x| (x * 32767.0).round().clamp(-32768.0, 32767.0) as i16).collect())
+}
+
+/// A sample call's two legs (agent left, customer right) at `rate` as 16-bit PCM.
+pub fn load_two_leg_call(path: &Path, rate: u32) -> Result<([Vec<i16>; 2], f64), String> {
+    let recording = read_wav(path)?;
     let [agent, customer] = recording.channels.as_slice() else {
         return Err(format!("{}: the sample call must be stereo (agent left, customer right)", path.display()));
     };
-    let to_phone = |samples: &[i16]| -> Result<Vec<i16>, String> {
-        let resampled = crate::audio::resample::resample_all(samples, recording.sample_rate, rate)
-            .map_err(|e| format!("cannot resample the sample call: {e}"))?;
-        Ok(resampled.iter().map(|&x| (x * 32767.0).round().clamp(-32768.0, 32767.0) as i16).collect())
-    };
-    Ok(([to_phone(agent)?, to_phone(customer)?], recording.duration_secs()))
+    let from = recording.sample_rate;
+    Ok(([to_phone(agent, from, rate)?, to_phone(customer, from, rate)?], recording.duration_secs()))
+}
+
+/// A recording's first channel at `rate` as 16-bit PCM.
+pub fn load_mono(path: &Path, rate: u32) -> Result<Vec<i16>, String> {
+    let recording = read_wav(path)?;
+    let first = recording.channels.first().ok_or_else(|| format!("{}: no audio channel", path.display()))?;
+    to_phone(first, recording.sample_rate, rate)
 }
 
 /// A fresh random call UUID.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audio::Leg;
 
+pub mod capacity;
 pub mod registry;
 
 /// Longest call id accepted from outside (a sidecar, the control socket).
@@ -65,8 +66,9 @@ pub enum LegEvent {
 pub enum Refusal {
     #[error("call {call} already has an open {leg:?} leg")]
     LegAlreadyOpen { call: String, leg: Leg },
-    #[error("at capacity: {max_calls} concurrent calls (calls.max_concurrent)")]
-    AtCapacity { max_calls: usize },
+    /// `why` says where the limit comes from (the configured cap or the box's rating).
+    #[error("at capacity: {max_calls} concurrent calls ({why})")]
+    AtCapacity { max_calls: usize, why: String },
     /// The data directory is nearly full: new calls are refused so the store never has to
     /// refuse the utterances of calls it took; calls in progress go on.
     #[error("refusing new calls: {reason}")]
@@ -126,15 +128,30 @@ const MAX_DTMF: usize = 64;
 pub struct CallTable {
     /// Why new calls are refused for now (the data directory is nearly full).
     refusing: Option<String>,
-    max_calls: usize,
+    /// How many calls at once, and why that many (for the hang-up reason and `status`).
+    limit: capacity::CallLimit,
     calls: BTreeMap<String, CallEntry>,
     pub total_started: u64,
     pub total_refused: u64,
+    /// Of those, refused because the limit was reached.
+    pub refused_at_capacity: u64,
 }
 
 impl CallTable {
     pub fn new(max_calls: usize) -> Self {
-        Self { max_calls, calls: BTreeMap::new(), total_started: 0, total_refused: 0, refusing: None }
+        Self {
+            limit: capacity::CallLimit {
+                max_calls,
+                source: "calls.max_concurrent".into(),
+                warning: None,
+                rating: None,
+            },
+            calls: BTreeMap::new(),
+            total_started: 0,
+            total_refused: 0,
+            refused_at_capacity: 0,
+            refusing: None,
+        }
     }
 
     /// New calls are refused with `reason` until this is given None (legs of calls already
@@ -143,8 +160,13 @@ impl CallTable {
         self.refusing = reason;
     }
 
-    pub fn set_max_calls(&mut self, max_calls: usize) {
-        self.max_calls = max_calls;
+    /// The limit on simultaneous calls from now on; calls already taken are never cut.
+    pub fn set_limit(&mut self, limit: capacity::CallLimit) {
+        self.limit = limit;
+    }
+
+    pub fn limit(&self) -> &capacity::CallLimit {
+        &self.limit
     }
 
     pub fn active(&self) -> usize {
@@ -159,7 +181,10 @@ impl CallTable {
                 Some(Refusal::LegAlreadyOpen { call: call.to_owned(), leg })
             }
             Some(_) => None,
-            None if self.calls.len() >= self.max_calls => Some(Refusal::AtCapacity { max_calls: self.max_calls }),
+            None if self.calls.len() >= self.limit.max_calls => {
+                self.refused_at_capacity += 1;
+                Some(Refusal::AtCapacity { max_calls: self.limit.max_calls, why: self.limit.source.clone() })
+            }
             None if self.refusing.is_some() => {
                 Some(Refusal::DiskFull { reason: self.refusing.clone().unwrap_or_default() })
             }
@@ -275,6 +300,10 @@ pub struct CallsReport {
     pub active: Vec<CallSummary>,
     pub total_started: u64,
     pub total_refused: u64,
+    pub refused_at_capacity: u64,
+    pub max_calls: usize,
+    pub limit_source: String,
+    pub limit_warning: Option<String>,
 }
 
 #[cfg(test)]
@@ -316,7 +345,7 @@ mod tests {
         t.handle(opened("a", Leg::Customer), now);
         assert!(matches!(t.admit("a", Leg::Customer), Admission::Refused(Refusal::LegAlreadyOpen { .. })));
         assert_eq!(t.admit("a", Leg::Agent), Admission::Admitted, "the other leg of an admitted call is welcome");
-        assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(Refusal::AtCapacity { max_calls: 1 })));
+        assert!(matches!(t.admit("b", Leg::Customer), Admission::Refused(Refusal::AtCapacity { max_calls: 1, .. })));
         assert_eq!(t.total_refused, 2);
         t.handle(closed("a", Leg::Customer), now);
         assert_eq!(t.admit("b", Leg::Customer), Admission::Admitted);

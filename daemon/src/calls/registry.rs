@@ -36,8 +36,19 @@ impl CallRegistry {
         f(&mut table)
     }
 
-    pub fn set_max_calls(&self, max_calls: usize) {
-        self.with(|t| t.set_max_calls(max_calls));
+    /// The limit on simultaneous calls (at start and on reload); a warning about it is
+    /// logged and kept for `status`.
+    pub fn set_limit(&self, limit: super::capacity::CallLimit) {
+        if let Some(warning) = &limit.warning {
+            log::warn!(component = "calls"; "{warning}");
+        }
+        log::info!(component = "calls"; "at most {} simultaneous calls ({})", limit.max_calls, limit.source);
+        self.with(|t| t.set_limit(limit));
+    }
+
+    /// The limit in force and where it comes from.
+    pub fn limit(&self) -> super::capacity::CallLimit {
+        self.with(|t| t.limit().clone())
     }
 
     /// New calls are refused with `reason` (the data directory is nearly full), or taken again.
@@ -73,6 +84,10 @@ impl CallRegistry {
             active: t.snapshot(),
             total_started: t.total_started,
             total_refused: t.total_refused,
+            refused_at_capacity: t.refused_at_capacity,
+            max_calls: t.limit().max_calls,
+            limit_source: t.limit().source.clone(),
+            limit_warning: t.limit().warning.clone(),
         })
     }
 }
@@ -127,4 +142,43 @@ impl Drop for LegGuard {
         let actions = self.registry.with(|t| t.handle(event, now()));
         log_actions(&actions);
     }
+}
+
+/// Reads the box's rating (`bench capacity --save`), bounded in size.
+pub fn read_rating(path: &std::path::Path) -> super::capacity::RatingFile {
+    use super::capacity::{RatingFile, MAX_RATING_BYTES};
+    match crate::fsio::read_text_bounded(path, MAX_RATING_BYTES, crate::fsio::Links::Refuse) {
+        Err(e) if e.is_not_found() => RatingFile::Missing,
+        Err(e) => RatingFile::Unreadable(format!("{}: {e}", path.display())),
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(rating) => RatingFile::Found(Box::new(rating)),
+            Err(e) => RatingFile::Unreadable(format!("{}: {e}", path.display())),
+        },
+    }
+}
+
+/// Writes a rating where the daemon reads it: whole or not at all (a temporary file
+/// renamed over it), mode 0600, owned like the data directory (a technician runs the
+/// benchmark as root; the daemon runs as its own user).
+pub fn write_rating(dir: &std::path::Path, rating: &super::capacity::Rating) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let path = dir.join(super::capacity::RATING_FILE);
+    let tmp = dir.join(format!(".{}.tmp", super::capacity::RATING_FILE));
+    let _ = std::fs::remove_file(&tmp);
+    let text = serde_json::to_string_pretty(rating).map_err(std::io::Error::other)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    let owner = std::fs::metadata(dir)?;
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(
+            &tmp,
+            Some(nix::unistd::Uid::from_raw(owner.uid())),
+            Some(nix::unistd::Gid::from_raw(owner.gid())),
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
 }

@@ -66,6 +66,10 @@ impl From<calls::CallsReport> for wire::CallsReport {
             active: r.active.into_iter().map(Into::into).collect(),
             total_started: r.total_started,
             total_refused: r.total_refused,
+            refused_at_capacity: r.refused_at_capacity,
+            max_calls: r.max_calls,
+            limit_source: r.limit_source,
+            limit_warning: r.limit_warning,
         }
     }
 }

@@ -544,6 +544,18 @@ pub struct CallsReport {
     pub active: Vec<CallSummary>,
     pub total_started: u64,
     pub total_refused: u64,
+    /// Of the refused, those turned away because the limit was reached.
+    #[serde(default)]
+    pub refused_at_capacity: u64,
+    /// Simultaneous calls taken at most, and where that limit comes from
+    /// (`calls.max_concurrent` or the box's rated capacity).
+    #[serde(default)]
+    pub max_calls: usize,
+    #[serde(default)]
+    pub limit_source: String,
+    /// Something to act on about the limit (no rating, a rating of another box).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_warning: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -943,7 +955,11 @@ mod tests {
                     }],
                 }],
                 total_started: 1,
-                total_refused: 0,
+                total_refused: 2,
+                refused_at_capacity: 1,
+                max_calls: 6,
+                limit_source: "the box's rated capacity".into(),
+                limit_warning: Some("w".into()),
             },
             speech: Some(SpeechReport {
                 models_dir: "/m".into(),

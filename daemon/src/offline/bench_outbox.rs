@@ -111,6 +111,7 @@ pub fn bench_outbox(b: &BenchOutbox) -> Result<u8, Failure> {
         tls,
         config_rx,
         crate::uplink::link::UplinkHandle::default(),
+        crate::calls::registry::CallRegistry::new(1),
         crate::health::HealthBoard::default(),
         signal,
     ));

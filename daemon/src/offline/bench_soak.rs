@@ -6,24 +6,18 @@
 //! customer talking in turns) in real time, back to back with a fresh call id, the slots
 //! staggered over one call's length so utterance ends spread out as on a real box.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::audio::audiosocket::format_uuid;
-use crate::control::client::{self, WatchLine};
-use crate::control::protocol::MonitorItem;
+use super::load::{percentile, Load, Observed, TwoLegCall};
 use crate::exit::{self, Failure};
-use crate::private_daemon::{load_two_leg_call, random_uuid, stream_leg, PrivateDaemon};
+use crate::private_daemon::PrivateDaemon;
 
 /// How often the daemon's RSS is read (the peak is the largest of these).
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
-/// After the last call's last frame: its last utterance and its finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct BenchSoak {
     pub minutes: u32,
@@ -54,22 +48,13 @@ fn rss_mb(pid: u32) -> f64 {
     super::memory_mb(&format!("/proc/{pid}/status")).0
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     let fail = |message: String| Failure::new(exit::FAILURE, message);
     if opts.minutes == 0 || opts.calls == 0 {
         return Err(Failure::new(exit::USAGE, "--minutes and --calls must be at least 1"));
     }
-    let (legs, call_secs) = load_two_leg_call(&opts.call, opts.rate).map_err(fail)?;
-    let legs = Arc::new(legs);
-    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language).map_err(fail)?;
+    let call = TwoLegCall::from_stereo(&opts.call, opts.rate).map_err(fail)?;
+    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language, 0).map_err(fail)?;
     let pid = daemon.pid();
     let say = |line: String| {
         if !opts.json {
@@ -81,82 +66,25 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
         daemon.ready_secs,
         rss_mb(pid),
         opts.calls,
-        call_secs,
+        call.secs,
         opts.rate,
         opts.minutes
     ));
 
-    // Which call started when: latencies are measured against the audio's own clock.
-    let starts: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (items_tx, items_rx) = mpsc::channel::<MonitorItem>();
-    let socket = daemon.socket.clone();
-    let watcher = std::thread::spawn(move || {
-        let _ = client::watch(&socket, |line| match line {
-            WatchLine::Item(item) => items_tx.send(*item).is_ok(),
-            WatchLine::Error(_) => true,
-        });
-    });
-
+    let call = Arc::new(call);
+    let duration = Duration::from_secs(u64::from(opts.minutes) * 60);
     let begun = Instant::now();
-    let deadline = begun + Duration::from_secs(u64::from(opts.minutes) * 60);
-    let stop = Arc::new(AtomicBool::new(false));
-    let started_calls = Arc::new(AtomicUsize::new(0));
-    let stream_errors: Arc<Mutex<Vec<String>>> = Arc::default();
-    let slots: Vec<_> = (0..opts.calls)
-        .map(|slot| {
-            let (legs, starts, stop, started_calls, errors) =
-                (legs.clone(), starts.clone(), stop.clone(), started_calls.clone(), stream_errors.clone());
-            let addresses = daemon.addresses;
-            let rate = opts.rate;
-            let offset = Duration::from_secs_f64(call_secs * slot as f64 / opts.calls as f64);
-            std::thread::spawn(move || {
-                let mut next = begun + offset;
-                // A call starts only if it can end before the deadline: the soak's end is
-                // then every call's end.
-                while next + Duration::from_secs_f64(call_secs) <= deadline && !stop.load(Ordering::Relaxed) {
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let Ok(uuid) = random_uuid() else { break };
-                    let start = Instant::now();
-                    if let Ok(mut map) = starts.lock() {
-                        map.insert(format_uuid(&uuid), start);
-                    }
-                    started_calls.fetch_add(1, Ordering::Relaxed);
-                    let streams: Vec<_> = legs
-                        .iter()
-                        .zip(addresses)
-                        .map(|(samples, address)| {
-                            let samples = samples.clone();
-                            std::thread::spawn(move || stream_leg(address, uuid, &samples, rate, start))
-                        })
-                        .collect();
-                    for s in streams {
-                        if let Ok(Err(e)) | Err(e) =
-                            s.join().map_err(|_| std::io::Error::other("a streaming thread panicked"))
-                        {
-                            if let Ok(mut errors) = errors.lock() {
-                                errors.push(e.to_string());
-                            }
-                        }
-                    }
-                    next = Instant::now().max(start + Duration::from_secs_f64(call_secs));
-                }
-            })
-        })
-        .collect();
-
+    let mut load = Load::start(&daemon, &call, opts.calls, duration);
     let mut minutes: Vec<Minute> = Vec::new();
     let mut latencies: Vec<f64> = Vec::new();
     let mut all_latencies: Vec<f64> = Vec::new();
-    let (mut finished, mut utterances, mut total_utterances) = (0usize, 0usize, 0usize);
+    let mut utterances = 0usize;
     let mut peak = 0.0f64;
     let mut next_sample = Instant::now();
     let mut next_minute = begun + Duration::from_secs(60);
-    let mut drain_deadline: Option<Instant> = None;
     loop {
         if let Some(code) = daemon.exited() {
-            stop.store(true, Ordering::Relaxed);
+            load.finish();
             return Err(fail(format!("the daemon exited ({code}) during the soak; its log:\n{}", daemon.log_tail())));
         }
         let now = Instant::now();
@@ -172,7 +100,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
                 minute: minutes.len() as u32 + 1,
                 rss_mb: rss,
                 peak_rss_mb: peak,
-                calls_finished: finished,
+                calls_finished: load.finished(),
                 utterances,
                 latency_p50_secs: percentile(&latencies, 50.0),
                 latency_p99_secs: percentile(&latencies, 99.0),
@@ -193,45 +121,19 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
             utterances = 0;
             next_minute += Duration::from_secs(60);
         }
-        let started = started_calls.load(Ordering::Relaxed);
-        if now >= deadline && slots.iter().all(std::thread::JoinHandle::is_finished) {
-            if finished >= started && minutes.len() >= opts.minutes as usize {
-                break;
-            }
-            let drain = *drain_deadline.get_or_insert(now + DRAIN_TIMEOUT);
-            if now >= drain {
-                break;
-            }
+        if minutes.len() >= opts.minutes as usize && load.done() {
+            break;
         }
-        let Ok(item) = items_rx.recv_timeout(Duration::from_millis(200)) else { continue };
-        let arrived = Instant::now();
-        match item {
-            MonitorItem::Utterance(u) => {
-                let start = starts.lock().ok().and_then(|m| m.get(&u.call).copied());
-                if let Some(start) = start {
-                    let latency = arrived.duration_since(start).as_secs_f64() - u.end_secs;
-                    latencies.push(latency);
-                    all_latencies.push(latency);
-                    utterances += 1;
-                    total_utterances += 1;
-                }
-            }
-            MonitorItem::CallFinished(f) => {
-                if starts.lock().map(|m| m.contains_key(&f.call)).unwrap_or(false) {
-                    finished += 1;
-                }
-            }
-            MonitorItem::Event(_) => {}
+        if let Some(Observed::Utterance { latency_secs }) = load.poll(Duration::from_millis(200)) {
+            latencies.push(latency_secs);
+            all_latencies.push(latency_secs);
+            utterances += 1;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for slot in slots {
-        let _ = slot.join();
-    }
-    let started = started_calls.load(Ordering::Relaxed);
+    let end = load.finish();
+    let (started, finished, total_utterances) = (end.started, end.finished, all_latencies.len());
     let final_rss = rss_mb(pid);
     drop(daemon);
-    let _ = watcher.join();
 
     all_latencies.sort_by(f64::total_cmp);
     // The first minute is the warm-up (allocator arenas, plan scratch for each window
@@ -239,7 +141,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     let baseline = minutes.first().map_or(final_rss, |m| m.rss_mb);
     let last = minutes.last().map_or(final_rss, |m| m.rss_mb);
     let growth_pct = if baseline > 0.0 { (last - baseline) / baseline * 100.0 } else { 0.0 };
-    let errors = stream_errors.lock().map(|e| e.clone()).unwrap_or_default();
+    let errors = end.stream_errors;
     let mut problems = Vec::new();
     if finished < started {
         problems.push(format!("{} of {started} calls did not finish", started - finished));

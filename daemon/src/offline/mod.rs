@@ -15,15 +15,18 @@ use crate::understanding::live::UnderstandingModels;
 
 mod analyze;
 mod bench_asr;
+mod bench_capacity;
 mod bench_intent;
 mod bench_outbox;
 mod bench_soak;
 mod bench_store;
 mod classify;
+mod load;
 mod transcribe;
 
 pub use analyze::analyze;
 pub use bench_asr::bench_asr;
+pub use bench_capacity::{bench_capacity, BenchCapacity, CallSource};
 pub use bench_intent::bench_intent;
 pub use bench_outbox::{bench_outbox, BenchOutbox};
 pub use bench_soak::{bench_soak, soak_inputs, BenchSoak};

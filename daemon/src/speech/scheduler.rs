@@ -93,7 +93,7 @@ pub struct AsrScheduler {
 impl AsrScheduler {
     /// `slots` 0 means one per core.
     pub fn new(slots: usize) -> Self {
-        let slots = if slots == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { slots };
+        let slots = slots_for(slots);
         Self {
             state: Mutex::new(State {
                 queue: SlotQueue::new(slots),
@@ -155,6 +155,15 @@ impl Drop for SlotGuard<'_> {
             drop(state);
             self.0.turn.notify_all();
         }
+    }
+}
+
+/// The slots `speech.asr_workers` stands for: 0 is one per core.
+pub fn slots_for(asr_workers: usize) -> usize {
+    if asr_workers == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        asr_workers
     }
 }
 

@@ -60,6 +60,12 @@ pub struct Birth {
     pub models_version: String,
     pub rules_version: String,
     pub max_concurrent_calls: usize,
+    /// The limit admission holds to now (`calls.max_concurrent` or the rated capacity)
+    /// and where it comes from.
+    pub call_limit: usize,
+    pub call_limit_source: String,
+    /// What `callbox bench capacity --save` measured on this box, if it was run.
+    pub rated_capacity: Option<crate::calls::capacity::RatingSummary>,
     pub at_unix_ms: i64,
 }
 
@@ -157,6 +163,7 @@ pub async fn run(
     tls: Option<Arc<rustls::ClientConfig>>,
     config: watch::Receiver<Arc<RunningConfig>>,
     handle: UplinkHandle,
+    calls: crate::calls::registry::CallRegistry,
     health: HealthBoard,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), UplinkError> {
@@ -216,6 +223,7 @@ pub async fn run(
                         let _ = client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce);
                         let _ = client.try_subscribe(state_topic.clone(), QoS::AtLeastOnce);
                         let state = BoxState { online: true, boot_id: boot.clone(), at_unix_ms: crate::store::now_ms() };
+                        let limit = calls.limit();
                         let birth = Birth {
                             daemon_version: env!("CARGO_PKG_VERSION").into(),
                             boot_id: boot.clone(),
@@ -225,6 +233,9 @@ pub async fn run(
                             models_version: models_version(&config.borrow().config),
                             rules_version: rules_version(&config.borrow().config),
                             max_concurrent_calls: config.borrow().config.calls.max_concurrent,
+                            call_limit: limit.max_calls,
+                            call_limit_source: limit.source,
+                            rated_capacity: limit.rating,
                             at_unix_ms: crate::store::now_ms(),
                         };
                         for (topic, body, retain) in [

@@ -230,6 +230,9 @@ mod tests {
             models_version: "m".into(),
             rules_version: "r".into(),
             max_concurrent_calls: 1,
+            call_limit: 1,
+            call_limit_source: "calls.max_concurrent".into(),
+            rated_capacity: None,
             at_unix_ms: 1,
         };
         let ack = Ack { ids: vec![] };
