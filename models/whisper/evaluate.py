@@ -129,7 +129,7 @@ class OrtWhisper:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--callbox", required=True, help="callbox binary (tract side)")
-    parser.add_argument("--buckets", default="4,8,15,30")
+    parser.add_argument("--buckets", default="2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,18,20,25,30")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     buckets = [int(b) for b in args.buckets.split(",")]
