@@ -28,6 +28,7 @@ const CORES: &[&str] = &[
     "speech::scheduler",
     "speech::tokens",
     "speech::vad",
+    "speech::hotwords",
     "speech::weights",
     "speech::whisper",
     "speech::zh",

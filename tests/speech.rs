@@ -214,6 +214,27 @@ fn fp16_weights_transcribe_the_shared_clips_as_fp32_does() {
 }
 
 #[test]
+fn hotwords_bias_the_decoder_towards_the_operators_terms() {
+    // BAC009S0764W0121 says 甚至出现交易几乎停滞的情况; with the default windows and no list
+    // the decoder writes 停制. With a campaign's list holding 停滞 (and terms this clip does
+    // not have) it writes the term; on a clip with none of the terms the list changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hot.toml");
+    let run = |settings: &str, file: &str| -> String {
+        std::fs::write(&config, format!("[speech]\nlanguage = \"zh\"\n{settings}")).unwrap();
+        let out =
+            run_cli(&["--config", config.to_str().unwrap(), "transcribe", "--json", "--models", models(), &clip(file)]);
+        text(&utterances(&out))
+    };
+    let terms = "hotwords = [\"停滞\", \"房地产\", \"中介协会\", \"销售\"]\n";
+    let plain = run("", "zh/BAC009S0764W0121.wav");
+    assert!(plain.contains("交易") && !plain.contains("停滞"), "without the list: {plain}");
+    let biased = run(terms, "zh/BAC009S0764W0121.wav");
+    assert!(biased.contains("交易几乎停滞"), "with the list: {biased}");
+    assert_eq!(run(terms, "zh/IT0011W0001.wav"), run("", "zh/IT0011W0001.wav"));
+}
+
+#[test]
 fn traditional_characters_come_out_simplified() {
     let dir = tempfile::tempdir().unwrap();
     // Whisper base writes this clip as 換一首歌; the transcript must be simplified.

@@ -553,6 +553,14 @@ pub struct SpeechConfig {
     /// Utterances transcribed at once, by every leg together (the shared ASR scheduler's
     /// slots; more wait their turn, oldest first). 0: one per core.
     pub asr_workers: u32,
+    /// Terms the ASR should favour: product, company, place names (at most 64, each
+    /// 1–32 characters).
+    pub hotwords: Vec<String>,
+    /// "bias" (raise the terms' tokens while decoding; free) or "prompt" (Whisper's
+    /// previous-text context; one decoder step per prompt token on every utterance).
+    pub hotword_mode: crate::speech::hotwords::HotwordMode,
+    /// Logit bias in bias mode (0–10).
+    pub hotword_bias: f32,
 }
 
 impl Default for SpeechConfig {
@@ -570,6 +578,9 @@ impl Default for SpeechConfig {
             max_utterance_secs: 15,
             max_tokens_per_sec: 12.0,
             asr_workers: 0,
+            hotwords: Vec::new(),
+            hotword_mode: crate::speech::hotwords::HotwordMode::Bias,
+            hotword_bias: crate::speech::whisper::DEFAULT_HOTWORD_BIAS,
         }
     }
 }
@@ -599,6 +610,9 @@ impl SpeechConfig {
         crate::speech::DecodeOptions {
             language: self.language.clone(),
             max_tokens_per_sec: self.max_tokens_per_sec,
+            hotwords: self.hotwords.clone(),
+            hotword_mode: self.hotword_mode,
+            hotword_bias: self.hotword_bias,
             ..Default::default()
         }
     }
@@ -912,6 +926,26 @@ impl Config {
             "speech.encoder_buckets_secs",
             format!("must list 1 to 30 s windows, got {:?}", sp2.encoder_buckets_secs),
         );
+        check(
+            (0.0..=10.0).contains(&sp2.hotword_bias),
+            "speech.hotword_bias",
+            format!("must be between 0 and 10, got {}", sp2.hotword_bias),
+        );
+        {
+            use crate::speech::hotwords::{MAX_TERMS, MAX_TERM_CHARS};
+            let bad = sp2.hotwords.iter().find(|t| {
+                let n = t.trim().chars().count();
+                n == 0 || n > MAX_TERM_CHARS || !crate::escape::is_printable(t)
+            });
+            check(
+                sp2.hotwords.len() <= MAX_TERMS && bad.is_none(),
+                "speech.hotwords",
+                match bad {
+                    Some(term) => format!("each term has 1–{MAX_TERM_CHARS} printable characters, got {term:?}"),
+                    None => format!("at most {MAX_TERMS} terms, got {}", sp2.hotwords.len()),
+                },
+            );
+        }
         let lang_ok = sp2.language == "auto"
             || (2..=3).contains(&sp2.language.len()) && sp2.language.chars().all(|c| c.is_ascii_lowercase());
         check(
@@ -1200,6 +1234,27 @@ device = \"hw:0\"
     fn relative_paths_are_refused() {
         let problems = parse("[daemon]\ndata_dir = \"var/lib\"\n[control]\nsocket = \"x.sock\"\n").unwrap_err();
         assert_eq!(keys(&problems), vec!["daemon.data_dir", "control.socket"]);
+    }
+
+    #[test]
+    fn hotword_lists_are_bounded_and_printable() {
+        let ok = parse("[speech]\nhotwords = [\"房地产\", \"Callbox\"]\nhotword_mode = \"prompt\"\n").unwrap();
+        assert_eq!(ok.speech.hotwords.len(), 2);
+        assert_eq!(ok.speech.hotword_mode, crate::speech::hotwords::HotwordMode::Prompt);
+        let long = "x".repeat(33);
+        for bad in [
+            format!("hotwords = [\"{long}\"]"),
+            "hotwords = [\" \"]".to_owned(),
+            "hotwords = [\"a\\u0007b\"]".to_owned(),
+            format!("hotwords = [{}]", vec!["\"a\""; 65].join(", ")),
+        ] {
+            let problems = parse(&format!("[speech]\n{bad}\n")).unwrap_err();
+            assert_eq!(keys(&problems), vec!["speech.hotwords"], "{bad}");
+        }
+        let problems = parse("[speech]\nhotword_bias = 11.0\nhotword_mode = \"shout\"\n").unwrap_err();
+        let mut found = keys(&problems);
+        found.sort_unstable();
+        assert_eq!(found, vec!["speech.hotword_bias", "speech.hotword_mode"]);
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! for N minutes, its resident memory printed every minute, with optional bounds a CI run
 //! checks (peak RSS, growth after the first minute, every call finished).
 //!
-//! The load: `--calls` call slots, each streaming the sample two-leg call (agent and
-//! customer talking in turns) in real time, back to back with a fresh call id, the slots
-//! staggered over one call's length so utterance ends spread out as on a real box.
+//! The load ([`super::load`], shared with `bench capacity`): `--calls` call slots, each
+//! streaming the sample two-leg call (agent and customer talking in turns) in real time,
+//! back to back with a fresh call id, the slots staggered over one call's length so
+//! utterance ends spread out as on a real box.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,8 +1,9 @@
 //! The speech path, call understanding and the call store run from the CLI without the
-//! daemon: one file per command (`transcribe`, `bench_asr`, `bench_intent`, `bench_store`, `bench_soak` (which
-//! drives a private daemon),
-//! `classify`, `analyze`) and the loaders they share. Each command returns `Result<u8, Failure>`: the exit code of a run that did its
-//! job (possibly with some inputs refused), or why it could not.
+//! daemon: one file per command (`transcribe`, `bench_asr`, `bench_intent`, `bench_store`,
+//! `bench_soak` and `bench_capacity` (which drive a private daemon with the call load of
+//! `load`), `classify`, `analyze`) and the loaders they share. Each command returns
+//! `Result<u8, Failure>`: the exit code of a run that did its job (possibly with some
+//! inputs refused), or why it could not.
 
 use std::path::Path;
 use std::time::Instant;

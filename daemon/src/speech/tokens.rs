@@ -12,6 +12,8 @@ pub struct Specials {
     pub transcribe: u32,
     pub no_timestamps: u32,
     pub no_speech: u32,
+    /// `<|startofprev|>`: previous-text context follows (hotword prompts).
+    pub start_of_prev: Option<u32>,
     /// Every id from here on is special (languages, tasks, timestamps) and never text.
     pub first_special: u32,
 }
@@ -20,6 +22,9 @@ pub struct Vocabulary {
     /// Token id → the bytes it stands for.
     bytes: Vec<Vec<u8>>,
     ids: HashMap<String, u32>,
+    /// Text token for each byte string, and the longest one (for `encode_greedy`).
+    by_bytes: HashMap<Vec<u8>, u32>,
+    longest: usize,
     pub specials: Specials,
     /// Language codes and their token ids, in vocabulary order (for detection).
     pub languages: Vec<(String, u32)>,
@@ -71,6 +76,7 @@ impl Vocabulary {
             transcribe: find("<|transcribe|>")?,
             no_timestamps: find("<|notimestamps|>")?,
             no_speech: find("<|nospeech|>").or_else(|_| find("<|nocaptions|>"))?,
+            start_of_prev: find("<|startofprev|>").ok(),
             first_special: find("<|endoftext|>")?,
         };
         let mut languages: Vec<(String, u32)> = ids
@@ -85,12 +91,39 @@ impl Vocabulary {
             .collect();
         languages.sort_by_key(|(_, id)| *id);
         let blank = bytes.iter().position(|b| b == b" ").and_then(|id| u32::try_from(id).ok());
-        Ok(Self { bytes, ids, specials, languages, blank })
+        let by_bytes: HashMap<Vec<u8>, u32> = (0..specials.first_special)
+            .filter_map(|id| bytes.get(id as usize).filter(|b| !b.is_empty()).map(|b| (b.clone(), id)))
+            .collect();
+        let longest = by_bytes.keys().map(Vec::len).max().unwrap_or(1);
+        Ok(Self { bytes, ids, by_bytes, longest, specials, languages, blank })
     }
 
     /// The id of `<|xx|>` for a language code such as "zh".
     pub fn language(&self, code: &str) -> Option<u32> {
         self.ids.get(&format!("<|{code}|>")).copied()
+    }
+
+    /// Tokens for `text`, the longest known byte string first at each point. Not always
+    /// the merges BPE would make, but a spelling the decoder reads and writes alike (for
+    /// hotwords). A byte with no token of its own is skipped (byte-level vocabularies have
+    /// one for every byte).
+    pub fn encode_greedy(&self, text: &str) -> Vec<u32> {
+        let raw = text.as_bytes();
+        let mut ids = Vec::new();
+        let mut at = 0;
+        while at < raw.len() {
+            let found = (1..=self.longest.min(raw.len() - at))
+                .rev()
+                .find_map(|n| self.by_bytes.get(&raw[at..at + n]).map(|&id| (id, n)));
+            match found {
+                Some((id, n)) => {
+                    ids.push(id);
+                    at += n;
+                }
+                None => at += 1,
+            }
+        }
+        ids
     }
 
     /// Text of the given ids; special tokens are skipped and broken UTF-8 is replaced.
