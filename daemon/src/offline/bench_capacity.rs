@@ -115,13 +115,13 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
         load: load_name,
         steps,
     };
-    let saved =
-        match &opts.save_to {
-            Some(dir) => Some(crate::calls::registry::write_rating(dir, &rating).map_err(|e| {
-                Failure::new(exit::OS_ERROR, format!("cannot save the rating in {}: {e}", dir.display()))
-            })?),
-            None => None,
-        };
+    let saved = match &opts.save_to {
+        Some(dir) => Some(crate::calls::registry::write_rating(dir, &rating).map_err(|e| {
+            let hint = "run it as root or as the daemon's user; the daemon's first start makes the data directory";
+            Failure::new(exit::OS_ERROR, format!("cannot save the rating in {}: {e} ({hint})", dir.display()))
+        })?),
+        None => None,
+    };
     if opts.json {
         println!("{}", serde_json::to_string(&rating).map_err(|e| fail(e.to_string()))?);
         return Ok(exit::OK);
