@@ -23,6 +23,9 @@ use crate::private_daemon::{random_uuid, stream_leg, PrivateDaemon};
 
 /// After the last call's last frame: its last utterance and its finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A call made of clips: at most this many, and this long (every slot streams it again).
+const MAX_CLIPS: usize = 64;
+const MAX_CALL_SECS: usize = 600;
 
 /// A two-leg call to stream: agent and customer PCM at `rate`, and its length.
 pub struct TwoLegCall {
@@ -49,8 +52,12 @@ impl TwoLegCall {
             .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav")))
             .collect();
         files.sort();
-        if files.len() < 2 {
-            return Err(format!("{}: a call needs at least two WAV clips (one per leg)", dir.display()));
+        if !(2..=MAX_CLIPS).contains(&files.len()) {
+            return Err(format!(
+                "{}: a call is made of 2–{MAX_CLIPS} WAV clips (taking turns on the two legs), found {}",
+                dir.display(),
+                files.len()
+            ));
         }
         let gap_samples = (gap.as_secs_f64() * f64::from(rate)) as usize;
         let mut legs: [Vec<i16>; 2] = [Vec::new(), Vec::new()];
@@ -66,6 +73,9 @@ impl TwoLegCall {
             }
         }
         let end = legs[0].len().max(legs[1].len()) + gap_samples;
+        if end > MAX_CALL_SECS * rate as usize {
+            return Err(format!("{}: the clips make a call longer than {MAX_CALL_SECS} s", dir.display()));
+        }
         legs.iter_mut().for_each(|l| l.resize(end, 0));
         Ok(Self { secs: end as f64 / f64::from(rate), legs, rate })
     }
