@@ -260,6 +260,8 @@ fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> ca
         no_speech_prob: 0.0,
         no_speech: false,
         stop: TranscriptStop::EndOfText,
+        temperature: 0.0,
+        fallbacks: 0,
         audio_secs: 1.0,
         window_secs: 4,
         encoder_ms: 0.0,

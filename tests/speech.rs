@@ -656,6 +656,62 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The demo call transcribed in English with extra `[speech]` settings: its utterances.
+fn demo_utterances(dir: &Path, settings: &str) -> Vec<serde_json::Value> {
+    let config = dir.join("callbox.toml");
+    std::fs::write(&config, format!("[speech]\nlanguage = \"en\"\n{settings}\n")).unwrap();
+    let call = demo_call();
+    utterances(&run_cli(&["--config", config.to_str().unwrap(), "transcribe", "--json", "--models", models(), &call]))
+}
+
+fn stops(us: &[serde_json::Value]) -> Vec<&str> {
+    us.iter().map(|u| u["asr"]["stop"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn with_timestamps_the_demos_lines_end_by_themselves_instead_of_being_cut() {
+    // Without timestamps Whisper repeats four of the demo's lines into the silence after
+    // them and the guard cuts the loop; with timestamps (the default) it closes the segment
+    // where the audio ends and every line stops on its own, saying the same words.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = demo_utterances(dir.path(), "timestamps = false");
+    let stamped = demo_utterances(dir.path(), "");
+    assert!(stops(&plain).contains(&"repetition"), "{:?}", stops(&plain));
+    assert!(stops(&stamped).iter().all(|&s| s == "end_of_text"), "{:?}: {}", stops(&stamped), text(&stamped));
+    assert_eq!(plain.len(), stamped.len());
+    for (p, s) in plain.iter().zip(&stamped) {
+        assert_eq!(words(p["text"].as_str().unwrap()), words(s["text"].as_str().unwrap()));
+        // No timestamp reaches the text.
+        assert!(!s["text"].as_str().unwrap().contains("<|"), "{}", s["text"]);
+    }
+}
+
+#[test]
+fn the_temperature_fallback_decodes_a_looping_line_again_when_asked_to() {
+    // Off by default (it doubled the ASR time on the shared clips for no better CER); when
+    // an operator turns Whisper's fallback on, a greedy decoding that loops is decoded again
+    // by sampling, and the kept decoding says so.
+    let dir = tempfile::tempdir().unwrap();
+    let greedy = demo_utterances(dir.path(), "timestamps = false");
+    assert!(greedy.iter().all(|u| u["asr"]["fallbacks"] == 0 && u["asr"]["temperature"] == 0.0));
+    let fallback = demo_utterances(dir.path(), "timestamps = false\nfallback_temperatures = [0.2, 0.4, 0.6, 0.8, 1.0]");
+    assert_eq!(greedy.len(), fallback.len());
+    for (g, f) in greedy.iter().zip(&fallback) {
+        let tried = f["asr"]["fallbacks"].as_u64().unwrap();
+        if g["asr"]["stop"] == "repetition" {
+            assert!(tried >= 1, "a looping line was not decoded again: {f}");
+        } else if g["asr"]["avg_logprob"].as_f64().unwrap() > -1.0 {
+            // A clean greedy decoding is kept as it is.
+            assert_eq!((tried, &g["text"]), (0, &f["text"]));
+        }
+        if f["asr"]["temperature"].as_f64().unwrap() > 0.0 {
+            assert!(tried >= 1, "{f}");
+        }
+    }
+    // Somewhere a sampled decoding passed Whisper's tests and was kept.
+    assert!(fallback.iter().any(|u| u["asr"]["temperature"].as_f64().unwrap() > 0.0), "{}", text(&fallback));
+}
+
 #[test]
 fn the_demo_calls_utterances_end_without_a_doubled_tail() {
     // With the default buckets Whisper loops on three of the demo's lines; the cut once kept

@@ -561,6 +561,14 @@ pub struct SpeechConfig {
     pub hotword_mode: crate::speech::hotwords::HotwordMode,
     /// Logit bias in bias mode (0–10).
     pub hotword_bias: f32,
+    /// Temperatures for Whisper's fallback: an utterance whose greedy decoding loops or is
+    /// improbable is decoded again, sampling at each in turn until one passes (at most 8,
+    /// each in 0.05–1.5, ascending). Empty (the default): greedy only. Whisper's own list is
+    /// `whisper::WHISPER_FALLBACK_TEMPERATURES`.
+    pub fallback_temperatures: Vec<f32>,
+    /// Decode with Whisper's timestamp tokens and end each utterance's text where its audio
+    /// ends (instead of `<|notimestamps|>`).
+    pub timestamps: bool,
 }
 
 impl Default for SpeechConfig {
@@ -581,6 +589,8 @@ impl Default for SpeechConfig {
             hotwords: Vec::new(),
             hotword_mode: crate::speech::hotwords::HotwordMode::Bias,
             hotword_bias: crate::speech::whisper::DEFAULT_HOTWORD_BIAS,
+            fallback_temperatures: Vec::new(),
+            timestamps: true,
         }
     }
 }
@@ -613,6 +623,8 @@ impl SpeechConfig {
             hotwords: self.hotwords.clone(),
             hotword_mode: self.hotword_mode,
             hotword_bias: self.hotword_bias,
+            fallback_temperatures: self.fallback_temperatures.clone(),
+            timestamps: self.timestamps,
             ..Default::default()
         }
     }
@@ -931,6 +943,17 @@ impl Config {
             "speech.hotword_bias",
             format!("must be between 0 and 10, got {}", sp2.hotword_bias),
         );
+        {
+            let temps = &sp2.fallback_temperatures;
+            let max = crate::speech::whisper::MAX_FALLBACKS;
+            check(
+                temps.len() <= max
+                    && temps.iter().all(|t| (0.05..=1.5).contains(t))
+                    && temps.windows(2).all(|w| w[0] < w[1]),
+                "speech.fallback_temperatures",
+                format!("at most {max} rising temperatures, each between 0.05 and 1.5, got {temps:?}"),
+            );
+        }
         {
             use crate::speech::hotwords::{MAX_TERMS, MAX_TERM_CHARS};
             let bad = sp2.hotwords.iter().find(|t| {
@@ -1255,6 +1278,18 @@ device = \"hw:0\"
         let mut found = keys(&problems);
         found.sort_unstable();
         assert_eq!(found, vec!["speech.hotword_bias", "speech.hotword_mode"]);
+    }
+
+    #[test]
+    fn fallback_temperatures_are_few_rising_and_bounded() {
+        let ok = parse("[speech]\nfallback_temperatures = [0.2, 0.6]\n").unwrap();
+        assert_eq!(ok.speech.fallback_temperatures, vec![0.2, 0.6]);
+        assert_eq!(ok.speech.decode_options().fallback_temperatures, vec![0.2, 0.6]);
+        assert!(parse("[speech]\nfallback_temperatures = []\n").unwrap().speech.fallback_temperatures.is_empty());
+        for bad in ["[0.0]", "[0.4, 0.2]", "[2.0]", "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]"] {
+            let problems = parse(&format!("[speech]\nfallback_temperatures = {bad}\n")).unwrap_err();
+            assert_eq!(keys(&problems), vec!["speech.fallback_temperatures"], "{bad}");
+        }
     }
 
     #[test]

@@ -54,7 +54,9 @@ def ct2_folder(out):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--callbox", required=True, help="callbox binary")
-    parser.add_argument("--config", help="extra callbox TOML lines for [speech] (e.g. a quantized model choice)")
+    parser.add_argument("--config", action="append",
+                        help="extra callbox TOML lines for [speech] (e.g. a quantized model choice); give it more "
+                             "than once to run callbox once per setting, side by side (use \"\" for the defaults)")
     parser.add_argument("--beams", default="1,5", help="faster-whisper beam sizes to run")
     parser.add_argument("--compute-type", default="int8")
     parser.add_argument("--json", action="store_true")
@@ -82,17 +84,20 @@ def main():
                     timing.setdefault(system, [0.0, 0.0])
                     timing[system][0] += time.perf_counter() - started
                     timing[system][1] += secs
-                cfg = os.path.join(tmp, "cb.toml")
-                with open(cfg, "w") as f:
-                    f.write(f"[speech]\nlanguage = \"{row['lang']}\"\n{args.config or ''}\n")
-                out = subprocess.run(["taskset", "-c", "0", args.callbox, "--config", cfg, "transcribe", "--json",
-                                      "--models", CACHE, path], capture_output=True, text=True, check=True)
-                report = json.loads(out.stdout)
-                hyps["callbox"] = " ".join(u["text"] for u in report["utterances"])
-                # Its own wall time over the recording (VAD, resampling, ASR; model load excluded).
-                timing.setdefault("callbox", [0.0, 0.0])
-                timing["callbox"][0] += report["real_time_factor"] * report["duration_secs"]
-                timing["callbox"][1] += secs
+                settings = args.config or [""]
+                for extra in settings:
+                    system = "callbox" if len(settings) == 1 else f"callbox [{extra or 'defaults'}]"
+                    cfg = os.path.join(tmp, "cb.toml")
+                    with open(cfg, "w") as f:
+                        f.write(f"[speech]\nlanguage = \"{row['lang']}\"\n{extra}\n")
+                    out = subprocess.run(["taskset", "-c", "0", args.callbox, "--config", cfg, "transcribe", "--json",
+                                          "--models", CACHE, path], capture_output=True, text=True, check=True)
+                    report = json.loads(out.stdout)
+                    hyps[system] = " ".join(u["text"] for u in report["utterances"])
+                    # Its own wall time over the recording (VAD, resampling, ASR; model load excluded).
+                    timing.setdefault(system, [0.0, 0.0])
+                    timing[system][0] += report["real_time_factor"] * report["duration_secs"]
+                    timing[system][1] += secs
                 r = {"file": row["file"], "variant": variant, "reference": row["transcript"]}
                 for system, hyp in hyps.items():
                     e = edit_distance(norm(hyp), ref)

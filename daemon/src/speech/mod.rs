@@ -81,6 +81,10 @@ pub struct Transcript {
     /// Judged not to be speech (the text is then empty).
     pub no_speech: bool,
     pub stop: TranscriptStop,
+    /// The kept decoding's temperature (0: greedy) and how many decodings followed the
+    /// greedy one (Whisper's temperature fallback; each costs a decoder pass).
+    pub temperature: f32,
+    pub fallbacks: u32,
     pub audio_secs: f32,
     pub window_secs: u32,
     pub encoder_ms: f64,

@@ -141,6 +141,8 @@ fn merge(parts: Vec<Transcript>) -> Option<Transcript> {
         first.audio_secs += t.audio_secs;
         first.encoder_ms += t.encoder_ms;
         first.decoder_ms += t.decoder_ms;
+        first.fallbacks += t.fallbacks;
+        first.temperature = first.temperature.max(t.temperature);
         first.no_speech &= t.no_speech;
     }
     Some(first)

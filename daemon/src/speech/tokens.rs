@@ -16,6 +16,8 @@ pub struct Specials {
     pub start_of_prev: Option<u32>,
     /// Every id from here on is special (languages, tasks, timestamps) and never text.
     pub first_special: u32,
+    /// `<|0.00|>`: this id and the next ones are timestamps, 20 ms apart.
+    pub first_timestamp: Option<u32>,
 }
 
 pub struct Vocabulary {
@@ -78,6 +80,7 @@ impl Vocabulary {
             no_speech: find("<|nospeech|>").or_else(|_| find("<|nocaptions|>"))?,
             start_of_prev: find("<|startofprev|>").ok(),
             first_special: find("<|endoftext|>")?,
+            first_timestamp: find("<|0.00|>").ok(),
         };
         let mut languages: Vec<(String, u32)> = ids
             .iter()

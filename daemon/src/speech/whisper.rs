@@ -1,6 +1,8 @@
 //! Whisper (encoder + one-token decoder step with a caller-kept KV cache, as exported by
 //! models/whisper/export_onnx.py) on tract, with greedy decoding and the guards a live system
-//! needs: no-speech detection, repetition-loop cut-off and a tokens-per-second cap.
+//! needs: no-speech detection, repetition-loop cut-off, a tokens-per-second cap and
+//! Whisper's temperature fallback (a looping, over-compressible or improbable decoding is
+//! decoded again, sampling at rising temperatures, from the same encoder output).
 //!
 //! The encoder runs on the utterance's own length, rounded up to a bucket, not on Whisper's
 //! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. One encoder plan
@@ -31,6 +33,15 @@ pub const DEFAULT_HOTWORD_BIAS: f32 = 2.0;
 
 pub const DEFAULT_BUCKETS: &[u32] = &[2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 25, 30];
 
+/// Whisper's and faster-whisper's settings, not tuned here: temperatures tried in turn after
+/// a greedy decoding that loops or is improbable, and the zlib compression ratio above which
+/// a text is taken to be looping. Off by default: on the shared clips it doubled the ASR
+/// time (RTF 0.155 → 0.349) for no gain in CER (README, "Decoding choices").
+pub const WHISPER_FALLBACK_TEMPERATURES: &[f32] = &[0.2, 0.4, 0.6, 0.8, 1.0];
+pub const COMPRESSION_RATIO_THRESHOLD: f32 = 2.4;
+/// Bounds `speech.fallback_temperatures` (each decoding costs a whole decoder pass).
+pub const MAX_FALLBACKS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DecodeOptions {
     /// Language code ("zh", "en", …) or "auto" to detect it per utterance.
@@ -48,6 +59,16 @@ pub struct DecodeOptions {
     pub hotwords: Vec<String>,
     pub hotword_mode: HotwordMode,
     pub hotword_bias: f32,
+    /// Temperatures for the decodings after a greedy one that loops (a cut repetition, the
+    /// token budget run out, a text compressing better than `compression_ratio_threshold`)
+    /// or whose average log-probability is under `logprob_threshold`. Empty: greedy only.
+    pub fallback_temperatures: Vec<f32>,
+    pub compression_ratio_threshold: f32,
+    /// Decode with Whisper's timestamp tokens (as most of its training text was) and end
+    /// the text where the audio ends, instead of `<|notimestamps|>`. On by default: the
+    /// demo's four looping lines then end by themselves instead of being cut, for the same
+    /// CER on the shared clips and ~5 % less decoder time (README, "Decoding choices").
+    pub timestamps: bool,
 }
 
 impl Default for DecodeOptions {
@@ -61,6 +82,9 @@ impl Default for DecodeOptions {
             hotwords: Vec::new(),
             hotword_mode: HotwordMode::Bias,
             hotword_bias: DEFAULT_HOTWORD_BIAS,
+            fallback_temperatures: Vec::new(),
+            compression_ratio_threshold: COMPRESSION_RATIO_THRESHOLD,
+            timestamps: true,
         }
     }
 }
@@ -230,86 +254,64 @@ impl Whisper {
             prompt.extend_from_slice(&hotwords.prompt);
         }
         let sot = prompt.len();
-        prompt.extend([sp.start_of_transcript, 0, sp.transcribe, sp.no_timestamps]);
-        let bias = (opts.hotword_mode == HotwordMode::Bias && !hotwords.is_empty()).then_some(opts.hotword_bias);
-        let mut language = opts.language.clone();
-        let auto = language == "auto";
-        if !auto {
-            prompt[sot + 1] = self.vocab.language(&language).ok_or_else(|| {
-                SpeechError::model(&self.name, format!("language `{language}` not in the vocabulary"))
+        prompt.extend([sp.start_of_transcript, 0, sp.transcribe]);
+        // 50 timestamps per second; Whisper's last is 30.00 s.
+        let stamps = match (opts.timestamps, sp.first_timestamp) {
+            (true, Some(first)) => Some(StampSetup {
+                first,
+                audio_end: (duration * 50.0).ceil() as u32,
+                window_end: (window_secs * 50).min(1500),
+            }),
+            _ => {
+                prompt.push(sp.no_timestamps);
+                None
+            }
+        };
+        let mut setup = Setup {
+            prompt,
+            sot,
+            language: opts.language.clone(),
+            detect_language: opts.language == "auto",
+            bias: (opts.hotword_mode == HotwordMode::Bias && !hotwords.is_empty()).then_some(opts.hotword_bias),
+            hotwords,
+            budget: 0,
+            stamps,
+        };
+        if !setup.detect_language {
+            setup.prompt[sot + 1] = self.vocab.language(&setup.language).ok_or_else(|| {
+                SpeechError::model(&self.name, format!("language `{}` not in the vocabulary", setup.language))
             })?;
         }
-        let budget = ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - prompt.len() - 1);
-        let mut step = DecoderStep::new(&self.decoder, self.layers, self.d_model).map_err(err)?;
-        let mut generated: Vec<u32> = Vec::new();
-        // Per generated token, so a cut tail's tokens leave the average with them.
-        let mut logprobs: Vec<f32> = Vec::new();
-        let mut no_speech_prob = 0.0f32;
-        let mut stop = TranscriptStop::TokenLimit;
-        let mut position = 0usize;
-        loop {
-            let token = if position < prompt.len() { prompt[position] } else { generated[position - prompt.len()] };
-            let mut logits = step.run(token, position, &cross_k, &cross_v).map_err(err)?;
-            position += 1;
-            if position == sot + 1 {
-                no_speech_prob = softmax_at(&logits, sp.no_speech as usize);
-                if auto {
-                    let (code, id) = self
-                        .vocab
-                        .languages
-                        .iter()
-                        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
-                        .ok_or_else(|| SpeechError::Vocabulary("no language tokens".into()))?;
-                    language.clone_from(code);
-                    prompt[sot + 1] = *id;
-                }
-            }
-            if position < prompt.len() {
-                continue;
-            }
-            let first = generated.is_empty();
-            if let Some(bias) = bias {
-                hotwords.bias(&generated, &mut logits, bias);
-            }
-            let (next, logprob) = self.pick(&logits, first);
-            if next == sp.end_of_text {
-                stop = TranscriptStop::EndOfText;
-                break;
-            }
-            generated.push(next);
-            logprobs.push(logprob);
-            if let Some(keep) = repetition_cut(&generated) {
-                generated.truncate(keep);
-                stop = TranscriptStop::Repetition;
-                break;
-            }
-            if generated.len() >= budget || position >= self.context - 1 {
+        setup.budget =
+            ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - setup.prompt.len() - 1);
+        // Sampling is seeded by the audio: the same utterance decodes the same way every time.
+        let mut rng = SplitMix64(audio.len() as u64 ^ 0x9e37_79b9_7f4a_7c15);
+        let mut tried: Vec<Decoding> = Vec::new();
+        for temperature in std::iter::once(0.0).chain(opts.fallback_temperatures.iter().copied()) {
+            let decoding = self.decode(&mut setup, &cross_k, &cross_v, temperature, &mut rng).map_err(err)?;
+            // Language detected on the first decoding holds for the others.
+            setup.detect_language = false;
+            let done = !decoding.needs_fallback(opts);
+            tried.push(decoding);
+            if done {
                 break;
             }
         }
-        if stop == TranscriptStop::EndOfText {
-            if let Some(keep) = doubled_utterance(&generated) {
-                generated.truncate(keep);
-                stop = TranscriptStop::Repetition;
-            }
-        }
-        logprobs.truncate(generated.len());
-        let avg_logprob = if logprobs.is_empty() {
-            0.0
-        } else {
-            (logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64) as f32
-        };
-        let no_speech = no_speech_prob > opts.no_speech_threshold && avg_logprob < opts.logprob_threshold;
-        let text = if no_speech { String::new() } else { self.vocab.decode(&generated).trim().to_owned() };
+        let fallbacks = tried.len().saturating_sub(1) as u32;
+        let chosen = choose(tried, opts).ok_or_else(|| SpeechError::model(&self.name, "no decoding ran"))?;
+        let no_speech = chosen.no_speech_prob > opts.no_speech_threshold && chosen.avg_logprob < opts.logprob_threshold;
+        let text = if no_speech { String::new() } else { chosen.text.trim().to_owned() };
         Ok(Transcript {
             text,
-            language,
-            tokens: generated.len(),
-            token_ids: generated,
-            avg_logprob,
-            no_speech_prob,
+            language: setup.language,
+            tokens: chosen.tokens.len(),
+            token_ids: chosen.tokens,
+            avg_logprob: chosen.avg_logprob,
+            no_speech_prob: chosen.no_speech_prob,
             no_speech,
-            stop,
+            stop: chosen.stop,
+            temperature: chosen.temperature,
+            fallbacks,
             audio_secs: duration,
             window_secs,
             encoder_ms,
@@ -317,17 +319,159 @@ impl Whisper {
         })
     }
 
-    /// Greedy choice with Whisper's suppressions: no special tokens but end-of-text, and
-    /// neither a blank nor end-of-text as the first token. Returns the token and its log-prob.
-    fn pick(&self, logits: &[f32], first: bool) -> (u32, f32) {
+    /// One decoding of the encoder's output: greedy at temperature 0, else sampling from
+    /// the softened distribution (Whisper's suppressions either way), cut where it loops.
+    fn decode(
+        &self,
+        setup: &mut Setup,
+        cross_k: &TValue,
+        cross_v: &TValue,
+        temperature: f32,
+        rng: &mut SplitMix64,
+    ) -> TractResult<Decoding> {
         let sp = self.vocab.specials;
-        let allowed = |id: usize| {
-            let id = id as u32;
-            if first && (id == sp.end_of_text || Some(id) == self.vocab.blank) {
-                return false;
+        let sot = setup.sot;
+        let mut step = DecoderStep::new(&self.decoder, self.layers, self.d_model)?;
+        // Every generated token (text and timestamps), its log-prob, and the text alone with
+        // where each text token sits among them (a cut loop is found in the text).
+        let mut generated: Vec<u32> = Vec::new();
+        let mut logprobs: Vec<f32> = Vec::new();
+        let mut text: Vec<u32> = Vec::new();
+        let mut text_at: Vec<usize> = Vec::new();
+        let stamps = setup.stamps;
+        let stamp = move |t: u32| stamps.and_then(|s| t.checked_sub(s.first));
+        let mut no_speech_prob = 0.0f32;
+        let mut stop = TranscriptStop::TokenLimit;
+        let mut position = 0usize;
+        loop {
+            let prompt = &setup.prompt;
+            let token = if position < prompt.len() { prompt[position] } else { generated[position - prompt.len()] };
+            let mut logits = step.run(token, position, cross_k, cross_v)?;
+            position += 1;
+            if position == sot + 1 {
+                no_speech_prob = softmax_at(&logits, sp.no_speech as usize);
+                if setup.detect_language {
+                    let (code, id) = self
+                        .vocab
+                        .languages
+                        .iter()
+                        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
+                        .ok_or_else(|| TractError::msg("no language tokens"))?;
+                    setup.language.clone_from(code);
+                    setup.prompt[sot + 1] = *id;
+                }
             }
-            id < sp.first_special || id == sp.end_of_text
+            if position < setup.prompt.len() {
+                continue;
+            }
+            if let Some(bias) = setup.bias {
+                setup.hotwords.bias(&text, &mut logits, bias);
+            }
+            let next = match stamps {
+                Some(s) => timestamp_rule(&generated, stamp, s.audio_end, s.window_end),
+                None => Allowed::plain(text.is_empty()),
+            };
+            let (token, logprob) = self.pick(&logits, next, text.is_empty(), temperature, rng);
+            if token == sp.end_of_text {
+                stop = TranscriptStop::EndOfText;
+                break;
+            }
+            generated.push(token);
+            logprobs.push(logprob);
+            if stamp(token).is_none() {
+                text.push(token);
+                text_at.push(generated.len() - 1);
+                if let Some(keep) = repetition_cut(&text) {
+                    text.truncate(keep);
+                    stop = TranscriptStop::Repetition;
+                    break;
+                }
+            } else if let Some(s) = stamps {
+                // A segment closed within the last half second: only the end may follow, so
+                // the step that would say so is not run.
+                let after = timestamp_rule(&generated, stamp, s.audio_end, s.window_end);
+                if !after.text && after.stamps.is_none() {
+                    stop = TranscriptStop::EndOfText;
+                    break;
+                }
+            }
+            if text.len() >= setup.budget || position >= self.context - 1 {
+                break;
+            }
+        }
+        if stop == TranscriptStop::EndOfText {
+            if let Some(keep) = doubled_utterance(&text) {
+                text.truncate(keep);
+                stop = TranscriptStop::Repetition;
+            }
+        }
+        // The log-probs of the tokens up to the last text token kept.
+        logprobs.truncate(text.len().checked_sub(1).map_or(0, |last| text_at[last] + 1));
+        let avg_logprob = if logprobs.is_empty() {
+            0.0
+        } else {
+            (logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64) as f32
         };
+        let generated = text;
+        let text = self.vocab.decode(&generated);
+        Ok(Decoding {
+            compression_ratio: compression_ratio(text.trim()),
+            text,
+            tokens: generated,
+            avg_logprob,
+            no_speech_prob,
+            stop,
+            temperature,
+        })
+    }
+
+    /// The next token among those `next` allows, under Whisper's suppressions (no special
+    /// token but end-of-text and allowed timestamps; no blank first): the likeliest at
+    /// temperature 0, else one drawn from softmax(logits / temperature). Returns the token
+    /// and its log-prob (unscaled, as Whisper averages them).
+    fn pick(&self, logits: &[f32], next: Allowed, first: bool, temperature: f32, rng: &mut SplitMix64) -> (u32, f32) {
+        let sp = self.vocab.specials;
+        let stamp_base = sp.first_timestamp.unwrap_or(u32::MAX);
+        let mut next = next;
+        let class = |id: usize| {
+            let id = id as u32;
+            if id == sp.end_of_text {
+                Class::End
+            } else if id < sp.first_special {
+                if first && Some(id) == self.vocab.blank {
+                    Class::Barred
+                } else {
+                    Class::Text
+                }
+            } else if id >= stamp_base {
+                Class::Stamp(id - stamp_base)
+            } else {
+                Class::Barred
+            }
+        };
+        // Whisper: when the timestamps together are likelier than any one text token, the
+        // next token is a timestamp.
+        if let (true, Some(_)) = (next.text, next.stamps) {
+            let mut max_text = f32::NEG_INFINITY;
+            let mut max_stamp = f32::NEG_INFINITY;
+            for (id, &l) in logits.iter().enumerate() {
+                match class(id) {
+                    Class::Text => max_text = max_text.max(l),
+                    c @ Class::Stamp(_) if next.admits(c) => max_stamp = max_stamp.max(l),
+                    _ => {}
+                }
+            }
+            let stamps_sum: f32 = logits
+                .iter()
+                .enumerate()
+                .filter(|&(id, _)| matches!(class(id), c @ Class::Stamp(_) if next.admits(c)))
+                .map(|(_, &l)| (l - max_stamp).exp())
+                .sum();
+            if max_stamp + stamps_sum.ln() > max_text {
+                next.text = false;
+            }
+        }
+        let allowed = |id: usize| next.admits(class(id));
         let mut best = (sp.end_of_text, f32::NEG_INFINITY);
         let mut max = f32::NEG_INFINITY;
         for (id, &l) in logits.iter().enumerate() {
@@ -339,7 +483,90 @@ impl Whisper {
             }
         }
         let sum: f32 = logits.iter().enumerate().filter(|(id, _)| allowed(*id)).map(|(_, &l)| (l - max).exp()).sum();
+        if temperature > 0.0 {
+            let weight = |l: f32| ((l - max) / temperature).exp();
+            let total: f32 = logits.iter().enumerate().filter(|(id, _)| allowed(*id)).map(|(_, &l)| weight(l)).sum();
+            let mut target = rng.next_unit() * total;
+            for (id, &l) in logits.iter().enumerate() {
+                if allowed(id) {
+                    target -= weight(l);
+                    if target <= 0.0 {
+                        best = (id as u32, l);
+                        break;
+                    }
+                }
+            }
+            // Rounding can leave the draw past the last weight: the greedy choice stands.
+        }
         (best.0, best.1 - max - sum.ln())
+    }
+}
+
+/// What a vocabulary id is to the decoder's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Text,
+    End,
+    /// A timestamp, as its index (20 ms steps).
+    Stamp(u32),
+    Barred,
+}
+
+/// Which tokens may come next: text, end-of-text, timestamps in an index range (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Allowed {
+    text: bool,
+    end: bool,
+    stamps: Option<(u32, u32)>,
+}
+
+impl Allowed {
+    /// Without timestamps: any text, or the end (not first).
+    fn plain(first: bool) -> Self {
+        Self { text: true, end: !first, stamps: None }
+    }
+
+    fn admits(self, class: Class) -> bool {
+        match class {
+            Class::Text => self.text,
+            Class::End => self.end,
+            Class::Stamp(at) => self.stamps.is_some_and(|(lo, hi)| (lo..=hi).contains(&at)),
+            Class::Barred => false,
+        }
+    }
+}
+
+/// Whisper's first timestamp is at most 1 s in (its `max_initial_timestamp`).
+const MAX_INITIAL_STAMP: u32 = 50;
+/// A segment ending this close to the audio's end (0.5 s) is the last one.
+const LAST_SEGMENT_STAMPS: u32 = 25;
+
+/// Timestamp mode: Whisper's rules (`ApplyTimestampRules`: the text opens with a timestamp
+/// in the first second; timestamps come in pairs between segments and never go back; a
+/// segment is never empty) over the tokens generated so far, plus one of ours: no segment
+/// starts, and none follows one that ends, within 0.5 s of the audio's end — the rest of the
+/// window is the silence margin, where Whisper repeats itself. `audio_end` and `window_end`
+/// are timestamp indices; `stamp` tells a timestamp's index.
+fn timestamp_rule(generated: &[u32], stamp: impl Fn(u32) -> Option<u32>, audio_end: u32, window_end: u32) -> Allowed {
+    let n = generated.len();
+    let Some(&last) = generated.last() else {
+        return Allowed { text: false, end: false, stamps: Some((0, MAX_INITIAL_STAMP.min(audio_end))) };
+    };
+    let penultimate_is_stamp = n < 2 || stamp(generated[n - 2]).is_some();
+    match stamp(last) {
+        // A pair (end, start) or the opening stamp: no third timestamp.
+        Some(_) if penultimate_is_stamp => Allowed { text: true, end: true, stamps: None },
+        // A segment just ended: another may start (at or after it) or the text ends.
+        Some(at) => {
+            let latest_start = audio_end.saturating_sub(LAST_SEGMENT_STAMPS);
+            let stamps = (at < latest_start).then_some((at, latest_start));
+            Allowed { text: false, end: true, stamps }
+        }
+        // Inside a segment: more text, the end, or the segment's closing stamp after its start.
+        None => {
+            let opened = generated.iter().rev().find_map(|&t| stamp(t)).map_or(0, |s| s + 1);
+            Allowed { text: true, end: true, stamps: (opened <= window_end).then_some((opened, window_end)) }
+        }
     }
 }
 
@@ -350,6 +577,92 @@ impl Recognizer for Whisper {
             return Ok(Vec::new());
         }
         audio.chunks(window).map(|chunk| self.transcribe_window(chunk, opts)).collect()
+    }
+}
+
+/// What one decoding needs to know while it runs: the prompt, the language (found on the
+/// first decoding when "auto"), the hotwords and the token budget.
+struct Setup {
+    prompt: Vec<u32>,
+    sot: usize,
+    language: String,
+    detect_language: bool,
+    hotwords: Hotwords,
+    bias: Option<f32>,
+    budget: usize,
+    /// Timestamp mode: where the timestamps start in the vocabulary, and the audio's end and
+    /// the window's end as timestamp indices.
+    stamps: Option<StampSetup>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StampSetup {
+    first: u32,
+    audio_end: u32,
+    window_end: u32,
+}
+
+/// One decoding's outcome, before the fallback rule picks among them.
+struct Decoding {
+    text: String,
+    tokens: Vec<u32>,
+    avg_logprob: f32,
+    no_speech_prob: f32,
+    stop: TranscriptStop,
+    temperature: f32,
+    compression_ratio: f32,
+}
+
+impl Decoding {
+    /// A loop: cut (a repetition, the budget run out) or a text that compresses too well.
+    fn loops(&self, opts: &DecodeOptions) -> bool {
+        self.stop != TranscriptStop::EndOfText || self.compression_ratio > opts.compression_ratio_threshold
+    }
+
+    /// Whisper's rule: decode again if looping or improbable, unless it is likely silence
+    /// (then the no-speech test decides and another decoding would not change it).
+    fn needs_fallback(&self, opts: &DecodeOptions) -> bool {
+        self.no_speech_prob <= opts.no_speech_threshold
+            && (self.loops(opts) || self.avg_logprob < opts.logprob_threshold)
+    }
+}
+
+/// The decoding to keep: the last one tried if it passed, else (all failed) the most
+/// probable of those that do not loop, else the most probable — faster-whisper's choice.
+fn choose(mut tried: Vec<Decoding>, opts: &DecodeOptions) -> Option<Decoding> {
+    if tried.last().is_some_and(|d| !d.needs_fallback(opts)) {
+        return tried.pop();
+    }
+    let any_clean = tried.iter().any(|d| !d.loops(opts));
+    tried.into_iter().filter(|d| !any_clean || !d.loops(opts)).max_by(|a, b| a.avg_logprob.total_cmp(&b.avg_logprob))
+}
+
+/// Bytes of UTF-8 text over bytes of its zlib stream (level 6, as Python's `zlib.compress`):
+/// Whisper's measure of a looping text.
+pub fn compression_ratio(text: &str) -> f32 {
+    if text.is_empty() {
+        return 0.0;
+    }
+    let packed = miniz_oxide::deflate::compress_to_vec_zlib(text.as_bytes(), 6);
+    text.len() as f32 / packed.len().max(1) as f32
+}
+
+/// A small, seedable generator for sampling (splitmix64): decoding must be reproducible,
+/// and this is all the randomness it needs.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
 
@@ -461,7 +774,110 @@ impl DecoderStep {
 
 #[cfg(test)]
 mod tests {
-    use super::{doubled_utterance, repetition_cut};
+    use super::{
+        choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, Class, DecodeOptions,
+        Decoding, SplitMix64, TranscriptStop,
+    };
+
+    fn decoding(text: &str, avg_logprob: f32, stop: TranscriptStop, temperature: f32) -> Decoding {
+        Decoding {
+            compression_ratio: compression_ratio(text),
+            text: text.into(),
+            tokens: Vec::new(),
+            avg_logprob,
+            no_speech_prob: 0.01,
+            stop,
+            temperature,
+        }
+    }
+
+    #[test]
+    fn a_looping_text_compresses_past_whispers_threshold_and_speech_does_not() {
+        let opts = DecodeOptions::default();
+        let looped = "我们这个产品是保本的，".repeat(6);
+        assert!(compression_ratio(&looped) > opts.compression_ratio_threshold, "{}", compression_ratio(&looped));
+        for said in ["您好，请问是王先生吗？我们这边是做理财产品的。", "It is $99.00 a month.", "好的好的"]
+        {
+            assert!(compression_ratio(said) < opts.compression_ratio_threshold, "{said}: {}", compression_ratio(said));
+        }
+        assert_eq!(compression_ratio(""), 0.0);
+    }
+
+    #[test]
+    fn the_fallback_rule_keeps_a_passing_decoding_and_else_the_likeliest_clean_one() {
+        let opts = DecodeOptions::default();
+        let clean = decoding("您好请问是王先生吗", -0.3, TranscriptStop::EndOfText, 0.0);
+        assert!(!clean.needs_fallback(&opts));
+        // Cut loops, a run-out budget and improbable text all ask for another decoding …
+        assert!(decoding("您好", -0.3, TranscriptStop::Repetition, 0.0).needs_fallback(&opts));
+        assert!(decoding("您好", -0.3, TranscriptStop::TokenLimit, 0.0).needs_fallback(&opts));
+        assert!(decoding("您好", -1.4, TranscriptStop::EndOfText, 0.0).needs_fallback(&opts));
+        // … unless it is likely silence: the no-speech test decides that.
+        let mut silent = decoding("嗯", -1.4, TranscriptStop::EndOfText, 0.0);
+        silent.no_speech_prob = 0.9;
+        assert!(!silent.needs_fallback(&opts));
+
+        // The last decoding passed: it is kept.
+        let tried = vec![
+            decoding("您好", -1.5, TranscriptStop::EndOfText, 0.0),
+            decoding("您好王先生", -0.5, TranscriptStop::EndOfText, 0.2),
+        ];
+        assert_eq!(choose(tried, &opts).map(|d| d.temperature), Some(0.2));
+        // All failed: the likeliest that does not loop, even if a looping one is likelier.
+        let tried = vec![
+            decoding("您好", -0.2, TranscriptStop::Repetition, 0.0),
+            decoding("您好王", -1.6, TranscriptStop::EndOfText, 0.2),
+            decoding("您好王先生", -1.2, TranscriptStop::EndOfText, 0.4),
+        ];
+        assert_eq!(choose(tried, &opts).map(|d| d.temperature), Some(0.4));
+        // All loop: the likeliest.
+        let tried = vec![
+            decoding("您好", -0.9, TranscriptStop::Repetition, 0.0),
+            decoding("您好王", -0.4, TranscriptStop::TokenLimit, 0.2),
+        ];
+        assert_eq!(choose(tried, &opts).map(|d| d.temperature), Some(0.2));
+        assert!(choose(Vec::new(), &opts).is_none());
+    }
+
+    #[test]
+    fn timestamps_open_the_text_pair_up_never_go_back_and_stop_at_the_audios_end() {
+        // Text tokens are < 100, timestamps 100 + index; the audio ends at index 150 (3 s) in a
+        // 4-s window (index 200).
+        let stamp = |t: u32| t.checked_sub(100);
+        let rule = |g: &[u32]| timestamp_rule(g, stamp, 150, 200);
+        // First a timestamp, within the first second.
+        assert_eq!(rule(&[]), Allowed { text: false, end: false, stamps: Some((0, 50)) });
+        // After the opening stamp: text (or Whisper's empty end), no second stamp.
+        assert_eq!(rule(&[100]), Allowed { text: true, end: true, stamps: None });
+        // Inside a segment: its closing stamp lies after its opening one.
+        assert_eq!(rule(&[105, 7, 8]), Allowed { text: true, end: true, stamps: Some((6, 200)) });
+        // A segment closed at 1.2 s: the next starts there or later, before the last half second.
+        assert_eq!(rule(&[105, 7, 8, 160]), Allowed { text: false, end: true, stamps: Some((60, 125)) });
+        // A pair: text next.
+        assert_eq!(rule(&[105, 7, 8, 160, 160]), Allowed { text: true, end: true, stamps: None });
+        // A segment closed within 0.5 s of the audio's end: only the end may follow.
+        assert_eq!(rule(&[105, 7, 8, 230]), Allowed { text: false, end: true, stamps: None });
+        // No closing stamp fits in the window: text or the end.
+        assert_eq!(timestamp_rule(&[100, 7], stamp, 150, 0), Allowed { text: true, end: true, stamps: None });
+        // Without timestamps: text, and the end once something was said.
+        assert_eq!(Allowed::plain(true), Allowed { text: true, end: false, stamps: None });
+        assert!(Allowed::plain(false).admits(Class::End));
+        assert!(!Allowed::plain(false).admits(Class::Stamp(0)) && !Allowed::plain(false).admits(Class::Barred));
+    }
+
+    #[test]
+    fn sampling_is_reproducible_and_uniform_enough() {
+        let draws = |seed| {
+            let mut rng = SplitMix64(seed);
+            (0..4000).map(|_| rng.next_unit()).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+        let d = draws(7);
+        assert!(d.iter().all(|u| (0.0..1.0).contains(u)));
+        let low = d.iter().filter(|&&u| u < 0.5).count();
+        assert!((1800..2200).contains(&low), "{low} of 4000 under 0.5");
+    }
 
     #[test]
     fn a_looping_tail_is_cut_back_to_its_first_occurrence() {
