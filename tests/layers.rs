@@ -21,6 +21,7 @@ const CORES: &[&str] = &[
     "hex",
     "pii",
     "speech",
+    "speech::decoding",
     "speech::manifest",
     "speech::mel",
     "speech::pipeline",

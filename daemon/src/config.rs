@@ -564,7 +564,7 @@ pub struct SpeechConfig {
     /// Temperatures for Whisper's fallback: an utterance whose greedy decoding loops or is
     /// improbable is decoded again, sampling at each in turn until one passes (at most 8,
     /// each in 0.05–1.5, ascending). Empty (the default): greedy only. Whisper's own list is
-    /// `whisper::WHISPER_FALLBACK_TEMPERATURES`.
+    /// `decoding::WHISPER_FALLBACK_TEMPERATURES`.
     pub fallback_temperatures: Vec<f32>,
     /// Decode with Whisper's timestamp tokens and end each utterance's text where its audio
     /// ends (instead of `<|notimestamps|>`).
@@ -588,7 +588,7 @@ impl Default for SpeechConfig {
             asr_workers: 0,
             hotwords: Vec::new(),
             hotword_mode: crate::speech::hotwords::HotwordMode::Bias,
-            hotword_bias: crate::speech::whisper::DEFAULT_HOTWORD_BIAS,
+            hotword_bias: crate::speech::decoding::DEFAULT_HOTWORD_BIAS,
             fallback_temperatures: Vec::new(),
             timestamps: true,
         }
@@ -945,7 +945,7 @@ impl Config {
         );
         {
             let temps = &sp2.fallback_temperatures;
-            let max = crate::speech::whisper::MAX_FALLBACKS;
+            let max = crate::speech::decoding::MAX_FALLBACKS;
             check(
                 temps.len() <= max
                     && temps.iter().all(|t| (0.05..=1.5).contains(t))

@@ -6,6 +6,7 @@
 //! Other ASR families (CTC models such as SenseVoice or Paraformer, streaming transducers)
 //! plug in behind `Recognizer` when operators supply such weights.
 
+pub mod decoding;
 pub mod hotwords;
 pub mod live;
 pub mod manifest;
@@ -24,8 +25,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use decoding::DecodeOptions;
 pub use manifest::ModelSet;
-pub use whisper::DecodeOptions;
 
 /// A loaded, optimised tract model, shareable between threads.
 pub type Plan = Arc<tract_onnx::prelude::TypedRunnableModel>;

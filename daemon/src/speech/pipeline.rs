@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::decoding::DecodeOptions;
 use super::prosody::{self, Prosody};
 use super::scheduler::AsrScheduler;
 use super::vad::{Segment, Segmenter, SileroVad, VadParams, CHUNK};
-use super::whisper::{DecodeOptions, Whisper};
+use super::whisper::Whisper;
 use super::zh::TraditionalToSimplified;
 use super::{Recognizer, SpeechError, SpeechModels, Transcript};
 
