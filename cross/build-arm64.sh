@@ -27,7 +27,7 @@ target="$CALLBOX_CROSS_TARGET"
 "$CARGO" build --release --locked --target "$target" -p callbox
 file "target/$target/release/callbox"
 # One real transcription on arm64 (tract's NEON kernels, the fp16-weight decoder) under
-# qemu-user: the smallest shared clip (2 s; ~1 min emulated). Speed under emulation means
+# qemu-user as a Cortex-A76 (cross/env.sh): the smallest shared clip (2 s; ~40 s emulated). Speed under emulation means
 # nothing; a technician measures a real box with `callbox bench asr` (README).
 transcript=$(timeout 900 "$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER" "target/$target/release/callbox" \
     transcribe --models models/cache --lang zh ../shared/data/speech/zh/IT0011W0001.wav)

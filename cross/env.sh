@@ -14,6 +14,12 @@ export PKG_CONFIG_ALLOW_CROSS_aarch64_unknown_linux_gnu=1
 export PKG_CONFIG_LIBDIR_aarch64_unknown_linux_gnu=/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig
 # No -L: with -L /usr/aarch64-linux-gnu threaded programs hang (two glibcs mixed).
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static
+# The CPU qemu emulates: a Cortex-A76 (ARMv8.2 with fp16 and dot product, no SVE), the
+# core of the small ARM boxes callbox runs on (Raspberry Pi 5, RK3588). qemu's default
+# `max` CPU offers SVE2, so tract picks its SVE2 kernels, which qemu emulates element by
+# element: the 2-s clip took 9 min 24 s to transcribe that way (encoder 475 s) and 36 s as
+# an A76 (encoder 20 s), with the same text.
+export QEMU_CPU=cortex-a76
 # Without binfmt_misc, a test's child processes (the daemon it starts) must be
 # started through qemu explicitly; tests/support/mod.rs reads this.
 export CALLBOX_TEST_EXEC_WRAPPER=qemu-aarch64-static
