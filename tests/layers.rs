@@ -17,6 +17,7 @@ const CORES: &[&str] = &[
     "calls",
     "calls::capacity",
     "config",
+    "cpu",
     "inputs::lines",
     "hex",
     "pii",

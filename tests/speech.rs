@@ -214,6 +214,59 @@ fn fp16_weights_transcribe_the_shared_clips_as_fp32_does() {
 }
 
 #[test]
+fn utterances_decoded_together_get_the_words_each_gets_alone() {
+    // Under load the ASR scheduler decodes waiting utterances together: one decoder step
+    // advances all of them, each attending only to its own audio and tokens (masks hide the
+    // padding of shorter windows and histories). Every shared clip, at 16 kHz and as 8-kHz
+    // µ-law, in its own language, with windows of 3 to 16 s: decoded in one batch, each
+    // must read as it does alone. Tolerance: 2 % of the characters (measured: none differ).
+    use callbox::audio::{g711, resample};
+    let models =
+        callbox::speech::SpeechModels::load(Path::new(models()), callbox::speech::whisper::DEFAULT_BUCKETS).unwrap();
+    let spool = callbox::config::SpoolConfig::default();
+    let mut clips: Vec<(Vec<f32>, callbox::speech::DecodeOptions)> = Vec::new();
+    for lang in ["zh", "en"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(format!("{SPEECH}/{lang}"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wav"))
+            .collect();
+        files.sort();
+        let opts = callbox::config::SpeechConfig { language: lang.into(), ..Default::default() }.decode_options();
+        for file in files {
+            let wav = callbox::transcribe::read_recording(&file, &spool, callbox::fsio::Links::Follow).unwrap();
+            let pcm = &wav.channels[0];
+            clips.push((resample::resample_all(pcm, wav.sample_rate, 16_000).unwrap(), opts.clone()));
+            let narrow: Vec<i16> = resample::resample_all(pcm, wav.sample_rate, 8000)
+                .unwrap()
+                .into_iter()
+                .map(callbox::audio::f32_to_pcm)
+                .collect();
+            let phone = g711::decode_ulaw(&g711::encode_ulaw(&narrow));
+            clips.push((resample::resample_all(&phone, 8000, 16_000).unwrap(), opts.clone()));
+        }
+    }
+    assert!(clips.len() >= 12, "{} clips", clips.len());
+    let alone: Vec<String> =
+        clips.iter().map(|(audio, opts)| models.asr.transcribe_window(audio, opts).unwrap().text).collect();
+    let windows: Vec<(&[f32], &callbox::speech::DecodeOptions)> =
+        clips.iter().map(|(a, o)| (a.as_slice(), o)).collect();
+    let together: Vec<String> = models.asr.transcribe_windows(&windows).into_iter().map(|t| t.unwrap().text).collect();
+    assert_eq!(together.len(), alone.len());
+    let chars: usize = alone.iter().map(|t| t.chars().count()).sum();
+    assert!(chars > 200, "too little text to compare: {alone:?}");
+    let differing: usize = alone
+        .iter()
+        .zip(&together)
+        .map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>()))
+        .sum();
+    assert!(
+        differing * 50 <= chars,
+        "{differing} of {chars} characters differ:\nalone    {alone:?}\ntogether {together:?}"
+    );
+}
+
+#[test]
 fn hotwords_bias_the_decoder_towards_the_operators_terms() {
     // BAC009S0764W0121 says 甚至出现交易几乎停滞的情况; with the default windows and no list
     // the decoder writes 停制. With a campaign's list holding 停滞 (and terms this clip does

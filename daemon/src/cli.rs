@@ -219,6 +219,10 @@ pub enum BenchCommand {
         /// bucket); JSON rows then carry the token ids, for models/whisper/compare_runtimes.py.
         #[arg(long)]
         whole: bool,
+        /// Also decode every clip as one window, in groups of N decoded together (as the
+        /// ASR scheduler batches waiting utterances), against one at a time: time and text.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        batch: u16,
     },
     /// The real daemon under steady load for N minutes: two-leg AudioSocket calls (the
     /// sample call, both legs talking in turns) streamed in real time on loopback, the
@@ -458,8 +462,8 @@ pub fn main() -> u8 {
             crate::offline::bench_intent(&cli.config, file.as_deref(), runs, json, models.as_deref())
                 .unwrap_or_else(Failure::report)
         }
-        Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole }) => {
-            crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole)
+        Command::Bench(BenchCommand::Asr { ref files, runs, json, ref models, whole, batch }) => {
+            crate::offline::bench_asr(&cli.config, files, runs, json, models.as_deref(), whole, usize::from(batch))
                 .unwrap_or_else(Failure::report)
         }
         Command::Bench(BenchCommand::Soak {
@@ -515,6 +519,7 @@ pub fn main() -> u8 {
                 language: language.clone(),
                 models,
                 asr_workers: config.speech.asr_workers,
+                asr_batch: config.speech.asr_batch,
                 budget_secs,
                 step_secs,
                 start,
@@ -677,8 +682,9 @@ fn render_status(r: &StatusReport) -> String {
         );
         let q = &sp.asr_queue;
         out += &format!(
-            "asr queue:  {} of {} slots busy, {} utterances waiting (oldest {:.2} s); longest wait so far {:.2} s\n",
-            q.busy, q.slots, q.waiting, q.oldest_wait_secs, q.max_wait_secs
+            "asr queue:  {} of {} slots busy, {} utterances waiting (oldest {:.2} s); longest wait so far {:.2} s; \
+             batches of up to {} (largest so far {})\n",
+            q.busy, q.slots, q.waiting, q.oldest_wait_secs, q.max_wait_secs, q.batch_limit, q.largest_batch
         );
     }
     out += "components:\n";

@@ -18,6 +18,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 /// Upper bound on deserialize-prune rounds; each round removes one key, so a file
 /// with more distinct problems than this reports the first ones only.
 const MAX_PRUNE_ROUNDS: usize = 64;
+/// `speech.asr_batch`'s default (README "Capacity": chosen with `bench capacity`).
+pub const DEFAULT_ASR_BATCH: u32 = 4;
 /// Longest socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 
@@ -553,6 +555,9 @@ pub struct SpeechConfig {
     /// Utterances transcribed at once, by every leg together (the shared ASR scheduler's
     /// slots; more wait their turn, oldest first). 0: one per core.
     pub asr_workers: u32,
+    /// Most utterances one slot transcribes together when others are waiting: their
+    /// decodings share each decoder step (its weights read once for all). 1: never batched.
+    pub asr_batch: u32,
     /// Terms the ASR should favour: product, company, place names (at most 64, each
     /// 1–32 characters).
     pub hotwords: Vec<String>,
@@ -586,6 +591,7 @@ impl Default for SpeechConfig {
             max_utterance_secs: 15,
             max_tokens_per_sec: 12.0,
             asr_workers: 0,
+            asr_batch: DEFAULT_ASR_BATCH,
             hotwords: Vec::new(),
             hotword_mode: crate::speech::hotwords::HotwordMode::Bias,
             hotword_bias: crate::speech::decoding::DEFAULT_HOTWORD_BIAS,
@@ -887,7 +893,7 @@ impl Config {
         let sp2 = &self.speech;
         let al = &self.alsa;
         let st = &self.store;
-        let ranges: [(&str, u64, u64, u64); 31] = [
+        let ranges: [(&str, u64, u64, u64); 32] = [
             ("store.audio_days", u64::from(st.audio_days), 0, 36_500),
             ("store.transcript_days", u64::from(st.transcript_days), 0, 36_500),
             ("store.metadata_days", u64::from(st.metadata_days), 0, 36_500),
@@ -901,6 +907,7 @@ impl Config {
             ("speech.speech_pad_ms", u64::from(sp2.speech_pad_ms), 0, 1000),
             ("speech.max_utterance_secs", u64::from(sp2.max_utterance_secs), 1, 30),
             ("speech.asr_workers", u64::from(sp2.asr_workers), 0, 64),
+            ("speech.asr_batch", u64::from(sp2.asr_batch), 1, 16),
             ("daemon.shutdown_timeout_secs", d.shutdown_timeout_secs, 1, 600),
             ("daemon.worker_threads", d.worker_threads.unwrap_or(1) as u64, 1, 256),
             ("control.max_request_bytes", c.max_request_bytes as u64, 256, 1024 * 1024),

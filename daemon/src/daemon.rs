@@ -400,6 +400,7 @@ fn call_limit(cfg: &config::Config, data_dir: &Path) -> crate::calls::capacity::
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         models_version: crate::uplink::link::models_version(cfg),
         asr_workers: crate::speech::scheduler::slots_for(cfg.speech.asr_workers as usize),
+        asr_batch: cfg.speech.asr_batch as usize,
     };
     capacity::call_limit(cfg.calls.max_concurrent, cfg.calls.use_rated_capacity, &rating, &here)
 }
@@ -416,12 +417,12 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
     }
     let dir = cfg.speech.models_dir();
     let buckets = cfg.speech.encoder_buckets_secs.clone();
-    let asr_workers = cfg.speech.asr_workers;
+    let (asr_workers, asr_batch) = (cfg.speech.asr_workers, cfg.speech.asr_batch);
     log::info!(component = "speech"; "loading the speech models from {}", dir.display());
     let started = std::time::Instant::now();
     let load_dir = dir.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        SpeechModels::load(&load_dir, &buckets).map(|m| m.with_asr_workers(asr_workers))
+        SpeechModels::load(&load_dir, &buckets).map(|m| m.with_asr_scheduler(asr_workers, asr_batch))
     })
     .await;
     match loaded {

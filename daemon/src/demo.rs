@@ -87,7 +87,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
         }
     };
     say(format!("callbox demo: daemon starting with models from {} …", models.display()));
-    let mut daemon = PrivateDaemon::start(&models, &options.language, 0)?;
+    let mut daemon = PrivateDaemon::start(&models, &options.language, 0, crate::config::DEFAULT_ASR_BATCH)?;
     let socket = daemon.socket.clone();
     let addresses = daemon.addresses;
     say(format!(

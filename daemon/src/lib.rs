@@ -9,6 +9,7 @@ pub mod cli_hq;
 pub mod cli_store;
 pub mod config;
 pub mod control;
+pub mod cpu;
 pub mod customers;
 pub mod daemon;
 pub mod demo;

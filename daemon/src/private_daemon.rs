@@ -72,9 +72,9 @@ pub struct PrivateDaemon {
 }
 
 impl PrivateDaemon {
-    /// Starts the daemon on `models` with `asr_workers` ASR slots (0: one per core) and
-    /// waits until it answers.
-    pub fn start(models: &Path, language: &str, asr_workers: u32) -> Result<Self, String> {
+    /// Starts the daemon on `models` with `asr_workers` ASR slots (0: one per core), each
+    /// batching up to `asr_batch` waiting utterances, and waits until it answers.
+    pub fn start(models: &Path, language: &str, asr_workers: u32, asr_batch: u32) -> Result<Self, String> {
         let work = WorkDir::create().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
         let socket = work.0.join("control.sock");
         let config = work.0.join("callbox.toml");
@@ -83,7 +83,7 @@ impl PrivateDaemon {
             "# callbox: a private daemon on loopback\n\
              [daemon]\ndata_dir = {data:?}\nshutdown_timeout_secs = 10\n\
              [control]\nsocket = {socket:?}\n\
-             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\nasr_workers = {asr_workers}\n\
+             [speech]\nmodels_dir = {models:?}\nlanguage = {language:?}\nasr_workers = {asr_workers}\nasr_batch = {asr_batch}\n\
              [calls]\nmax_concurrent = 1024\nuse_rated_capacity = false\n\
              [audiosocket]\nlisteners = [{{ address = \"127.0.0.1:0\", leg = \"agent\" }}, {{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\n",
             data = work.0.join("data"),

@@ -72,13 +72,27 @@ class Normaliser:
         return "".join(c for c in text if unicodedata.category(c)[0] in "LN")
 
 
+def cross_attention(query, keys, values, heads=8):
+    """One query [d] against one window's keys and values [frames, d], head by head."""
+    d_head = query.shape[0] // heads
+    q = query.reshape(heads, d_head)
+    k = keys.reshape(-1, heads, d_head).transpose(1, 0, 2)
+    v = values.reshape(-1, heads, d_head).transpose(1, 0, 2)
+    scores = np.einsum("hd,htd->ht", q, k) / np.sqrt(d_head)
+    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    scores /= scores.sum(axis=1, keepdims=True)
+    return np.einsum("ht,htd->hd", scores, v).reshape(-1).astype(np.float32)
+
+
 class OrtWhisper:
     def __init__(self, filters):
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         base = os.path.join(CACHE, "whisper-base")
         self.enc = ort.InferenceSession(os.path.join(base, "encoder.onnx"), so)
-        self.dec = ort.InferenceSession(os.path.join(base, "decoder.onnx"), so)
+        self.dec = []
+        while os.path.exists(os.path.join(base, f"decoder.{len(self.dec)}.onnx")):
+            self.dec.append(ort.InferenceSession(os.path.join(base, f"decoder.{len(self.dec)}.onnx"), so))
         self.vocab = open(os.path.join(base, "tokens.txt"), encoding="utf-8").read().split("\n")
         self.ids = {t: i for i, t in enumerate(self.vocab)}
         self.filters = filters
@@ -93,8 +107,9 @@ class OrtWhisper:
         ck, cv = self.enc.run(None, {"mel": mel[None]})
         t1 = time.perf_counter()
         ctx = 448
-        sk = np.zeros((6, 1, 0, 512), np.float32)
-        sv = np.zeros_like(sk)
+        layers = len(self.dec) - 1
+        sk = [np.zeros((1, 0, 512), np.float32) for _ in range(layers)]
+        sv = [np.zeros((1, 0, 512), np.float32) for _ in range(layers)]
         prompt = [self.ids["<|startoftranscript|>"], self.ids[f"<|{lang}|>"], self.ids["<|transcribe|>"],
                   self.ids["<|notimestamps|>"]]
         eot = self.ids["<|endoftext|>"]
@@ -102,14 +117,20 @@ class OrtWhisper:
         budget = min(int(np.ceil(len(audio) / 16000 * max_tokens_per_sec)) + 4, ctx - len(prompt) - 1)
         out, toks = [], list(prompt)
         for pos in range(ctx - 1):
-            lg, nk, nv = self.dec.run(None, {
-                "token": np.array([[toks[pos]]], np.int64), "position": np.array([pos], np.int64),
-                "self_k": sk, "self_v": sv, "cross_k": ck, "cross_v": cv})
-            sk = np.concatenate([sk, nk], axis=2)
-            sv = np.concatenate([sv, nv], axis=2)
+            # The decoder's parts, with Whisper's cross-attention between them (as callbox does).
+            carried = {"token": np.array([toks[pos]], np.int64), "position": np.array([pos], np.int64)}
+            for layer, part in enumerate(self.dec):
+                if layer == layers:
+                    lg = part.run(None, carried)[0]
+                    break
+                x, query, nk, nv = part.run(None, dict(carried, self_k=sk[layer], self_v=sv[layer],
+                                                       self_mask=np.zeros((1, pos + 1), np.float32)))
+                sk[layer] = np.concatenate([sk[layer], nk[:, None]], axis=1)
+                sv[layer] = np.concatenate([sv[layer], nv[:, None]], axis=1)
+                carried = {"x": x, "cross": cross_attention(query[0], ck[layer, 0], cv[layer, 0])[None]}
             if pos + 1 < len(toks):
                 continue
-            logits = lg[0, 0].copy()
+            logits = lg[0].copy()
             logits[eot + 1:] = -np.inf
             if not out:
                 logits[eot] = -np.inf

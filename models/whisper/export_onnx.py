@@ -4,12 +4,13 @@ Encoder  mel[1,80,frames] -> cross_k, cross_v [layers,1,frames/2,d]
          (the decoder's cross-attention keys and values, computed once per utterance; frames
          is symbolic so the runtime can fix it per length bucket instead of always paying for
          Whisper's 30-s window).
-Decoder  one token per call, with the self-attention cache of the tokens so far kept by the
-         caller: token[1,1] i64, position[1] i64, self_k/self_v [layers,1,past,d] (past = the
-         tokens already decoded, 0 at the start), cross_k/cross_v -> logits[1,vocab],
-         new_k/new_v [layers,1,1,d] (the caller appends them). `past` and `enc_len` are
-         symbolic: one runtime plan serves every length (its weights are held once), and each
-         step attends to the tokens so far instead of a padded 448-token context.
+Decoder  one token per utterance per step, for a batch of B utterances decoded together (the
+         weights are read once per step for all of them), as layers + 1 graphs with the
+         cross-attention between them done by the caller (decoder_parts), and the
+         self-attention cache of the tokens so far kept by the caller. `batch` and `past`
+         are symbolic: one runtime plan per part serves every batch and length (its weights
+         are held once), and each step attends to the tokens so far instead of a padded
+         448-token context.
 Weights are stored fp32: tract 0.23.9 keeps a Cast of an fp16 initializer in the graph and
 re-runs it on every call (measured: ~200 ms per decoder step instead of tens), so widening
 once here is what makes it fast.
@@ -86,15 +87,16 @@ class GraphBuilder:
                                self.op("Add", [inner, self.const(np.float32(1.0))])])
 
     def heads(self, x, n_heads, d_head):
-        """[1,T,d] -> [1,H,T,dh]"""
-        r = self.op("Reshape", [x, self.const(np.array([1, -1, n_heads, d_head], np.int64))])
+        """[B,T,d] -> [B,H,T,dh] (0 in a Reshape keeps the batch dimension as it is)"""
+        r = self.op("Reshape", [x, self.const(np.array([0, -1, n_heads, d_head], np.int64))])
         return self.op("Transpose", [r], perm=[0, 2, 1, 3])
 
     def merge_heads(self, x, d_model):
         t = self.op("Transpose", [x], perm=[0, 2, 1, 3])
-        return self.op("Reshape", [t, self.const(np.array([1, -1, d_model], np.int64))])
+        return self.op("Reshape", [t, self.const(np.array([0, -1, d_model], np.int64))])
 
     def attention(self, q, k, v, n_heads, d_model, mask=None):
+        """mask: [B,1,1,T], added to the scores (0 where attended, a large negative where not)."""
         d_head = d_model // n_heads
         qh, kh, vh = (self.heads(t, n_heads, d_head) for t in (q, k, v))
         kt = self.op("Transpose", [kh], perm=[0, 1, 3, 2])
@@ -162,55 +164,92 @@ def encoder(v):
     return g.model(inputs, outputs, "whisper_encoder")
 
 
-def decoder(v):
+def decoder_parts(v):
+    """The decoder step as dec_layers + 1 graphs, with cross-attention left to the caller.
+
+    Part 0:       token[B], position[B], self_k/self_v [B,past,d], self_mask[B,past+1]
+                  -> x, query, new_k, new_v  (each [B,d])
+    Part l (1..): x, cross[B,d] (layer l-1's cross-attention output), layer l's cache
+                  -> x, query, new_k, new_v
+    Part L:       x, cross -> logits[B,vocab]
+
+    Part l ends layer l-1 (its cross-attention output projection and feed-forward block) and
+    runs layer l's self-attention up to its cross-attention query (bias included, not
+    scaled). The caller attends each row's query to its own window's keys and values (the
+    encoder's cross_k/cross_v, unpadded) per head. In one graph tract packs every row's
+    cross-attention keys and values again on every step (they are runtime inputs, not
+    weights): measured, that was ~4 ms of a 17-ms step on a 6-s window, growing with the
+    window and with every row of a batch, where the caller's plain loops read them once.
+    Rows of a batch are padded on the left of their self-attention history and masked
+    (self_mask: 0 where a row attends, -1e9 on its padding)."""
     d_model, n_heads, enc_layers, dec_layers = dims(v)
-    vocab = v["decoder/embeddings/weight"].shape[0]
-    g = GraphBuilder()
-    emb = g.weight(v["decoder/embeddings/weight"], "tok_emb")
-    tok = g.op("Gather", [emb, "token"], axis=0)  # [1,1,d]
-    pos = g.op("Gather", [g.weight(v["decoder/position_encodings/encodings"], "dec_pos"), "position"], axis=0)  # [1,d]
-    x = g.op("Add", [tok, pos])
-    new_k, new_v = [], []
-    for i in range(dec_layers):
+    d_head = d_model // n_heads
+    f = TensorProto.FLOAT
+    rows = lambda name: helper.make_tensor_value_info(name, f, ["batch", d_model])  # noqa: E731
+
+    def start_layer(g, x, i):
+        """Layer i from its input x [B,d] to its cross-attention query; self-attention here."""
         s = f"decoder/layer_{i}"
-        layer = g.const(np.array(i, np.int64))
+        axis1 = g.const(np.array([1], np.int64))
         h = g.layer_norm(x, v, s + "/self_attention/layer_norm")
         qkv = g.scoped_linear(h, v, s + "/self_attention/linear_0", f"d{i}_qkv")
         q, k, val = g.split_last(qkv, [d_model] * 3)
-        new_k.append(g.unsqueeze0(k))
-        new_v.append(g.unsqueeze0(val))
-        # The tokens so far ([1,past,d]) and this one: nothing padded, so no mask.
-        all_k = g.op("Concat", [g.op("Gather", ["self_k", layer], axis=0), k], axis=1)
-        all_v = g.op("Concat", [g.op("Gather", ["self_v", layer], axis=0), val], axis=1)
-        a = g.attention(q, all_k, all_v, n_heads, d_model)
+        # The tokens so far ([B,past,d]) and this one.
+        all_k = g.op("Concat", ["self_k", g.op("Unsqueeze", [k, axis1])], axis=1)
+        all_v = g.op("Concat", ["self_v", g.op("Unsqueeze", [val, axis1])], axis=1)
+        mask = g.op("Unsqueeze", ["self_mask", g.const(np.array([1, 2], np.int64))])  # [B,1,1,T]
+        qh = g.op("Unsqueeze", [g.op("Reshape", [q, g.const(np.array([0, n_heads, d_head], np.int64))]),
+                                g.const(np.array([2], np.int64))])  # [B,H,1,dh]
+        kh, vh = g.heads(all_k, n_heads, d_head), g.heads(all_v, n_heads, d_head)  # [B,H,T,dh]
+        scores = g.op("Mul", [g.op("MatMul", [qh, g.op("Transpose", [kh], perm=[0, 1, 3, 2])]),
+                              g.const(np.float32(1 / np.sqrt(d_head)))])
+        probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1)
+        a = g.op("Reshape", [g.op("MatMul", [probs, vh]), g.const(np.array([0, d_model], np.int64))])
         x = g.op("Add", [x, g.scoped_linear(a, v, s + "/self_attention/linear_1", f"d{i}_o")])
         h = g.layer_norm(x, v, s + "/attention/layer_norm")
-        q = g.scoped_linear(h, v, s + "/attention/linear_0", f"d{i}_xq")
-        ck = g.op("Gather", ["cross_k", layer], axis=0)
-        cv = g.op("Gather", ["cross_v", layer], axis=0)
-        a = g.attention(q, ck, cv, n_heads, d_model)
-        x = g.op("Add", [x, g.scoped_linear(a, v, s + "/attention/linear_2", f"d{i}_xo")])
-        x = g.residual_ffn(x, v, s, f"d{i}")
-    x = g.layer_norm(x, v, "decoder/layer_norm")
-    flat = g.op("Reshape", [x, g.const(np.array([1, d_model], np.int64))])
-    # Output projection tied to the embedding, stored again pre-transposed: with Gemm(transB)
-    # on the shared initializer tract re-packs the 51865×512 matrix on every step.
-    logits = g.op("MatMul", [flat, g.weight(v["decoder/embeddings/weight"].T, "tok_proj")])
-    g.nodes.append(helper.make_node("Reshape", [logits, g.const(np.array([1, 1, vocab], np.int64))], ["logits"]))
-    g.nodes.append(helper.make_node("Concat", new_k, ["new_k"], axis=0))
-    g.nodes.append(helper.make_node("Concat", new_v, ["new_v"], axis=0))
-    f = TensorProto.FLOAT
-    inputs = [
-        helper.make_tensor_value_info("token", TensorProto.INT64, [1, 1]),
-        helper.make_tensor_value_info("position", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("self_k", f, [dec_layers, 1, "past", d_model]),
-        helper.make_tensor_value_info("self_v", f, [dec_layers, 1, "past", d_model]),
-        helper.make_tensor_value_info("cross_k", f, [dec_layers, 1, "enc_len", d_model]),
-        helper.make_tensor_value_info("cross_v", f, [dec_layers, 1, "enc_len", d_model]),
+        query = g.scoped_linear(h, v, s + "/attention/linear_0", f"d{i}_xq")
+        return x, query, k, val
+
+    def end_layer(g, x, i):
+        """Layer i from after its self-attention, given its cross-attention output `cross`."""
+        s = f"decoder/layer_{i}"
+        x = g.op("Add", [x, g.scoped_linear("cross", v, s + "/attention/linear_2", f"d{i}_xo")])
+        return g.residual_ffn(x, v, s, f"d{i}")
+
+    cache_inputs = [
+        helper.make_tensor_value_info("self_k", f, ["batch", "past", d_model]),
+        helper.make_tensor_value_info("self_v", f, ["batch", "past", d_model]),
+        helper.make_tensor_value_info("self_mask", f, ["batch", "past_and_new"]),
     ]
-    outputs = [
-        helper.make_tensor_value_info("logits", f, [1, 1, vocab]),
-        helper.make_tensor_value_info("new_k", f, [dec_layers, 1, 1, d_model]),
-        helper.make_tensor_value_info("new_v", f, [dec_layers, 1, 1, d_model]),
-    ]
-    return g.model(inputs, outputs, "whisper_decoder_step")
+    parts = []
+    for part in range(dec_layers + 1):
+        g = GraphBuilder()
+        if part == 0:
+            # The running state is [B,d], not [B,1,d]: tract then multiplies the batch's rows
+            # by each weight matrix in one product (M = B) instead of B matrix-vector products
+            # that each read the whole matrix (measured: a batch of 8 cost 8 single steps).
+            tok = g.op("Gather", [g.weight(v["decoder/embeddings/weight"], "tok_emb"), "token"], axis=0)
+            pos = g.op("Gather", [g.weight(v["decoder/position_encodings/encodings"], "dec_pos"), "position"], axis=0)
+            x = g.op("Add", [tok, pos])
+            inputs = [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch"]),
+                      helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
+        else:
+            x = end_layer(g, "x", part - 1)
+            inputs = [rows("x"), rows("cross")]
+        if part < dec_layers:
+            x, query, k, val = start_layer(g, x, part)
+            for name, value in (("x_out", x), ("query", query), ("new_k", k), ("new_v", val)):
+                g.nodes.append(helper.make_node("Identity", [value], [name]))
+            inputs += cache_inputs
+            outputs = [rows(n) for n in ("x_out", "query", "new_k", "new_v")]
+        else:
+            x = g.layer_norm(x, v, "decoder/layer_norm")
+            # Output projection tied to the embedding, stored again pre-transposed: with
+            # Gemm(transB) on the shared initializer tract re-packs the 51865×512 matrix on
+            # every step.
+            vocab = v["decoder/embeddings/weight"].shape[0]
+            g.nodes.append(helper.make_node("MatMul", [x, g.weight(v["decoder/embeddings/weight"].T, "tok_proj")],
+                                            ["logits"]))
+            outputs = [helper.make_tensor_value_info("logits", f, ["batch", vocab])]
+        parts.append(g.model(inputs, outputs, f"whisper_decoder_part_{part}"))
+    return parts

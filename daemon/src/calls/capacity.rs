@@ -38,12 +38,14 @@ pub struct Rating {
     pub budget_secs: f64,
     pub measured_at_unix_ms: u64,
     pub daemon_version: String,
-    /// The box it was measured on: logical cores, the CPU model, the models' version
-    /// and the ASR pool size.
+    /// The box it was measured on: logical cores, the CPU model, the models' version,
+    /// the ASR pool size and its batch limit (a rating saved before batching: 1).
     pub cores: usize,
     pub cpu: String,
     pub models_version: String,
     pub asr_workers: usize,
+    #[serde(default = "unbatched")]
+    pub asr_batch: usize,
     /// What was streamed (the call's source, its rate).
     pub load: String,
     pub steps: Vec<Step>,
@@ -55,6 +57,11 @@ pub struct BoxFacts {
     pub cores: usize,
     pub models_version: String,
     pub asr_workers: usize,
+    pub asr_batch: usize,
+}
+
+fn unbatched() -> usize {
+    1
 }
 
 impl Rating {
@@ -69,6 +76,9 @@ impl Rating {
         }
         if self.asr_workers != here.asr_workers {
             differences.push(format!("{} ASR workers then, {} now", self.asr_workers, here.asr_workers));
+        }
+        if self.asr_batch != here.asr_batch {
+            differences.push(format!("ASR batches of up to {} then, {} now", self.asr_batch, here.asr_batch));
         }
         (!differences.is_empty()).then(|| differences.join(", "))
     }
@@ -270,13 +280,14 @@ mod tests {
             cpu: "x".into(),
             models_version: "m1".into(),
             asr_workers: 2,
+            asr_batch: 4,
             load: "call.wav at 8000 Hz".into(),
             steps: vec![step(1, true), step(4, true), step(6, true), step(8, false)],
         }
     }
 
     fn here() -> BoxFacts {
-        BoxFacts { cores: 2, models_version: "m1".into(), asr_workers: 2 }
+        BoxFacts { cores: 2, models_version: "m1".into(), asr_workers: 2, asr_batch: 4 }
     }
 
     #[test]
@@ -298,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_rating_of_another_box_or_none_leaves_the_cap_with_a_warning() {
-        let other = BoxFacts { cores: 4, models_version: "m2".into(), asr_workers: 2 };
+        let other = BoxFacts { cores: 4, models_version: "m2".into(), asr_workers: 2, asr_batch: 4 };
         let limit = call_limit(32, true, &RatingFile::Found(Box::new(rating(6))), &other);
         assert_eq!(limit.max_calls, 32);
         let warning = limit.warning.unwrap();
@@ -309,6 +320,17 @@ mod tests {
         assert!(missing.warning.unwrap().contains("bench capacity --save"));
         let bad = call_limit(32, true, &RatingFile::Unreadable("line 1: EOF".into()), &here());
         assert!(bad.warning.unwrap().contains("line 1: EOF"));
+    }
+
+    #[test]
+    fn a_rating_saved_before_batching_describes_an_unbatched_box() {
+        let mut saved = serde_json::to_value(rating(6)).unwrap();
+        saved.as_object_mut().unwrap().remove("asr_batch");
+        let old: Rating = serde_json::from_value(saved).unwrap();
+        assert_eq!(old.asr_batch, 1);
+        let limit = call_limit(32, true, &RatingFile::Found(Box::new(old)), &here());
+        assert_eq!(limit.max_calls, 32);
+        assert!(limit.warning.unwrap().contains("ASR batches of up to 1 then, 4 now"));
     }
 
     #[test]

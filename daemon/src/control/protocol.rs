@@ -600,6 +600,12 @@ pub struct AsrQueueReport {
     pub waiting: usize,
     pub oldest_wait_secs: f64,
     pub max_wait_secs: f64,
+    /// Most utterances a slot transcribes together (`speech.asr_batch`), and the largest
+    /// batch since the start (1: the queue never held more than one slot could take).
+    #[serde(default)]
+    pub batch_limit: usize,
+    #[serde(default)]
+    pub largest_batch: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -969,7 +975,15 @@ mod tests {
                 audio_secs: 4.5,
                 asr_secs: 0.5,
                 errors: 0,
-                asr_queue: AsrQueueReport { slots: 2, busy: 1, waiting: 3, oldest_wait_secs: 0.2, max_wait_secs: 0.9 },
+                asr_queue: AsrQueueReport {
+                    slots: 2,
+                    busy: 1,
+                    waiting: 3,
+                    oldest_wait_secs: 0.2,
+                    max_wait_secs: 0.9,
+                    batch_limit: 4,
+                    largest_batch: 3,
+                },
             }),
             caller: CallerInfo { uid: 0, role: Role::Admin },
         };

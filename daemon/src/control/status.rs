@@ -79,6 +79,8 @@ fn speech_report(service: &SpeechService) -> SpeechReport {
                 waiting: q.waiting,
                 oldest_wait_secs: q.oldest_wait_secs,
                 max_wait_secs: q.max_wait_secs,
+                batch_limit: q.batch_limit,
+                largest_batch: q.largest_batch,
             }
         },
     }

@@ -49,6 +49,94 @@ fn run_once(
     Ok(vec![(window.text.clone(), window)])
 }
 
+/// Decoding windows together against one at a time (`--batch N`).
+#[derive(Debug, Serialize)]
+struct BatchReport {
+    batch: usize,
+    windows: usize,
+    audio_secs: f64,
+    /// Medians over the runs after the first, summed over the groups of `batch` windows.
+    alone_secs: f64,
+    together_secs: f64,
+    alone_rtf: f64,
+    together_rtf: f64,
+    /// Decoder time over generated tokens, one at a time and together (the batch's wall
+    /// time over all its rows' tokens).
+    alone_ms_per_token: f64,
+    together_ms_per_token: f64,
+    /// Windows whose text is the same either way.
+    same_text: usize,
+}
+
+/// Every clip as one window (cut at the largest bucket), decoded one at a time and in
+/// groups of `batch` (each group one `transcribe_windows`), `runs` times each.
+fn batch_figures(
+    models: &SpeechModels,
+    speech: &crate::config::SpeechConfig,
+    clips: &[Vec<f32>],
+    batch: usize,
+    runs: usize,
+) -> Result<BatchReport, String> {
+    let opts = speech.decode_options();
+    let window = models.asr.max_window_samples();
+    let clips: Vec<&[f32]> = clips.iter().map(|c| &c[..c.len().min(window)]).collect();
+    let median = |mut times: Vec<f64>| -> f64 {
+        let mut steady = times.split_off(1.min(times.len()));
+        steady.sort_by(f64::total_cmp);
+        steady.get(steady.len() / 2).copied().unwrap_or_default()
+    };
+    let (mut alone_secs, mut together_secs) = (0.0, 0.0);
+    let (mut alone_decoder, mut together_decoder, mut tokens) = (0.0, 0.0, 0usize);
+    let mut same_text = 0;
+    for group in clips.chunks(batch.max(1)) {
+        let mut alone_times = Vec::new();
+        let mut alone = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            alone = group
+                .iter()
+                .map(|c| models.asr.transcribe_window(c, &opts))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            alone_times.push(started.elapsed().as_secs_f64());
+        }
+        let windows: Vec<(&[f32], &crate::speech::DecodeOptions)> = group.iter().map(|&c| (c, &opts)).collect();
+        let mut together_times = Vec::new();
+        let mut together = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            together = models
+                .asr
+                .transcribe_windows(&windows)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            together_times.push(started.elapsed().as_secs_f64());
+        }
+        alone_secs += median(alone_times);
+        together_secs += median(together_times);
+        tokens += alone.iter().map(|t| t.tokens).sum::<usize>();
+        alone_decoder += alone.iter().map(|t| t.decoder_ms).sum::<f64>();
+        // Rows of a batch decode at once: the batch's decoder time is its longest row's.
+        together_decoder += together.iter().map(|t| t.decoder_ms).fold(0.0, f64::max);
+        same_text += alone.iter().zip(&together).filter(|(a, b)| a.text == b.text).count();
+    }
+    let audio_secs: f64 = clips.iter().map(|c| c.len() as f64 / 16_000.0).sum();
+    let per_token = |ms: f64| if tokens > 0 { ms / tokens as f64 } else { 0.0 };
+    Ok(BatchReport {
+        batch,
+        windows: clips.len(),
+        audio_secs,
+        alone_secs,
+        together_secs,
+        alone_rtf: alone_secs / audio_secs.max(1e-9),
+        together_rtf: together_secs / audio_secs.max(1e-9),
+        alone_ms_per_token: per_token(alone_decoder),
+        together_ms_per_token: per_token(together_decoder),
+        same_text,
+    })
+}
+
 /// Default benchmark inputs: the shared recordings beside the checkout.
 fn default_files() -> Vec<PathBuf> {
     let root = PathBuf::from("../shared/data/speech");
@@ -70,6 +158,7 @@ pub fn bench_asr(
     json: bool,
     models_dir: Option<&Path>,
     whole: bool,
+    batch: usize,
 ) -> Result<u8, Failure> {
     let config = load_config(config_path)?;
     let load_started = Instant::now();
@@ -82,6 +171,7 @@ pub fn bench_asr(
     }
     let runs = runs.max(2);
     let mut rows = Vec::new();
+    let mut clips: Vec<Vec<f32>> = Vec::new();
     for file in &files {
         let recording = crate::transcribe::read_recording(file, &config.spool, crate::fsio::Links::Follow)
             .map_err(|e| Failure::new(exit::DATA_ERROR, format!("{}: {e}", file.display())))?;
@@ -91,6 +181,12 @@ pub fn bench_asr(
         for (is_phone, pcm, rate) in
             [(false, samples.as_slice(), recording.sample_rate), (true, &telephone_samples[..], 8000)]
         {
+            if batch > 1 {
+                clips.push(
+                    resample::resample_all(pcm, rate, 16_000)
+                        .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", file.display())))?,
+                );
+            }
             let mut times = Vec::new();
             let mut last = Vec::new();
             for _ in 0..runs {
@@ -123,6 +219,11 @@ pub fn bench_asr(
             });
         }
     }
+    let batched = if batch > 1 {
+        Some(batch_figures(&models, &config.speech, &clips, batch, runs).map_err(|e| Failure::new(exit::FAILURE, e))?)
+    } else {
+        None
+    };
     let (end_rss_mb, peak_rss_mb) = super::process_memory_mb();
     let (encoder_weights, decoder_weights) = models.asr.weight_formats();
     if json {
@@ -132,6 +233,7 @@ pub fn bench_asr(
             "weights": { "encoder": encoder_weights.name(), "decoder": decoder_weights.name() },
             "rss_mb": { "loaded": loaded_rss_mb, "end": end_rss_mb, "peak": peak_rss_mb },
             "rows": rows,
+            "batched": batched,
         });
         println!("{report}");
     } else {
@@ -159,6 +261,24 @@ pub fn bench_asr(
                 r.ms_per_token,
                 r.real_time_factor,
                 r.text
+            );
+        }
+        if let Some(b) = &batched {
+            println!(
+                "batches of {}: {} windows, {:.1} s of audio (each clip as one window); one at a time {:.2} s (RTF \
+                 {:.3}, decoder {:.1} ms/token), together {:.2} s (RTF {:.3}, decoder {:.1} ms/token); same text in {} \
+                 of {}",
+                b.batch,
+                b.windows,
+                b.audio_secs,
+                b.alone_secs,
+                b.alone_rtf,
+                b.alone_ms_per_token,
+                b.together_secs,
+                b.together_rtf,
+                b.together_ms_per_token,
+                b.same_text,
+                b.windows
             );
         }
     }

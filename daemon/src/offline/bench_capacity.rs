@@ -34,6 +34,7 @@ pub struct BenchCapacity {
     pub language: String,
     pub models: PathBuf,
     pub asr_workers: u32,
+    pub asr_batch: u32,
     pub budget_secs: f64,
     pub step_secs: u64,
     pub start: usize,
@@ -60,7 +61,8 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
     let models_version = crate::speech::manifest::ModelSet::open(&opts.models)
         .map(|m| m.version)
         .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("{}: {e}", opts.models.display())))?;
-    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language, opts.asr_workers).map_err(fail)?;
+    let mut daemon =
+        PrivateDaemon::start(&opts.models, &opts.language, opts.asr_workers, opts.asr_batch).map_err(fail)?;
     let say = |line: String| {
         if !opts.json {
             println!("{line}");
@@ -68,9 +70,9 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
     };
     let asr_workers = crate::speech::scheduler::slots_for(opts.asr_workers as usize);
     say(format!(
-        "daemon ready in {:.1} s ({asr_workers} ASR workers); load: {load_name}; budget: p99 utterance end → \
-         understood ≤ {:.2} s",
-        daemon.ready_secs, opts.budget_secs
+        "daemon ready in {:.1} s ({asr_workers} ASR workers, batches of up to {}); load: {load_name}; budget: p99 \
+         utterance end → understood ≤ {:.2} s",
+        daemon.ready_secs, opts.asr_batch, opts.budget_secs
     ));
     // The first transcriptions of each window length are slower (plan scratch, caches):
     // one call first, not counted.
@@ -112,6 +114,7 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
         cpu: cpu_model(),
         models_version,
         asr_workers,
+        asr_batch: opts.asr_batch as usize,
         load: load_name,
         steps,
     };

@@ -55,7 +55,8 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
         return Err(Failure::new(exit::USAGE, "--minutes and --calls must be at least 1"));
     }
     let call = TwoLegCall::from_stereo(&opts.call, opts.rate).map_err(fail)?;
-    let mut daemon = PrivateDaemon::start(&opts.models, &opts.language, 0).map_err(fail)?;
+    let mut daemon =
+        PrivateDaemon::start(&opts.models, &opts.language, 0, crate::config::DEFAULT_ASR_BATCH).map_err(fail)?;
     let pid = daemon.pid();
     let say = |line: String| {
         if !opts.json {

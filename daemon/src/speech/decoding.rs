@@ -70,16 +70,6 @@ impl Default for DecodeOptions {
     }
 }
 
-/// What a vocabulary id is to the decoder's choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Class {
-    Text,
-    End,
-    /// A timestamp, as its index (20 ms steps).
-    Stamp(u32),
-    Barred,
-}
-
 /// Which tokens may come next: text, end-of-text, timestamps in an index range (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Allowed {
@@ -92,15 +82,6 @@ impl Allowed {
     /// Without timestamps: any text, or the end (not first).
     pub(super) fn plain(first: bool) -> Self {
         Self { text: true, end: !first, stamps: None }
-    }
-
-    pub(super) fn admits(self, class: Class) -> bool {
-        match class {
-            Class::Text => self.text,
-            Class::End => self.end,
-            Class::Stamp(at) => self.stamps.is_some_and(|(lo, hi)| (lo..=hi).contains(&at)),
-            Class::Barred => false,
-        }
     }
 }
 
@@ -263,8 +244,8 @@ fn periodic_start(tokens: &[u32], period: usize, span: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::{
-        choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, Class, DecodeOptions,
-        Decoding, SplitMix64, TranscriptStop,
+        choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, DecodeOptions, Decoding,
+        SplitMix64, TranscriptStop,
     };
 
     fn decoding(text: &str, avg_logprob: f32, stop: TranscriptStop, temperature: f32) -> Decoding {
@@ -349,8 +330,7 @@ mod tests {
         assert_eq!(timestamp_rule(&[100, 7], stamp, 150, 0), Allowed { text: true, end: true, stamps: None });
         // Without timestamps: text, and the end once something was said.
         assert_eq!(Allowed::plain(true), Allowed { text: true, end: false, stamps: None });
-        assert!(Allowed::plain(false).admits(Class::End));
-        assert!(!Allowed::plain(false).admits(Class::Stamp(0)) && !Allowed::plain(false).admits(Class::Barred));
+        assert_eq!(Allowed::plain(false), Allowed { text: true, end: true, stamps: None });
     }
 
     #[test]

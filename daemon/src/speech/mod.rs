@@ -95,6 +95,12 @@ pub struct Transcript {
 /// An ASR model family. Audio is 16 kHz mono in −1..1.
 pub trait Recognizer: Send + Sync {
     fn transcribe(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Vec<Transcript>, SpeechError>;
+
+    /// Several utterances at once, one result per utterance in order; a model that can
+    /// share work between them overrides this.
+    fn transcribe_batch(&self, requests: &[(&[f32], &DecodeOptions)]) -> Vec<Result<Vec<Transcript>, SpeechError>> {
+        requests.iter().map(|&(audio, opts)| self.transcribe(audio, opts)).collect()
+    }
 }
 
 /// Everything the speech path loads from a models folder, shared by all legs.
@@ -108,9 +114,10 @@ pub struct SpeechModels {
 }
 
 impl SpeechModels {
-    /// `asr_workers` slots for the ASR scheduler (0: one per core).
-    pub fn with_asr_workers(mut self, asr_workers: u32) -> Self {
-        self.asr_slots = Arc::new(scheduler::AsrScheduler::new(asr_workers as usize));
+    /// `asr_workers` slots for the ASR scheduler (0: one per core), each transcribing up to
+    /// `asr_batch` waiting utterances together.
+    pub fn with_asr_scheduler(mut self, asr_workers: u32, asr_batch: u32) -> Self {
+        self.asr_slots = Arc::new(scheduler::AsrScheduler::new(asr_workers as usize, asr_batch as usize));
         self
     }
 
@@ -127,7 +134,7 @@ impl SpeechModels {
             Err(_) => None,
         };
         release_freed_memory();
-        Ok(Self { vad, asr, zh, dir: dir.to_path_buf(), asr_slots: Arc::new(scheduler::AsrScheduler::new(0)) })
+        Ok(Self { vad, asr, zh, dir: dir.to_path_buf(), asr_slots: Arc::new(scheduler::AsrScheduler::new(0, 1)) })
     }
 }
 

@@ -94,7 +94,12 @@ impl LegPipeline {
         let from = segment.start.saturating_sub(self.buffer_start) as usize;
         let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
         let audio = &self.buffer[from.min(to)..to];
-        let (transcripts, waited) = self.slots.run(|| self.asr.transcribe(audio, &self.opts));
+        // Under load this utterance may be decoded together with other legs' (the scheduler
+        // batches waiting requests), so it travels as owned data.
+        let (transcripts, waited) = self.slots.run((audio.to_vec(), self.opts.clone()), |batch| {
+            let requests: Vec<(&[f32], &DecodeOptions)> = batch.iter().map(|(a, o)| (a.as_slice(), o)).collect();
+            self.asr.transcribe_batch(&requests)
+        });
         let asr =
             merge(transcripts?).ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
         // `asr.text` stays as the recogniser wrote it; `text` is what later stages read.

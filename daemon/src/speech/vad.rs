@@ -66,6 +66,7 @@ impl SileroVad {
         let state = std::mem::replace(&mut self.state, Tensor::from(0f32));
         let outputs =
             self.plan.run(tvec!(input.into_tvalue(), state.into_tvalue())).map_err(|e| SpeechError::model("vad", e))?;
+        crate::cpu::leave_wide_vectors();
         let prob = f32s(&outputs[0])
             .ok()
             .and_then(|s| s.first().copied())

@@ -9,13 +9,13 @@
 //! tokens so far. The decoder's matrices are held in fp16 by default (`weights`).
 
 use std::io::Cursor;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
 
 use super::decoding::{
-    choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, Class, DecodeOptions,
-    Decoding, SplitMix64,
+    choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, DecodeOptions, Decoding,
+    SplitMix64,
 };
 use super::hotwords::{HotwordMode, Hotwords};
 use super::manifest::{ModelEntry, ModelSet};
@@ -35,12 +35,14 @@ pub struct Whisper {
     buckets: Vec<u32>,
     /// One plan for every window length: its weights are held once.
     encoder: Plan,
-    /// One plan for every window and cache length.
-    decoder: Plan,
+    /// The decoder step as `layers + 1` plans (cross-attention runs between them, in
+    /// `cross_attention`), each for every batch and cache length.
+    decoder: Vec<Plan>,
     vocab: Vocabulary,
     front_end: MelFrontEnd,
     layers: usize,
     d_model: usize,
+    heads: usize,
     context: usize,
     /// Encoder's and decoder's.
     weights: (WeightFormat, WeightFormat),
@@ -65,14 +67,18 @@ impl Whisper {
         let n_mels = dim(entry, "n_mels")?;
         let layers = dim(entry, "decoder_layers")?;
         let d_model = dim(entry, "d_model")?;
+        let heads = dim(entry, "n_heads")?;
+        if heads == 0 || d_model % heads != 0 {
+            return Err(SpeechError::model(&name, format!("{heads} heads do not divide d_model {d_model}")));
+        }
         let context = dim(entry, "decoder_context")?;
         let max_secs = entry.extra_u64("max_audio_secs")?;
         // Refused before the 300 MB of weights are read and parsed.
-        if entry.extra.get("decoder_cache").and_then(serde_json::Value::as_str) != Some("growing") {
+        if entry.extra.get("decoder_cache").and_then(serde_json::Value::as_str) != Some("split") {
             return Err(SpeechError::model(
                 &name,
-                "its decoder keeps a fixed-size cache (callbox-models before release 3): install a newer \
-                 callbox-models or rebuild with models/build.sh --force",
+                "its decoder is one graph for one utterance per step (callbox-models before release 4): \
+                 install a newer callbox-models or rebuild with models/build.sh --force",
             ));
         }
         let weights_of = |key: &str, default| {
@@ -106,23 +112,38 @@ impl Whisper {
             .with_input_fact(0, f32::fact(&[1.to_dim(), n_mels.to_dim(), frames.to_dim()]).into())
             .and_then(|m| plan(m, encoder_weights))
             .map_err(err)?;
-        let decoder = onnx.model_for_read(&mut Cursor::new(models.read_verified(entry, "decoder")?)).map_err(err)?;
-        // The cache length and the encoder length stay symbolic: the decoder's weights (most
-        // of the model's memory) are packed once, and each step attends to the tokens so far
-        // instead of a padded full context.
-        let past = decoder.symbols.sym("past");
-        let enc_len = decoder.symbols.sym("enc_len");
-        let cache = f32::fact(&[layers.to_dim(), 1.to_dim(), past.to_dim(), d_model.to_dim()]);
-        let cross = f32::fact(&[layers.to_dim(), 1.to_dim(), enc_len.to_dim(), d_model.to_dim()]);
-        let decoder = decoder
-            .with_input_fact(0, i64::fact([1, 1]).into())
-            .and_then(|m| m.with_input_fact(1, i64::fact([1]).into()))
-            .and_then(|m| m.with_input_fact(2, cache.clone().into()))
-            .and_then(|m| m.with_input_fact(3, cache.into()))
-            .and_then(|m| m.with_input_fact(4, cross.clone().into()))
-            .and_then(|m| m.with_input_fact(5, cross.into()))
-            .and_then(|m| plan(m, decoder_weights))
-            .map_err(err)?;
+        // The batch and the cache length stay symbolic: the decoder's weights (most of the
+        // model's memory) are packed once, each step attends to the tokens so far instead of
+        // a padded full context, and any number of utterances can share a step.
+        let mut decoder = Vec::with_capacity(layers + 1);
+        for part in 0..=layers {
+            let model = onnx
+                .model_for_read(&mut Cursor::new(models.read_verified(entry, &format!("decoder_{part}"))?))
+                .map_err(err)?;
+            let batch = model.symbols.sym("batch");
+            let past = model.symbols.sym("past");
+            let rows = f32::fact(&[batch.to_dim(), d_model.to_dim()]);
+            let mut facts: Vec<InferenceFact> = if part == 0 {
+                vec![i64::fact(&[batch.to_dim()]).into(), i64::fact(&[batch.to_dim()]).into()]
+            } else {
+                vec![rows.clone().into(), rows.into()]
+            };
+            if part < layers {
+                let cache = f32::fact(&[batch.to_dim(), past.to_dim(), d_model.to_dim()]);
+                facts.extend([
+                    cache.clone().into(),
+                    cache.into(),
+                    f32::fact(&[batch.to_dim(), past.to_dim() + 1]).into(),
+                ]);
+            }
+            let model = facts
+                .into_iter()
+                .enumerate()
+                .try_fold(model, |m, (input, fact)| m.with_input_fact(input, fact))
+                .and_then(|m| plan(m, decoder_weights))
+                .map_err(err)?;
+            decoder.push(model);
+        }
         Ok(Self {
             name,
             buckets: secs,
@@ -132,6 +153,7 @@ impl Whisper {
             front_end: MelFrontEnd::new(n_mels),
             layers,
             d_model,
+            heads,
             context,
             weights: (encoder_weights, decoder_weights),
         })
@@ -165,6 +187,93 @@ impl Whisper {
 
     /// Transcribes audio no longer than the largest bucket (longer input is cut there).
     pub fn transcribe_window(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Transcript, SpeechError> {
+        self.transcribe_windows(&[(audio, opts)])
+            .pop()
+            .unwrap_or_else(|| Err(SpeechError::model(&self.name, "no transcript for the window")))
+    }
+
+    /// Transcribes several windows (each no longer than the largest bucket) together: each
+    /// runs its own encoder, then their decodings advance one token each per decoder step,
+    /// so the decoder's weights are read once per step for all of them. A window's result
+    /// does not depend on the others it is decoded with (each attends only to its own audio
+    /// and tokens; the masks hide the padding). One result per window, in order.
+    pub fn transcribe_windows(&self, windows: &[(&[f32], &DecodeOptions)]) -> Vec<Result<Transcript, SpeechError>> {
+        let mut prepared: Vec<Result<Prepared, SpeechError>> =
+            windows.iter().map(|&(audio, opts)| self.prepare(audio, opts)).collect();
+        let mut tried: Vec<Vec<Decoding>> = windows.iter().map(|_| Vec::new()).collect();
+        let mut decoder_ms = vec![0.0f64; windows.len()];
+        let mut done = vec![false; windows.len()];
+        // Round 0 is greedy; each later round decodes again, at the next temperature, the
+        // windows whose decoding loops or is improbable (Whisper's fallback).
+        for round in 0.. {
+            let mut rows: Vec<(usize, &mut Prepared, f32)> = Vec::new();
+            for (index, item) in prepared.iter_mut().enumerate() {
+                if let Ok(item) = item {
+                    if let (false, Some(&temperature)) = (done[index], item.temperatures.get(round)) {
+                        rows.push((index, item, temperature));
+                    }
+                }
+            }
+            if rows.is_empty() {
+                break;
+            }
+            let started = Instant::now();
+            let outcome = self.decode_together(&mut rows);
+            let failed = |e: &TractError| SpeechError::model(&self.name, e);
+            match outcome {
+                Ok(decodings) => {
+                    for ((index, item, _), (decoding, finished)) in rows.into_iter().zip(decodings) {
+                        // Language detected on the first decoding holds for the others.
+                        item.setup.detect_language = false;
+                        decoder_ms[index] += finished.as_secs_f64() * 1000.0;
+                        done[index] = !decoding.needs_fallback(windows[index].1);
+                        tried[index].push(decoding);
+                    }
+                }
+                Err(e) => {
+                    let at = started.elapsed().as_secs_f64() * 1000.0;
+                    let indices: Vec<usize> = rows.into_iter().map(|(index, _, _)| index).collect();
+                    for index in indices {
+                        decoder_ms[index] += at;
+                        prepared[index] = Err(failed(&e));
+                    }
+                }
+            }
+        }
+        prepared
+            .into_iter()
+            .zip(tried)
+            .zip(decoder_ms)
+            .zip(windows)
+            .map(|(((item, tried), decoder_ms), &(_, opts))| {
+                let item = item?;
+                let fallbacks = tried.len().saturating_sub(1) as u32;
+                let chosen = choose(tried, opts).ok_or_else(|| SpeechError::model(&self.name, "no decoding ran"))?;
+                let no_speech =
+                    chosen.no_speech_prob > opts.no_speech_threshold && chosen.avg_logprob < opts.logprob_threshold;
+                let text = if no_speech { String::new() } else { chosen.text.trim().to_owned() };
+                Ok(Transcript {
+                    text,
+                    language: item.setup.language,
+                    tokens: chosen.tokens.len(),
+                    token_ids: chosen.tokens,
+                    avg_logprob: chosen.avg_logprob,
+                    no_speech_prob: chosen.no_speech_prob,
+                    no_speech,
+                    stop: chosen.stop,
+                    temperature: chosen.temperature,
+                    fallbacks,
+                    audio_secs: item.duration,
+                    window_secs: item.window_secs,
+                    encoder_ms: item.encoder_ms,
+                    decoder_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs the encoder on one window and sets its decoding up.
+    fn prepare(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Prepared, SpeechError> {
         let err = |e: TractError| SpeechError::model(&self.name, e);
         let margin = (opts.tail_margin_secs.max(0.0) * SAMPLE_RATE as f32) as usize;
         let window_secs = self.window_for(audio.len(), margin);
@@ -174,13 +283,17 @@ impl Whisper {
         let mel = self.front_end.log_mel(audio, window - audio.len());
         let mel = Tensor::from_shape(&[1, mel.bands, mel.frames], &mel.data).map_err(err)?;
         let cross = self.encoder.run(tvec!(mel.into_tvalue())).map_err(err)?;
-        let (cross_k, cross_v) = match cross.as_slice() {
+        crate::cpu::leave_wide_vectors();
+        let (k, v) = match cross.as_slice() {
             [k, v] => (k.clone(), v.clone()),
             _ => return Err(SpeechError::model(&self.name, "encoder must give cross_k and cross_v")),
         };
+        let frames = match k.shape() {
+            [layers, 1, frames, d] if *layers == self.layers && *d == self.d_model => *frames,
+            shape => return Err(SpeechError::model(&self.name, format!("encoder output has shape {shape:?}"))),
+        };
         let encoder_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-        let started = Instant::now();
         let sp = self.vocab.specials;
         let duration = audio.len() as f32 / SAMPLE_RATE as f32;
         let hotwords = Hotwords::new(&self.vocab, &opts.hotwords);
@@ -224,215 +337,150 @@ impl Whisper {
         }
         setup.budget =
             ((duration * opts.max_tokens_per_sec).ceil() as usize + 4).min(self.context - setup.prompt.len() - 1);
-        // Sampling is seeded by the audio: the same utterance decodes the same way every time.
-        let mut rng = SplitMix64(audio.len() as u64 ^ 0x9e37_79b9_7f4a_7c15);
-        let mut tried: Vec<Decoding> = Vec::new();
-        for temperature in std::iter::once(0.0).chain(opts.fallback_temperatures.iter().copied()) {
-            let decoding = self.decode(&mut setup, &cross_k, &cross_v, temperature, &mut rng).map_err(err)?;
-            // Language detected on the first decoding holds for the others.
-            setup.detect_language = false;
-            let done = !decoding.needs_fallback(opts);
-            tried.push(decoding);
-            if done {
-                break;
-            }
-        }
-        let fallbacks = tried.len().saturating_sub(1) as u32;
-        let chosen = choose(tried, opts).ok_or_else(|| SpeechError::model(&self.name, "no decoding ran"))?;
-        let no_speech = chosen.no_speech_prob > opts.no_speech_threshold && chosen.avg_logprob < opts.logprob_threshold;
-        let text = if no_speech { String::new() } else { chosen.text.trim().to_owned() };
-        Ok(Transcript {
-            text,
-            language: setup.language,
-            tokens: chosen.tokens.len(),
-            token_ids: chosen.tokens,
-            avg_logprob: chosen.avg_logprob,
-            no_speech_prob: chosen.no_speech_prob,
-            no_speech,
-            stop: chosen.stop,
-            temperature: chosen.temperature,
-            fallbacks,
-            audio_secs: duration,
+        Ok(Prepared {
+            setup,
+            cross: Cross { k, v, frames },
+            // Sampling is seeded by the audio: the same utterance decodes the same way every time.
+            rng: SplitMix64(audio.len() as u64 ^ 0x9e37_79b9_7f4a_7c15),
+            temperatures: std::iter::once(0.0).chain(opts.fallback_temperatures.iter().copied()).collect(),
             window_secs,
+            duration,
             encoder_ms,
-            decoder_ms: started.elapsed().as_secs_f64() * 1000.0,
         })
     }
 
-    /// One decoding of the encoder's output: greedy at temperature 0, else sampling from
-    /// the softened distribution (Whisper's suppressions either way), cut where it loops.
-    fn decode(
-        &self,
-        setup: &mut Setup,
-        cross_k: &TValue,
-        cross_v: &TValue,
-        temperature: f32,
-        rng: &mut SplitMix64,
-    ) -> TractResult<Decoding> {
-        let sp = self.vocab.specials;
-        let sot = setup.sot;
-        let mut step = DecoderStep::new(&self.decoder, self.layers, self.d_model)?;
-        // Every generated token (text and timestamps), its log-prob, and the text alone with
-        // where each text token sits among them (a cut loop is found in the text).
-        let mut generated: Vec<u32> = Vec::new();
-        let mut logprobs: Vec<f32> = Vec::new();
-        let mut text: Vec<u32> = Vec::new();
-        let mut text_at: Vec<usize> = Vec::new();
-        let stamps = setup.stamps;
-        let stamp = move |t: u32| stamps.and_then(|s| t.checked_sub(s.first));
-        let mut no_speech_prob = 0.0f32;
-        let mut stop = TranscriptStop::TokenLimit;
-        let mut position = 0usize;
+    /// One decoding of each row's encoder output at the row's temperature (greedy at 0, else
+    /// sampling from the softened distribution; Whisper's suppressions either way), all rows
+    /// a token per decoder step until each has ended. Returns each row's decoding and how
+    /// long after the start it ended.
+    fn decode_together(&self, rows: &mut [(usize, &mut Prepared, f32)]) -> TractResult<Vec<(Decoding, Duration)>> {
+        let started = Instant::now();
+        let mut states = self.decoder.iter().map(|part| part.spawn()).collect::<TractResult<Vec<_>>>()?;
+        let mut decodings: Vec<RowDecoding> = rows.iter().map(|_| RowDecoding::new(self.layers)).collect();
+        let mut ended = vec![Duration::ZERO; rows.len()];
+        let d = self.d_model;
         loop {
-            let prompt = &setup.prompt;
-            let token = if position < prompt.len() { prompt[position] } else { generated[position - prompt.len()] };
-            let mut logits = step.run(token, position, cross_k, cross_v)?;
-            position += 1;
-            if position == sot + 1 {
-                no_speech_prob = softmax_at(&logits, sp.no_speech as usize);
-                if setup.detect_language {
-                    let (code, id) = self
-                        .vocab
-                        .languages
-                        .iter()
-                        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
-                        .ok_or_else(|| TractError::msg("no language tokens"))?;
-                    setup.language.clone_from(code);
-                    setup.prompt[sot + 1] = *id;
-                }
-            }
-            if position < setup.prompt.len() {
-                continue;
-            }
-            if let Some(bias) = setup.bias {
-                setup.hotwords.bias(&text, &mut logits, bias);
-            }
-            let next = match stamps {
-                Some(s) => timestamp_rule(&generated, stamp, s.audio_end, s.window_end),
-                None => Allowed::plain(text.is_empty()),
-            };
-            let (token, logprob) = self.pick(&logits, next, text.is_empty(), temperature, rng);
-            if token == sp.end_of_text {
-                stop = TranscriptStop::EndOfText;
+            let active: Vec<usize> = (0..rows.len()).filter(|&r| !decodings[r].finished).collect();
+            if active.is_empty() {
                 break;
             }
-            generated.push(token);
-            logprobs.push(logprob);
-            if stamp(token).is_none() {
-                text.push(token);
-                text_at.push(generated.len() - 1);
-                if let Some(keep) = repetition_cut(&text) {
-                    text.truncate(keep);
-                    stop = TranscriptStop::Repetition;
+            let batch = active.len();
+            let tokens: Vec<i64> =
+                active.iter().map(|&r| i64::from(decodings[r].next_input(&rows[r].1.setup))).collect();
+            let positions: Vec<i64> = active.iter().map(|&r| decodings[r].position as i64).collect();
+            let mut carried: TVec<TValue> = tvec!(
+                Tensor::from_shape(&[batch], &tokens)?.into_tvalue(),
+                Tensor::from_shape(&[batch], &positions)?.into_tvalue(),
+            );
+            let mut logits = None;
+            for (layer, state) in states.iter_mut().enumerate() {
+                let mut inputs = carried;
+                if layer < self.layers {
+                    let caches: Vec<&RowDecoding> = active.iter().map(|&r| &decodings[r]).collect();
+                    let (keys, values, mask) = batch_cache(&caches, layer, d)?;
+                    inputs.extend([keys.into_tvalue(), values.into_tvalue(), mask.into_tvalue()]);
+                }
+                let out = state.run(inputs)?;
+                crate::cpu::leave_wide_vectors();
+                if layer == self.layers {
+                    logits = out.into_iter().next();
                     break;
                 }
-            } else if let Some(s) = stamps {
-                // A segment closed within the last half second: only the end may follow, so
-                // the step that would say so is not run.
-                let after = timestamp_rule(&generated, stamp, s.audio_end, s.window_end);
-                if !after.text && after.stamps.is_none() {
-                    stop = TranscriptStop::EndOfText;
-                    break;
+                let [x, query, new_k, new_v] = out.as_slice() else {
+                    return Err(TractError::msg("a decoder part must give x_out, query, new_k, new_v"));
+                };
+                let (new_k, new_v) = (f32s(new_k)?, f32s(new_v)?);
+                for (b, &r) in active.iter().enumerate() {
+                    decodings[r].keys[layer].extend_from_slice(&new_k[b * d..(b + 1) * d]);
+                    decodings[r].values[layer].extend_from_slice(&new_v[b * d..(b + 1) * d]);
+                }
+                let windows: Vec<&Cross> = active.iter().map(|&r| &rows[r].1.cross).collect();
+                let cross = cross_attention(f32s(query)?, &windows, layer, self.heads, d)?;
+                carried = tvec!(x.clone(), cross.into_tvalue());
+            }
+            let logits = logits.ok_or_else(|| TractError::msg("the decoder's last part gave no logits"))?;
+            let logits = f32s(&logits)?;
+            let vocab = logits.len() / batch;
+            for (b, &r) in active.iter().enumerate() {
+                let (_, item, temperature) = &mut rows[r];
+                let mut row_logits = logits[b * vocab..(b + 1) * vocab].to_vec();
+                let finished =
+                    decodings[r].feed(self, &mut item.setup, &mut row_logits, *temperature, &mut item.rng)?;
+                if finished {
+                    ended[r] = started.elapsed();
                 }
             }
-            if text.len() >= setup.budget || position >= self.context - 1 {
-                break;
-            }
         }
-        if stop == TranscriptStop::EndOfText {
-            if let Some(keep) = doubled_utterance(&text) {
-                text.truncate(keep);
-                stop = TranscriptStop::Repetition;
-            }
-        }
-        // The log-probs of the tokens up to the last text token kept.
-        logprobs.truncate(text.len().checked_sub(1).map_or(0, |last| text_at[last] + 1));
-        let avg_logprob = if logprobs.is_empty() {
-            0.0
-        } else {
-            (logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64) as f32
-        };
-        let generated = text;
-        let text = self.vocab.decode(&generated);
-        Ok(Decoding {
-            compression_ratio: compression_ratio(text.trim()),
-            text,
-            tokens: generated,
-            avg_logprob,
-            no_speech_prob,
-            stop,
-            temperature,
-        })
+        Ok(decodings
+            .into_iter()
+            .zip(rows.iter())
+            .zip(ended)
+            .map(|((decoding, (_, _, temperature)), ended)| (decoding.finish(&self.vocab, *temperature), ended))
+            .collect())
     }
 
     /// The next token among those `next` allows, under Whisper's suppressions (no special
     /// token but end-of-text and allowed timestamps; no blank first): the likeliest at
     /// temperature 0, else one drawn from softmax(logits / temperature). Returns the token
     /// and its log-prob (unscaled, as Whisper averages them).
+    ///
+    /// The allowed ids are a few ranges (text, end-of-text, a span of timestamps), so each
+    /// pass walks those ranges instead of classifying 51,865 ids one by one (that cost ~6 ms
+    /// per token, a quarter of a decoder step).
     fn pick(&self, logits: &[f32], next: Allowed, first: bool, temperature: f32, rng: &mut SplitMix64) -> (u32, f32) {
         let sp = self.vocab.specials;
-        let stamp_base = sp.first_timestamp.unwrap_or(u32::MAX);
-        let mut next = next;
-        let class = |id: usize| {
-            let id = id as u32;
-            if id == sp.end_of_text {
-                Class::End
-            } else if id < sp.first_special {
-                if first && Some(id) == self.vocab.blank {
-                    Class::Barred
-                } else {
-                    Class::Text
-                }
-            } else if id >= stamp_base {
-                Class::Stamp(id - stamp_base)
-            } else {
-                Class::Barred
-            }
+        let n = logits.len();
+        let text_end = (sp.first_special as usize).min(n);
+        let blank = if first { self.vocab.blank.map(|b| b as usize).filter(|&b| b < text_end) } else { None };
+        let text: [std::ops::Range<usize>; 2] = match blank {
+            Some(b) => [0..b, b + 1..text_end],
+            None => [0..text_end, text_end..text_end],
         };
+        let stamps = match (next.stamps, sp.first_timestamp) {
+            (Some((lo, hi)), Some(base)) => {
+                let end = (base as usize + hi as usize + 1).min(n);
+                (base as usize + lo as usize).min(end)..end
+            }
+            _ => 0..0,
+        };
+        let max_of = |range: std::ops::Range<usize>| logits[range].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut next = next;
         // Whisper: when the timestamps together are likelier than any one text token, the
         // next token is a timestamp.
-        if let (true, Some(_)) = (next.text, next.stamps) {
-            let mut max_text = f32::NEG_INFINITY;
-            let mut max_stamp = f32::NEG_INFINITY;
-            for (id, &l) in logits.iter().enumerate() {
-                match class(id) {
-                    Class::Text => max_text = max_text.max(l),
-                    c @ Class::Stamp(_) if next.admits(c) => max_stamp = max_stamp.max(l),
-                    _ => {}
-                }
-            }
-            let stamps_sum: f32 = logits
-                .iter()
-                .enumerate()
-                .filter(|&(id, _)| matches!(class(id), c @ Class::Stamp(_) if next.admits(c)))
-                .map(|(_, &l)| (l - max_stamp).exp())
-                .sum();
+        if next.text && !stamps.is_empty() {
+            let max_text = text.iter().map(|r| max_of(r.clone())).fold(f32::NEG_INFINITY, f32::max);
+            let max_stamp = max_of(stamps.clone());
+            let stamps_sum: f32 = logits[stamps.clone()].iter().map(|&l| exp_floor(l - max_stamp)).sum();
             if max_stamp + stamps_sum.ln() > max_text {
                 next.text = false;
             }
         }
-        let allowed = |id: usize| next.admits(class(id));
+        let end = sp.end_of_text as usize;
+        let end = if next.end && end < n { end..end + 1 } else { 0..0 };
+        let none = 0..0;
+        // Ascending ids, as Whisper's argmax and sampling see them.
+        let ranges: [std::ops::Range<usize>; 4] =
+            if next.text { [text[0].clone(), text[1].clone(), end, stamps] } else { [none.clone(), none, end, stamps] };
         let mut best = (sp.end_of_text, f32::NEG_INFINITY);
-        let mut max = f32::NEG_INFINITY;
-        for (id, &l) in logits.iter().enumerate() {
-            if allowed(id) {
-                max = max.max(l);
+        for range in &ranges {
+            for (id, &l) in logits[range.clone()].iter().enumerate() {
                 if l > best.1 {
-                    best = (id as u32, l);
+                    best = ((range.start + id) as u32, l);
                 }
             }
         }
-        let sum: f32 = logits.iter().enumerate().filter(|(id, _)| allowed(*id)).map(|(_, &l)| (l - max).exp()).sum();
+        let max = best.1;
+        let sum: f32 = ranges.iter().map(|r| logits[r.clone()].iter().map(|&l| exp_floor(l - max)).sum::<f32>()).sum();
         if temperature > 0.0 {
-            let weight = |l: f32| ((l - max) / temperature).exp();
-            let total: f32 = logits.iter().enumerate().filter(|(id, _)| allowed(*id)).map(|(_, &l)| weight(l)).sum();
+            let weight = |l: f32| exp_floor((l - max) / temperature);
+            let total: f32 = ranges.iter().map(|r| logits[r.clone()].iter().map(|&l| weight(l)).sum::<f32>()).sum();
             let mut target = rng.next_unit() * total;
-            for (id, &l) in logits.iter().enumerate() {
-                if allowed(id) {
+            'draw: for range in &ranges {
+                for (id, &l) in logits[range.clone()].iter().enumerate() {
                     target -= weight(l);
                     if target <= 0.0 {
-                        best = (id as u32, l);
-                        break;
+                        best = ((range.start + id) as u32, l);
+                        break 'draw;
                     }
                 }
             }
@@ -442,6 +490,13 @@ impl Whisper {
     }
 }
 
+/// e^x for x ≤ 0, with x held at −80 or above: below that e^x is a subnormal float, and
+/// libm's slow path for those made the log-softmax over 51,865 logits cost ~5 ms per token.
+/// e^−80 ≈ 2e−35: the whole vocabulary at that floor adds ~1e−30 to a sum that is ≥ 1.
+fn exp_floor(x: f32) -> f32 {
+    x.max(-80.0).exp()
+}
+
 impl Recognizer for Whisper {
     fn transcribe(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Vec<Transcript>, SpeechError> {
         let window = self.max_window_samples();
@@ -449,6 +504,29 @@ impl Recognizer for Whisper {
             return Ok(Vec::new());
         }
         audio.chunks(window).map(|chunk| self.transcribe_window(chunk, opts)).collect()
+    }
+
+    /// Every window of every utterance decoded together.
+    fn transcribe_batch(&self, requests: &[(&[f32], &DecodeOptions)]) -> Vec<Result<Vec<Transcript>, SpeechError>> {
+        let window = self.max_window_samples();
+        if window == 0 {
+            return requests.iter().map(|_| Ok(Vec::new())).collect();
+        }
+        let windows: Vec<(usize, (&[f32], &DecodeOptions))> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(index, &(audio, opts))| audio.chunks(window).map(move |chunk| (index, (chunk, opts))))
+            .collect();
+        let plain: Vec<(&[f32], &DecodeOptions)> = windows.iter().map(|&(_, w)| w).collect();
+        let mut results: Vec<Result<Vec<Transcript>, SpeechError>> = requests.iter().map(|_| Ok(Vec::new())).collect();
+        for ((index, _), transcript) in windows.iter().zip(self.transcribe_windows(&plain)) {
+            match (&mut results[*index], transcript) {
+                (Ok(parts), Ok(t)) => parts.push(t),
+                (slot @ Ok(_), Err(e)) => *slot = Err(e),
+                (Err(_), _) => {}
+            }
+        }
+        results
     }
 }
 
@@ -480,49 +558,264 @@ fn softmax_at(logits: &[f32], index: usize) -> f32 {
     logits.get(index).map_or(0.0, |&l| (l - max).exp() / sum)
 }
 
-/// The decoder's per-utterance state: the self-attention keys and values of the tokens so far,
-/// per layer, appended to after every step.
-struct DecoderStep {
-    /// Kept for the whole utterance: spawning a fresh state per token costs more than a
-    /// small layer's work.
-    state: TypedSimpleState,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    d_model: usize,
+/// One window ready to decode: its encoder output, prompt and fallback temperatures.
+struct Prepared {
+    setup: Setup,
+    cross: Cross,
+    rng: SplitMix64,
+    /// 0 (greedy) first, then the fallback's.
+    temperatures: Vec<f32>,
+    window_secs: u32,
+    duration: f32,
+    encoder_ms: f64,
 }
 
-impl DecoderStep {
-    fn new(plan: &Plan, layers: usize, d_model: usize) -> TractResult<Self> {
-        Ok(Self { state: plan.spawn()?, keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], d_model })
-    }
+/// The encoder's output for one window: the decoder's cross-attention keys and values,
+/// `[layers, 1, frames, d]`.
+struct Cross {
+    k: TValue,
+    v: TValue,
+    frames: usize,
+}
 
-    /// The cache as the plan's `[layers, 1, past, d]` input.
-    fn tensor(rows: &[Vec<f32>], d_model: usize) -> TractResult<Tensor> {
-        let past = rows.first().map_or(0, |r| r.len() / d_model);
-        let flat: Vec<f32> = rows.concat();
-        Tensor::from_shape(&[rows.len(), 1, past, d_model], &flat)
-    }
+/// Masks are added to attention scores: 0 where a row attends, this where it must not.
+const MASKED: f32 = -1e9;
 
-    fn run(&mut self, token: u32, position: usize, cross_k: &TValue, cross_v: &TValue) -> TractResult<Vec<f32>> {
-        let inputs = tvec!(
-            Tensor::from_shape(&[1, 1], &[i64::from(token)])?.into_tvalue(),
-            Tensor::from_shape(&[1], &[position as i64])?.into_tvalue(),
-            Self::tensor(&self.keys, self.d_model)?.into_tvalue(),
-            Self::tensor(&self.values, self.d_model)?.into_tvalue(),
-            cross_k.clone(),
-            cross_v.clone(),
-        );
-        let out = self.state.run(inputs)?;
-        let [logits, new_k, new_v] = out.as_slice() else {
-            return Err(TractError::msg("decoder must give logits, new_k, new_v"));
-        };
-        let d = self.d_model;
-        for (cache, new) in [(&mut self.keys, new_k), (&mut self.values, new_v)] {
-            let new = f32s(new)?;
-            for (layer, rows) in cache.iter_mut().enumerate() {
-                rows.extend_from_slice(&new[layer * d..(layer + 1) * d]);
+/// Layer `layer`'s self-attention caches of the rows as one batch: keys and values
+/// `[B, P, d]` with P the longest history (shorter ones padded at the start, so every row's
+/// newest token is last), and the mask `[B, P + 1]` (the column after P is this step's token).
+fn batch_cache(rows: &[&RowDecoding], layer: usize, d: usize) -> TractResult<(Tensor, Tensor, Tensor)> {
+    let batch = rows.len();
+    let past = rows.iter().map(|r| r.past(layer, d)).max().unwrap_or(0);
+    let mut mask = vec![0.0f32; batch * (past + 1)];
+    let mut keys = vec![0.0f32; batch * past * d];
+    let mut values = vec![0.0f32; batch * past * d];
+    for (b, row) in rows.iter().enumerate() {
+        let pad = past - row.past(layer, d);
+        mask[b * (past + 1)..b * (past + 1) + pad].fill(MASKED);
+        let at = (b * past + pad) * d;
+        let len = row.keys[layer].len();
+        keys[at..at + len].copy_from_slice(&row.keys[layer]);
+        values[at..at + len].copy_from_slice(&row.values[layer]);
+    }
+    Ok((
+        Tensor::from_shape(&[batch, past, d], &keys)?,
+        Tensor::from_shape(&[batch, past, d], &values)?,
+        Tensor::from_shape(&[batch, past + 1], &mask)?,
+    ))
+}
+
+/// Whisper's cross-attention for one decoder layer: each row's query `[d]` (projected, not
+/// yet scaled) attends, head by head, to its own window's keys and values, and the heads'
+/// outputs side by side are the row's `[d]` result. Done here rather than in the graph
+/// because tract packs a runtime matrix operand again on every product: the encoder's keys
+/// and values, fixed for the whole utterance, were re-laid out on every step (~4 ms of a
+/// 17-ms step on a 6-s window, more on longer ones and for every row of a batch); these
+/// loops read them once, unpadded.
+fn cross_attention(query: &[f32], windows: &[&Cross], layer: usize, heads: usize, d: usize) -> TractResult<Tensor> {
+    let d_head = d / heads;
+    let scale = 1.0 / (d_head as f32).sqrt();
+    let mut out = vec![0.0f32; windows.len() * d];
+    let mut scores: Vec<f32> = Vec::new();
+    for (b, window) in windows.iter().enumerate() {
+        let frames = window.frames;
+        let span = layer * frames * d..(layer + 1) * frames * d;
+        let (keys, values) = (&f32s(&window.k)?[span.clone()], &f32s(&window.v)?[span]);
+        let q = &query[b * d..(b + 1) * d];
+        // scores[t * heads + h]: frame by frame, so each key row is read once, in order.
+        scores.clear();
+        for key in keys.chunks_exact(d) {
+            for (qh, kh) in q.chunks_exact(d_head).zip(key.chunks_exact(d_head)) {
+                scores.push(dot(qh, kh) * scale);
             }
         }
-        Ok(f32s(logits)?.to_vec())
+        for h in 0..heads {
+            let max = scores.iter().skip(h).step_by(heads).copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut().skip(h).step_by(heads) {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for s in scores.iter_mut().skip(h).step_by(heads) {
+                *s /= sum;
+            }
+        }
+        let o = &mut out[b * d..(b + 1) * d];
+        for (value, weights) in values.chunks_exact(d).zip(scores.chunks_exact(heads)) {
+            for ((oh, vh), &p) in o.chunks_exact_mut(d_head).zip(value.chunks_exact(d_head)).zip(weights) {
+                for (o, v) in oh.iter_mut().zip(vh) {
+                    *o += p * v;
+                }
+            }
+        }
+    }
+    Tensor::from_shape(&[windows.len(), d], &out)
+}
+
+/// A dot product in eight independent lanes, so the compiler keeps it in SIMD registers
+/// (one running sum would be a chain of dependent adds).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a8.zip(b8) {
+        // Fixed-size arrays: no bounds checks in the loop, so it vectorises.
+        if let (Ok(x), Ok(y)) = (<&[f32; 8]>::try_from(x), <&[f32; 8]>::try_from(y)) {
+            for i in 0..8 {
+                lanes[i] += x[i] * y[i];
+            }
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One row's decoding as it advances: the tokens so far and its self-attention cache.
+struct RowDecoding {
+    /// Every generated token (text and timestamps) and its log-prob, and the text alone
+    /// with where each text token sits among them (a cut loop is found in the text).
+    generated: Vec<u32>,
+    logprobs: Vec<f32>,
+    text: Vec<u32>,
+    text_at: Vec<usize>,
+    no_speech_prob: f32,
+    stop: TranscriptStop,
+    /// Tokens fed so far (the prompt's included).
+    position: usize,
+    finished: bool,
+    /// Per layer, `past × d` keys and values of the tokens fed so far.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl RowDecoding {
+    fn new(layers: usize) -> Self {
+        Self {
+            generated: Vec::new(),
+            logprobs: Vec::new(),
+            text: Vec::new(),
+            text_at: Vec::new(),
+            no_speech_prob: 0.0,
+            stop: TranscriptStop::TokenLimit,
+            position: 0,
+            finished: false,
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+        }
+    }
+
+    /// Tokens in layer `layer`'s cache (during a step, the layers already run hold one more).
+    fn past(&self, layer: usize, d: usize) -> usize {
+        self.keys.get(layer).map_or(0, |k| k.len() / d)
+    }
+
+    /// The token this row feeds at its position: the prompt's, then its own last.
+    fn next_input(&self, setup: &Setup) -> u32 {
+        let prompt = &setup.prompt;
+        if self.position < prompt.len() {
+            prompt[self.position]
+        } else {
+            self.generated[self.position - prompt.len()]
+        }
+    }
+
+    /// Takes the step's logits for this row; true when the row's decoding has ended.
+    fn feed(
+        &mut self,
+        whisper: &Whisper,
+        setup: &mut Setup,
+        logits: &mut [f32],
+        temperature: f32,
+        rng: &mut SplitMix64,
+    ) -> TractResult<bool> {
+        let sp = whisper.vocab.specials;
+        let stamps = setup.stamps;
+        let stamp = move |t: u32| stamps.and_then(|s| t.checked_sub(s.first));
+        self.position += 1;
+        if self.position == setup.sot + 1 {
+            self.no_speech_prob = softmax_at(logits, sp.no_speech as usize);
+            if setup.detect_language {
+                let (code, id) = whisper
+                    .vocab
+                    .languages
+                    .iter()
+                    .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
+                    .ok_or_else(|| TractError::msg("no language tokens"))?;
+                setup.language.clone_from(code);
+                setup.prompt[setup.sot + 1] = *id;
+            }
+        }
+        if self.position < setup.prompt.len() {
+            return Ok(false);
+        }
+        if let Some(bias) = setup.bias {
+            setup.hotwords.bias(&self.text, logits, bias);
+        }
+        let next = match stamps {
+            Some(s) => timestamp_rule(&self.generated, stamp, s.audio_end, s.window_end),
+            None => Allowed::plain(self.text.is_empty()),
+        };
+        let (token, logprob) = whisper.pick(logits, next, self.text.is_empty(), temperature, rng);
+        if token == sp.end_of_text {
+            self.stop = TranscriptStop::EndOfText;
+            return Ok(self.end());
+        }
+        self.generated.push(token);
+        self.logprobs.push(logprob);
+        if stamp(token).is_none() {
+            self.text.push(token);
+            self.text_at.push(self.generated.len() - 1);
+            if let Some(keep) = repetition_cut(&self.text) {
+                self.text.truncate(keep);
+                self.stop = TranscriptStop::Repetition;
+                return Ok(self.end());
+            }
+        } else if let Some(s) = stamps {
+            // A segment closed within the last half second: only the end may follow, so
+            // the step that would say so is not run.
+            let after = timestamp_rule(&self.generated, stamp, s.audio_end, s.window_end);
+            if !after.text && after.stamps.is_none() {
+                self.stop = TranscriptStop::EndOfText;
+                return Ok(self.end());
+            }
+        }
+        if self.text.len() >= setup.budget || self.position >= whisper.context - 1 {
+            return Ok(self.end());
+        }
+        Ok(false)
+    }
+
+    fn end(&mut self) -> bool {
+        self.finished = true;
+        // The cache is no longer needed; a batch may run on for a while without this row.
+        self.keys = Vec::new();
+        self.values = Vec::new();
+        true
+    }
+
+    fn finish(mut self, vocab: &Vocabulary, temperature: f32) -> Decoding {
+        if self.stop == TranscriptStop::EndOfText {
+            if let Some(keep) = doubled_utterance(&self.text) {
+                self.text.truncate(keep);
+                self.stop = TranscriptStop::Repetition;
+            }
+        }
+        // The log-probs of the tokens up to the last text token kept.
+        let mut logprobs = self.logprobs;
+        logprobs.truncate(self.text.len().checked_sub(1).map_or(0, |last| self.text_at[last] + 1));
+        let avg_logprob = if logprobs.is_empty() {
+            0.0
+        } else {
+            (logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64) as f32
+        };
+        let text = vocab.decode(&self.text);
+        Decoding {
+            compression_ratio: compression_ratio(text.trim()),
+            text,
+            tokens: self.text,
+            avg_logprob,
+            no_speech_prob: self.no_speech_prob,
+            stop: self.stop,
+            temperature,
+        }
     }
 }

@@ -263,6 +263,7 @@ impl TextClassifier {
         let indices = Tensor::from_shape(&[n], &indices)?;
         let values = Tensor::from_shape(&[n], &values)?;
         let out = self.plan.run(tvec!(indices.into_tvalue(), values.into_tvalue()))?;
+        crate::cpu::leave_wide_vectors();
         let probs = out.first().ok_or_else(|| TractError::msg("no output"))?;
         Ok(crate::speech::f32s(probs)?.to_vec())
     }
