@@ -22,6 +22,7 @@ const CORES: &[&str] = &[
     "hex",
     "pii",
     "speech",
+    "speech::attention",
     "speech::decoding",
     "speech::manifest",
     "speech::mel",

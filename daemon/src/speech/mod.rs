@@ -6,6 +6,7 @@
 //! Other ASR families (CTC models such as SenseVoice or Paraformer, streaming transducers)
 //! plug in behind `Recognizer` when operators supply such weights.
 
+pub mod attention;
 pub mod decoding;
 pub mod hotwords;
 pub mod live;

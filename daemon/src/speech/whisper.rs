@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
 
+use super::attention;
 use super::decoding::{
     choose, compression_ratio, doubled_utterance, repetition_cut, timestamp_rule, Allowed, DecodeOptions, Decoding,
     SplitMix64,
@@ -605,68 +606,17 @@ fn batch_cache(rows: &[&RowDecoding], layer: usize, d: usize) -> TractResult<(Te
     ))
 }
 
-/// Whisper's cross-attention for one decoder layer: each row's query `[d]` (projected, not
-/// yet scaled) attends, head by head, to its own window's keys and values, and the heads'
-/// outputs side by side are the row's `[d]` result. Done here rather than in the graph
-/// because tract packs a runtime matrix operand again on every product: the encoder's keys
-/// and values, fixed for the whole utterance, were re-laid out on every step (~4 ms of a
-/// 17-ms step on a 6-s window, more on longer ones and for every row of a batch); these
-/// loops read them once, unpadded.
+/// Layer `layer`'s cross-attention for every row: each row's query `[d]` against its own
+/// window's keys and values (`attention::cross_attention`), as a `[B, d]` tensor.
 fn cross_attention(query: &[f32], windows: &[&Cross], layer: usize, heads: usize, d: usize) -> TractResult<Tensor> {
-    let d_head = d / heads;
-    let scale = 1.0 / (d_head as f32).sqrt();
     let mut out = vec![0.0f32; windows.len() * d];
     let mut scores: Vec<f32> = Vec::new();
-    for (b, window) in windows.iter().enumerate() {
-        let frames = window.frames;
-        let span = layer * frames * d..(layer + 1) * frames * d;
+    for ((window, q), o) in windows.iter().zip(query.chunks_exact(d)).zip(out.chunks_exact_mut(d)) {
+        let span = layer * window.frames * d..(layer + 1) * window.frames * d;
         let (keys, values) = (&f32s(&window.k)?[span.clone()], &f32s(&window.v)?[span]);
-        let q = &query[b * d..(b + 1) * d];
-        // scores[t * heads + h]: frame by frame, so each key row is read once, in order.
-        scores.clear();
-        for key in keys.chunks_exact(d) {
-            for (qh, kh) in q.chunks_exact(d_head).zip(key.chunks_exact(d_head)) {
-                scores.push(dot(qh, kh) * scale);
-            }
-        }
-        for h in 0..heads {
-            let max = scores.iter().skip(h).step_by(heads).copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut().skip(h).step_by(heads) {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for s in scores.iter_mut().skip(h).step_by(heads) {
-                *s /= sum;
-            }
-        }
-        let o = &mut out[b * d..(b + 1) * d];
-        for (value, weights) in values.chunks_exact(d).zip(scores.chunks_exact(heads)) {
-            for ((oh, vh), &p) in o.chunks_exact_mut(d_head).zip(value.chunks_exact(d_head)).zip(weights) {
-                for (o, v) in oh.iter_mut().zip(vh) {
-                    *o += p * v;
-                }
-            }
-        }
+        attention::cross_attention(q, keys, values, heads, o, &mut scores);
     }
     Tensor::from_shape(&[windows.len(), d], &out)
-}
-
-/// A dot product in eight independent lanes, so the compiler keeps it in SIMD registers
-/// (one running sum would be a chain of dependent adds).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        // Fixed-size arrays: no bounds checks in the loop, so it vectorises.
-        if let (Ok(x), Ok(y)) = (<&[f32; 8]>::try_from(x), <&[f32; 8]>::try_from(y)) {
-            for i in 0..8 {
-                lanes[i] += x[i] * y[i];
-            }
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// One row's decoding as it advances: the tokens so far and its self-attention cache.
