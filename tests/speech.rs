@@ -114,6 +114,11 @@ fn edit_distance(a: &[char], b: &[char]) -> usize {
     row[b.len()]
 }
 
+/// Characters to edit to turn each text of `a` into its counterpart in `b`, summed.
+fn differing_characters(a: &[String], b: &[String]) -> usize {
+    a.iter().zip(b).map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>())).sum()
+}
+
 /// A copy of the models folder whose manifest holds Whisper's weights as `weights`
 /// (`f16` or `fp32`) in both encoder and decoder; the files are links to the real ones.
 fn models_with_weights(dir: &Path, weights: &str) -> PathBuf {
@@ -182,11 +187,7 @@ fn fp16_weights_transcribe_the_shared_clips_as_fp32_does() {
     assert_eq!(f16.len(), files.len());
     let chars: usize = fp32.iter().map(|t| t.chars().count()).sum();
     assert!(chars > 80, "too little text to compare: {fp32:?}");
-    let differing: usize = fp32
-        .iter()
-        .zip(&f16)
-        .map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>()))
-        .sum();
+    let differing = differing_characters(&fp32, &f16);
     assert!(differing * 50 <= chars, "{differing} of {chars} characters differ:\nfp32 {fp32:?}\nf16  {f16:?}");
     // And the narrowing happened: the fp16 decoder holds its ~190 MB of weights in half.
     let loaded_mb = |weights: &str| -> f64 {
@@ -255,11 +256,7 @@ fn utterances_decoded_together_get_the_words_each_gets_alone() {
     assert_eq!(together.len(), alone.len());
     let chars: usize = alone.iter().map(|t| t.chars().count()).sum();
     assert!(chars > 200, "too little text to compare: {alone:?}");
-    let differing: usize = alone
-        .iter()
-        .zip(&together)
-        .map(|(a, b)| edit_distance(&a.chars().collect::<Vec<_>>(), &b.chars().collect::<Vec<_>>()))
-        .sum();
+    let differing = differing_characters(&alone, &together);
     assert!(
         differing * 50 <= chars,
         "{differing} of {chars} characters differ:\nalone    {alone:?}\ntogether {together:?}"

@@ -1,12 +1,15 @@
-//! Whisper (encoder + one-token decoder step with a caller-kept KV cache, as exported by
-//! models/whisper/export_onnx.py) on tract: the decoding loop, with the rules of `decoding`
-//! (timestamps, loop guards, temperature fallback) and no-speech detection.
+//! Whisper (encoder + a one-token decoder step for a batch of utterances, with caller-kept
+//! self-attention caches, as exported by models/whisper/export_onnx.py) on tract: the
+//! decoding loop, with the rules of `decoding` (timestamps, loop guards, temperature
+//! fallback) and no-speech detection.
 //!
 //! The encoder runs on the utterance's own length, rounded up to a bucket, not on Whisper's
 //! 30-s window: on 2–5 s phone utterances that is 5–15× less encoder work. One encoder plan
-//! with a symbolic length serves every bucket, and one decoder plan with symbolic cache and
-//! encoder lengths: each model's weights are packed once, and a decoder step attends to the
-//! tokens so far. The decoder's matrices are held in fp16 by default (`weights`).
+//! with a symbolic length serves every bucket; the decoder step is `layers + 1` plans with
+//! a symbolic batch and cache length, with `attention` run between them on each
+//! utterance's own encoder output. Each model's weights are packed once, a step attends to
+//! the tokens so far, and utterances decoded together share each step's weight reads. The
+//! decoder's matrices are held in fp16 by default (`weights`).
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
