@@ -225,9 +225,9 @@ def decoder_parts(v):
     for part in range(dec_layers + 1):
         g = GraphBuilder()
         if part == 0:
-            # The running state is [B,d], not [B,1,d]: tract then multiplies the batch's rows
-            # by each weight matrix in one product (M = B) instead of B matrix-vector products
-            # that each read the whole matrix (measured: a batch of 8 cost 8 single steps).
+            # The running state is [B,d]: every weight product is one [B,d]x[d,n] matrix
+            # product for the whole batch. (A [B,1,d] state measured the same in tract; what
+            # made a batch of 8 cost 8 single steps was the in-graph cross-attention.)
             tok = g.op("Gather", [g.weight(v["decoder/embeddings/weight"], "tok_emb"), "token"], axis=0)
             pos = g.op("Gather", [g.weight(v["decoder/position_encodings/encodings"], "dec_pos"), "position"], axis=0)
             x = g.op("Add", [tok, pos])
