@@ -72,7 +72,7 @@ const CLOCK_EXCEPTIONS: &[(&str, &str)] = &[
     ("speech::whisper", "measures the encoder's and decoder's compute time, reported in the ASR facts"),
     (
         "speech::scheduler",
-        "measures how long utterances wait for a slot, reported in status; turns go by arrival order",
+        "measures how long utterances wait for an ASR worker, reported in status; turns go by arrival order",
     ),
 ];
 

@@ -248,11 +248,18 @@ fn utterances_decoded_together_get_the_words_each_gets_alone() {
         }
     }
     assert!(clips.len() >= 12, "{} clips", clips.len());
-    let alone: Vec<String> =
-        clips.iter().map(|(audio, opts)| models.asr.transcribe_window(audio, opts).unwrap().text).collect();
     let windows: Vec<(&[f32], &callbox::speech::DecodeOptions)> =
         clips.iter().map(|(a, o)| (a.as_slice(), o)).collect();
-    let together: Vec<String> = models.asr.transcribe_windows(&windows).into_iter().map(|t| t.unwrap().text).collect();
+    let (mut alone, mut alone_steps) = (Vec::new(), Vec::new());
+    for window in &windows {
+        let decoded = models.asr.transcribe_windows(std::slice::from_ref(window));
+        alone_steps.push(decoded.steps);
+        alone.extend(decoded.transcripts.into_iter().map(|t| t.unwrap().text));
+    }
+    let decoded = models.asr.transcribe_windows(&windows);
+    // They shared the decoder's steps: as many as the longest decoding alone, not the sum.
+    assert_eq!(decoded.steps, alone_steps.iter().copied().max().unwrap(), "steps alone: {alone_steps:?}");
+    let together: Vec<String> = decoded.transcripts.into_iter().map(|t| t.unwrap().text).collect();
     assert_eq!(together.len(), alone.len());
     let chars: usize = alone.iter().map(|t| t.chars().count()).sum();
     assert!(chars > 200, "too little text to compare: {alone:?}");

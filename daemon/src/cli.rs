@@ -682,8 +682,8 @@ fn render_status(r: &StatusReport) -> String {
         );
         let q = &sp.asr_queue;
         out += &format!(
-            "asr queue:  {} of {} slots busy, {} utterances waiting (oldest {:.2} s); longest wait so far {:.2} s; \
-             batches of up to {} (largest so far {})\n",
+            "asr queue:  {} of {} workers busy, {} utterances waiting (oldest {:.2} s); longest wait so far {:.2} s; \
+             up to {} decoded together (most so far {})\n",
             q.busy, q.slots, q.waiting, q.oldest_wait_secs, q.max_wait_secs, q.batch_limit, q.largest_batch
         );
     }

@@ -422,7 +422,7 @@ async fn load_speech(cfg: &config::Config) -> Result<Option<SpeechService>, u8> 
     let started = std::time::Instant::now();
     let load_dir = dir.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        SpeechModels::load(&load_dir, &buckets).map(|m| m.with_asr_scheduler(asr_workers, asr_batch))
+        SpeechModels::load(&load_dir, &buckets).and_then(|m| m.with_asr_scheduler(asr_workers, asr_batch))
     })
     .await;
     match loaded {

@@ -72,7 +72,7 @@ fn speech_report(service: &SpeechService) -> SpeechReport {
         asr_secs: s.asr_ms.load(Relaxed) as f64 / 1000.0,
         errors: s.errors.load(Relaxed),
         asr_queue: {
-            let q = service.models().asr_slots.report();
+            let q = service.models().asr_pool.report();
             AsrQueueReport {
                 slots: q.slots,
                 busy: q.busy,

@@ -108,6 +108,7 @@ fn batch_figures(
             together = models
                 .asr
                 .transcribe_windows(&windows)
+                .transcripts
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;

@@ -9,10 +9,10 @@
 //! Back-pressure: each feed's queue holds [`QUEUE_CHUNKS`] chunks (about 30 s of 20 ms
 //! frames) and a full queue blocks the input (TCP back-pressure for AudioSocket, an ALSA
 //! overrun for capture, which that adapter reports), so no audio is silently skipped
-//! inside the pipeline. A worker runs on its own OS thread: ASR takes hundreds of
-//! milliseconds of CPU and must not stall the async runtime. Workers transcribe in turns
-//! through the shared [`super::scheduler::AsrScheduler`] (`speech.asr_workers` slots, one
-//! per core by default), so open legs beyond the cores queue instead of competing.
+//! inside the pipeline. A worker runs on its own OS thread: it waits while its utterances
+//! are transcribed and must not stall the async runtime. Transcription itself is the shared
+//! [`super::scheduler::AsrScheduler`]'s pool (`speech.asr_workers` threads, one per core by
+//! default), so open legs beyond the cores queue instead of competing.
 //!
 //! Every worker thread is owned: the service keeps its join handle, and at shutdown the
 //! `speech` component (stage [`Stage::Speech`], after the inputs have dropped their feeds)
@@ -321,6 +321,7 @@ fn log_utterance(event: &UtteranceEvent) {
     let u = &event.utterance;
     let compute_ms = u.asr.encoder_ms + u.asr.decoder_ms;
     log::info!(component = COMPONENT, call_id = event.call.as_str(), leg = event.leg.name();
-        "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms",
-        event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms);
+        "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms (encoder {:.0}) after {:.0} ms queued",
+        event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms,
+        u.asr.encoder_ms, u.asr_queue_ms);
 }

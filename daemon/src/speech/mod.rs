@@ -110,16 +110,16 @@ pub struct SpeechModels {
     pub asr: Arc<whisper::Whisper>,
     pub zh: Option<Arc<zh::TraditionalToSimplified>>,
     pub dir: PathBuf,
-    /// Every leg's utterances take turns here (one slot per core unless configured).
-    pub asr_slots: Arc<scheduler::AsrScheduler>,
+    /// The ASR workers every leg's utterances go to (one per core unless configured).
+    pub asr_pool: Arc<whisper::AsrScheduler>,
 }
 
 impl SpeechModels {
-    /// `asr_workers` slots for the ASR scheduler (0: one per core), each transcribing up to
-    /// `asr_batch` waiting utterances together.
-    pub fn with_asr_scheduler(mut self, asr_workers: u32, asr_batch: u32) -> Self {
-        self.asr_slots = Arc::new(scheduler::AsrScheduler::new(asr_workers as usize, asr_batch as usize));
-        self
+    /// `asr_workers` ASR worker threads (0: one per core), each decoding up to `asr_batch`
+    /// utterances together when every worker is busy.
+    pub fn with_asr_scheduler(mut self, asr_workers: u32, asr_batch: u32) -> Result<Self, SpeechError> {
+        self.asr_pool = asr_scheduler(&self.asr, asr_workers, asr_batch)?;
+        Ok(self)
     }
 
     pub fn load(dir: &Path, bucket_secs: &[u32]) -> Result<Self, SpeechError> {
@@ -135,8 +135,22 @@ impl SpeechModels {
             Err(_) => None,
         };
         release_freed_memory();
-        Ok(Self { vad, asr, zh, dir: dir.to_path_buf(), asr_slots: Arc::new(scheduler::AsrScheduler::new(0, 1)) })
+        let asr_pool = asr_scheduler(&asr, 0, 1)?;
+        Ok(Self { vad, asr, zh, dir: dir.to_path_buf(), asr_pool })
     }
+}
+
+/// The ASR worker pool over `asr`: `workers` threads (0: one per core), each decoding up
+/// to `batch` utterances together.
+fn asr_scheduler(
+    asr: &Arc<whisper::Whisper>,
+    workers: u32,
+    batch: u32,
+) -> Result<Arc<whisper::AsrScheduler>, SpeechError> {
+    let asr = asr.clone();
+    whisper::AsrScheduler::new(workers as usize, batch as usize, move || whisper::WhisperBatch::new(asr.clone()))
+        .map(Arc::new)
+        .map_err(|e| SpeechError::model("asr", format!("cannot start an ASR worker thread: {e}")))
 }
 
 /// Hands the heap's free pages back to the kernel. Loading reads ~400 MB of ONNX files and

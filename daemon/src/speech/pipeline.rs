@@ -9,11 +9,10 @@ use serde::Serialize;
 
 use super::decoding::DecodeOptions;
 use super::prosody::{self, Prosody};
-use super::scheduler::AsrScheduler;
 use super::vad::{Segment, Segmenter, SileroVad, VadParams, CHUNK};
-use super::whisper::Whisper;
+use super::whisper::AsrScheduler;
 use super::zh::TraditionalToSimplified;
-use super::{Recognizer, SpeechError, SpeechModels, Transcript};
+use super::{SpeechError, SpeechModels, Transcript};
 
 const RATE: f64 = 16_000.0;
 
@@ -25,15 +24,14 @@ pub struct Utterance {
     pub text: String,
     pub prosody: Prosody,
     pub asr: Transcript,
-    /// How long the utterance waited for an ASR slot (the shared scheduler), ms.
+    /// How long the utterance waited for an ASR worker (the shared scheduler), ms.
     pub asr_queue_ms: f64,
 }
 
 pub struct LegPipeline {
     vad: SileroVad,
     segmenter: Segmenter,
-    asr: Arc<Whisper>,
-    slots: Arc<AsrScheduler>,
+    asr: Arc<AsrScheduler>,
     zh: Option<Arc<TraditionalToSimplified>>,
     opts: DecodeOptions,
     pad: u64,
@@ -48,8 +46,7 @@ impl LegPipeline {
         Self {
             vad: models.vad.fresh(),
             segmenter: Segmenter::new(params),
-            asr: models.asr.clone(),
-            slots: models.asr_slots.clone(),
+            asr: models.asr_pool.clone(),
             zh: models.zh.clone(),
             opts,
             pad: u64::from(params.speech_pad_ms) * 16,
@@ -94,12 +91,9 @@ impl LegPipeline {
         let from = segment.start.saturating_sub(self.buffer_start) as usize;
         let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
         let audio = &self.buffer[from.min(to)..to];
-        // Under load this utterance may be decoded together with other legs' (the scheduler
-        // batches waiting requests), so it travels as owned data.
-        let (transcripts, waited) = self.slots.run((audio.to_vec(), self.opts.clone()), |batch| {
-            let requests: Vec<(&[f32], &DecodeOptions)> = batch.iter().map(|(a, o)| (a.as_slice(), o)).collect();
-            self.asr.transcribe_batch(&requests)
-        });
+        // An ASR worker thread decodes it (with other legs' utterances when the box is
+        // busy), so it travels as owned data.
+        let (transcripts, waited) = self.asr.submit((audio.to_vec(), self.opts.clone()));
         let asr =
             merge(transcripts?).ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
         // `asr.text` stays as the recogniser wrote it; `text` is what later stages read.

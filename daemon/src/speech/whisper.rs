@@ -11,7 +11,9 @@
 //! the tokens so far, and utterances decoded together share each step's weight reads. The
 //! decoder's matrices are held in fp16 by default (`weights`).
 
+use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
@@ -24,6 +26,7 @@ use super::decoding::{
 use super::hotwords::{HotwordMode, Hotwords};
 use super::manifest::{ModelEntry, ModelSet};
 use super::mel::{MelFrontEnd, SAMPLE_RATE};
+use super::scheduler::{Abandoned, Batch, Scheduler};
 use super::tokens::Vocabulary;
 use super::weights::{narrow_to_f16, WeightFormat};
 use super::{f32s, Plan, Recognizer, SpeechError, Transcript, TranscriptStop};
@@ -192,88 +195,32 @@ impl Whisper {
     /// Transcribes audio no longer than the largest bucket (longer input is cut there).
     pub fn transcribe_window(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Transcript, SpeechError> {
         self.transcribe_windows(&[(audio, opts)])
+            .transcripts
             .pop()
             .unwrap_or_else(|| Err(SpeechError::model(&self.name, "no transcript for the window")))
     }
 
-    /// Transcribes several windows (each no longer than the largest bucket) together: each
-    /// runs its own encoder, then their decodings advance one token each per decoder step,
-    /// so the decoder's weights are read once per step for all of them. A window's result
-    /// does not depend on the others it is decoded with (each attends only to its own audio
-    /// and tokens; the masks hide the padding). One result per window, in order.
-    pub fn transcribe_windows(&self, windows: &[(&[f32], &DecodeOptions)]) -> Vec<Result<Transcript, SpeechError>> {
-        let mut prepared: Vec<Result<Prepared, SpeechError>> =
-            windows.iter().map(|&(audio, opts)| self.prepare(audio, opts)).collect();
-        let mut tried: Vec<Vec<Decoding>> = windows.iter().map(|_| Vec::new()).collect();
-        let mut decoder_ms = vec![0.0f64; windows.len()];
-        let mut done = vec![false; windows.len()];
-        // Round 0 is greedy; each later round decodes again, at the next temperature, the
-        // windows whose decoding loops or is improbable (Whisper's fallback).
-        for round in 0.. {
-            let mut rows: Vec<(usize, &mut Prepared, f32)> = Vec::new();
-            for (index, item) in prepared.iter_mut().enumerate() {
-                if let Ok(item) = item {
-                    if let (false, Some(&temperature)) = (done[index], item.temperatures.get(round)) {
-                        rows.push((index, item, temperature));
-                    }
-                }
-            }
-            if rows.is_empty() {
-                break;
-            }
-            let started = Instant::now();
-            let outcome = self.decode_together(&mut rows);
-            let failed = |e: &TractError| SpeechError::model(&self.name, e);
-            match outcome {
-                Ok(decodings) => {
-                    for ((index, item, _), (decoding, finished)) in rows.into_iter().zip(decodings) {
-                        // Language detected on the first decoding holds for the others.
-                        item.setup.detect_language = false;
-                        decoder_ms[index] += finished.as_secs_f64() * 1000.0;
-                        done[index] = !decoding.needs_fallback(windows[index].1);
-                        tried[index].push(decoding);
-                    }
-                }
-                Err(e) => {
-                    let at = started.elapsed().as_secs_f64() * 1000.0;
-                    let indices: Vec<usize> = rows.into_iter().map(|(index, _, _)| index).collect();
-                    for index in indices {
-                        decoder_ms[index] += at;
-                        prepared[index] = Err(failed(&e));
-                    }
-                }
-            }
-        }
-        prepared
+    /// Transcribes several windows (each no longer than the largest bucket; longer input is
+    /// cut there) together: each runs its own encoder, then their decodings advance one
+    /// token each per decoder step, so the decoder's weights are read once per step for all
+    /// of them. A window's result does not depend on the others it is decoded with (each
+    /// attends only to its own audio and tokens; the masks hide the padding). One result
+    /// per window, in order, and the decoder steps run.
+    pub fn transcribe_windows(&self, windows: &[(&[f32], &DecodeOptions)]) -> Decoded {
+        let window = self.max_window_samples();
+        let requests: Vec<(&[f32], &DecodeOptions)> =
+            windows.iter().map(|&(audio, opts)| (&audio[..audio.len().min(window)], opts)).collect();
+        let mut decodings = Decodings::default();
+        let transcripts = decodings
+            .run(self, &requests)
             .into_iter()
-            .zip(tried)
-            .zip(decoder_ms)
-            .zip(windows)
-            .map(|(((item, tried), decoder_ms), &(_, opts))| {
-                let item = item?;
-                let fallbacks = tried.len().saturating_sub(1) as u32;
-                let chosen = choose(tried, opts).ok_or_else(|| SpeechError::model(&self.name, "no decoding ran"))?;
-                let no_speech =
-                    chosen.no_speech_prob > opts.no_speech_threshold && chosen.avg_logprob < opts.logprob_threshold;
-                let text = if no_speech { String::new() } else { chosen.text.trim().to_owned() };
-                Ok(Transcript {
-                    text,
-                    language: item.setup.language,
-                    tokens: chosen.tokens.len(),
-                    token_ids: chosen.tokens,
-                    avg_logprob: chosen.avg_logprob,
-                    no_speech_prob: chosen.no_speech_prob,
-                    no_speech,
-                    stop: chosen.stop,
-                    temperature: chosen.temperature,
-                    fallbacks,
-                    audio_secs: item.duration,
-                    window_secs: item.window_secs,
-                    encoder_ms: item.encoder_ms,
-                    decoder_ms,
+            .map(|result| {
+                result.and_then(|mut parts| {
+                    parts.pop().ok_or_else(|| SpeechError::model(&self.name, "no transcript for the window"))
                 })
             })
-            .collect()
+            .collect();
+        Decoded { transcripts, steps: decodings.steps }
     }
 
     /// Runs the encoder on one window and sets its decoding up.
@@ -353,74 +300,31 @@ impl Whisper {
         })
     }
 
-    /// One decoding of each row's encoder output at the row's temperature (greedy at 0, else
-    /// sampling from the softened distribution; Whisper's suppressions either way), all rows
-    /// a token per decoder step until each has ended. Returns each row's decoding and how
-    /// long after the start it ended.
-    fn decode_together(&self, rows: &mut [(usize, &mut Prepared, f32)]) -> TractResult<Vec<(Decoding, Duration)>> {
-        let started = Instant::now();
-        let mut states = self.decoder.iter().map(|part| part.spawn()).collect::<TractResult<Vec<_>>>()?;
-        let mut decodings: Vec<RowDecoding> = rows.iter().map(|_| RowDecoding::new(self.layers)).collect();
-        let mut ended = vec![Duration::ZERO; rows.len()];
-        let d = self.d_model;
-        loop {
-            let active: Vec<usize> = (0..rows.len()).filter(|&r| !decodings[r].finished).collect();
-            if active.is_empty() {
-                break;
-            }
-            let batch = active.len();
-            let tokens: Vec<i64> =
-                active.iter().map(|&r| i64::from(decodings[r].next_input(&rows[r].1.setup))).collect();
-            let positions: Vec<i64> = active.iter().map(|&r| decodings[r].position as i64).collect();
-            let mut carried: TVec<TValue> = tvec!(
-                Tensor::from_shape(&[batch], &tokens)?.into_tvalue(),
-                Tensor::from_shape(&[batch], &positions)?.into_tvalue(),
-            );
-            let mut logits = None;
-            for (layer, state) in states.iter_mut().enumerate() {
-                let mut inputs = carried;
-                if layer < self.layers {
-                    let caches: Vec<&RowDecoding> = active.iter().map(|&r| &decodings[r]).collect();
-                    let (keys, values, mask) = batch_cache(&caches, layer, d)?;
-                    inputs.extend([keys.into_tvalue(), values.into_tvalue(), mask.into_tvalue()]);
-                }
-                let out = state.run(inputs)?;
-                crate::cpu::leave_wide_vectors();
-                if layer == self.layers {
-                    logits = out.into_iter().next();
-                    break;
-                }
-                let [x, query, new_k, new_v] = out.as_slice() else {
-                    return Err(TractError::msg("a decoder part must give x_out, query, new_k, new_v"));
-                };
-                let (new_k, new_v) = (f32s(new_k)?, f32s(new_v)?);
-                for (b, &r) in active.iter().enumerate() {
-                    decodings[r].keys[layer].extend_from_slice(&new_k[b * d..(b + 1) * d]);
-                    decodings[r].values[layer].extend_from_slice(&new_v[b * d..(b + 1) * d]);
-                }
-                let windows: Vec<&Cross> = active.iter().map(|&r| &rows[r].1.cross).collect();
-                let cross = cross_attention(f32s(query)?, &windows, layer, self.heads, d)?;
-                carried = tvec!(x.clone(), cross.into_tvalue());
-            }
-            let logits = logits.ok_or_else(|| TractError::msg("the decoder's last part gave no logits"))?;
-            let logits = f32s(&logits)?;
-            let vocab = logits.len() / batch;
-            for (b, &r) in active.iter().enumerate() {
-                let (_, item, temperature) = &mut rows[r];
-                let mut row_logits = logits[b * vocab..(b + 1) * vocab].to_vec();
-                let finished =
-                    decodings[r].feed(self, &mut item.setup, &mut row_logits, *temperature, &mut item.rng)?;
-                if finished {
-                    ended[r] = started.elapsed();
-                }
-            }
-        }
-        Ok(decodings
-            .into_iter()
-            .zip(rows.iter())
-            .zip(ended)
-            .map(|((decoding, (_, _, temperature)), ended)| (decoding.finish(&self.vocab, *temperature), ended))
-            .collect())
+    /// A window's transcript from the decodings it went through (Whisper's choice among
+    /// them when the fallback ran), with its timings.
+    fn transcript(&self, row: &mut Row, opts: Option<&DecodeOptions>) -> Result<Transcript, SpeechError> {
+        let opts = opts.ok_or_else(|| SpeechError::model(&self.name, "a window outlived its utterance"))?;
+        let tried = std::mem::take(&mut row.tried);
+        let fallbacks = tried.len().saturating_sub(1) as u32;
+        let chosen = choose(tried, opts).ok_or_else(|| SpeechError::model(&self.name, "no decoding ran"))?;
+        let no_speech = chosen.no_speech_prob > opts.no_speech_threshold && chosen.avg_logprob < opts.logprob_threshold;
+        let item = &row.item;
+        Ok(Transcript {
+            text: if no_speech { String::new() } else { chosen.text.trim().to_owned() },
+            language: item.setup.language.clone(),
+            tokens: chosen.tokens.len(),
+            token_ids: chosen.tokens,
+            avg_logprob: chosen.avg_logprob,
+            no_speech_prob: chosen.no_speech_prob,
+            no_speech,
+            stop: chosen.stop,
+            temperature: chosen.temperature,
+            fallbacks,
+            audio_secs: item.duration,
+            window_secs: item.window_secs,
+            encoder_ms: item.encoder_ms,
+            decoder_ms: row.decoder.as_secs_f64() * 1000.0,
+        })
     }
 
     /// The next token among those `next` allows, under Whisper's suppressions (no special
@@ -496,34 +400,278 @@ impl Whisper {
 
 impl Recognizer for Whisper {
     fn transcribe(&self, audio: &[f32], opts: &DecodeOptions) -> Result<Vec<Transcript>, SpeechError> {
-        let window = self.max_window_samples();
-        if window == 0 {
-            return Ok(Vec::new());
-        }
-        audio.chunks(window).map(|chunk| self.transcribe_window(chunk, opts)).collect()
+        Decodings::default()
+            .run(self, &[(audio, opts)])
+            .pop()
+            .unwrap_or_else(|| Err(SpeechError::model(&self.name, "no transcript for the utterance")))
     }
 
     /// Every window of every utterance decoded together.
     fn transcribe_batch(&self, requests: &[(&[f32], &DecodeOptions)]) -> Vec<Result<Vec<Transcript>, SpeechError>> {
-        let window = self.max_window_samples();
-        if window == 0 {
-            return requests.iter().map(|_| Ok(Vec::new())).collect();
+        Decodings::default().run(self, requests)
+    }
+}
+
+/// One utterance's audio (16 kHz) and how to decode it.
+pub type AsrRequest = (Vec<f32>, DecodeOptions);
+pub type AsrResult = Result<Vec<Transcript>, SpeechError>;
+/// The ASR worker pool every leg's utterances go to.
+pub type AsrScheduler = Scheduler<WhisperBatch>;
+
+impl Abandoned for AsrResult {
+    fn abandoned() -> Self {
+        Err(SpeechError::model("asr", "the ASR worker decoding this utterance failed"))
+    }
+}
+
+/// What `transcribe_windows` gives: one result per window, and how many decoder steps
+/// decoding them took (windows decoded together share steps: the most any one needed).
+#[derive(Debug)]
+pub struct Decoded {
+    pub transcripts: Vec<Result<Transcript, SpeechError>>,
+    pub steps: usize,
+}
+
+/// The decodings one ASR worker has in progress (`scheduler::Batch`): utterances join
+/// between decoder steps (their encoders run as they join) and each is answered as soon as
+/// its own decoding ends, whatever the others it shares steps with still need.
+pub struct WhisperBatch {
+    whisper: Arc<Whisper>,
+    decodings: Decodings,
+}
+
+impl WhisperBatch {
+    pub fn new(whisper: Arc<Whisper>) -> Self {
+        Self { whisper, decodings: Decodings::default() }
+    }
+}
+
+impl Batch for WhisperBatch {
+    type Req = AsrRequest;
+    type Res = AsrResult;
+
+    fn join(&mut self, ticket: u64, (audio, opts): AsrRequest) -> Vec<(u64, AsrResult)> {
+        self.decodings
+            .join(&self.whisper, ticket, &audio, &opts)
+            .map(|result| vec![(ticket, result)])
+            .unwrap_or_default()
+    }
+
+    fn step(&mut self) -> Vec<(u64, AsrResult)> {
+        self.decodings.step(&self.whisper)
+    }
+
+    fn len(&self) -> usize {
+        self.decodings.utterances.len()
+    }
+}
+
+/// Utterances being decoded together, independent of the model (which each call passes)
+/// so that `Whisper`'s own methods can run one on `&self`. An utterance longer than the
+/// largest window is decoded as several windows side by side, and answered when all end.
+#[derive(Default)]
+struct Decodings {
+    /// The decoder parts' run states, made at the first step and kept for the next.
+    states: Vec<TypedSimpleState>,
+    rows: Vec<Row>,
+    utterances: HashMap<u64, Pending>,
+    /// Decoder steps run.
+    steps: usize,
+}
+
+/// One window in decoding.
+struct Row {
+    ticket: u64,
+    part: usize,
+    item: Prepared,
+    /// Which of `item.temperatures` the decoding in progress uses.
+    round: usize,
+    decoding: RowDecoding,
+    tried: Vec<Decoding>,
+    /// Time spent in the decoder steps this window was in.
+    decoder: Duration,
+}
+
+/// An utterance in decoding: how to decode it, and each window's result once it ended.
+struct Pending {
+    opts: DecodeOptions,
+    parts: Vec<Option<Result<Transcript, SpeechError>>>,
+}
+
+impl Decodings {
+    /// Decodes `requests` together to the end: one result per request, in order.
+    fn run(&mut self, whisper: &Whisper, requests: &[(&[f32], &DecodeOptions)]) -> Vec<AsrResult> {
+        let mut results: Vec<Option<AsrResult>> = requests.iter().map(|_| None).collect();
+        let mut ended = Vec::new();
+        for (ticket, &(audio, opts)) in requests.iter().enumerate() {
+            ended.extend(self.join(whisper, ticket as u64, audio, opts).map(|result| (ticket as u64, result)));
         }
-        let windows: Vec<(usize, (&[f32], &DecodeOptions))> = requests
-            .iter()
-            .enumerate()
-            .flat_map(|(index, &(audio, opts))| audio.chunks(window).map(move |chunk| (index, (chunk, opts))))
-            .collect();
-        let plain: Vec<(&[f32], &DecodeOptions)> = windows.iter().map(|&(_, w)| w).collect();
-        let mut results: Vec<Result<Vec<Transcript>, SpeechError>> = requests.iter().map(|_| Ok(Vec::new())).collect();
-        for ((index, _), transcript) in windows.iter().zip(self.transcribe_windows(&plain)) {
-            match (&mut results[*index], transcript) {
-                (Ok(parts), Ok(t)) => parts.push(t),
-                (slot @ Ok(_), Err(e)) => *slot = Err(e),
-                (Err(_), _) => {}
+        while !self.utterances.is_empty() {
+            ended.extend(self.step(whisper));
+        }
+        for (ticket, result) in ended {
+            if let Some(slot) = results.get_mut(ticket as usize) {
+                *slot = Some(result);
             }
         }
         results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(SpeechError::model(&whisper.name, "no transcript"))))
+            .collect()
+    }
+
+    /// Starts decoding an utterance: each of its windows runs its encoder and joins the
+    /// next step. Its result now if there is nothing to decode (no audio, or every
+    /// window's encoder failed).
+    fn join(&mut self, whisper: &Whisper, ticket: u64, audio: &[f32], opts: &DecodeOptions) -> Option<AsrResult> {
+        let window = whisper.max_window_samples();
+        if window == 0 || audio.is_empty() {
+            return Some(Ok(Vec::new()));
+        }
+        let mut pending = Pending { opts: opts.clone(), parts: Vec::new() };
+        for (part, chunk) in audio.chunks(window).enumerate() {
+            match whisper.prepare(chunk, opts) {
+                Ok(item) => {
+                    pending.parts.push(None);
+                    self.rows.push(Row {
+                        ticket,
+                        part,
+                        item,
+                        round: 0,
+                        decoding: RowDecoding::new(whisper.layers),
+                        tried: Vec::new(),
+                        decoder: Duration::ZERO,
+                    });
+                }
+                Err(e) => pending.parts.push(Some(Err(e))),
+            }
+        }
+        if pending.parts.iter().all(Option::is_some) {
+            return Some(pending.answer());
+        }
+        self.utterances.insert(ticket, pending);
+        None
+    }
+
+    /// One decoder step for every window in decoding (greedy at temperature 0, else
+    /// sampling from the softened distribution; Whisper's suppressions either way). A
+    /// window whose decoding ended starts again at the next temperature if it needs the
+    /// fallback, else leaves. Returns the utterances all of whose windows have ended.
+    fn step(&mut self, whisper: &Whisper) -> Vec<(u64, AsrResult)> {
+        if self.rows.is_empty() {
+            return self.answered();
+        }
+        let started = Instant::now();
+        let outcome = self.run_step(whisper);
+        let took = started.elapsed();
+        self.steps += 1;
+        let mut rows = std::mem::take(&mut self.rows);
+        match outcome {
+            Ok(logits) => {
+                let vocab = logits.len() / rows.len().max(1);
+                for (row, logits) in rows.iter_mut().zip(logits.chunks_exact(vocab.max(1))) {
+                    row.decoder += took;
+                    let mut logits = logits.to_vec();
+                    let temperature = row.item.temperatures.get(row.round).copied().unwrap_or(0.0);
+                    let fed =
+                        row.decoding.feed(whisper, &mut row.item.setup, &mut logits, temperature, &mut row.item.rng);
+                    let outcome = match fed {
+                        Ok(false) => None,
+                        Ok(true) => {
+                            let decoding = std::mem::replace(&mut row.decoding, RowDecoding::new(whisper.layers))
+                                .finish(&whisper.vocab, temperature);
+                            // Language detected on the first decoding holds for the others.
+                            row.item.setup.detect_language = false;
+                            let opts = self.utterances.get(&row.ticket).map(|p| &p.opts);
+                            let again = opts.is_some_and(|opts| decoding.needs_fallback(opts))
+                                && row.round + 1 < row.item.temperatures.len();
+                            row.tried.push(decoding);
+                            row.round += 1;
+                            (!again).then(|| whisper.transcript(row, opts))
+                        }
+                        Err(e) => Some(Err(SpeechError::model(&whisper.name, e))),
+                    };
+                    if let Some(result) = outcome {
+                        self.settle(row.ticket, row.part, result);
+                        row.ticket = u64::MAX;
+                    }
+                }
+                rows.retain(|row| row.ticket != u64::MAX);
+                self.rows = rows;
+            }
+            Err(e) => {
+                for row in rows {
+                    self.settle(row.ticket, row.part, Err(SpeechError::model(&whisper.name, &e)));
+                }
+            }
+        }
+        self.answered()
+    }
+
+    /// Feeds each row its next token through the decoder parts, with cross-attention over
+    /// each row's own encoder output between them: the logits, row after row.
+    fn run_step(&mut self, whisper: &Whisper) -> TractResult<Vec<f32>> {
+        if self.states.is_empty() {
+            self.states = whisper.decoder.iter().map(|part| part.spawn()).collect::<TractResult<_>>()?;
+        }
+        let d = whisper.d_model;
+        let batch = self.rows.len();
+        let tokens: Vec<i64> = self.rows.iter().map(|r| i64::from(r.decoding.next_input(&r.item.setup))).collect();
+        let positions: Vec<i64> = self.rows.iter().map(|r| r.decoding.position as i64).collect();
+        let mut carried: TVec<TValue> = tvec!(
+            Tensor::from_shape(&[batch], &tokens)?.into_tvalue(),
+            Tensor::from_shape(&[batch], &positions)?.into_tvalue(),
+        );
+        for (layer, state) in self.states.iter_mut().enumerate() {
+            let mut inputs = carried;
+            if layer < whisper.layers {
+                let caches: Vec<&RowDecoding> = self.rows.iter().map(|r| &r.decoding).collect();
+                let (keys, values, mask) = batch_cache(&caches, layer, d)?;
+                inputs.extend([keys.into_tvalue(), values.into_tvalue(), mask.into_tvalue()]);
+            }
+            let out = state.run(inputs)?;
+            crate::cpu::leave_wide_vectors();
+            if layer == whisper.layers {
+                let logits =
+                    out.into_iter().next().ok_or_else(|| TractError::msg("the decoder's last part gave no logits"))?;
+                return Ok(f32s(&logits)?.to_vec());
+            }
+            let [x, query, new_k, new_v] = out.as_slice() else {
+                return Err(TractError::msg("a decoder part must give x_out, query, new_k, new_v"));
+            };
+            let (new_k, new_v) = (f32s(new_k)?, f32s(new_v)?);
+            for (b, row) in self.rows.iter_mut().enumerate() {
+                row.decoding.keys[layer].extend_from_slice(&new_k[b * d..(b + 1) * d]);
+                row.decoding.values[layer].extend_from_slice(&new_v[b * d..(b + 1) * d]);
+            }
+            let windows: Vec<&Cross> = self.rows.iter().map(|r| &r.item.cross).collect();
+            let cross = cross_attention(f32s(query)?, &windows, layer, whisper.heads, d)?;
+            carried = tvec!(x.clone(), cross.into_tvalue());
+        }
+        Err(TractError::msg("the decoder has no parts"))
+    }
+
+    fn settle(&mut self, ticket: u64, part: usize, result: Result<Transcript, SpeechError>) {
+        if let Some(slot) = self.utterances.get_mut(&ticket).and_then(|p| p.parts.get_mut(part)) {
+            *slot = Some(result);
+        }
+    }
+
+    /// The utterances all of whose windows have ended, taken out.
+    fn answered(&mut self) -> Vec<(u64, AsrResult)> {
+        let done: Vec<u64> =
+            self.utterances.iter().filter(|(_, p)| p.parts.iter().all(Option::is_some)).map(|(&t, _)| t).collect();
+        done.into_iter().filter_map(|t| self.utterances.remove(&t).map(|p| (t, p.answer()))).collect()
+    }
+}
+
+impl Pending {
+    /// The transcripts of its windows in order, or the first window's error.
+    fn answer(self) -> AsrResult {
+        self.parts
+            .into_iter()
+            .map(|part| part.unwrap_or_else(|| Err(SpeechError::model("asr", "a window was not decoded"))))
+            .collect()
     }
 }
 
