@@ -565,39 +565,18 @@ impl Decodings {
         let outcome = self.run_step(whisper);
         let took = started.elapsed();
         self.steps += 1;
-        let mut rows = std::mem::take(&mut self.rows);
+        let rows = std::mem::take(&mut self.rows);
         match outcome {
-            Ok(logits) => {
-                let vocab = logits.len() / rows.len().max(1);
-                for (row, logits) in rows.iter_mut().zip(logits.chunks_exact(vocab.max(1))) {
+            Ok(mut logits) => {
+                // `run_step` gives the same number of logits, at least one, for every row.
+                let vocab = logits.len() / rows.len();
+                for (mut row, logits) in rows.into_iter().zip(logits.chunks_exact_mut(vocab)) {
                     row.decoder += took;
-                    let mut logits = logits.to_vec();
-                    let temperature = row.item.temperatures.get(row.round).copied().unwrap_or(0.0);
-                    let fed =
-                        row.decoding.feed(whisper, &mut row.item.setup, &mut logits, temperature, &mut row.item.rng);
-                    let outcome = match fed {
-                        Ok(false) => None,
-                        Ok(true) => {
-                            let decoding = std::mem::replace(&mut row.decoding, RowDecoding::new(whisper.layers))
-                                .finish(&whisper.vocab, temperature);
-                            // Language detected on the first decoding holds for the others.
-                            row.item.setup.detect_language = false;
-                            let opts = self.utterances.get(&row.ticket).map(|p| &p.opts);
-                            let again = opts.is_some_and(|opts| decoding.needs_fallback(opts))
-                                && row.round + 1 < row.item.temperatures.len();
-                            row.tried.push(decoding);
-                            row.round += 1;
-                            (!again).then(|| whisper.transcript(row, opts))
-                        }
-                        Err(e) => Some(Err(SpeechError::model(&whisper.name, e))),
-                    };
-                    if let Some(result) = outcome {
-                        self.settle(row.ticket, row.part, result);
-                        row.ticket = u64::MAX;
+                    match self.advance(whisper, &mut row, logits) {
+                        Some(result) => self.settle(row.ticket, row.part, result),
+                        None => self.rows.push(row),
                     }
                 }
-                rows.retain(|row| row.ticket != u64::MAX);
-                self.rows = rows;
             }
             Err(e) => {
                 for row in rows {
@@ -606,6 +585,28 @@ impl Decodings {
             }
         }
         self.answered()
+    }
+
+    /// Gives a row its step's logits: the window's result when its decoding ended for good
+    /// (a decoding that needs the fallback starts again at the next temperature instead).
+    fn advance(&self, whisper: &Whisper, row: &mut Row, logits: &mut [f32]) -> Option<Result<Transcript, SpeechError>> {
+        let temperature = row.item.temperatures.get(row.round).copied().unwrap_or(0.0);
+        match row.decoding.feed(whisper, &mut row.item.setup, logits, temperature, &mut row.item.rng) {
+            Ok(false) => None,
+            Ok(true) => {
+                let decoding = std::mem::replace(&mut row.decoding, RowDecoding::new(whisper.layers))
+                    .finish(&whisper.vocab, temperature);
+                // Language detected on the first decoding holds for the others.
+                row.item.setup.detect_language = false;
+                let opts = self.utterances.get(&row.ticket).map(|p| &p.opts);
+                let again = opts.is_some_and(|opts| decoding.needs_fallback(opts))
+                    && row.round + 1 < row.item.temperatures.len();
+                row.tried.push(decoding);
+                row.round += 1;
+                (!again).then(|| whisper.transcript(row, opts))
+            }
+            Err(e) => Some(Err(SpeechError::model(&whisper.name, e))),
+        }
     }
 
     /// Feeds each row its next token through the decoder parts, with cross-attention over
@@ -634,7 +635,11 @@ impl Decodings {
             if layer == whisper.layers {
                 let logits =
                     out.into_iter().next().ok_or_else(|| TractError::msg("the decoder's last part gave no logits"))?;
-                return Ok(f32s(&logits)?.to_vec());
+                let logits = f32s(&logits)?;
+                if logits.is_empty() || logits.len() % batch != 0 {
+                    return Err(TractError::msg(format!("the decoder gave {} logits for {batch} rows", logits.len())));
+                }
+                return Ok(logits.to_vec());
             }
             let [x, query, new_k, new_v] = out.as_slice() else {
                 return Err(TractError::msg("a decoder part must give x_out, query, new_k, new_v"));
