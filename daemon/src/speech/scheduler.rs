@@ -422,6 +422,22 @@ mod tests {
         }
     }
 
+    type Decoding = std::thread::JoinHandle<(u32, Duration)>;
+
+    /// A scheduler whose worker (the first, on an idle pool) is decoding a long utterance
+    /// that ends only when the gate opens (answered `id * 10`).
+    fn with_a_long_one(
+        workers: usize,
+        limit: usize,
+        id: u32,
+    ) -> (Arc<Scheduler<TestBatch>>, Arc<Log>, Arc<AtomicBool>, Decoding) {
+        let (scheduler, log) = scheduler(workers, limit);
+        let gate = Arc::new(AtomicBool::new(false));
+        let long = submit(&scheduler, Job::Hold(id, gate.clone()));
+        until_joined(&log, 1);
+        (scheduler, log, gate, long)
+    }
+
     #[test]
     fn an_idle_worker_takes_the_oldest_requests_and_a_busy_one_fills_up_only_when_none_is_idle() {
         let mut q = SlotQueue::new(2, 3);
@@ -458,10 +474,7 @@ mod tests {
     fn a_long_utterance_does_not_hold_up_short_ones() {
         // Two workers; a 30-s utterance keeps one decoding. Six short ones arriving one
         // after another all run on the other, each alone, while it runs.
-        let (scheduler, log) = scheduler(2, 4);
-        let gate = Arc::new(AtomicBool::new(false));
-        let long = submit(&scheduler, Job::Hold(100, gate.clone()));
-        until_joined(&log, 1);
+        let (scheduler, log, gate, long) = with_a_long_one(2, 4, 100);
         for i in 0..6 {
             assert_eq!(submit(&scheduler, Job::Steps(i, 3)).join().unwrap().0, i * 10);
         }
@@ -480,10 +493,7 @@ mod tests {
     fn a_short_utterance_decoded_with_a_long_one_is_answered_when_its_own_decoding_ends() {
         // One worker, batches of up to 4: the short one joins the long one's decoding
         // between steps and gets its answer while the long one goes on.
-        let (scheduler, log) = scheduler(1, 4);
-        let gate = Arc::new(AtomicBool::new(false));
-        let long = submit(&scheduler, Job::Hold(100, gate.clone()));
-        until_joined(&log, 1);
+        let (scheduler, log, gate, long) = with_a_long_one(1, 4, 100);
         let (short, waited) = submit(&scheduler, Job::Steps(7, 5)).join().unwrap();
         assert_eq!(short, 70);
         assert!(waited < Duration::from_millis(500), "it joined between steps, not after the long one: {waited:?}");
@@ -526,10 +536,7 @@ mod tests {
 
     #[test]
     fn a_panic_answers_every_request_of_its_batch_and_the_worker_goes_on() {
-        let (scheduler, log) = scheduler(1, 2);
-        let gate = Arc::new(AtomicBool::new(false));
-        let held = submit(&scheduler, Job::Hold(1, gate));
-        until_joined(&log, 1);
+        let (scheduler, _log, _gate, held) = with_a_long_one(1, 2, 1);
         let faulty = submit(&scheduler, Job::Panic);
         assert_eq!(faulty.join().unwrap().0, u32::abandoned());
         assert_eq!(held.join().unwrap().0, u32::abandoned(), "the request decoded beside it got no answer");
