@@ -52,9 +52,11 @@ fn a_complete_recording_is_processed_and_filed_with_its_sidecar() {
 
     std::fs::rename(&partial, spool.join("call-1.wav")).unwrap();
     let result = spool.join("done/call-1.result.json");
-    assert!(wait_until(WAIT, || result.exists()), "log:\n{}", d.log_text());
-    assert!(spool.join("done/call-1.wav").exists() && spool.join("done/call-1.json").exists());
-    assert!(!spool.join("call-1.wav").exists());
+    // The result is written first and the recording moved after it (crash safety), so
+    // the filing is complete only when all three are in done/.
+    let filed = || result.exists() && spool.join("done/call-1.wav").exists() && spool.join("done/call-1.json").exists();
+    assert!(wait_until(WAIT, filed), "log:\n{}", d.log_text());
+    assert!(!spool.join("call-1.wav").exists() && !spool.join("call-1.json").exists());
 
     let r = read_json(&result);
     assert_eq!(r["sample_rate"], 8000);

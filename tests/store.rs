@@ -63,7 +63,9 @@ fn a_stored_call_is_sealed_and_read_erased_and_audited_by_role_through_the_socke
     let call = listed()[0].clone();
     // The spool keeps ids, status and metadata only: no recording, no sidecar, no text.
     let result_file = spool.join("done/call-1.result.json");
-    assert!(crate::support::wait_until(LONG, || result_file.exists()), "log:\n{}", d.log_text());
+    // The result is written first and the recording deleted after it (crash safety).
+    let filed = || result_file.exists() && !spool.join("call-1.wav").exists();
+    assert!(crate::support::wait_until(LONG, filed), "log:\n{}", d.log_text());
     let result = std::fs::read_to_string(&result_file).unwrap();
     assert!(!result.contains("utterances") && !result.contains(CALLER), "{result}");
     let left: Vec<_> = std::fs::read_dir(spool.join("done")).unwrap().map(|e| e.unwrap().file_name()).collect();
