@@ -227,7 +227,7 @@ pub enum BenchCommand {
     /// The real daemon under steady load for N minutes: two-leg AudioSocket calls (the
     /// sample call, both legs talking in turns) streamed in real time on loopback, the
     /// daemon's RSS and utterance latency printed every minute; with bounds, exit 1 when
-    /// one is broken (peak RSS, growth after the first minute, a call that did not finish).
+    /// one is broken (peak RSS, growth after every slot has run a call, a call that did not finish).
     Soak {
         #[arg(long, default_value_t = 60)]
         minutes: u32,
