@@ -584,6 +584,111 @@ fn a_spooled_stereo_recording_gets_both_legs_transcribed_in_its_result() {
     assert!(d.log_text().contains("agent utterance"), "published as the call's utterance");
 }
 
+/// A campaign whose list holds 停滞: BAC009S0764W0121 says 交易几乎停滞, which the decoder
+/// writes 停制 without the list (`hotwords_bias_the_decoder_towards_the_operators_terms`).
+const REALTY: &str = "speech.campaigns.realty.hotwords = [\"停滞\", \"房地产\", \"中介协会\"]\n";
+
+#[test]
+fn a_live_calls_campaign_brings_its_hotwords_whether_told_before_or_during_the_call() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("clip16k.raw");
+    sox(&[&clip("zh/BAC009S0764W0121.wav"), "-e", "signed", "-b", "16", "-t", "raw", raw.to_str().unwrap()]);
+    let samples: Vec<i16> =
+        std::fs::read(&raw).unwrap().chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
+    let settings = format!("audiosocket.listeners = [{{ address = \"127.0.0.1:0\", leg = \"customer\" }}]\n{REALTY}");
+    let d = speech_daemon(dir, &settings, &[]);
+    let listener = d.status_json()["audiosocket_listeners"][0].as_str().unwrap().split(' ').next().unwrap().to_owned();
+    let send = |stream: &mut std::net::TcpStream, audio: &[i16]| {
+        for frame in audio.chunks(320) {
+            let payload: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+            stream.write_all(&[&[0x12][..], &(payload.len() as u16).to_be_bytes(), &payload].concat()).unwrap();
+        }
+    };
+    let info = |call: &str, campaign: &str| {
+        let out = d.cli(&["call", "info", call, "--campaign", campaign]);
+        assert!(out.status.success(), "{}", crate::support::stderr_of(&out));
+    };
+    // Call n: told its campaign before its audio (`Before`), after its first half second
+    // (`During`), or never.
+    #[derive(PartialEq)]
+    enum Told {
+        Before,
+        During,
+        Never,
+    }
+    let run_call = |n: u8, told: Told| -> String {
+        let call = format!("5eec4011-0001-4002-8003-0000000000{n:02}");
+        if told == Told::Before {
+            info(&call, "realty");
+        }
+        let id = [0x5e, 0xec, 0x40, 0x11, 0, 1, 0x40, 2, 0x80, 3, 0, 0, 0, 0, 0, n];
+        let mut stream = std::net::TcpStream::connect(&listener).unwrap();
+        stream.write_all(&[&[0x01, 0, 16][..], &id].concat()).unwrap();
+        send(&mut stream, &[0i16; 8000]);
+        if told == Told::During {
+            info(&call, "realty");
+        }
+        send(&mut stream, &samples);
+        send(&mut stream, &[0i16; 16000]);
+        let heard = crate::support::wait_until(LONG, || d.said(&call).contains("交易"));
+        assert!(heard, "call {n}: {}\nlog:\n{}", d.said(&call), d.log_text());
+        stream.write_all(&[0x00, 0, 0]).unwrap();
+        d.said(&call)
+    };
+    let never = run_call(3, Told::Never);
+    assert!(!never.contains("停滞"), "without its campaign: {never}");
+    let before = run_call(1, Told::Before);
+    assert!(before.contains("交易几乎停滞"), "told before the call: {before}");
+    let during = run_call(2, Told::During);
+    assert!(during.contains("交易几乎停滞"), "told during the call: {during}");
+    // The campaign is kept with the call (told before it began too); a campaign name that
+    // is not one is refused.
+    let campaign_of = |n: u8| {
+        let out = d.cli(&["calls", "list", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let call = format!("5eec4011-0001-4002-8003-0000000000{n:02}");
+        let found = listed["calls"].as_array().unwrap().iter().find(|c| c["call"] == call.as_str()).cloned();
+        found.map(|c| c["campaign"].clone())
+    };
+    let kept = crate::support::wait_until(LONG, || {
+        campaign_of(1) == Some("realty".into()) && campaign_of(2) == Some("realty".into())
+    });
+    assert!(kept, "{:?} {:?}", campaign_of(1), campaign_of(2));
+    assert_eq!(campaign_of(3), Some(serde_json::Value::Null));
+    let out = d.cli(&["call", "info", "5eec4011-0001-4002-8003-000000000001", "--campaign", "a\u{7}b"]);
+    assert!(!out.status.success() && crate::support::stderr_of(&out).contains("campaign"));
+}
+
+#[test]
+fn a_spooled_recordings_campaign_from_its_sidecar_brings_its_hotwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let settings = format!(
+        "spool.dir = \"{}\"\nspool.poll_interval_ms = 100\nspool.keep_in_clear = true\n{REALTY}",
+        spool.display()
+    );
+    // Half a second of silence before the words and a second after, as in the live test
+    // (the clip alone is cut so that 停滞 comes out right even without the list).
+    let padded = dir.path().join("padded.wav");
+    sox(&[&clip("zh/BAC009S0764W0121.wav"), padded.to_str().unwrap(), "pad", "0.5", "1"]);
+    let d = speech_daemon(dir, &settings, &[]);
+    for (name, campaign) in [("realty", "realty"), ("other", "autumn-insurance")] {
+        std::fs::write(spool.join(format!("{name}.json")), format!(r#"{{"campaign":"{campaign}"}}"#)).unwrap();
+        std::fs::copy(&padded, spool.join(format!(".{name}"))).unwrap();
+        std::fs::rename(spool.join(format!(".{name}")), spool.join(format!("{name}.wav"))).unwrap();
+    }
+    let result = |name: &str| spool.join(format!("done/{name}.result.json"));
+    let done = crate::support::wait_until(LONG, || result("realty").exists() && result("other").exists());
+    assert!(done, "log:\n{}", d.log_text());
+    let said = |name: &str| {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(result(name)).unwrap()).unwrap();
+        text(v["utterances"].as_array().unwrap())
+    };
+    assert!(said("realty").contains("交易几乎停滞"), "{}", said("realty"));
+    assert!(said("other").contains("交易") && !said("other").contains("停滞"), "{}", said("other"));
+}
+
 #[test]
 fn alsa_capture_is_transcribed_per_line_and_leg() {
     let dir = tempfile::tempdir().unwrap();

@@ -342,13 +342,18 @@ pub enum CallCommand {
         #[arg(long)]
         json: bool,
     },
-    /// For the PBX/CRM sidecar: who the caller of CALL (its id) is, and whether it converted.
+    /// For the PBX/CRM sidecar: who the caller of CALL (its id) is, its campaign, and
+    /// whether it converted.
     Info {
         #[arg(value_name = "CALL")]
         call: String,
         /// The caller number; the daemon keeps only its keyed hash.
         #[arg(long, value_name = "NUMBER")]
         caller: Option<String>,
+        /// The call's campaign: kept with the call, and the ASR favours the campaign's
+        /// hotwords (`[speech.campaigns.NAME]`) from the call's next utterance on.
+        #[arg(long, value_name = "NAME")]
+        campaign: Option<String>,
         /// The call ended in a sale (tags the customer `converted`).
         #[arg(long)]
         converted: bool,
@@ -426,9 +431,14 @@ pub fn main() -> u8 {
             crate::cli_store::store(&socket_for(&cli), command).unwrap_or_else(Failure::report)
         }
         Command::Hq(ref command) => crate::cli_hq::hq(&socket_for(&cli), command).unwrap_or_else(Failure::report),
-        Command::Call(CallCommand::Info { ref call, ref caller, converted, json }) => customer_request(
+        Command::Call(CallCommand::Info { ref call, ref caller, ref campaign, converted, json }) => customer_request(
             &socket_for(&cli),
-            Request::CallInfo { call: call.clone(), caller: caller.clone(), converted: converted.then_some(true) },
+            Request::CallInfo {
+                call: call.clone(),
+                caller: caller.clone(),
+                campaign: campaign.clone(),
+                converted: converted.then_some(true),
+            },
             json,
         )
         .unwrap_or_else(Failure::report),

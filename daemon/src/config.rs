@@ -569,6 +569,10 @@ pub struct SpeechConfig {
     pub hotword_mode: crate::speech::hotwords::HotwordMode,
     /// Logit bias in bias mode (0–10).
     pub hotword_bias: f32,
+    /// Per campaign, by the name a call's metadata gives (the spool sidecar's `campaign`,
+    /// `callbox call info --campaign`): its own terms, favoured on its calls besides
+    /// `hotwords` (together at most 64).
+    pub campaigns: std::collections::BTreeMap<String, CampaignSpeech>,
     /// Temperatures for Whisper's fallback: an utterance whose greedy decoding loops or is
     /// improbable is decoded again, sampling at each in turn until one passes (at most 8,
     /// each in 0.05–1.5, ascending). Empty (the default): greedy only. Whisper's own list is
@@ -598,6 +602,7 @@ impl Default for SpeechConfig {
             hotwords: Vec::new(),
             hotword_mode: crate::speech::hotwords::HotwordMode::Bias,
             hotword_bias: crate::speech::decoding::DEFAULT_HOTWORD_BIAS,
+            campaigns: std::collections::BTreeMap::new(),
             fallback_temperatures: Vec::new(),
             timestamps: true,
         }
@@ -625,6 +630,24 @@ impl SpeechConfig {
         }
     }
 
+    /// The terms a call of `campaign` favours: `hotwords`, then the campaign's own not
+    /// already among them. An unknown campaign (or none) has the common terms only.
+    pub fn hotwords_for(&self, campaign: Option<&str>) -> Vec<String> {
+        let mut terms = self.hotwords.clone();
+        let own = campaign.and_then(|c| self.campaigns.get(c)).map_or(&[][..], |c| &c.hotwords[..]);
+        for term in own {
+            if !terms.contains(term) {
+                terms.push(term.clone());
+            }
+        }
+        terms
+    }
+
+    /// These settings for a call of `campaign`: its terms in `hotwords`.
+    pub fn for_campaign(&self, campaign: Option<&str>) -> Self {
+        Self { hotwords: self.hotwords_for(campaign), ..self.clone() }
+    }
+
     pub fn decode_options(&self) -> crate::speech::DecodeOptions {
         crate::speech::DecodeOptions {
             language: self.language.clone(),
@@ -636,6 +659,42 @@ impl SpeechConfig {
             timestamps: self.timestamps,
             ..Default::default()
         }
+    }
+}
+
+/// A campaign's speech settings (`[speech.campaigns."<name>"]`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CampaignSpeech {
+    /// Terms the ASR favours on this campaign's calls: its products, company, places.
+    pub hotwords: Vec<String>,
+}
+
+/// Most campaigns `[speech.campaigns]` may name, and the longest name.
+pub const MAX_CAMPAIGNS: usize = 256;
+pub const MAX_CAMPAIGN_CHARS: usize = 64;
+
+/// A campaign's name as config and `call info` take it: 1–64 printable characters.
+pub fn check_campaign_name(name: &str) -> Result<(), String> {
+    if (1..=MAX_CAMPAIGN_CHARS).contains(&name.chars().count()) && crate::escape::is_printable(name) {
+        Ok(())
+    } else {
+        Err(format!("a campaign name has 1–{MAX_CAMPAIGN_CHARS} printable characters"))
+    }
+}
+
+/// What is wrong with a list of hotwords, if anything: at most `MAX_TERMS`, each 1–32
+/// printable characters.
+fn hotword_problem(terms: &[String]) -> Option<String> {
+    use crate::speech::hotwords::{MAX_TERMS, MAX_TERM_CHARS};
+    let bad = terms.iter().find(|t| {
+        let n = t.trim().chars().count();
+        n == 0 || n > MAX_TERM_CHARS || !crate::escape::is_printable(t)
+    });
+    match bad {
+        Some(term) => Some(format!("each term has 1–{MAX_TERM_CHARS} printable characters, got {term:?}")),
+        None if terms.len() > MAX_TERMS => Some(format!("at most {MAX_TERMS} terms, got {}", terms.len())),
+        None => None,
     }
 }
 
@@ -964,20 +1023,23 @@ impl Config {
                 format!("at most {max} rising temperatures, each between 0.05 and 1.5, got {temps:?}"),
             );
         }
-        {
-            use crate::speech::hotwords::{MAX_TERMS, MAX_TERM_CHARS};
-            let bad = sp2.hotwords.iter().find(|t| {
-                let n = t.trim().chars().count();
-                n == 0 || n > MAX_TERM_CHARS || !crate::escape::is_printable(t)
-            });
-            check(
-                sp2.hotwords.len() <= MAX_TERMS && bad.is_none(),
-                "speech.hotwords",
-                match bad {
-                    Some(term) => format!("each term has 1–{MAX_TERM_CHARS} printable characters, got {term:?}"),
-                    None => format!("at most {MAX_TERMS} terms, got {}", sp2.hotwords.len()),
-                },
-            );
+        if let Some(problem) = hotword_problem(&sp2.hotwords) {
+            check(false, "speech.hotwords", problem);
+        }
+        check(
+            sp2.campaigns.len() <= MAX_CAMPAIGNS,
+            "speech.campaigns",
+            format!("at most {MAX_CAMPAIGNS} campaigns, got {}", sp2.campaigns.len()),
+        );
+        for (name, campaign) in &sp2.campaigns {
+            let key = format!("speech.campaigns.{name}");
+            if let Err(problem) = check_campaign_name(name) {
+                check(false, &key, problem);
+            } else if let Some(problem) = hotword_problem(&campaign.hotwords) {
+                check(false, &format!("{key}.hotwords"), problem);
+            } else if let Some(problem) = hotword_problem(&sp2.hotwords_for(Some(name))) {
+                check(false, &format!("{key}.hotwords"), format!("with speech.hotwords: {problem}"));
+            }
         }
         let lang_ok = sp2.language == "auto"
             || (2..=3).contains(&sp2.language.len()) && sp2.language.chars().all(|c| c.is_ascii_lowercase());
@@ -1288,6 +1350,36 @@ device = \"hw:0\"
         let mut found = keys(&problems);
         found.sort_unstable();
         assert_eq!(found, vec!["speech.hotword_bias", "speech.hotword_mode"]);
+    }
+
+    #[test]
+    fn a_campaign_adds_its_own_terms_to_the_common_ones() {
+        let text =
+            "[speech]\nhotwords = [\"房地产\"]\n[speech.campaigns.autumn-loans]\nhotwords = [\"安心贷\", \"房地产\"]\n\
+                    [speech.campaigns.\"秋季 保险\"]\nhotwords = [\"平安福\"]\n";
+        let speech = parse(text).unwrap().speech;
+        assert_eq!(speech.hotwords_for(Some("autumn-loans")), ["房地产", "安心贷"]);
+        assert_eq!(speech.for_campaign(Some("秋季 保险")).decode_options().hotwords, ["房地产", "平安福"]);
+        assert_eq!(speech.hotwords_for(Some("unknown")), ["房地产"]);
+        assert_eq!(speech.hotwords_for(None), ["房地产"]);
+
+        let sixty = (0..60).map(|i| format!("\"t{i}\"")).collect::<Vec<_>>().join(", ");
+        let five = (0..5).map(|i| format!("\"c{i}\"")).collect::<Vec<_>>().join(", ");
+        for (bad, key) in [
+            (
+                format!("[speech]\nhotwords = [{sixty}]\n[speech.campaigns.a]\nhotwords = [{five}]\n"),
+                "speech.campaigns.a.hotwords",
+            ),
+            ("[speech.campaigns.a]\nhotwords = [\" \"]\n".to_owned(), "speech.campaigns.a.hotwords"),
+            (
+                format!("[speech.campaigns.{}]\nhotwords = []\n", "x".repeat(65)),
+                &*format!("speech.campaigns.{}", "x".repeat(65)),
+            ),
+            ("[speech.campaigns.a]\nterms = [\"x\"]\n".to_owned(), "speech.campaigns.a.terms"),
+        ] {
+            let problems = parse(&bad).unwrap_err();
+            assert_eq!(keys(&problems), vec![key], "{bad}");
+        }
     }
 
     #[test]

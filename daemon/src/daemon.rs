@@ -286,6 +286,7 @@ async fn start(loaded: LoadedConfig, as_root: bool) -> Result<Started, u8> {
         vault: vault.clone(),
         uplink: cfg.hq.enabled().then(|| uplink.clone()),
         monitor: understanding.as_ref().map(Understanding::bus),
+        speech: speech.clone(),
         reload_tx,
     };
     let mut components = vec![

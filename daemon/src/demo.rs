@@ -100,7 +100,7 @@ fn demo(config_path: &Path, options: &DemoOptions) -> Result<u8, String> {
     // What the PBX sidecar does when the call is answered: say who is calling.
     match client::request(
         &socket,
-        Request::CallInfo { call: call_id.clone(), caller: Some(DEMO_CALLER.into()), converted: None },
+        Request::CallInfo { call: call_id.clone(), caller: Some(DEMO_CALLER.into()), campaign: None, converted: None },
     ) {
         Ok(Response::Customer(_)) => {}
         Ok(Response::Error(e)) => return Err(format!("the daemon refused the caller number: {}", e.message)),

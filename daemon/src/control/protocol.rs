@@ -46,12 +46,15 @@ pub enum Request {
     /// End the call on an ALSA capture line.
     CallStop { line: String },
     /// From the PBX/CRM sidecar or a technician: whose call this is (`caller`, kept only as
-    /// a keyed hash) and whether it ended in a sale (`converted`). Without either, reports
-    /// the call's customer.
+    /// a keyed hash), its `campaign` (kept with the call; its hotwords apply from the next
+    /// utterance) and whether it ended in a sale (`converted`). Without any, reports the
+    /// call's customer.
     CallInfo {
         call: String,
         #[serde(default)]
         caller: Option<String>,
+        #[serde(default)]
+        campaign: Option<String>,
         #[serde(default)]
         converted: Option<bool>,
     },
@@ -898,7 +901,12 @@ mod tests {
             Request::Reload {},
             Request::CallStart { line: "1".into() },
             Request::CallStop { line: "1".into() },
-            Request::CallInfo { call: "c".into(), caller: Some("+86 138".into()), converted: Some(true) },
+            Request::CallInfo {
+                call: "c".into(),
+                caller: Some("+86 138".into()),
+                campaign: Some("autumn".into()),
+                converted: Some(true),
+            },
             Request::Customer { caller: "138".into() },
             Request::Watch {},
             Request::CallsList { since_unix_ms: Some(1), caller: Some("138".into()), event: None, limit: Some(5) },

@@ -82,6 +82,8 @@ pub struct ControlContext {
     pub vault: Option<crate::store::live::CallVault>,
     /// The headquarters uplink's view; None when `[hq]` is off.
     pub uplink: Option<crate::uplink::link::UplinkHandle>,
+    /// The speech path, for a call's campaign hotwords; None when speech is off.
+    pub speech: Option<crate::speech::live::SpeechService>,
     /// The understanding bus, for `watch`; None when speech is off.
     pub monitor: Option<tokio::sync::broadcast::Sender<Arc<crate::understanding::live::Monitor>>>,
     /// Reload requests go to the supervisor; bounded, senders wait (reloads are rare).
@@ -478,8 +480,8 @@ async fn respond(
         Request::Reload {} => reload(ctx).await,
         Request::CallStart { line } => line_request(ctx, &line, true, peer.who).await,
         Request::CallStop { line } => line_request(ctx, &line, false, peer.who).await,
-        Request::CallInfo { call, caller: number, converted } => {
-            call_info(ctx, call, number, converted, peer.who).await
+        Request::CallInfo { call, caller: number, campaign, converted } => {
+            call_info(ctx, call, number, campaign, converted, peer.who).await
         }
         Request::Customer { caller: number } => customer_lookup(ctx, number, peer.who).await,
         Request::CallsList { .. }
@@ -659,23 +661,32 @@ async fn call_info(
     ctx: &ControlContext,
     call: String,
     number: Option<String>,
+    campaign: Option<String>,
     converted: Option<bool>,
     who: &str,
 ) -> Response {
+    if let Some(Err(problem)) = campaign.as_deref().map(crate::config::check_campaign_name) {
+        return Response::error(ErrorCode::BadRequest, format!("campaign: {problem}"));
+    }
     let converted = converted == Some(true);
     let done = ctx.customers.call_info(&call, number.as_deref(), converted).await;
+    if let (Some(speech), Some(name), Ok(_)) = (&ctx.speech, &campaign, &done) {
+        let terms = ctx.config.borrow().config.speech.hotwords_for(Some(name));
+        speech.set_call_hotwords(&call, terms);
+    }
     if let (Some(vault), Ok(_)) = (&ctx.vault, &done) {
         let customer = number.as_deref().and_then(|n| ctx.customers.customer_id(n).ok());
-        if customer.is_some() || converted {
-            let info = crate::store::CallInfo { customer, converted, ..Default::default() };
+        if customer.is_some() || converted || campaign.is_some() {
+            let info = crate::store::CallInfo { customer, converted, campaign: campaign.clone(), ..Default::default() };
             if let Err(e) = vault.write(crate::store::StoreOp::Describe { call: call.clone(), info }).await {
                 log::error!(component = COMPONENT, call_id = call.as_str(); "call info not kept in the call store: {e}");
             }
         }
     }
-    if done.is_ok() && (number.is_some() || converted) {
+    if done.is_ok() && (number.is_some() || converted || campaign.is_some()) {
         log::info!(component = COMPONENT, call_id = call.as_str();
-            "call info from {who}:{}{}", if number.is_some() { " caller number" } else { "" },
+            "call info from {who}:{}{}{}", if number.is_some() { " caller number" } else { "" },
+            campaign.as_deref().map(|c| format!(" campaign {}", crate::escape::escape(c))).unwrap_or_default(),
             if converted { " converted" } else { "" });
     }
     customer_reply(done)

@@ -278,7 +278,13 @@ fn process(
     let started = std::time::Instant::now();
     let utterances = match speech {
         None => None,
-        Some((service, config)) => match transcribe_legs(service, config, &call_id, &mut recording, &legs) {
+        Some((service, config)) => match transcribe_legs(
+            service,
+            &config.for_campaign(metadata.campaign.as_deref()),
+            &call_id,
+            &mut recording,
+            &legs,
+        ) {
             Ok(u) => Some(u),
             Err(reason) => return FileOutcome::Failed(reason.to_string()),
         },

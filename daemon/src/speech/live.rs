@@ -19,6 +19,7 @@
 //! joins them all, so each leg's last utterance is on the bus before understanding drains
 //! it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -41,6 +42,10 @@ const COMPONENT: &str = "speech";
 pub const QUEUE_CHUNKS: usize = 1500;
 /// Utterances buffered for each bus subscriber; a slower one loses the oldest (and is told).
 const BUS_CAPACITY: usize = 1024;
+/// Calls whose hotwords `call info --campaign` set are remembered, newest first, up to
+/// this many: a call's legs may open after its info arrives (the PBX's order), and a
+/// remembered call costs a few terms, so old ones simply age out.
+const REMEMBERED_CALL_TERMS: usize = 512;
 
 /// One finished utterance of a live or spooled call.
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +102,31 @@ pub struct SpeechService {
     bus: broadcast::Sender<Arc<SpeechEvent>>,
     pub stats: Arc<SpeechStats>,
     workers: Arc<Mutex<Vec<Worker>>>,
+    call_terms: Arc<CallTerms>,
+}
+
+/// Hotwords set per call after the daemon started it (its campaign's, see
+/// `SpeechConfig::hotwords_for`). A leg worker looks here when `version` has moved since
+/// it last looked — one atomic load per audio chunk otherwise.
+#[derive(Default)]
+struct CallTerms {
+    version: AtomicU64,
+    recent: Mutex<VecDeque<(String, Arc<Vec<String>>)>>,
+}
+
+impl CallTerms {
+    fn set(&self, call: &str, terms: Vec<String>) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.retain(|(c, _)| c != call);
+        recent.push_front((call.to_owned(), Arc::new(terms)));
+        recent.truncate(REMEMBERED_CALL_TERMS);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    fn of(&self, call: &str) -> Option<Arc<Vec<String>>> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.iter().find(|(c, _)| c == call).map(|(_, terms)| terms.clone())
+    }
 }
 
 /// The input's end of a leg's worker. Drop it to end the leg.
@@ -120,7 +150,14 @@ impl LegFeed {
 impl SpeechService {
     pub fn new(models: SpeechModels) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
-        Self { models: Arc::new(models), audio_store: None, bus, stats: Arc::default(), workers: Arc::default() }
+        Self {
+            models: Arc::new(models),
+            audio_store: None,
+            bus,
+            stats: Arc::default(),
+            workers: Arc::default(),
+            call_terms: Arc::default(),
+        }
     }
 
     /// Every leg's audio also goes to the call store (µ-law chunks, sealed there).
@@ -148,6 +185,13 @@ impl SpeechService {
         let _ = self.bus.send(Arc::new(SpeechEvent::Utterance(Box::new(event))));
     }
 
+    /// The terms `call`'s utterances favour from now on (its campaign's and the common
+    /// ones): its open legs take them before their next utterance, legs opened later at
+    /// their start.
+    pub fn set_call_hotwords(&self, call: &str, terms: Vec<String>) {
+        self.call_terms.set(call, terms);
+    }
+
     /// Says that a leg's last utterance has been published.
     pub fn leg_ended(&self, call: &str, leg: Leg) {
         let _ = self.bus.send(Arc::new(SpeechEvent::LegEnded { call: call.to_owned(), leg }));
@@ -166,6 +210,11 @@ impl SpeechService {
     ) -> Result<LegFeed, LegError> {
         let resampler = StreamResampler::new(rate, 16_000).map_err(|source| LegError::Rate { rate, source })?;
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+        let mut pipeline = LegPipeline::new(&self.models, config.vad_params(), config.decode_options());
+        let terms_seen = self.call_terms.version.load(Ordering::Acquire);
+        if let Some(terms) = self.call_terms.of(call) {
+            pipeline.set_hotwords(terms.to_vec());
+        }
         let worker = LegWorker {
             service: self.clone(),
             call: call.to_owned(),
@@ -173,7 +222,8 @@ impl SpeechService {
             rate,
             offset_secs: offset_secs.max(0.0),
             resampler,
-            pipeline: LegPipeline::new(&self.models, config.vad_params(), config.decode_options()),
+            pipeline,
+            terms_seen,
             audio: self.audio_store.clone().map(|vault| (AudioChunker::new(leg, rate, offset_secs.max(0.0)), vault)),
         };
         let name = format!("speech-{}", leg.name());
@@ -239,6 +289,8 @@ struct LegWorker {
     offset_secs: f64,
     resampler: StreamResampler,
     pipeline: LegPipeline,
+    /// `CallTerms::version` when this leg last looked for its call's hotwords.
+    terms_seen: u64,
     audio: Option<(AudioChunker, CallVault)>,
 }
 
@@ -258,10 +310,12 @@ impl LegWorker {
             if failed {
                 continue; // keep draining so the input never blocks on a dead leg
             }
+            self.take_new_hotwords();
             let audio = self.resampler.push(&samples);
             failed = !self.step(|p| p.push(&audio));
         }
         if !failed {
+            self.take_new_hotwords();
             let tail = self.resampler.finish();
             if self.step(|p| p.push(&tail)) {
                 self.step(LegPipeline::finish);
@@ -277,6 +331,18 @@ impl LegWorker {
         stats.audio_ms.fetch_add(received * 1000 / u64::from(self.rate.max(1)), Ordering::Relaxed);
         stats.legs_open.fetch_sub(1, Ordering::Relaxed);
         self.service.leg_ended(&self.call, self.leg);
+    }
+
+    /// Takes the call's hotwords if `call info` changed them since this leg last looked.
+    fn take_new_hotwords(&mut self) {
+        let terms = &self.service.call_terms;
+        let version = terms.version.load(Ordering::Acquire);
+        if version != self.terms_seen {
+            self.terms_seen = version;
+            if let Some(terms) = terms.of(&self.call) {
+                self.pipeline.set_hotwords(terms.to_vec());
+            }
+        }
     }
 
     /// Hands audio chunks to the store (waits while its queue is full: the store thread
@@ -324,4 +390,28 @@ fn log_utterance(event: &UtteranceEvent) {
         "{} utterance {:.2}–{:.2} s, {} chars, lang {}, asr {:.0} ms (encoder {:.0}) after {:.0} ms queued",
         event.leg.name(), u.start_secs, u.end_secs, u.text.chars().count(), u.asr.language, compute_ms,
         u.asr.encoder_ms, u.asr_queue_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calls_terms_are_found_by_call_the_newest_replacing_and_the_oldest_calls_aging_out() {
+        let terms = CallTerms::default();
+        assert_eq!(terms.of("a"), None);
+        terms.set("a", vec!["停滞".into()]);
+        terms.set("b", vec!["房地产".into()]);
+        terms.set("a", vec!["安心贷".into()]);
+        assert_eq!(terms.of("a").as_deref(), Some(&vec!["安心贷".to_owned()]));
+        assert_eq!(terms.of("b").as_deref(), Some(&vec!["房地产".to_owned()]));
+        // Every change moves the version a leg thread compares against.
+        assert_eq!(terms.version.load(Ordering::Acquire), 3);
+        for n in 0..REMEMBERED_CALL_TERMS - 1 {
+            terms.set(&format!("call-{n}"), Vec::new());
+        }
+        assert!(terms.of("a").is_some(), "the newest {REMEMBERED_CALL_TERMS} calls are kept");
+        assert_eq!(terms.of("b"), None, "the oldest went");
+        assert_eq!(terms.recent.lock().unwrap().len(), REMEMBERED_CALL_TERMS);
+    }
 }

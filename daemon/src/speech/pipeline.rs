@@ -57,6 +57,11 @@ impl LegPipeline {
     }
 
     /// Feeds 16 kHz mono samples (−1..1); returns utterances that ended within them.
+    /// The terms the utterances from now on favour (a call's campaign became known).
+    pub fn set_hotwords(&mut self, terms: Vec<String>) {
+        self.opts.hotwords = terms;
+    }
+
     pub fn push(&mut self, samples: &[f32]) -> Result<Vec<Utterance>, SpeechError> {
         self.buffer.extend_from_slice(samples);
         let mut out = Vec::new();
