@@ -55,8 +55,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--callbox", required=True, help="callbox binary")
     parser.add_argument("--config", action="append",
-                        help="extra callbox TOML lines for [speech] (e.g. a quantized model choice); give it more "
-                             "than once to run callbox once per setting, side by side (use \"\" for the defaults)")
+                        help="extra callbox TOML lines for [speech] (e.g. a quantized variant's folder: "
+                             "'models_dir = \"/path\"'); give it more than once to run callbox once per setting, "
+                             "side by side (use \"\" for the defaults)")
     parser.add_argument("--beams", default="1,5", help="faster-whisper beam sizes to run")
     parser.add_argument("--compute-type", default="int8")
     parser.add_argument("--json", action="store_true")
@@ -90,8 +91,11 @@ def main():
                     cfg = os.path.join(tmp, "cb.toml")
                     with open(cfg, "w") as f:
                         f.write(f"[speech]\nlanguage = \"{row['lang']}\"\n{extra}\n")
+                    # A setting naming its own models_dir (e.g. a quantized variant's folder) runs
+                    # on it; the others on models/cache.
+                    models = [] if "models_dir" in extra else ["--models", CACHE]
                     out = subprocess.run(["taskset", "-c", "0", args.callbox, "--config", cfg, "transcribe", "--json",
-                                          "--models", CACHE, path], capture_output=True, text=True, check=True)
+                                          *models, path], capture_output=True, text=True, check=True)
                     report = json.loads(out.stdout)
                     hyps[system] = " ".join(u["text"] for u in report["utterances"])
                     # Its own wall time over the recording (VAD, resampling, ASR; model load excluded).
