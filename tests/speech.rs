@@ -627,6 +627,15 @@ fn a_live_calls_campaign_brings_its_hotwords_whether_told_before_or_during_the_c
         stream.write_all(&[&[0x01, 0, 16][..], &id].concat()).unwrap();
         send(&mut stream, &[0i16; 8000]);
         if told == Told::During {
+            // Told only once the leg is open (more than one frame counted: the input opens
+            // the leg's speech worker at the first), so this is the open leg's pick-up, not
+            // the one at its start.
+            let streaming = crate::support::wait_until(LONG, || {
+                let active = d.status_json()["calls"]["active"].clone();
+                let this = active.as_array().unwrap().iter().find(|c| c["call"] == call.as_str()).cloned();
+                this.and_then(|c| c["legs"][0]["audio_ms"].as_u64()).is_some_and(|ms| ms > 100)
+            });
+            assert!(streaming, "call {n} never streamed: {}", d.status_json());
             info(&call, "realty");
         }
         send(&mut stream, &samples);

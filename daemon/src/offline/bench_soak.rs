@@ -141,7 +141,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     // The warm-up lasts until every slot has run a whole call (allocator arenas, plan
     // scratch for each window length, every ASR worker's batch at its widest): growth is
     // the last minute's RSS against the first minute after that, both under load.
-    let (baseline_minute, baseline) = warmed_up(&minutes, opts.calls).unwrap_or((0, final_rss));
+    let (baseline_minute, baseline, warm) = warmed_up(&minutes, opts.calls).unwrap_or((0, final_rss, false));
     let last = minutes.last().map_or(final_rss, |m| m.rss_mb);
     let growth_pct = if baseline > 0.0 { (last - baseline) / baseline * 100.0 } else { 0.0 };
     let errors = end.stream_errors;
@@ -172,11 +172,12 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     } else {
         println!(
             "{finished} of {started} calls finished, {total_utterances} utterances (end → understood p50 {:.2} s, p99 \
-             {:.2} s); RSS {baseline:.0} MB after minute {baseline_minute} (every slot had run a call), {last:.0} MB \
-             after the last ({growth_pct:+.1} %), \
+             {:.2} s); RSS {baseline:.0} MB after minute {baseline_minute} ({}), {last:.0} MB after the last \
+             ({growth_pct:+.1} %), \
              {final_rss:.0} MB idle after the drain, peak {peak:.0} MB",
             percentile(&all_latencies, 50.0),
             percentile(&all_latencies, 99.0),
+            if warm { "every slot had run a call" } else { "not every slot had run a call yet: no growth measured" },
         );
         for p in &problems {
             println!("FAILED: {p}");
@@ -185,12 +186,15 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     Ok(if problems.is_empty() { exit::OK } else { exit::FAILURE })
 }
 
-/// The minute (1-based) the growth is measured from, and its RSS: the first by whose end
-/// every slot had finished a call, else the last minute (a soak shorter than a call's
-/// warm-up measures no growth rather than the warm-up's).
-fn warmed_up(minutes: &[Minute], slots: usize) -> Option<(u32, f64)> {
-    let m = minutes.iter().find(|m| m.calls_finished >= slots).or(minutes.last())?;
-    Some((m.minute, m.rss_mb))
+/// The minute (1-based) the growth is measured from, its RSS, and whether the load had
+/// warmed up by then: the first minute by whose end every slot had finished a call, else
+/// the last minute (a soak shorter than a call's warm-up measures no growth rather than
+/// the warm-up's).
+fn warmed_up(minutes: &[Minute], slots: usize) -> Option<(u32, f64, bool)> {
+    match minutes.iter().find(|m| m.calls_finished >= slots) {
+        Some(m) => Some((m.minute, m.rss_mb, true)),
+        None => minutes.last().map(|m| (m.minute, m.rss_mb, false)),
+    }
 }
 
 /// The models folder and the sample call a soak uses: `--models`, else the configured one
@@ -214,10 +218,10 @@ mod tests {
     fn growth_is_measured_from_the_first_minute_every_slot_has_run_a_call() {
         // A 52-s call on 4 slots staggered over its length: the last slot ends in minute 2.
         let minutes = [minute(1, 300.0, 1), minute(2, 340.0, 5), minute(3, 341.0, 9), minute(4, 342.0, 13)];
-        assert_eq!(warmed_up(&minutes, 4), Some((2, 340.0)));
-        assert_eq!(warmed_up(&minutes, 1), Some((1, 300.0)));
+        assert_eq!(warmed_up(&minutes, 4), Some((2, 340.0, true)));
+        assert_eq!(warmed_up(&minutes, 1), Some((1, 300.0, true)));
         // Never warmed up: the last minute, so no growth is claimed from the warm-up.
-        assert_eq!(warmed_up(&minutes, 20), Some((4, 342.0)));
+        assert_eq!(warmed_up(&minutes, 20), Some((4, 342.0, false)));
         assert_eq!(warmed_up(&[], 4), None);
     }
 }
