@@ -283,6 +283,9 @@ fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> ca
         prosody,
         asr,
         asr_queue_ms: 0.0,
+        asr_wall_ms: 0.0,
+        hangover_ms: 0.0,
+        closed: std::time::Instant::now(),
     };
     callbox::speech::live::UtteranceEvent { call: call.into(), leg, utterance }
 }

@@ -101,6 +101,7 @@ mod tests {
             emotion: Some("neutral".into()),
             phase: "needs_discovery".into(),
             rules: vec!["r1".into()],
+            latency: None,
         });
         let line = monitor_item(&u, Some(0.8));
         for part in [

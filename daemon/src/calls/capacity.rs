@@ -28,6 +28,53 @@ pub struct Step {
     pub max_lag_secs: f64,
     /// Why the step failed; None when it passed.
     pub failed: Option<String>,
+    /// Where the utterances' time went (a rating saved before it was measured: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<LatencyBreakdown>,
+}
+
+/// The median and the 99th percentile of one part of the latency, seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub p50_secs: f64,
+    pub p99_secs: f64,
+}
+
+/// Utterance end → understood, taken apart: where a box under load spends the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyBreakdown {
+    /// End of the words → the VAD closes the utterance: the hangover, the leg's VAD
+    /// keeping up with its audio, and the sockets both ways.
+    pub to_close: Spread,
+    /// The hangover alone (audio heard after the words).
+    pub hangover: Spread,
+    /// Waiting for an ASR worker.
+    pub asr_queue: Spread,
+    /// In an ASR worker, and of that the utterance's own encoder (the rest is its decoder
+    /// steps and the encoders of utterances that joined its batch).
+    pub asr: Spread,
+    pub encoder: Spread,
+    /// The text models (intent, sentiment).
+    pub text: Spread,
+    /// The rest after the close: prosody, hand-offs between threads and tasks, the rules.
+    pub other: Spread,
+}
+
+impl std::fmt::Display for LatencyBreakdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            ("to close", self.to_close),
+            ("hangover", self.hangover),
+            ("ASR queue", self.asr_queue),
+            ("ASR", self.asr),
+            ("its encoder", self.encoder),
+            ("text", self.text),
+            ("other", self.other),
+        ];
+        let shown: Vec<String> =
+            parts.iter().map(|(name, s)| format!("{name} {:.2}/{:.2}", s.p50_secs, s.p99_secs)).collect();
+        write!(f, "p50/p99 s: {}", shown.join(", "))
+    }
 }
 
 /// What `bench capacity` measured, as saved for the daemon.
@@ -239,6 +286,7 @@ mod tests {
 
     fn step(calls: usize, pass: bool) -> Step {
         Step {
+            parts: None,
             calls,
             calls_started: calls,
             calls_finished: calls,

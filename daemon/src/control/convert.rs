@@ -10,7 +10,7 @@ use crate::config;
 use crate::customers;
 use crate::health;
 use crate::understanding::call::{CallEvent, UtteranceView};
-use crate::understanding::live::Monitor;
+use crate::understanding::live::{Monitor, UtteranceLatency};
 
 /// The serde name of a unit enum value (`Leg::Customer` → "customer"), the same name the
 /// core's own `Serialize` gives it; "-" if it is not a plain name.
@@ -114,8 +114,9 @@ impl From<customers::CustomerRecord> for wire::CustomerRecord {
     }
 }
 
-/// An understood utterance of `call`, as watchers see it (also `analyze`'s output).
-pub fn utterance_item(call: &str, u: &UtteranceView) -> wire::UtteranceItem {
+/// An understood utterance of `call`, as watchers see it (also `analyze`'s output), with
+/// where its time went when it comes from a live call.
+pub fn utterance_item(call: &str, u: &UtteranceView, latency: Option<&UtteranceLatency>) -> wire::UtteranceItem {
     wire::UtteranceItem {
         call: call.to_owned(),
         index: u.index,
@@ -133,6 +134,14 @@ pub fn utterance_item(call: &str, u: &UtteranceView) -> wire::UtteranceItem {
         emotion: u.emotion.map(|e| e.name().to_owned()),
         phase: name_of(&u.phase),
         rules: u.rules.clone(),
+        latency: latency.map(|l| wire::LatencyItem {
+            hangover_ms: l.hangover_ms,
+            after_close_ms: l.after_close_ms,
+            asr_queue_ms: l.asr_queue_ms,
+            asr_ms: l.asr_ms,
+            encoder_ms: l.encoder_ms,
+            understanding_ms: l.understanding_ms,
+        }),
     }
 }
 
@@ -151,7 +160,9 @@ pub fn event_item(call: &str, e: &CallEvent) -> wire::EventItem {
 impl From<&Monitor> for wire::MonitorItem {
     fn from(item: &Monitor) -> Self {
         match item {
-            Monitor::Utterance { call, utterance } => Self::Utterance(utterance_item(call, utterance)),
+            Monitor::Utterance { call, utterance, latency } => {
+                Self::Utterance(utterance_item(call, utterance, latency.as_ref()))
+            }
             Monitor::Event(live) => Self::Event(event_item(&live.call, &live.event)),
             Monitor::CallFinished { call, utterances, rule_hits, events, phase, tags, customer } => {
                 Self::CallFinished(wire::CallFinishedItem {

@@ -704,6 +704,24 @@ pub struct UtteranceItem {
     pub phase: String,
     /// Ids of the rules that fired on this utterance.
     pub rules: Vec<String>,
+    /// Live calls: where its time went after the last word (added within v1: absent from
+    /// replays and from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyItem>,
+}
+
+/// An utterance's time between the end of its words and its publication, ms.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyItem {
+    /// Audio the VAD heard after the words before closing the utterance.
+    pub hangover_ms: f64,
+    /// From the VAD's close to the publication (queue, ASR, text models, hand-offs).
+    pub after_close_ms: f64,
+    pub asr_queue_ms: f64,
+    /// In an ASR worker, and of that the utterance's own encoder.
+    pub asr_ms: f64,
+    pub encoder_ms: f64,
+    pub understanding_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -890,6 +908,14 @@ mod tests {
             emotion: Some("neutral".into()),
             phase: "needs_discovery".into(),
             rules: vec!["r1".into()],
+            latency: Some(LatencyItem {
+                hangover_ms: 416.0,
+                after_close_ms: 350.5,
+                asr_queue_ms: 12.0,
+                asr_ms: 300.0,
+                encoder_ms: 80.0,
+                understanding_ms: 20.0,
+            }),
         })
     }
 
@@ -1140,13 +1166,16 @@ mod tests {
     fn monitor_lines_keep_the_v1_shape() {
         // What `watch --json` consumers parse: a field renamed here is a protocol change.
         let line = encode_line(&MonitorFrame { v: 1, monitor: utterance() });
-        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}],"labels":["price_inquiry","budget_concern"]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"]}}"#;
+        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}],"labels":["price_inquiry","budget_concern"]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"],"latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}}}"#;
         assert_eq!(String::from_utf8(line).unwrap().trim_end(), expected);
-        // A line from a daemon before `labels` existed still reads.
-        let older = expected.replace(r#","labels":["price_inquiry","budget_concern"]"#, "");
+        // A line from a daemon before `labels` and `latency` existed still reads.
+        let older = expected
+            .replace(r#","labels":["price_inquiry","budget_concern"]"#, "")
+            .replace(r#","latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}"#, "");
         let frame: MonitorFrame = serde_json::from_str(&older).unwrap();
         let MonitorItem::Utterance(u) = frame.monitor else { panic!("not an utterance: {older}") };
         assert_eq!(u.intent.map(|i| i.labels), Some(vec![]));
+        assert_eq!(u.latency, None);
     }
 
     #[test]

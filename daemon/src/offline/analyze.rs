@@ -173,7 +173,7 @@ fn render_call(r: &CallReport) -> String {
     let mut items: Vec<(f64, MonitorItem)> = r
         .utterances
         .iter()
-        .map(|u| (u.end_secs, MonitorItem::Utterance(convert::utterance_item(&r.file, u))))
+        .map(|u| (u.end_secs, MonitorItem::Utterance(convert::utterance_item(&r.file, u, None))))
         .chain(r.events.iter().map(|e| (e.at_secs, MonitorItem::Event(convert::event_item(&r.file, e)))))
         .collect();
     // Events after the utterance that raised them, as they arrive live.

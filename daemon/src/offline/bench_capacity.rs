@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::load::{percentile, Load, Observed, TwoLegCall};
+use super::load::{percentile, LatencyParts, Load, Observed, TwoLegCall};
 use crate::calls::capacity::{next_step, rated_calls, Rating, Step};
 use crate::exit::{self, Failure};
 use crate::private_daemon::PrivateDaemon;
@@ -99,6 +99,9 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
             step.max_lag_secs,
             step.failed.as_deref().map_or_else(|| "pass".to_owned(), |why| format!("FAIL: {why}"))
         ));
+        if let Some(parts) = &step.parts {
+            say(format!("        {parts}"));
+        }
         steps.push(step);
     }
     drop(daemon);
@@ -152,6 +155,7 @@ pub fn bench_capacity(opts: &BenchCapacity) -> Result<u8, Failure> {
 /// Runs one load to its end and judges it.
 fn run_step(daemon: &mut PrivateDaemon, mut load: Load, calls: usize, budget_secs: f64) -> Result<Step, Failure> {
     let mut latencies = Vec::new();
+    let mut parts = LatencyParts::default();
     while !load.done() {
         if let Some(code) = daemon.exited() {
             load.finish();
@@ -160,8 +164,11 @@ fn run_step(daemon: &mut PrivateDaemon, mut load: Load, calls: usize, budget_sec
                 format!("the daemon exited ({code}) under {calls} calls; its log:\n{}", daemon.log_tail()),
             ));
         }
-        if let Some(Observed::Utterance { latency_secs }) = load.poll(Duration::from_millis(200)) {
+        if let Some(Observed::Utterance { latency_secs, parts: daemon_parts }) = load.poll(Duration::from_millis(200)) {
             latencies.push(latency_secs);
+            if let Some(p) = &daemon_parts {
+                parts.add(latency_secs, p);
+            }
         }
     }
     let end = load.finish();
@@ -189,6 +196,7 @@ fn run_step(daemon: &mut PrivateDaemon, mut load: Load, calls: usize, budget_sec
         p99_secs,
         max_lag_secs: end.max_lag_secs,
         failed,
+        parts: parts.breakdown(),
     })
 }
 

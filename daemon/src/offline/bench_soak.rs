@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::load::{percentile, Load, Observed, TwoLegCall};
+use super::load::{percentile, LatencyParts, Load, Observed, TwoLegCall};
 use crate::exit::{self, Failure};
 use crate::private_daemon::PrivateDaemon;
 
@@ -80,6 +80,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
     let mut minutes: Vec<Minute> = Vec::new();
     let mut latencies: Vec<f64> = Vec::new();
     let mut all_latencies: Vec<f64> = Vec::new();
+    let mut parts = LatencyParts::default();
     let mut utterances = 0usize;
     let mut peak = 0.0f64;
     let mut next_sample = Instant::now();
@@ -126,7 +127,10 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
         if minutes.len() >= opts.minutes as usize && load.done() {
             break;
         }
-        if let Some(Observed::Utterance { latency_secs }) = load.poll(Duration::from_millis(200)) {
+        if let Some(Observed::Utterance { latency_secs, parts: daemon_parts }) = load.poll(Duration::from_millis(200)) {
+            if let Some(p) = &daemon_parts {
+                parts.add(latency_secs, p);
+            }
             latencies.push(latency_secs);
             all_latencies.push(latency_secs);
             utterances += 1;
@@ -165,6 +169,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
             "calls": { "slots": opts.calls, "started": started, "finished": finished },
             "utterances": total_utterances,
             "latency_secs": { "p50": percentile(&all_latencies, 50.0), "p99": percentile(&all_latencies, 99.0) },
+            "latency_parts": parts.breakdown(),
             "rss_mb": { "baseline_minute": baseline_minute, "baseline": baseline, "last_minute": last, "after_drain": final_rss, "peak": peak, "growth_pct": growth_pct },
             "problems": problems,
         });
@@ -179,6 +184,9 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
             percentile(&all_latencies, 99.0),
             if warm { "every slot had run a call" } else { "not every slot had run a call yet: no growth measured" },
         );
+        if let Some(parts) = parts.breakdown() {
+            println!("where the latency went, {parts}");
+        }
         for p in &problems {
             println!("FAILED: {p}");
         }

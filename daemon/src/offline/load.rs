@@ -17,8 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::audio::audiosocket::format_uuid;
+use crate::calls::capacity::{LatencyBreakdown, Spread};
 use crate::control::client::{self, WatchLine};
-use crate::control::protocol::MonitorItem;
+use crate::control::protocol::{LatencyItem, MonitorItem};
 use crate::private_daemon::{random_uuid, stream_leg, PrivateDaemon};
 
 /// After the last call's last frame: its last utterance and its finish.
@@ -83,9 +84,11 @@ impl TwoLegCall {
 
 /// What the load saw come back from the daemon.
 pub enum Observed {
-    /// An utterance of one of the load's calls, `latency_secs` after its end in the audio.
+    /// An utterance of one of the load's calls, `latency_secs` after its end in the audio,
+    /// with the daemon's account of where that time went.
     Utterance {
         latency_secs: f64,
+        parts: Option<LatencyItem>,
     },
     CallFinished,
 }
@@ -188,7 +191,8 @@ impl Load {
         match item {
             MonitorItem::Utterance(u) => {
                 let start = start_of(&u.call)?;
-                Some(Observed::Utterance { latency_secs: arrived.duration_since(start).as_secs_f64() - u.end_secs })
+                let latency_secs = arrived.duration_since(start).as_secs_f64() - u.end_secs;
+                Some(Observed::Utterance { latency_secs, parts: u.latency })
             }
             MonitorItem::CallFinished(f) => {
                 start_of(&f.call)?;
@@ -243,6 +247,52 @@ fn push(errors: &Mutex<Vec<String>>, error: String) {
 }
 
 /// The `p`th percentile (nearest rank) of sorted values; 0 when there are none.
+/// The parts of every utterance's latency seen over a step or a soak.
+#[derive(Default)]
+pub struct LatencyParts {
+    to_close: Vec<f64>,
+    hangover: Vec<f64>,
+    asr_queue: Vec<f64>,
+    asr: Vec<f64>,
+    encoder: Vec<f64>,
+    text: Vec<f64>,
+    other: Vec<f64>,
+}
+
+impl LatencyParts {
+    /// One utterance `latency_secs` after its end, of which the daemon accounts `parts`.
+    pub fn add(&mut self, latency_secs: f64, parts: &LatencyItem) {
+        let secs = |ms: f64| ms / 1000.0;
+        let after_close = secs(parts.after_close_ms);
+        let accounted = secs(parts.asr_queue_ms + parts.asr_ms + parts.understanding_ms);
+        self.to_close.push(latency_secs - after_close);
+        self.hangover.push(secs(parts.hangover_ms));
+        self.asr_queue.push(secs(parts.asr_queue_ms));
+        self.asr.push(secs(parts.asr_ms));
+        self.encoder.push(secs(parts.encoder_ms));
+        self.text.push(secs(parts.understanding_ms));
+        self.other.push((after_close - accounted).max(0.0));
+    }
+
+    /// p50 and p99 of each part; None when no utterance brought its parts.
+    pub fn breakdown(&self) -> Option<LatencyBreakdown> {
+        let spread = |values: &[f64]| {
+            let mut sorted = values.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            Spread { p50_secs: percentile(&sorted, 50.0), p99_secs: percentile(&sorted, 99.0) }
+        };
+        (!self.to_close.is_empty()).then(|| LatencyBreakdown {
+            to_close: spread(&self.to_close),
+            hangover: spread(&self.hangover),
+            asr_queue: spread(&self.asr_queue),
+            asr: spread(&self.asr),
+            encoder: spread(&self.encoder),
+            text: spread(&self.text),
+            other: spread(&self.other),
+        })
+    }
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -254,6 +304,45 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_parts_split_what_the_load_saw_by_what_the_daemon_accounts() {
+        let mut parts = LatencyParts::default();
+        assert_eq!(parts.breakdown(), None, "no utterance, no breakdown");
+        // 100 utterances: the n-th spent n ms in the queue; each 0.9 s end to end, of which
+        // 0.6 s after the close: 0.3 s before it (266 ms of hangover).
+        for n in 1..=100 {
+            let item = LatencyItem {
+                hangover_ms: 266.0,
+                after_close_ms: 600.0,
+                asr_queue_ms: f64::from(n),
+                asr_ms: 400.0,
+                encoder_ms: 100.0,
+                understanding_ms: 20.0,
+            };
+            parts.add(0.9, &item);
+        }
+        let b = parts.breakdown().unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(b.to_close.p50_secs, 0.3) && close(b.hangover.p99_secs, 0.266), "{b:?}");
+        assert!(close(b.asr_queue.p50_secs, 0.050) && close(b.asr_queue.p99_secs, 0.099), "{b:?}");
+        assert!(close(b.asr.p50_secs, 0.4) && close(b.encoder.p50_secs, 0.1) && close(b.text.p99_secs, 0.02), "{b:?}");
+        // Other: 600 − n − 400 − 20 ms (80–179 ms): 129 ms at the median, 178 at the 99th.
+        assert!(close(b.other.p50_secs, 0.129) && close(b.other.p99_secs, 0.178), "{b:?}");
+        // A daemon's accounts that exceed its share (clocks read at different moments)
+        // never give a negative rest.
+        let mut odd = LatencyParts::default();
+        let item = LatencyItem {
+            hangover_ms: 266.0,
+            after_close_ms: 100.0,
+            asr_queue_ms: 0.0,
+            asr_ms: 150.0,
+            encoder_ms: 50.0,
+            understanding_ms: 0.0,
+        };
+        odd.add(0.5, &item);
+        assert_eq!(odd.breakdown().unwrap().other.p99_secs, 0.0);
+    }
 
     #[test]
     fn clips_take_turns_on_the_two_legs_and_never_overlap() {

@@ -4,6 +4,7 @@
 //! progress (plus the padding before it) is kept.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -26,6 +27,14 @@ pub struct Utterance {
     pub asr: Transcript,
     /// How long the utterance waited for an ASR worker (the shared scheduler), ms.
     pub asr_queue_ms: f64,
+    /// From a worker taking it to its transcript, ms: its own encoder and decoder steps,
+    /// and the encoders of utterances that joined its batch meanwhile.
+    pub asr_wall_ms: f64,
+    /// Audio heard after `end_secs` before the VAD closed the utterance (the hangover), ms.
+    pub hangover_ms: f64,
+    /// When the VAD closed it: the start of the daemon's share of the latency.
+    #[serde(skip)]
+    pub closed: Instant,
 }
 
 pub struct LegPipeline {
@@ -72,7 +81,8 @@ impl LegPipeline {
             let prob = self.vad.probability(&chunk)?;
             self.processed += CHUNK as u64;
             if let Some(segment) = self.segmenter.push(prob, CHUNK) {
-                out.push(self.recognise(segment)?);
+                let hangover = self.processed.saturating_sub(segment.end);
+                out.push(self.recognise(segment, hangover)?);
             }
             self.trim();
         }
@@ -87,18 +97,20 @@ impl LegPipeline {
             out.extend(self.push(&vec![0.0; CHUNK - partial])?);
         }
         if let Some(segment) = self.segmenter.finish() {
-            out.push(self.recognise(segment)?);
+            let hangover = self.processed.saturating_sub(segment.end);
+            out.push(self.recognise(segment, hangover)?);
         }
         Ok(out)
     }
 
-    fn recognise(&self, segment: Segment) -> Result<Utterance, SpeechError> {
+    /// `hangover`: samples the VAD heard after the segment's end before closing it.
+    fn recognise(&self, segment: Segment, hangover: u64) -> Result<Utterance, SpeechError> {
         let from = segment.start.saturating_sub(self.buffer_start) as usize;
         let to = (segment.end.saturating_sub(self.buffer_start) as usize).min(self.buffer.len());
         let audio = &self.buffer[from.min(to)..to];
         // An ASR worker thread decodes it (with other legs' utterances when the box is
         // busy), so it travels as owned data.
-        let (transcripts, waited) = self.asr.submit((audio.to_vec(), self.opts.clone()));
+        let (transcripts, served) = self.asr.submit((audio.to_vec(), self.opts.clone()));
         let asr =
             merge(transcripts?).ok_or_else(|| SpeechError::model("asr", "no transcript for a non-empty utterance"))?;
         // `asr.text` stays as the recogniser wrote it; `text` is what later stages read.
@@ -112,7 +124,11 @@ impl LegPipeline {
             prosody: prosody::analyse(audio, &text),
             text,
             asr,
-            asr_queue_ms: waited.as_secs_f64() * 1000.0,
+            asr_queue_ms: served.waited.as_secs_f64() * 1000.0,
+            asr_wall_ms: served.in_worker.as_secs_f64() * 1000.0,
+            hangover_ms: hangover as f64 / RATE * 1000.0,
+            // Submitted straight after the close: the copy of its audio lies between.
+            closed: served.submitted,
         })
     }
 

@@ -195,20 +195,33 @@ impl<B: Batch + 'static> Scheduler<B> {
     }
 }
 
+/// How one request went through the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    /// When it was submitted.
+    pub submitted: Instant,
+    /// Waiting for a worker.
+    pub waited: Duration,
+    /// In a worker until its result (with a batch's other requests, when it rode in one).
+    pub in_worker: Duration,
+}
+
 impl<B: Batch> Scheduler<B> {
-    /// Queues `request` and blocks until a worker has decoded it: its result, and how long
-    /// it waited before a worker started it.
-    pub fn submit(&self, request: B::Req) -> (B::Res, Duration) {
+    /// Queues `request` and blocks until a worker has decoded it: its result, and when it
+    /// came, how long it waited for a worker and how long it then took.
+    pub fn submit(&self, request: B::Req) -> (B::Res, Served) {
+        let submitted = Instant::now();
         let mut state = self.shared.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.since.insert(ticket, Instant::now());
+        state.since.insert(ticket, submitted);
         state.requests.insert(ticket, request);
         state.queue.arrive(ticket);
         self.shared.work.notify_all();
         loop {
-            if let Some(served) = state.results.remove(&ticket) {
-                return served;
+            if let Some((result, waited)) = state.results.remove(&ticket) {
+                let in_worker = submitted.elapsed().saturating_sub(waited);
+                return (result, Served { submitted, waited, in_worker });
             }
             state = self.shared.answered.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
@@ -404,9 +417,13 @@ mod tests {
         (Arc::new(Scheduler::new(workers, limit, make).unwrap()), log)
     }
 
+    /// The job's answer and how long it waited for a worker.
     fn submit(scheduler: &Arc<Scheduler<TestBatch>>, job: Job) -> std::thread::JoinHandle<(u32, Duration)> {
         let scheduler = scheduler.clone();
-        std::thread::spawn(move || scheduler.submit(job))
+        std::thread::spawn(move || {
+            let (answer, served) = scheduler.submit(job);
+            (answer, served.waited)
+        })
     }
 
     /// Blocks until `cond` holds of the scheduler's report.

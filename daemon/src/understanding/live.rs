@@ -34,6 +34,7 @@ use crate::customers::{CustomerRecord, Customers};
 use crate::health::{HealthBoard, HealthState, ShutdownSignal};
 use crate::pii;
 use crate::speech::live::{SpeechEvent, UtteranceEvent};
+use crate::speech::pipeline::Utterance;
 use crate::speech::prosody::Prosody;
 use crate::speech::{ModelSet, SpeechError};
 use crate::store::live::CallVault;
@@ -52,6 +53,24 @@ pub struct LiveEvent {
     pub event: CallEvent,
 }
 
+/// Where an utterance's time went between the end of its words and its publication, ms:
+/// the parts of the latency budget `bench capacity` and `bench soak` break down.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct UtteranceLatency {
+    /// Audio the VAD heard after the words before it closed the utterance.
+    pub hangover_ms: f64,
+    /// From the VAD's close to the publication: the ASR queue, the ASR, the text models
+    /// and every hand-off between them.
+    pub after_close_ms: f64,
+    pub asr_queue_ms: f64,
+    /// In an ASR worker (its own encoder and decoder steps, and the encoders of utterances
+    /// that joined its batch meanwhile), and of that its own encoder.
+    pub asr_ms: f64,
+    pub encoder_ms: f64,
+    /// The text models (intent, sentiment).
+    pub understanding_ms: f64,
+}
+
 /// What the component publishes on its bus: every understood utterance (masked), every
 /// event, and each call's end. `callbox watch` and the demo follow it through the control
 /// socket; the headquarters link will take the events and the call ends from it.
@@ -62,6 +81,9 @@ pub enum Monitor {
         call: String,
         #[serde(flatten)]
         utterance: UtteranceView,
+        /// Where its time went after the last word (live calls: not replays).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        latency: Option<UtteranceLatency>,
     },
     Event(LiveEvent),
     CallFinished {
@@ -184,6 +206,7 @@ impl Understanding {
             unmasked: self.vault.as_ref().filter(|v| v.keep_unmasked()).map(|_| u.utterance.text.as_str()),
             asr_ms: Some(u.utterance.asr.encoder_ms + u.utterance.asr.decoder_ms),
             understanding_ms: Some(understanding_ms),
+            heard: Some(&u.utterance),
         };
         self.perform(actions, registry, &extras).await;
     }
@@ -242,7 +265,15 @@ impl Understanding {
                     log::info!(component = COMPONENT, call_id = call.as_str(), leg = view.leg.name();
                         "{} utterance {}: intent {intent}, emotion {emotion}{}", view.leg.name(), view.index,
                         if view.rules.is_empty() { String::new() } else { format!(", rules {}", view.rules.join(", ")) });
-                    let _ = self.bus.send(Arc::new(Monitor::Utterance { call, utterance: view }));
+                    let latency = extras.heard.map(|heard| UtteranceLatency {
+                        hangover_ms: heard.hangover_ms,
+                        after_close_ms: heard.closed.elapsed().as_secs_f64() * 1000.0,
+                        asr_queue_ms: heard.asr_queue_ms,
+                        asr_ms: heard.asr_wall_ms,
+                        encoder_ms: heard.asr.encoder_ms,
+                        understanding_ms: extras.understanding_ms.unwrap_or(0.0),
+                    });
+                    let _ = self.bus.send(Arc::new(Monitor::Utterance { call, utterance: view, latency }));
                 }
                 Action::Event { call, event } => {
                     log::warn!(component = COMPONENT, call_id = call.as_str(), event = event.kind.as_str(), rule = event.rule.as_str();
@@ -357,6 +388,8 @@ struct StoreExtras<'a> {
     unmasked: Option<&'a str>,
     asr_ms: Option<f64>,
     understanding_ms: Option<f64>,
+    /// The speech path's utterance these actions come from (its timings).
+    heard: Option<&'a Utterance>,
 }
 
 fn stored_utterance(view: &UtteranceView, extras: &StoreExtras<'_>) -> StoredUtterance {
