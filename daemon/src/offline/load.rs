@@ -264,11 +264,11 @@ impl LatencyParts {
     pub fn add(&mut self, latency_secs: f64, parts: &LatencyItem) {
         let secs = |ms: f64| ms / 1000.0;
         let after_close = secs(parts.after_close_ms);
-        let accounted = secs(parts.asr_queue_ms + parts.asr_ms + parts.understanding_ms);
+        let accounted = secs(parts.asr_queue_ms + parts.asr_worker_ms + parts.understanding_ms);
         self.to_close.push(latency_secs - after_close);
         self.hangover.push(secs(parts.hangover_ms));
         self.asr_queue.push(secs(parts.asr_queue_ms));
-        self.asr.push(secs(parts.asr_ms));
+        self.asr.push(secs(parts.asr_worker_ms));
         self.encoder.push(secs(parts.encoder_ms));
         self.text.push(secs(parts.understanding_ms));
         self.other.push((after_close - accounted).max(0.0));
@@ -316,7 +316,7 @@ mod tests {
                 hangover_ms: 266.0,
                 after_close_ms: 600.0,
                 asr_queue_ms: f64::from(n),
-                asr_ms: 400.0,
+                asr_worker_ms: 400.0,
                 encoder_ms: 100.0,
                 understanding_ms: 20.0,
             };
@@ -336,7 +336,7 @@ mod tests {
             hangover_ms: 266.0,
             after_close_ms: 100.0,
             asr_queue_ms: 0.0,
-            asr_ms: 150.0,
+            asr_worker_ms: 150.0,
             encoder_ms: 50.0,
             understanding_ms: 0.0,
         };

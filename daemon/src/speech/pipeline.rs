@@ -29,7 +29,7 @@ pub struct Utterance {
     pub asr_queue_ms: f64,
     /// From a worker taking it to its transcript, ms: its own encoder and decoder steps,
     /// and the encoders of utterances that joined its batch meanwhile.
-    pub asr_wall_ms: f64,
+    pub asr_worker_ms: f64,
     /// Audio heard after `end_secs` before the VAD closed the utterance (the hangover), ms.
     pub hangover_ms: f64,
     /// When the VAD closed it: the start of the daemon's share of the latency.
@@ -125,7 +125,7 @@ impl LegPipeline {
             text,
             asr,
             asr_queue_ms: served.waited.as_secs_f64() * 1000.0,
-            asr_wall_ms: served.in_worker.as_secs_f64() * 1000.0,
+            asr_worker_ms: served.in_worker.as_secs_f64() * 1000.0,
             hangover_ms: hangover as f64 / RATE * 1000.0,
             // Submitted straight after the close: the copy of its audio lies between.
             closed: served.submitted,

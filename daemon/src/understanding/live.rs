@@ -65,7 +65,7 @@ pub struct UtteranceLatency {
     pub asr_queue_ms: f64,
     /// In an ASR worker (its own encoder and decoder steps, and the encoders of utterances
     /// that joined its batch meanwhile), and of that its own encoder.
-    pub asr_ms: f64,
+    pub asr_worker_ms: f64,
     pub encoder_ms: f64,
     /// The text models (intent, sentiment).
     pub understanding_ms: f64,
@@ -269,7 +269,7 @@ impl Understanding {
                         hangover_ms: heard.hangover_ms,
                         after_close_ms: heard.closed.elapsed().as_secs_f64() * 1000.0,
                         asr_queue_ms: heard.asr_queue_ms,
-                        asr_ms: heard.asr_wall_ms,
+                        asr_worker_ms: heard.asr_worker_ms,
                         encoder_ms: heard.asr.encoder_ms,
                         understanding_ms: extras.understanding_ms.unwrap_or(0.0),
                     });
