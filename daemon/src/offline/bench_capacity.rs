@@ -166,9 +166,7 @@ fn run_step(daemon: &mut PrivateDaemon, mut load: Load, calls: usize, budget_sec
         }
         if let Some(Observed::Utterance { latency_secs, parts: daemon_parts }) = load.poll(Duration::from_millis(200)) {
             latencies.push(latency_secs);
-            if let Some(p) = &daemon_parts {
-                parts.add(latency_secs, p);
-            }
+            parts.add(latency_secs, daemon_parts.as_ref());
         }
     }
     let end = load.finish();

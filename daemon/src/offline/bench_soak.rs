@@ -128,9 +128,7 @@ pub fn bench_soak(opts: &BenchSoak) -> Result<u8, Failure> {
             break;
         }
         if let Some(Observed::Utterance { latency_secs, parts: daemon_parts }) = load.poll(Duration::from_millis(200)) {
-            if let Some(p) = &daemon_parts {
-                parts.add(latency_secs, p);
-            }
+            parts.add(latency_secs, daemon_parts.as_ref());
             latencies.push(latency_secs);
             all_latencies.push(latency_secs);
             utterances += 1;

@@ -260,8 +260,10 @@ pub struct LatencyParts {
 }
 
 impl LatencyParts {
-    /// One utterance `latency_secs` after its end, of which the daemon accounts `parts`.
-    pub fn add(&mut self, latency_secs: f64, parts: &LatencyItem) {
+    /// One utterance `latency_secs` after its end, of which the daemon accounts `parts`
+    /// (none from a daemon that does not say: the utterance is left out).
+    pub fn add(&mut self, latency_secs: f64, parts: Option<&LatencyItem>) {
+        let Some(parts) = parts else { return };
         let secs = |ms: f64| ms / 1000.0;
         let after_close = secs(parts.after_close_ms);
         let accounted = secs(parts.asr_queue_ms + parts.asr_worker_ms + parts.understanding_ms);
@@ -309,6 +311,8 @@ mod tests {
     fn latency_parts_split_what_the_load_saw_by_what_the_daemon_accounts() {
         let mut parts = LatencyParts::default();
         assert_eq!(parts.breakdown(), None, "no utterance, no breakdown");
+        parts.add(0.9, None);
+        assert_eq!(parts.breakdown(), None, "an utterance without the daemon's parts is left out");
         // 100 utterances: the n-th spent n ms in the queue; each 0.9 s end to end, of which
         // 0.6 s after the close: 0.3 s before it (266 ms of hangover).
         for n in 1..=100 {
@@ -320,7 +324,7 @@ mod tests {
                 encoder_ms: 100.0,
                 understanding_ms: 20.0,
             };
-            parts.add(0.9, &item);
+            parts.add(0.9, Some(&item));
         }
         let b = parts.breakdown().unwrap();
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
@@ -340,7 +344,7 @@ mod tests {
             encoder_ms: 50.0,
             understanding_ms: 0.0,
         };
-        odd.add(0.5, &item);
+        odd.add(0.5, Some(&item));
         assert_eq!(odd.breakdown().unwrap().other.p99_secs, 0.0);
     }
 

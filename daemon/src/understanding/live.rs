@@ -204,7 +204,6 @@ impl Understanding {
         // The raw text goes to the store only to be sealed, and only when configured.
         let extras = StoreExtras {
             unmasked: self.vault.as_ref().filter(|v| v.keep_unmasked()).map(|_| u.utterance.text.as_str()),
-            asr_ms: Some(u.utterance.asr.encoder_ms + u.utterance.asr.decoder_ms),
             understanding_ms: Some(understanding_ms),
             heard: Some(&u.utterance),
         };
@@ -386,9 +385,9 @@ fn source_and_line(source: &str) -> (String, String) {
 #[derive(Default)]
 struct StoreExtras<'a> {
     unmasked: Option<&'a str>,
-    asr_ms: Option<f64>,
     understanding_ms: Option<f64>,
-    /// The speech path's utterance these actions come from (its timings).
+    /// The speech path's utterance these actions come from (its ASR time and the
+    /// latency's parts).
     heard: Option<&'a Utterance>,
 }
 
@@ -402,7 +401,7 @@ fn stored_utterance(view: &UtteranceView, extras: &StoreExtras<'_>) -> StoredUtt
         end_secs: view.end_secs,
         text: view.text.clone(),
         unmasked: extras.unmasked.map(str::to_owned),
-        asr_ms: extras.asr_ms.map(|ms| (ms * 10.0).round() / 10.0),
+        asr_ms: extras.heard.map(|u| ((u.asr.encoder_ms + u.asr.decoder_ms) * 10.0).round() / 10.0),
         understanding_ms: extras.understanding_ms.map(|ms| (ms * 10.0).round() / 10.0),
         intents,
         emotion: view.emotion.map(|e| e.name().to_owned()),
